@@ -1,0 +1,48 @@
+"""The unsloth backend (FastLanguageModel). Imported only when ``backend='unsloth'`` is chosen.
+
+Unsloth patches transformers and PEFT when imported, so it must be imported before them in the
+process that uses it: ``conftok`` itself imports neither unsloth nor (at module level) PEFT. Its
+``from_pretrained`` defaults to 4-bit, so every load passes ``load_in_4bit`` explicitly; tokens
+are added before ``get_peft_model`` so the new rows exist when PEFT wraps the embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from conftok.domains import DomainSet
+from conftok.tokens import add_confidence_tokens
+
+
+def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_r: int, lora_alpha: int,
+                lora_dropout: float, target_modules: Sequence[str], gradient_checkpointing: bool,
+                dtype: torch.dtype, token_init: str, max_seq_length: int, seed: int):
+    import unsloth  # noqa: F401  (patches transformers/peft; must come first)
+    from unsloth import FastLanguageModel
+
+    from conftok.modeling import _present_target_modules, _trainable_token_indices
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_name,
+        max_seq_length=max_seq_length,
+        dtype=dtype,
+        load_in_4bit=quantization == "4bit",
+        load_in_8bit=quantization == "8bit",
+    )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    ids = list(add_confidence_tokens(tokenizer, model, domains.tokens, init=token_init).values())
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=_present_target_modules(model, target_modules),
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        random_state=seed,
+        trainable_token_indices=_trainable_token_indices(model, ids),
+    )
+    return model, tokenizer

@@ -1,0 +1,320 @@
+"""Answer extraction: read a yes/no or an option letter out of a model's free-text answer.
+
+The tagger and the validator both need to decide whether a generated answer is right, so the
+rules live here, in one place, as pure functions (``re`` only). Parsers return ``None`` when
+the text holds no answer or an ambiguous one; an unparseable answer is then counted as wrong,
+never guessed. The ground-truth normalisers are strict instead: a label that is not one of the
+allowed forms is a data error and raises ``ValueError``.
+
+Rules, in brief (the docstrings give the details):
+
+* Trailing special tokens (``<C_READ>``, ``<|im_end|>``, ...) and markdown emphasis are
+  removed first.
+* yes/no: the FIRST decision word (yes, no, true, false) decides; an explicit "answer is X"
+  wins over it; "yes or no" / "true/false" as the first decision is ambiguous (``None``).
+* option letter: an explicit letter (leading, after "answer"/"option", or in parentheses)
+  wins; otherwise the option text is matched. A bare letter followed by more words counts only
+  when those words are its own option text, so the article in "A 45-year-old man ..." is not
+  read as option A.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+import string
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "DEFAULT_OPTION_LETTERS",
+    "normalize_option_label",
+    "normalize_yes_no_label",
+    "parse_option_letter",
+    "parse_yes_no",
+]
+
+DEFAULT_OPTION_LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E")
+
+# One or more `<...>` tokens (no spaces inside) at the very end: confidence tokens, `<|im_end|>`.
+_TRAILING_TOKENS = re.compile(r"(?:\s*<[^<>\s]+>)+\s*$")
+# Markdown emphasis and code marks that models wrap answers in: **Yes**, __B__, `C`.
+_MARKDOWN = re.compile(r"[*_`#]+")
+
+_YES_WORDS = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
+_DECISION = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
+# An explicit statement of the answer: "answer is no", "Answer: yes", "final answer - true".
+_ANSWER_IS_DECISION = re.compile(
+    r"\banswer\s*(?:is|would\s+be|:|-|=)\s*[\"'(]*\s*(yes|no|true|false)\b", re.IGNORECASE
+)
+# "yes or no", "yes/no", "true or false": a restatement of the question, not an answer.
+_DISJUNCTION_AFTER = re.compile(r"\s*(?:or|/|\|)\s*(yes|no|true|false)\b", re.IGNORECASE)
+_CLAUSE_START = re.compile(r"(?:^|[.!?:;,\n\"'(])\s*$")
+_WORD_NEXT = re.compile(r"\s+[A-Za-z]")
+_NOT_BEFORE = re.compile(r"\bnot\s+$", re.IGNORECASE)
+
+
+def _clean(text: str) -> str:
+    """Drop trailing special tokens and markdown marks; collapse surrounding whitespace."""
+    text = _TRAILING_TOKENS.sub("", text)
+    return _MARKDOWN.sub("", text).strip()
+
+
+def _is_determiner_no(text: str, match: re.Match[str]) -> bool:
+    """True for the "no" of "there is no evidence": inside a clause and followed by a word.
+
+    "No it is not" (clause start) and "I think no." (followed by punctuation) stay answers.
+    """
+    if match.group(1).lower() != "no":
+        return False
+    at_clause_start = _CLAUSE_START.search(text[: match.start()]) is not None
+    return not at_clause_start and _WORD_NEXT.match(text, match.end()) is not None
+
+
+def parse_yes_no(text: str) -> str | None:
+    """Read "yes" or "no" from a free-text answer; ``None`` when there is none or it is ambiguous.
+
+    Rule: trailing ``<...>`` tokens and markdown marks are removed; then
+
+    1. an explicit "answer is X" / "Answer: X" anywhere decides;
+    2. otherwise the first decision word (yes, no, true, false; whole words, any case) decides,
+       with true = yes and false = no; "not true" reads as no and "not false" as yes; a "no"
+       inside a clause and followed by a word is a determiner ("there is no evidence, so yes")
+       and is skipped;
+    3. if that first decision word is joined to another one by "or" or "/" ("yes or no",
+       "True/False"), the text restates the question and the result is ``None``.
+
+    A later contradiction ("Yes. No wait, no") does not count: the first decision is the
+    answer the model committed to, which is what the confidence token is about.
+
+    >>> parse_yes_no("Yes, because the passage says so.")
+    'yes'
+    >>> parse_yes_no("The answer is FALSE.")
+    'no'
+    >>> parse_yes_no("yes or no?") is None
+    True
+    """
+    cleaned = _clean(text)
+    if not cleaned:
+        return None
+    explicit = _ANSWER_IS_DECISION.search(cleaned)
+    if explicit is not None:
+        return _YES_WORDS[explicit.group(1).lower()]
+    first = next((m for m in _DECISION.finditer(cleaned) if not _is_determiner_no(cleaned, m)), None)
+    if first is None:
+        return None
+    if _DISJUNCTION_AFTER.match(cleaned, first.end()):
+        return None
+    value = _YES_WORDS[first.group(1).lower()]
+    word = first.group(1).lower()
+    if word in ("true", "false") and _NOT_BEFORE.search(cleaned[: first.start()]):
+        value = "no" if value == "yes" else "yes"
+    return value
+
+
+def _normalize_text(text: str) -> str:
+    """Lower case, punctuation to spaces, single spaces: "Vitamin B12." -> "vitamin b12"."""
+    table = str.maketrans({c: " " for c in string.punctuation})
+    return " ".join(text.lower().translate(table).split())
+
+
+def _contains_phrase(haystack: str, needle: str) -> bool:
+    """Whole-word containment of normalised texts ("b1" is not inside "b12")."""
+    return f" {needle} " in f" {haystack} "
+
+
+def _allowed_letters(options: Mapping[str, str] | None) -> tuple[str, ...]:
+    if options is None:
+        return DEFAULT_OPTION_LETTERS
+    return tuple(str(key).strip().upper() for key in options)
+
+
+def _option_texts(options: Mapping[str, str] | None) -> dict[str, str]:
+    """Letter -> normalised option text (empty texts dropped: they can match nothing)."""
+    if not options:
+        return {}
+    texts = {str(key).strip().upper(): _normalize_text(str(value)) for key, value in options.items()}
+    return {letter: text for letter, text in texts.items() if text}
+
+
+# Words that may follow a bare upper-case letter and still make it an answer: "B is correct".
+_LETTER_VERBS = re.compile(r"\s+(?:is|was|would|seems|appears|because)\b|\s*[-\u2013\u2014]\s")
+_LEADING_PREFIX = re.compile(
+    r"^\s*(?:(?:the\s+)?(?:correct\s+|final\s+|best\s+)?(?:answers?|options?|choices?)\b"
+    r"(?:\s+is|\s+would\s+be)?\s*[:=\-]?\s*(?:option\s+|choice\s+)?)?",
+    re.IGNORECASE,
+)
+_MARKER = re.compile(
+    r"\b(?:answers?|options?|choices?)\b(?:\s+is|\s+would\s+be)?\s*[:=\-]?\s*(?:option\s+|choice\s+)?"
+    r"|\b(?:choose|select|pick)\s+(?:option\s+|choice\s+)?",
+    re.IGNORECASE,
+)
+_LETTER_AT = re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]|([A-Za-z])(?![A-Za-z0-9'\-])")
+# "(A) or (B)", "A/B": two letters offered, none chosen.
+_LETTER_DISJUNCTION = re.compile(r"\s*(?:or|/)\s*[(\[]?\s*[A-Za-z]\s*[)\]]?(?![A-Za-z])", re.IGNORECASE)
+_PARENTHESISED = re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]")
+
+
+def _letter_at(
+    text: str, pos: int, allowed: tuple[str, ...], texts: Mapping[str, str], after_marker: bool
+) -> str | None:
+    """The option letter written at ``text[pos:]``, if it is marked as one.
+
+    A letter offered together with another ("(A) or (B)", "A/B") never counts. Otherwise it
+    counts when it is in parentheses "(B)"/"[b]", or followed by the end of the text,
+    ")", ".", ":", "," or ";", or followed by its own option text ("A Medication" when A is
+    "Medication"). An upper-case letter also counts before "is"/"was"/"because"/a dash
+    ("B is correct"); after an answer marker a letter followed by other words does not
+    ("The answer is a beta blocker"). Anything else is a word such as the article "A".
+    """
+    match = _LETTER_AT.match(text, pos)
+    if match is None:
+        return None
+    rest = text[match.end():]
+    if _LETTER_DISJUNCTION.match(rest):
+        return None
+    if match.group(1) is not None:
+        letter = match.group(1).upper()
+        return letter if letter in allowed else None
+    raw = match.group(2)
+    letter = raw.upper()
+    if letter not in allowed:
+        return None
+    if re.match(r"\s*(?:$|[).:,;])", rest):
+        return letter
+    if letter in texts and f"{_normalize_text(rest)} ".startswith(f"{texts[letter]} "):
+        return letter
+    if raw.isupper() and not after_marker and _LETTER_VERBS.match(rest):
+        return letter
+    return None
+
+
+def _match_option_text(answer: str, texts: Mapping[str, str]) -> str | None:
+    """Letter whose option text the answer names, or ``None``.
+
+    Exact match of normalised texts first; then the options contained in the answer (whole
+    words) or containing it (answers of 3+ characters): a unique one wins, and of several the
+    one whose text contains all the others ("iron deficiency anemia" over "iron").
+    """
+    normalized = _normalize_text(answer)
+    if not normalized:
+        return None
+    exact = [letter for letter, text in texts.items() if text == normalized]
+    if len(exact) == 1:
+        return exact[0]
+    if len(exact) > 1:
+        return None
+    inside = [letter for letter, text in texts.items() if _contains_phrase(normalized, text)]
+    if not inside and len(normalized) >= 3:
+        inside = [letter for letter, text in texts.items() if _contains_phrase(text, normalized)]
+    if len(inside) == 1:
+        return inside[0]
+    widest = [
+        letter for letter in inside if all(_contains_phrase(texts[letter], texts[o]) for o in inside)
+    ]
+    return widest[0] if len(widest) == 1 else None
+
+
+def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> str | None:
+    """Read the chosen option letter (upper case) from a free-text answer; ``None`` if none.
+
+    ``options`` maps letters to option texts (MedQA's ``{"A": "Gentamicin", ...}``); the letter
+    must be one of its keys (A-E when ``options`` is None). Tried in order, first hit wins:
+
+    1. a letter at the start, after an optional "Answer:"/"The answer is"/"Option":
+       "C", "(B)", "B)", "A: Medication", "A. Medication", "Answer: (c)";
+    2. a letter after an answer marker anywhere: "... so the answer is D", "I choose (b)";
+    3. exactly one distinct allowed letter in parentheses anywhere: "... which is (C).";
+    4. with ``options``: the option text alone ("Ceftriaxone", "It is ceftriaxone.").
+
+    What counts as a written letter is spelled out in :func:`_letter_at`; the point of the rule
+    is that a bare letter followed by ordinary words is a word, so "A 45-year-old man ..." is
+    not option A (unless the text then names option A's text).
+
+    >>> parse_option_letter("The answer is D")
+    'D'
+    >>> parse_option_letter("Ceftriaxone", {"A": "Gentamicin", "B": "Ceftriaxone"})
+    'B'
+    >>> parse_option_letter("A 45-year-old man", {"A": "Gentamicin", "B": "Ceftriaxone"}) is None
+    True
+    """
+    cleaned = _clean(text)
+    if not cleaned:
+        return None
+    allowed = _allowed_letters(options)
+    texts = _option_texts(options)
+
+    prefix = _LEADING_PREFIX.match(cleaned)
+    had_prefix = prefix is not None and prefix.end() > 0
+    letter = _letter_at(cleaned, prefix.end() if prefix else 0, allowed, texts, had_prefix)
+    if letter is not None:
+        return letter
+
+    for marker in _MARKER.finditer(cleaned):
+        letter = _letter_at(cleaned, marker.end(), allowed, texts, after_marker=True)
+        if letter is not None:
+            return letter
+
+    in_parentheses = {m.group(1).upper() for m in _PARENTHESISED.finditer(cleaned)}
+    in_parentheses &= set(allowed)
+    if len(in_parentheses) == 1:
+        return in_parentheses.pop()
+
+    if texts:
+        return _match_option_text(cleaned, texts)
+    return None
+
+
+_TRUE_LABELS = {"true", "yes", "1"}
+_FALSE_LABELS = {"false", "no", "0"}
+
+
+def normalize_yes_no_label(value: Any) -> str:
+    """Ground-truth yes/no label -> "yes" or "no".
+
+    Accepts bool (also numpy's), the ints 1/0, and the strings "true"/"false"/"yes"/"no"/
+    "1"/"0" in any case with surrounding spaces. Anything else raises ``ValueError`` naming
+    the value: a wrong label must stop the run, not be scored.
+
+    >>> normalize_yes_no_label(True), normalize_yes_no_label("FALSE"), normalize_yes_no_label(1)
+    ('yes', 'no', 'yes')
+    """
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Integral):
+        if value in (0, 1):
+            return "yes" if value == 1 else "no"
+    elif isinstance(value, str):
+        key = value.strip().lower()
+        if key in _TRUE_LABELS:
+            return "yes"
+        if key in _FALSE_LABELS:
+            return "no"
+    elif type(value).__name__ in ("bool_", "bool") and hasattr(value, "item"):
+        return normalize_yes_no_label(value.item())  # numpy.bool_ is not a bool subclass
+    raise ValueError(
+        f"yes/no label {value!r} ({type(value).__name__}) is not one of: true/false booleans, "
+        "1/0, or the strings 'true', 'false', 'yes', 'no', '1', '0'"
+    )
+
+
+_LABEL_LETTER = re.compile(r"^\s*(?:\(\s*([A-Za-z])\s*\)|([A-Za-z])\s*[.)]?)\s*$")
+
+
+def normalize_option_label(value: Any, options: Mapping[str, str] | None = None) -> str:
+    """Ground-truth option letter -> upper-case letter: "c" -> "C", "(C)" -> "C", "C." -> "C".
+
+    The letter must be one of ``options``' keys (A-E when ``options`` is None); anything else
+    (option text, several letters, numbers) raises ``ValueError`` naming the value and the
+    allowed letters.
+    """
+    allowed = _allowed_letters(options)
+    match = _LABEL_LETTER.match(value) if isinstance(value, str) else None
+    if match is not None:
+        letter = (match.group(1) or match.group(2)).upper()
+        if letter in allowed:
+            return letter
+    raise ValueError(
+        f"option label {value!r} is not an option letter; expected one of {', '.join(allowed)} "
+        "(any case, optionally as '(C)', 'C.' or 'C)')"
+    )

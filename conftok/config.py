@@ -1,0 +1,129 @@
+"""Training configuration: every flag of the original script with its default, plus validation
+sources, backend and quantization. Checked in ``__post_init__``; all problems reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from conftok.calibration import CALIBRATION_P_NORMS
+from conftok.modeling import BACKENDS, DEFAULT_TARGET_MODULES, QUANTIZATIONS
+
+__all__ = ["TrainConfig", "ConfigError"]
+
+LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+
+
+class ConfigError(ValueError):
+    """One or more config fields are invalid; the message lists each."""
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # Model and data (the seed's flags)
+    model_name: str = _help("Hub id or local directory of the instruct model.",
+                            default="Qwen/Qwen2.5-7B-Instruct")
+    train_data: str = _help("Tagged JSONL: {question, tagged_response, dataset} per line.",
+                            default="tagged/qwen/qwen_all_tagged.jsonl")
+    output_dir: str = _help("Run directory: checkpoint-N/, best_*/, final/, logs/ go here.",
+                            default="./checkpoints/qwen_confidence")
+    hf_repo: str | None = _help("Hub repo to push the final adapter to (token from env/login).", default=None)
+    num_epochs: int = _help("Training epochs.", default=3)
+    batch_size: int = _help("Examples per micro-batch.", default=8)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak AdamW learning rate.", default=2e-4)
+    warmup_ratio: float = _help("Fraction of optimizer steps spent warming up.", default=0.03)
+    weight_decay: float = _help("AdamW weight decay (LoRA matrices; not the token rows).", default=0.01)
+    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: float = _help("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = _help("Dropout on LoRA inputs.", default=0.05)
+    calib_beta: int = _help("Items per calibration bin.", default=100)
+    calib_p_norm: str = _help("Calibration error norm: '1', '2' or 'infty'.", default="2")
+    max_seq_length: int = _help("Longest example; questions are cut from the start to fit.", default=2048)
+    bf16: bool = _help("bfloat16 weights/autocast where the device supports it.", default=True)
+    seed: int = _help("Random seed (model init, data order).", default=42)
+    eval_steps: int | None = _help("Validate every N optimizer steps (and at each epoch end); None: epoch ends only.",
+                                   default=500)
+    # Validation
+    val_sources: dict[str, str] | None = _help(
+        "Data set name -> validation source (local .jsonl/.parquet or Hub name); None: each domain's default.",
+        default=None)
+    val_split: str = _help("Split to read from Hub validation sources.", default="validation")
+    val_max_samples: int | None = _help("Rows per data set used for validation (None: all).", default=500)
+    eval_batch_size: int = _help("Generation batch size in validation.", default=16)
+    max_new_tokens: int = _help("Longest generated answer + token in validation.", default=16)
+    # Model building
+    backend: str = _help("'hf' (transformers + PEFT), 'unsloth' or 'auto'.", default="auto")
+    quantization: str = _help("'none', '8bit' or '4bit' (bitsandbytes).", default="none")
+    target_modules: tuple[str, ...] = _help("LoRA target modules.", default=DEFAULT_TARGET_MODULES)
+    gradient_checkpointing: bool = _help("Recompute activations in backward (less memory).", default=True)
+    token_init: str = _help("New token rows from 'end_of_turn' or 'mean'.", default="end_of_turn")
+    domains: Any = _help("Domain list or JSON/YAML file; None: read (boolq) and med (medqa).", default=None)
+    # Loop
+    lr_scheduler: str = _help("transformers schedule after warmup.", default="linear")
+    logging_steps: int = _help("Log train/* scalars every N optimizer steps.", default=10)
+    max_steps: int | None = _help("Stop after N optimizer steps (None: num_epochs).", default=None)
+    save_total_limit: int | None = _help("Keep at most N checkpoint-* dirs (None: all).", default=None)
+    score_lambda: float = _help("val/score = accuracy - lambda * calibration error.", default=1.0)
+    progress: bool = _help("Show progress bars.", default=True)
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        p = []
+        positive_ints = ("num_epochs", "batch_size", "gradient_accumulation_steps", "lora_r", "calib_beta",
+                         "max_seq_length", "eval_batch_size", "max_new_tokens", "logging_steps")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                p.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_steps", "val_max_samples", "max_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                p.append(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("learning_rate", "lora_alpha", "max_grad_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                p.append(f"{name} must be a positive number, got {value!r}")
+        for name in ("warmup_ratio", "lora_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                p.append(f"{name} must be in [0, 1), got {value!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            p.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.score_lambda, (int, float)) or self.score_lambda < 0:
+            p.append(f"score_lambda must be >= 0, got {self.score_lambda!r}")
+        choices = {"calib_p_norm": CALIBRATION_P_NORMS, "backend": BACKENDS, "quantization": QUANTIZATIONS,
+                   "token_init": ("end_of_turn", "mean"), "lr_scheduler": LR_SCHEDULERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                p.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("model_name", "train_data", "output_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                p.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.val_sources is not None and (
+                not isinstance(self.val_sources, dict) or not all(isinstance(v, str) for v in self.val_sources.values())):
+            p.append(f"val_sources must map data set name -> source string, got {self.val_sources!r}")
+        if not self.target_modules:
+            p.append("target_modules must name at least one module")
+        if p:
+            raise ConfigError("invalid TrainConfig:\n  " + "\n  ".join(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}")
+        return cls(**data)

@@ -1,0 +1,199 @@
+"""Tagged training data: ``{"question", "tagged_response", "dataset"}`` JSON lines.
+
+Every row is checked when the file is read; all bad rows are reported together, each as
+``FILE:LINE: field 'NAME': problem``. Labels are ``IGNORE_INDEX`` everywhere except the
+confidence token, which is always the last position of an example.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from conftok.domains import TOKEN_PATTERN, DomainSet, resolve_domains
+from conftok.prompts import encode_example
+from conftok.tokens import token_ids
+
+__all__ = ["IGNORE_INDEX", "DataError", "TaggedRow", "read_tagged_rows", "ConfidenceDataset",
+           "ConfidenceCollator", "split_tagged_response"]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+REQUIRED_FIELDS = ("question", "tagged_response", "dataset")
+MAX_REPORTED_PROBLEMS = 20
+
+
+class DataError(ValueError):
+    """A data file has bad rows; the message lists each as FILE:LINE: problem."""
+
+
+@dataclass(frozen=True)
+class TaggedRow:
+    question: str
+    answer: str
+    token: str
+    dataset: str
+    domain: str
+    line: int
+
+
+def split_tagged_response(response: str, domains: DomainSet, dataset: str) -> tuple[str, str]:
+    """Split ``"Yes <C_READ>"`` into ``("Yes", "<C_READ>")``; raise ValueError saying what is wrong."""
+    domain = domains.for_dataset(dataset)
+    found = TOKEN_PATTERN.findall(response)
+    known = [t for t in found if domains.for_token(t) is not None]
+    if not known:
+        extra = f" (found unknown token(s) {found})" if found else ""
+        raise ValueError(f"no confidence token; expected {' or '.join(domain.tokens)} at the end{extra}")
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} confidence tokens {found}; expected exactly one, at the end")
+    token = found[0]
+    if token not in domain.tokens:
+        other = domains.for_token(token)
+        raise ValueError(f"token {token} belongs to domain {other.name!r}, but dataset {dataset!r} "
+                         f"is in domain {domain.name!r} ({' / '.join(domain.tokens)})")
+    answer, _, after = response.rpartition(token)
+    if after.strip():
+        raise ValueError(f"text after the confidence token: {after.strip()[:40]!r}")
+    answer = answer.strip()
+    if not answer:
+        raise ValueError("no answer before the confidence token")
+    return answer, token
+
+
+def read_tagged_rows(path: str | Path, domains: DomainSet | None = None) -> list[TaggedRow]:
+    """Read and check every row of a tagged JSONL file; raise :class:`DataError` listing bad rows."""
+    domains = resolve_domains(domains)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tagged data file not found: {path}")
+    rows, problems = [], []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(_parse_line(line, line_no, domains))
+            except ValueError as e:
+                problems.append(f"{path}:{line_no}: {e}")
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        raise DataError(f"{len(problems)} bad row(s) in {path}:\n  " + "\n  ".join(shown)
+                        + (f"\n  ... and {more} more" if more else ""))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _parse_line(line: str, line_no: int, domains: DomainSet) -> TaggedRow:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for name in REQUIRED_FIELDS:
+        value = obj.get(name)
+        if value is None:
+            raise ValueError(f"field {name!r}: missing")
+        if not isinstance(value, str):
+            raise ValueError(f"field {name!r}: expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise ValueError(f"field {name!r}: empty")
+    dataset = obj["dataset"]
+    try:
+        domain = domains.for_dataset(dataset)
+    except KeyError as e:
+        raise ValueError(f"field 'dataset': {e.args[0]}") from None
+    try:
+        answer, token = split_tagged_response(obj["tagged_response"], domains, dataset)
+    except ValueError as e:
+        raise ValueError(f"field 'tagged_response': {e}") from None
+    return TaggedRow(obj["question"], answer, token, dataset, domain.name, line_no)
+
+
+class ConfidenceDataset(torch.utils.data.Dataset):
+    """Tokenized tagged rows for the one-token loss.
+
+    ``ds[i]`` is ``{"input_ids", "attention_mask", "labels"}`` (1-D LongTensors of one length):
+    chat prompt + answer + confidence token, labels ``IGNORE_INDEX`` everywhere but the last
+    position (the token). Questions are cut from the start to fit ``max_seq_length``; rows that
+    do not fit even then are skipped with one warning; if none fit, :class:`DataError`.
+
+    Args:
+        path: tagged JSONL file.
+        tokenizer: tokenizer that already holds the domains' tokens (``add_confidence_tokens``).
+        max_seq_length: longest example in tokens.
+        domains: a :class:`DomainSet` or spec for :func:`resolve_domains`; defaults read/med.
+    """
+
+    def __init__(self, path, tokenizer, max_seq_length: int = 2048, domains=None):
+        self.path = Path(path)
+        self.domains = resolve_domains(domains)
+        self.rows = read_tagged_rows(self.path, self.domains)
+        ids = token_ids(tokenizer, self.domains.tokens)
+        self.examples: list[tuple[list[int], int]] = []  # (ids without the token, token id)
+        self.kept_rows: list[TaggedRow] = []
+        self.truncated = 0
+        skipped = []
+        for row in self.rows:
+            encoded = encode_example(tokenizer, row.question, row.answer, ids[row.token], max_seq_length)
+            if encoded is None:
+                skipped.append(row.line)
+                continue
+            prompt_ids, answer_ids, truncated = encoded
+            self.truncated += truncated
+            self.examples.append((prompt_ids + answer_ids, ids[row.token]))
+            self.kept_rows.append(row)
+        self.skipped = len(skipped)
+        if not self.examples:
+            raise DataError(f"{self.path}: all {len(self.rows)} rows are longer than max_seq_length="
+                            f"{max_seq_length} even with the question cut; raise max_seq_length")
+        if skipped:
+            logger.warning("%s: skipped %d of %d rows that do not fit max_seq_length=%d (lines %s%s)",
+                           self.path, len(skipped), len(self.rows), max_seq_length,
+                           ", ".join(map(str, skipped[:10])), ", ..." if len(skipped) > 10 else "")
+        if self.truncated:
+            logger.info("%s: cut the question of %d rows to fit max_seq_length=%d",
+                        self.path, self.truncated, max_seq_length)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        context, token_id = self.examples[i]
+        input_ids = torch.tensor(context + [token_id], dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[-1] = token_id
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+    def token_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.kept_rows:
+            counts[row.token] = counts.get(row.token, 0) + 1
+        return counts
+
+
+@dataclass
+class ConfidenceCollator:
+    """Pads a list of examples on the LEFT (so the token is every row's last position); nothing else."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in examples)
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        batch = {}
+        for key, value in fill.items():
+            batch[key] = torch.stack([
+                torch.cat([torch.full((length - len(e[key]),), value, dtype=torch.long), e[key]])
+                for e in examples
+            ])
+        return batch

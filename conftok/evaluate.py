@@ -1,0 +1,249 @@
+"""Validation: generate answer + token for raw rows, check the answer, score the token.
+
+For each domain: greedy generation in batches (left padding) that stops at a confidence token or
+end of turn; the answer is parsed and checked against the gold answer; the expected token is C if
+the answer is right, U otherwise; token accuracy = emitted token equals expected (no token counts
+as wrong). p_confident = p(C) / (p(C) + p(U)) is read where the token is: right after the answer,
+by one forward pass over prompt + answer, whether or not the model emitted a token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from conftok import metrics as M
+from conftok.calibration import auroc, brier_score, calibration_error, reliability_bins
+from conftok.domains import Domain, resolve_domains
+from conftok.loss import confidence_logits, p_confident
+from conftok.prompts import encode_prompt
+from conftok.tokens import end_of_turn_token_id
+
+__all__ = ["Generation", "load_rows", "generate", "evaluate", "summarize_domain", "print_validation_block"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """One generated response: the answer text, its token ids, and the stop token (if any)."""
+
+    text: str
+    answer_ids: list[int]
+    stop_token: str | None
+
+
+def load_rows(source: str | Path, split: str = "validation", limit: int | None = None) -> list[dict[str, Any]]:
+    """Raw rows from a local ``.jsonl``/``.json``/``.parquet`` file, or a Hub data set name
+    through ``datasets.load_dataset(source, split=split)``."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"validation file not found: {path}")
+        if path.suffix == ".parquet":
+            import datasets
+
+            rows = list(datasets.Dataset.from_parquet(str(path)))
+        else:
+            rows = []
+            with path.open(encoding="utf-8") as f:
+                text = f.read()
+            if path.suffix == ".json" and text.lstrip().startswith("["):
+                rows = json.loads(text)
+            else:
+                for line_no, line in enumerate(text.splitlines(), start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset(str(source), split=split))
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    return rows[:limit] if limit else rows
+
+
+def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
+    ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)}
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in stop_tokens if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(map(len, seqs))
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, length - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequence[str], max_new_tokens: int = 16,
+             batch_size: int = 8, desc: str | None = None, progress: bool = True) -> list[Generation]:
+    """Greedy generation for prompt ids, in batches of similar length (less padding)."""
+    device = next(model.parameters()).device
+    stop = _stop_ids(tokenizer, stop_tokens)
+    vocab = tokenizer.get_vocab()
+    id_to_token = {vocab[t]: t for t in stop_tokens if t in vocab}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Generation | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        input_ids, mask = _left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, device)
+        generated = model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        )[:, input_ids.shape[1]:].tolist()
+        for i, seq in zip(idx, generated):
+            cut = next((k for k, t in enumerate(seq) if t in stop), len(seq))
+            answer_ids = seq[:cut]
+            stop_token = id_to_token.get(seq[cut]) if cut < len(seq) else None
+            text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+            out[i] = Generation(text, answer_ids, stop_token)
+        bar.update(len(idx))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def score_confidence(model, tokenizer, contexts: list[list[int]], confident_id: int, unconfident_id: int,
+                     batch_size: int = 8) -> list[float]:
+    """p_confident at the position after each context (prompt + answer ids)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(contexts), batch_size):
+        ids, mask = _left_pad(contexts[start:start + batch_size], tokenizer.pad_token_id, device)
+        out += p_confident(confidence_logits(model, ids, mask), confident_id, unconfident_id).tolist()
+    return out
+
+
+def summarize_domain(records: list[dict[str, Any]], beta: int = 100, p: str = "2") -> dict[str, float]:
+    """Per-domain figures from per-row records (see :func:`evaluate`)."""
+    conf = np.array([r["p_confident"] for r in records], dtype=float)
+    correct = np.array([r["correct"] for r in records], dtype=float)
+    both = 0 < correct.sum() < len(correct)
+    return {
+        "n": len(records),
+        "token_accuracy": float(np.mean([r["token_correct"] for r in records])),
+        "calibration_error": calibration_error(conf, correct, beta=beta, p=p),
+        "brier": brier_score(conf, correct),
+        "auroc": auroc(conf, correct) if both else float("nan"),
+        "answer_accuracy": float(correct.mean()),
+        "token_rate": float(np.mean([r["token"] is not None for r in records])),
+        "unparsed": int(sum(r["answer"] is None for r in records)),
+    }
+
+
+def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, batch_size, max_new_tokens,
+                     progress, dataset_name) -> list[dict[str, Any]]:
+    questions = [domain.build_question(r) for r in rows]
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress)
+    c_id, u_id = (tokenizer.convert_tokens_to_ids(t) for t in domain.tokens)
+    # An answer with no ids (the model stopped at once) is scored right after the prompt.
+    contexts = [p + g.answer_ids for p, g in zip(prompts, gens)]
+    probs = score_confidence(model, tokenizer, contexts, c_id, u_id, batch_size=batch_size)
+    records = []
+    for row, gen, prob in zip(rows, gens, probs):
+        answer = domain.parse_answer(gen.text, row)
+        gold = domain.gold_answer(row)
+        correct = answer is not None and answer == gold
+        expected = domain.confident_token if correct else domain.unconfident_token
+        records.append({
+            "domain": domain.name, "dataset": dataset_name, "id": row.get("id"), "response": gen.text,
+            "answer": answer, "gold": gold, "correct": bool(correct), "token": gen.stop_token,
+            "expected_token": expected, "token_correct": gen.stop_token == expected, "p_confident": float(prob),
+        })
+    return records
+
+
+def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], *, domains=None,
+             beta: int = 100, p: str = "2", batch_size: int = 8, max_new_tokens: int = 16,
+             progress: bool = True, n_reliability_bins: int = 10, verbose: bool = False) -> dict[str, Any]:
+    """Validate on raw rows per data set; returns metrics, per-domain figures, records and bins.
+
+    Args:
+        rows_by_dataset: data set name (``boolq``) -> raw rows of that domain's task.
+        beta, p: calibration error bin size and norm (``calib_beta``, ``calib_p_norm``).
+        verbose: print the seed's validation block per data set as it finishes.
+
+    Returns:
+        ``{"metrics": {...flat, metric-name keys...}, "domains": {name: figures},
+        "records": [...], "reliability": {name: bins}}``. Overall accuracy and calibration error
+        are the mean over domains.
+    """
+    domains = resolve_domains(domains)
+    was_training = model.training
+    model.eval()
+    per_domain, records, reliability = {}, [], {}
+    try:
+        for dataset_name, rows in rows_by_dataset.items():
+            domain = domains.for_dataset(dataset_name)
+            if verbose:
+                print(f"\nValidating on {dataset_name}...", flush=True)
+            recs = _evaluate_domain(model, tokenizer, domain, list(rows), stop_tokens=domains.tokens,
+                                    batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, progress=progress, dataset_name=dataset_name)
+            figures = summarize_domain(recs, beta=beta, p=p)
+            per_domain[domain.name] = figures
+            reliability[domain.name] = reliability_bins([r["p_confident"] for r in recs],
+                                                        [r["correct"] for r in recs], n_bins=n_reliability_bins)
+            records += recs
+            if verbose:
+                print(f"\n{dataset_name.upper()} Results:\n"
+                      f"  Validation Accuracy: {100 * figures['token_accuracy']:.2f}%\n"
+                      f"  Calibration Error: {figures['calibration_error']:.4f}\n"
+                      f"  Samples evaluated: {figures['n']}", flush=True)
+    finally:
+        model.train(was_training)
+    return {"metrics": flatten_metrics(per_domain), "domains": per_domain, "records": records,
+            "reliability": reliability}
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def flatten_metrics(per_domain: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Flat metric dict: overall means over domains plus ``val/<domain>/<name>``."""
+    out = {
+        M.VAL_ACCURACY: _nanmean(d["token_accuracy"] for d in per_domain.values()),
+        M.VAL_CALIBRATION_ERROR: _nanmean(d["calibration_error"] for d in per_domain.values()),
+        M.VAL_BRIER: _nanmean(d["brier"] for d in per_domain.values()),
+        M.VAL_AUROC: _nanmean(d["auroc"] for d in per_domain.values()),
+        M.VAL_ANSWER_ACCURACY: _nanmean(d["answer_accuracy"] for d in per_domain.values()),
+        M.VAL_TOKEN_RATE: _nanmean(d["token_rate"] for d in per_domain.values()),
+    }
+    for name, figures in per_domain.items():
+        for key, value in figures.items():
+            out[M.domain_key(name, key)] = value
+    return out
+
+
+def print_validation_block(result: Mapping[str, Any], epoch: float) -> None:
+    """The overall part of the seed's console block (per-domain lines print as domains finish)."""
+    m = result["metrics"]
+    print("\n" + "=" * 70)
+    print("OVERALL VALIDATION METRICS:")
+    print(f"  Average Validation Accuracy: {100 * m[M.VAL_ACCURACY]:.2f}%")
+    print(f"  Average Calibration Error: {m[M.VAL_CALIBRATION_ERROR]:.4f}")
+    print("=" * 70, flush=True)

@@ -1,0 +1,22 @@
+"""Metric names shared by training, Ray Tune, reports and dashboards."""
+
+VAL_ACCURACY = "val/accuracy"  # mean over domains of token accuracy
+VAL_CALIBRATION_ERROR = "val/calibration_error"  # mean over domains
+VAL_SCORE = "val/score"  # accuracy - lambda * calibration error (search objective)
+VAL_BRIER = "val/brier"
+VAL_AUROC = "val/auroc"
+VAL_ANSWER_ACCURACY = "val/answer_accuracy"
+VAL_TOKEN_RATE = "val/token_rate"
+TRAIN_LOSS = "train/loss"
+TRAIN_LEARNING_RATE = "train/learning_rate"
+TRAIN_GRAD_NORM = "train/grad_norm"
+STEP = "step"
+EPOCH = "epoch"
+
+# Per-domain keys are f"val/{domain}/{name}" with these names.
+DOMAIN_METRICS = ("token_accuracy", "calibration_error", "brier", "auroc", "answer_accuracy",
+                  "token_rate", "unparsed", "n")
+
+
+def domain_key(domain: str, name: str) -> str:
+    return f"val/{domain}/{name}"

@@ -1,0 +1,283 @@
+"""Build the LoRA model (backends ``hf``, ``unsloth``, ``auto``), save and load adapters.
+
+The new tokens' rows are trained through PEFT ``trainable_token_indices``; everything else is
+frozen but the LoRA matrices. Adapters are saved as safetensors with
+``save_embedding_layers=False``: the file holds LoRA weights and the new rows only (not copies of
+whole embedding matrices), and reloading rebuilds the base rows the same deterministic way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conftok.domains import DomainSet, resolve_domains
+from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
+
+__all__ = ["BACKENDS", "QUANTIZATIONS", "DEFAULT_TARGET_MODULES", "METADATA_FILE", "build_model",
+           "load_tokenizer", "resolve_backend", "save_adapter", "load_adapter", "model_device"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "hf", "unsloth")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METADATA_FILE = "conftok.json"
+
+
+def _unsloth_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``unsloth`` when CUDA and unsloth are present, else ``hf``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "unsloth" if torch.cuda.is_available() and _unsloth_available() else "hf"
+    if backend == "unsloth" and not _unsloth_available():
+        raise ImportError("backend='unsloth' needs unsloth: pip install 'conftok[gpu]' "
+                          "(on a CPU box: pip install --no-deps unsloth unsloth_zoo, see the Makefile)")
+    return backend
+
+
+def model_device(model) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def _quantization_config(quantization: str, compute_dtype: torch.dtype):
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"quantization={quantization!r} needs bitsandbytes, which is not installed: "
+                          "pip install 'conftok[gpu]' (or pip install bitsandbytes), or use quantization='none'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """A tokenizer that pads on the left with a pad token (eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _embedding_module_names(model) -> tuple[str, str | None, bool]:
+    """Short names of the input and output embedding modules, and whether their weights are tied."""
+    embed, output = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+    tied = output is None or output.weight is embed.weight
+    return names[id(embed)], (None if output is None else names[id(output)]), tied
+
+
+def _trainable_token_indices(model, ids: list[int]):
+    """List form when lm_head is tied to the input embeddings, dict form otherwise: the list form
+    would leave an untied lm_head's rows untrained (DESIGN.md)."""
+    embed_name, output_name, tied = _embedding_module_names(model)
+    if tied:
+        return {embed_name: ids}
+    return {embed_name: ids, output_name: ids}
+
+
+def _present_target_modules(model, target_modules: Sequence[str]) -> list[str]:
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    present = [m for m in target_modules if m in leaf_names]
+    if not present:
+        raise ValueError(f"none of target_modules {list(target_modules)} is in the model; "
+                         f"its linear layers include {sorted(n for n in leaf_names if 'proj' in n)[:12]}")
+    missing = sorted(set(target_modules) - set(present))
+    if missing:
+        logger.warning("target modules %s are not in this model; using %s", missing, present)
+    return present
+
+
+def build_model(
+    model_name: "str | os.PathLike | torch.nn.Module",
+    *,
+    tokenizer=None,
+    domains=None,
+    backend: str = "auto",
+    quantization: str = "none",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    gradient_checkpointing: bool = True,
+    bf16: bool = True,
+    token_init: str = "end_of_turn",
+    max_seq_length: int = 2048,
+    seed: int = 42,
+    device: "str | torch.device | None" = None,
+):
+    """Load a causal LM, add the domains' confidence tokens and wrap it with LoRA.
+
+    Args:
+        model_name: Hub id or local directory; or an already built model (tests), in which case
+            ``tokenizer`` must be given and the backend is ``hf``.
+        domains: :class:`~conftok.domains.DomainSet` or spec; defaults to read/med.
+        backend: ``hf`` (transformers + PEFT), ``unsloth`` (FastLanguageModel) or ``auto``.
+        quantization: ``none``, ``8bit`` or ``4bit`` (bitsandbytes).
+        bf16: load weights in bfloat16 on a GPU that supports it (fp32 otherwise).
+        token_init: ``end_of_turn`` or ``mean`` (see :func:`~conftok.tokens.add_confidence_tokens`).
+
+    Returns:
+        ``(peft_model, tokenizer)``; the tokenizer pads on the left.
+    """
+    domains = resolve_domains(domains)
+    torch.manual_seed(seed)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    use_bf16 = bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    quant_config = _quantization_config(quantization, dtype)
+
+    if isinstance(model_name, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("build_model(model, ...) with a model object needs tokenizer=")
+        backend, model = "hf", model_name
+    else:
+        backend = resolve_backend(backend)
+        if backend == "unsloth":
+            from conftok import _unsloth
+
+            return _unsloth.build_model(
+                str(model_name), domains=domains, quantization=quantization, lora_r=lora_r,
+                lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                gradient_checkpointing=gradient_checkpointing, dtype=dtype, token_init=token_init,
+                max_seq_length=max_seq_length, seed=seed,
+            )
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = tokenizer or load_tokenizer(model_name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_name), dtype=dtype, quantization_config=quant_config,
+            device_map={"": device.index or 0} if quant_config is not None and device.type == "cuda" else None,
+        )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    ids = add_confidence_tokens(tokenizer, model, domains.tokens, init=token_init)
+    if quant_config is None:
+        model.to(device)
+    return _wrap_lora(model, tokenizer, list(ids.values()), quantized=quant_config is not None,
+                      lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=target_modules, gradient_checkpointing=gradient_checkpointing)
+
+
+def _wrap_lora(model, tokenizer, ids, *, quantized, lora_r, lora_alpha, lora_dropout, target_modules,
+               gradient_checkpointing):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs; input grads keep it robust anyway.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    config = LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
+        target_modules=_present_target_modules(model, target_modules),
+        trainable_token_indices=_trainable_token_indices(model, ids),
+    )
+    return get_peft_model(model, config), tokenizer
+
+
+def _write_metadata(out_dir: Path, tokenizer, domains: DomainSet, extra: dict[str, Any]) -> None:
+    meta = {
+        "domains": domains.to_list(),
+        "token_ids": token_ids(tokenizer, domains.tokens),
+        **extra,
+    }
+    (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def save_adapter(model, tokenizer, out_dir: str | os.PathLike, *, domains=None,
+                 token_init: str = "end_of_turn", extra: dict[str, Any] | None = None) -> Path:
+    """Write adapter (safetensors), tokenizer and ``conftok.json`` to ``out_dir`` atomically.
+
+    Files go to a temporary sibling first and replace ``out_dir`` in one rename, so a crash
+    leaves either the old directory or the new one, never a half-written one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    domains = resolve_domains(domains)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, save_embedding_layers=False, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _write_metadata(tmp, tokenizer, domains, {"token_init": token_init, **(extra or {})})
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_adapter(adapter_dir: str | os.PathLike, *, base_model: "str | torch.nn.Module | None" = None,
+                 device: "str | torch.device | None" = None, bf16: bool = False, is_trainable: bool = False):
+    """Load a saved adapter onto a fresh base model: ``(model, tokenizer, domains)``.
+
+    ``base_model`` defaults to the adapter's ``base_model_name_or_path``; pass a model object to
+    reuse one. The tokenizer (with the confidence tokens) comes from ``adapter_dir``.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = Path(adapter_dir)
+    meta_path = adapter_dir / METADATA_FILE
+    if not (adapter_dir / "adapter_config.json").is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a conftok adapter (needs adapter_config.json and "
+                                f"{METADATA_FILE}, written by save_adapter)")
+    meta = json.loads(meta_path.read_text())
+    domains = resolve_domains(meta["domains"])
+    tokenizer = load_tokenizer(adapter_dir)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if isinstance(base_model, torch.nn.Module):
+        model = base_model
+    else:
+        name = base_model or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype)
+    ids = token_ids(tokenizer, domains.tokens)
+    if ids != {k: int(v) for k, v in meta["token_ids"].items()}:
+        raise ValueError(f"{adapter_dir}: tokenizer token ids {ids} differ from {METADATA_FILE} {meta['token_ids']}")
+    init_token_rows(model, tokenizer, list(ids.values()), meta.get("token_init", "end_of_turn"))
+    model.to(device)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    model.eval()
+    return model, tokenizer, domains

