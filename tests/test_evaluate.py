@@ -1,0 +1,197 @@
+"""Validation logic: generation, parsing, expected tokens, token accuracy, p_confident."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftok import metrics as M
+from conftok.calibration import calibration_error
+from conftok.domains import resolve_domains
+from conftok.evaluate import evaluate, load_rows, summarize_domain
+from conftok.loss import confidence_logits, p_confident
+from conftok.prompts import encode_prompt
+from conftok.tagging import tag_rows, write_tagged
+from conftok.data import read_tagged_rows
+from conftok.tokens import add_confidence_tokens
+
+DOMAINS = resolve_domains()
+
+
+class ScriptedLM(LlamaForCausalLM):
+    """A tiny Llama whose next token is forced by the last input token through a lookup table
+    (`script`: last id -> next id), so generation is predictable while the real model code,
+    KV cache and generate() run unchanged."""
+
+    script: dict[int, int] = {}
+
+    def forward(self, input_ids=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        if input_ids is not None:
+            last = input_ids[:, -1].tolist()
+            for row, tok in enumerate(last):
+                if tok in self.script:
+                    out.logits[row, -1, self.script[tok]] += 1000.0
+        return out
+
+
+def scripted(tokenizer, plan):
+    """`plan`: list of (prompt question, answer text, token or None)."""
+    add_confidence_tokens(tokenizer, None, DOMAINS.tokens)
+    torch.manual_seed(0)
+    model = ScriptedLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model.script = {}
+    return model
+
+
+BOOLQ = [
+    {"id": "b1", "question": "is the barn red", "passage": "The barn is red.", "answer": True},
+    {"id": "b2", "question": "is the barn blue", "passage": "The barn is red.", "answer": False},
+    {"id": "b3", "question": "is the river long", "passage": "The river is long.", "answer": True},
+]
+
+
+@pytest.fixture
+def tok():
+    return make_tokenizer()
+
+
+class TestValidationLogic:
+    def _model_answering(self, tok, answers):
+        """The model answers each prompt (by its last-but-... unique id) -- we script on the
+        generation-prompt's last token, which all prompts share, so one answer for all."""
+        model = scripted(tok, None)
+        start = encode_prompt(tok, "x")[-1]  # last id of every generation prompt ("\n" after assistant)
+        ids = tok(answers[0], add_special_tokens=False)["input_ids"]
+        chain = [start] + ids + [tok.convert_tokens_to_ids(answers[1])] if answers[1] else [start] + ids
+        for a, b in zip(chain, chain[1:]):
+            model.script[a] = b
+        if not answers[1]:
+            model.script[ids[-1]] = tok.convert_tokens_to_ids("<|im_end|>")
+        return model
+
+    def test_answer_yes_with_confident_token(self, tok):
+        model = self._model_answering(tok, ("Yes", "<C_READ>"))
+        result = evaluate(model, tok, {"boolq": BOOLQ}, beta=2, batch_size=2, progress=False)
+        recs = result["records"]
+        assert [r["response"] for r in recs] == ["Yes"] * 3
+        assert [r["answer"] for r in recs] == ["yes"] * 3
+        assert [r["correct"] for r in recs] == [True, False, True]
+        assert [r["expected_token"] for r in recs] == ["<C_READ>", "<U_READ>", "<C_READ>"]
+        assert [r["token"] for r in recs] == ["<C_READ>"] * 3
+        assert [r["token_correct"] for r in recs] == [True, False, True]
+        figures = result["domains"]["read"]
+        assert figures["token_accuracy"] == pytest.approx(2 / 3)
+        assert figures["answer_accuracy"] == pytest.approx(2 / 3)
+        assert figures["token_rate"] == 1.0 and figures["unparsed"] == 0 and figures["n"] == 3
+        conf = [r["p_confident"] for r in recs]
+        assert figures["calibration_error"] == pytest.approx(calibration_error(conf, [1, 0, 1], beta=2))
+        assert result["metrics"][M.VAL_ACCURACY] == pytest.approx(2 / 3)  # one domain: mean = its value
+        assert result["metrics"][M.domain_key("read", "token_accuracy")] == pytest.approx(2 / 3)
+
+    def test_p_confident_is_read_after_the_answer(self, tok):
+        model = self._model_answering(tok, ("Yes", "<C_READ>"))
+        result = evaluate(model, tok, {"boolq": BOOLQ[:1]}, beta=1, progress=False)
+        context = encode_prompt(tok, DOMAINS.by_name("read").build_question(BOOLQ[0])) + \
+            tok("Yes", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = confidence_logits(model, torch.tensor([context]), torch.ones(1, len(context), dtype=torch.long))
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        assert result["records"][0]["p_confident"] == pytest.approx(p_confident(logits, c, u).item(), abs=1e-6)
+
+    def test_no_token_emitted_counts_as_wrong_but_p_is_still_read(self, tok):
+        model = self._model_answering(tok, ("Yes", None))
+        result = evaluate(model, tok, {"boolq": BOOLQ}, beta=3, progress=False)
+        recs = result["records"]
+        assert all(r["token"] is None and not r["token_correct"] for r in recs)
+        assert all(0.0 < r["p_confident"] < 1.0 for r in recs)
+        assert result["domains"]["read"]["token_rate"] == 0.0
+        assert result["domains"]["read"]["token_accuracy"] == 0.0
+
+    def test_unparseable_answer_is_incorrect_and_counted(self, tok):
+        model = self._model_answering(tok, ("river", "<U_READ>"))
+        result = evaluate(model, tok, {"boolq": BOOLQ}, beta=3, progress=False)
+        figures = result["domains"]["read"]
+        assert figures["unparsed"] == 3 and figures["answer_accuracy"] == 0.0
+        assert figures["token_accuracy"] == 1.0  # U is the right token for a wrong answer
+        assert math.isnan(figures["auroc"])  # one class only
+
+    def test_overall_is_mean_over_domains(self):
+        per_domain = {"read": {"token_accuracy": 0.8, "calibration_error": 0.1, "brier": 0.2, "auroc": 0.7,
+                               "answer_accuracy": 0.5, "token_rate": 1.0},
+                      "med": {"token_accuracy": 0.4, "calibration_error": 0.3, "brier": 0.2, "auroc": float("nan"),
+                              "answer_accuracy": 0.5, "token_rate": 1.0}}
+        from conftok.evaluate import flatten_metrics
+
+        flat = flatten_metrics(per_domain)
+        assert flat[M.VAL_ACCURACY] == pytest.approx(0.6)
+        assert flat[M.VAL_CALIBRATION_ERROR] == pytest.approx(0.2)
+        assert flat[M.VAL_AUROC] == pytest.approx(0.7)  # NaN domains are left out of the mean
+
+    def test_summarize_by_hand(self):
+        recs = [
+            {"p_confident": 0.9, "correct": True, "token_correct": True, "token": "<C_MED>", "answer": "A"},
+            {"p_confident": 0.2, "correct": False, "token_correct": True, "token": "<U_MED>", "answer": "B"},
+            {"p_confident": 0.6, "correct": False, "token_correct": False, "token": None, "answer": None},
+            {"p_confident": 0.7, "correct": True, "token_correct": False, "token": "<U_MED>", "answer": "C"},
+        ]
+        s = summarize_domain(recs, beta=2, p="1")
+        assert s["token_accuracy"] == 0.5 and s["token_rate"] == 0.75 and s["unparsed"] == 1
+        # sorted conf: .2(0) .6(0) | .7(1) .9(1): bins |0.4-0| and |0.8-1| -> 0.5*0.4 + 0.5*0.2 = 0.3
+        assert s["calibration_error"] == pytest.approx(0.3)
+        assert s["brier"] == pytest.approx((0.01 + 0.04 + 0.36 + 0.09) / 4)
+        assert s["auroc"] == pytest.approx(1.0)
+
+    def test_multiple_choice_domain(self, tok):
+        model = self._model_answering(tok, ("(B)", "<U_MED>"))
+        rows = [{"id": "m1", "question": "Which?", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "B"},
+                {"id": "m2", "question": "Which?", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "C"}]
+        result = evaluate(model, tok, {"medqa": rows}, beta=2, progress=False)
+        assert [r["answer"] for r in result["records"]] == ["B", "B"]
+        assert [r["token_correct"] for r in result["records"]] == [False, True]
+
+    def test_unknown_dataset_is_an_error(self, tok):
+        model = self._model_answering(tok, ("Yes", "<C_READ>"))
+        with pytest.raises(KeyError, match="unknown dataset 'squad'"):
+            evaluate(model, tok, {"squad": BOOLQ}, progress=False)
+
+    def test_missing_field_names_the_mapping(self):
+        with pytest.raises(ValueError, match="lacks field"):
+            DOMAINS.by_name("med").build_question({"question": "Q", "answer": "A"})
+
+    def test_field_mapping_for_other_layouts(self):
+        from conftok.domains import Domain
+
+        d = Domain("read", ("boolq",), "<C_READ>", "<U_READ>", "yes_no", fields={"question": "query", "answer": "label"})
+        row = {"query": "is it red", "passage": "It is red.", "label": 1}
+        assert "Question: is it red?" in d.build_question(row) and d.gold_answer(row) == "yes"
+
+    def test_load_rows_local_formats(self, tmp_path):
+        (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in BOOLQ) + "\n")
+        assert load_rows(tmp_path / "v.jsonl", limit=2) == BOOLQ[:2]
+        import datasets
+
+        datasets.Dataset.from_list(BOOLQ).to_parquet(str(tmp_path / "v.parquet"))
+        assert [r["id"] for r in load_rows(str(tmp_path / "v.parquet"))] == ["b1", "b2", "b3"]
+        (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
+        with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+            load_rows(tmp_path / "bad.jsonl")
+        with pytest.raises(FileNotFoundError):
+            load_rows(tmp_path / "missing.jsonl")
+
+
+class TestTagging:
+    def test_tags_and_summary(self, tok, tmp_path):
+        model = TestValidationLogic()._model_answering(tok, ("Yes", None))
+        tagged, summary = tag_rows(model, tok, {"boolq": BOOLQ}, progress=False)
+        assert [t["tagged_response"] for t in tagged] == ["Yes <C_READ>", "Yes <U_READ>", "Yes <C_READ>"]
+        assert tagged[0]["question"] == DOMAINS.by_name("read").build_question(BOOLQ[0])
+        assert summary["domains"]["boolq"]["accuracy"] == pytest.approx(2 / 3)
+        out = write_tagged(tagged, summary, tmp_path / "tagged" / "all.jsonl")
+        rows = read_tagged_rows(out)  # what tagging writes, training reads
+        assert [r.token for r in rows] == ["<C_READ>", "<U_READ>", "<C_READ>"]
+        assert json.loads((tmp_path / "tagged" / "all.summary.json").read_text())["tagged"] == 3

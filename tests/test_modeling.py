@@ -1,0 +1,443 @@
+"""Tests for conftok.modeling: backends, quantization errors, the LoRA configuration, trainable
+confidence-token rows, adapter save and reload in a fresh process, and the unsloth backend on CPU.
+
+Models are the 2-layer hidden-64 ones from conftest. The fresh-process checks run
+``python -c`` in a subprocess: the reload must not lean on anything this process holds, and
+unsloth must be imported before transformers/peft in the process that uses it.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+from safetensors import safe_open
+
+from conftok import modeling
+from conftok.data import IGNORE_INDEX, ConfidenceCollator
+from conftok.domains import resolve_domains
+from conftok.loss import confidence_logits, confidence_token_loss, p_confident
+from conftok.modeling import (
+    BACKENDS,
+    DEFAULT_TARGET_MODULES,
+    METADATA_FILE,
+    QUANTIZATIONS,
+    build_model,
+    resolve_backend,
+    save_adapter,
+)
+from conftok.prompts import encode_example, encode_prompt
+from conftok.tokens import end_of_turn_token_id, token_ids
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+TOKENS = resolve_domains().tokens  # <C_READ>, <U_READ>, <C_MED>, <U_MED>
+HIDDEN = 64
+
+# (question, answer, token). The one-position loss drops the token from the input, so a token's
+# INPUT row only gets a gradient where the token is in the context (an earlier turn, a few-shot
+# prompt): these contexts hold all four tokens, so every new row can be seen to train.
+TRAIN_CASES = [
+    ("Earlier: Yes <C_READ> and No <U_READ>. Is the sky blue?", "Yes", "<C_READ>"),
+    ("Earlier: A <C_MED> then B <U_MED>. Which drug is best?", "C", "<U_MED>"),
+    ("Question: code beta red farm?", "No", "<U_READ>"),
+    ("The patient has a fever. A. Aspirin B. Insulin", "A", "<C_MED>"),
+]
+EVAL_CASES = [
+    ("Is the sky blue?", "Yes", "<C_READ>"),
+    ("Question: code alpha green town?", "No", "<U_READ>"),
+    ("Which drug is best? A. Aspirin B. Insulin C. Penicillin", "B", "<C_MED>"),
+]
+
+
+# ---- helpers (also imported by the fresh-process scripts below) ------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Hidden-64 models gain nothing from threads, and on a busy shared 2-core box OpenMP's
+    waiting threads made each tiny forward ~100x slower (0.7 s against 5 ms measured here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def batch_of(tokenizer, cases):
+    """A left-padded training batch of prompt + answer + token rows (token last)."""
+    ids = token_ids(tokenizer, TOKENS)
+    examples = []
+    for question, answer, token in cases:
+        prompt, answer_ids, _ = encode_example(tokenizer, question, answer, ids[token], 512)
+        input_ids = torch.tensor(prompt + answer_ids + [ids[token]])
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[-1] = ids[token]
+        examples.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels})
+    return ConfidenceCollator(tokenizer.pad_token_id)(examples)
+
+
+def train_steps(model, batch, steps=2, lr=5e-2):
+    """AdamW without weight decay: a parameter with zero gradient stays exactly where it is."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss, _ = confidence_token_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@torch.no_grad()
+def effective_rows(model):
+    """(input, output) embedding matrices (V, H) as the PEFT model computes them, deltas included."""
+    inner = model.get_base_model()
+    embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    vocab, hidden = embed.weight.shape
+    return embed(torch.arange(vocab)).clone(), head(torch.eye(hidden)).T.clone()  # (V, H) each
+
+
+@torch.no_grad()
+def measure(model, tokenizer, cases=EVAL_CASES, max_new_tokens=6):
+    """p_confident at each case's token position, the ids of those inputs, greedy continuations
+    of the bare prompts, and the ids of "Yes <C_READ>"."""
+    domains = resolve_domains()
+    ids = token_ids(tokenizer, TOKENS)
+    model.eval()
+    batch = batch_of(tokenizer, cases)
+    logits = confidence_logits(model, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])  # (B, V)
+    p = [p_confident(logits[i], *(ids[t] for t in domains.for_token(token).tokens)).item()
+         for i, (_, _, token) in enumerate(cases)]
+    prompts = []
+    for question, _, _ in cases:
+        prompt = torch.tensor(encode_prompt(tokenizer, question))
+        prompts.append({"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "labels": prompt})
+    prompts = ConfidenceCollator(tokenizer.pad_token_id)(prompts)
+    out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                         do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
+                         pad_token_id=tokenizer.pad_token_id)
+    return {
+        "p_confident": p,
+        "input_ids": batch["input_ids"].tolist(),
+        "generated": out[:, prompts["input_ids"].shape[1]:].tolist(),
+        "yes_c_read": tokenizer("Yes <C_READ>", add_special_tokens=False)["input_ids"],
+    }
+
+
+def run_python(code: str, *args: str, timeout: int = 300) -> dict:
+    """Run ``code`` in a fresh interpreter (tests/ importable); return the JSON of its last line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def save_base(tmp_path, tie=True, name="base") -> Path:
+    """A tiny base model and its tokenizer saved as a normal HF directory."""
+    path = tmp_path / name
+    tokenizer = make_tokenizer()
+    make_model(len(tokenizer), tie=tie).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def built(tie=True, arch="llama", extra_rows=0, **kwargs):
+    tokenizer = make_tokenizer()
+    model = make_model(len(tokenizer) + extra_rows, tie=tie, arch=arch)
+    kwargs.setdefault("bf16", False)
+    return build_model(model, tokenizer=tokenizer, backend="hf", **kwargs)
+
+
+# ---- building -------------------------------------------------------------------------------
+
+
+class TestModelBuilder:
+    @pytest.mark.parametrize("tie", [True, False])
+    def test_trainable_token_indices_form(self, tie):
+        model, tokenizer = built(tie=tie)
+        ids = list(token_ids(tokenizer, TOKENS).values())
+        indices = model.peft_config["default"].trainable_token_indices
+        indices = indices if isinstance(indices, dict) else {"embed_tokens": indices}
+        # The list form would leave an untied lm_head's rows untrained: dict with both then.
+        assert indices == ({"embed_tokens": ids} if tie else {"embed_tokens": ids, "lm_head": ids})
+        deltas = {n: p for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+        assert all(p.requires_grad and p.shape == (len(ids), HIDDEN) for p in deltas.values())
+        assert len(deltas) == (1 if tie else 2)
+
+    @pytest.mark.parametrize("tie", [True, False])
+    def test_step_trains_new_rows_only(self, tie):
+        model, tokenizer = built(tie=tie)
+        new = sorted(token_ids(tokenizer, TOKENS).values())
+        old = [i for i in range(len(tokenizer)) if i not in new]
+        embed0, head0 = effective_rows(model)
+        params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        train_steps(model, batch_of(tokenizer, TRAIN_CASES), steps=2)
+
+        embed1, head1 = effective_rows(model)
+        # Every new token's input and output rows moved; no other vocabulary row did.
+        assert all(not torch.equal(embed0[i], embed1[i]) for i in new)
+        assert all(not torch.equal(head0[i], head1[i]) for i in new)
+        assert torch.equal(embed0[old], embed1[old]) and torch.equal(head0[old], head1[old])
+        if tie:
+            assert torch.equal(embed1, head1)  # still one matrix
+        # TRL-style: every trained parameter changed (LoRA A too: 2 steps), every frozen one did not.
+        for name, p in model.named_parameters():
+            changed = not torch.equal(params0[name], p.detach())
+            assert changed == p.requires_grad, f"{name}: requires_grad={p.requires_grad}, changed={changed}"
+
+    def test_lora_config_carries_arguments(self):
+        model, _ = built(lora_r=4, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj", "v_proj"))
+        config = model.peft_config["default"]
+        assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.1)
+        assert set(config.target_modules) == {"q_proj", "v_proj"}
+        wrapped = {name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters()
+                   if ".lora_A." in name}
+        assert wrapped == {"q_proj", "v_proj"}
+        assert all(p.shape[0] == 4 for n, p in model.named_parameters() if ".lora_A." in n)
+
+    def test_default_targets_all_projections(self):
+        assert set(DEFAULT_TARGET_MODULES) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"}
+        model, _ = built()
+        lora_a = [name for name, _ in model.named_parameters() if ".lora_A." in name]
+        assert len(lora_a) == 2 * len(DEFAULT_TARGET_MODULES)  # 2 layers
+        assert {name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name in lora_a} == set(DEFAULT_TARGET_MODULES)
+        # Frozen: everything but LoRA matrices and the new rows.
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert all(".lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+
+    def test_missing_target_modules(self, caplog):
+        with pytest.raises(ValueError, match="c_attn"):
+            built(target_modules=("c_attn",))
+        model, _ = built(target_modules=("q_proj", "c_attn"))
+        assert set(model.peft_config["default"].target_modules) == {"q_proj"}
+        assert "c_attn" in caplog.text
+
+    def test_gradient_checkpointing_recomputes_and_matches(self, monkeypatch):
+        """On by default (each layer runs again in backward), off when asked; same gradients."""
+        grads, calls = {}, {}
+        for checkpointing in (True, False):
+            kwargs = {} if checkpointing else {"gradient_checkpointing": False}
+            model, tokenizer = built(lora_dropout=0.0, **kwargs)
+            assert model.get_base_model().is_gradient_checkpointing is checkpointing
+            mlp = model.get_base_model().model.layers[0].mlp
+            count = []
+            forward = mlp.forward
+            monkeypatch.setattr(mlp, "forward", lambda *a, **k: count.append(1) or forward(*a, **k))
+            model.train()
+            train_steps(model, batch_of(tokenizer, TRAIN_CASES), steps=1, lr=1e-3)  # LoRA B != 0 next
+            count.clear()
+            model.train()
+            loss, _ = confidence_token_loss(model, batch_of(tokenizer, TRAIN_CASES))
+            loss.backward()
+            calls[checkpointing] = len(count)
+            grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert calls == {True: 2, False: 1}
+        assert grads[True].keys() == grads[False].keys()
+        for name, g in grads[True].items():
+            torch.testing.assert_close(g, grads[False][name], atol=1e-6, rtol=1e-5, msg=name)
+
+    @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+    def test_quantization_without_bitsandbytes(self, monkeypatch, quantization):
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+        tokenizer = make_tokenizer()
+        size = len(tokenizer)
+        with pytest.raises(ImportError, match="bitsandbytes") as err:
+            build_model(make_model(size), tokenizer=tokenizer, backend="hf", quantization=quantization)
+        assert quantization in str(err.value)
+        assert len(tokenizer) == size  # raised before anything was changed
+
+    @pytest.mark.parametrize("kwargs, allowed", [({"quantization": "int4"}, QUANTIZATIONS),
+                                                 ({"backend": "vllm"}, BACKENDS)])
+    def test_unknown_choice_lists_allowed(self, kwargs, allowed):
+        tokenizer = make_tokenizer()
+        for target in ("some/model", make_model(len(tokenizer))):
+            with pytest.raises(ValueError) as err:
+                build_model(target, tokenizer=tokenizer, **{"backend": "hf", **kwargs})
+            message = str(err.value)
+            assert repr(next(iter(kwargs.values()))) in message
+            assert all(repr(choice) in message for choice in allowed)
+
+    def test_unsloth_backend_refuses_a_model_object(self):
+        tokenizer = make_tokenizer()
+        with pytest.raises(ValueError, match="model name or path"):
+            build_model(make_model(len(tokenizer)), tokenizer=tokenizer, backend="unsloth")
+
+    def test_resolve_backend(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert resolve_backend("auto") == "hf"
+        assert resolve_backend("hf") == "hf"
+        monkeypatch.setattr(modeling, "_unsloth_available", lambda: True)
+        assert resolve_backend("auto") == "hf"  # unsloth without CUDA: still hf
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert resolve_backend("auto") == "unsloth"
+        monkeypatch.setattr(modeling, "_unsloth_available", lambda: False)
+        assert resolve_backend("auto") == "hf"
+        with pytest.raises(ImportError, match="unsloth"):
+            resolve_backend("unsloth")
+        with pytest.raises(ValueError, match="'auto'"):
+            resolve_backend("fast")
+
+    @pytest.mark.parametrize("extra_rows, expected_rows", [(64, 404 + 60), (2, 404), (0, 404)])
+    def test_embedding_never_shrinks(self, extra_rows, expected_rows):
+        """Qwen2.5 pads its matrix past the tokenizer: new ids land in the spare rows, nothing is
+        cut; a matrix with too few rows grows exactly to the new tokenizer length."""
+        tokenizer = make_tokenizer()
+        assert len(tokenizer) == 400  # the fixture's vocabulary; 4 tokens take it to 404
+        base = make_model(len(tokenizer) + extra_rows, tie=False, arch="qwen2")
+        embed_before = base.get_input_embeddings().weight.detach().clone()
+        head_before = base.get_output_embeddings().weight.detach().clone()
+        model, tokenizer = build_model(base, tokenizer=tokenizer, backend="hf", bf16=False)
+        embed, head = effective_rows(model)
+        assert embed.shape == head.shape == (expected_rows, HIDDEN)
+        new = sorted(token_ids(tokenizer, TOKENS).values())
+        assert new == [400, 401, 402, 403] and max(new) < expected_rows
+        eot = end_of_turn_token_id(tokenizer)
+        assert torch.equal(embed[new], embed_before[eot].expand(4, -1))  # spare rows re-initialised
+        assert torch.equal(head[new], head_before[eot].expand(4, -1))
+        kept = [i for i in range(min(expected_rows, len(embed_before))) if i not in new]
+        assert torch.equal(embed[kept], embed_before[kept]) and torch.equal(head[kept], head_before[kept])
+
+
+# ---- saving and reloading -------------------------------------------------------------------
+
+RELOAD = """
+import json, sys
+from conftok.modeling import load_adapter
+from test_modeling import measure
+model, tokenizer, domains = load_adapter(sys.argv[1], device="cpu")
+result = measure(model, tokenizer)
+result["lazy"] = {name: name in sys.modules for name in ("unsloth", "bitsandbytes")}
+print(json.dumps(result))
+"""
+
+
+class TestAdapterRoundTrip:
+    @pytest.mark.parametrize("tie", [True, False])
+    def test_safetensors_holds_new_rows_only(self, tmp_path, tie):
+        model, tokenizer = built(tie=tie)
+        train_steps(model, batch_of(tokenizer, TRAIN_CASES), steps=1)
+        out = save_adapter(model, tokenizer, tmp_path / "adapter")
+        save_adapter(model, tokenizer, out)  # replacing an adapter leaves no temporary siblings
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+        files = {p.name for p in out.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", METADATA_FILE} <= files
+        assert not [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
+        saved = {}
+        with safe_open(out / "adapter_model.safetensors", "pt") as f:
+            for key in f.keys():
+                saved[key] = f.get_tensor(key)
+        vocab_rows = model.get_base_model().get_input_embeddings().weight.shape[0]
+        assert all(t.shape[0] < vocab_rows for t in saved.values()), "a whole embedding matrix was saved"
+        rows = {k: t for k, t in saved.items() if "trainable_tokens" in k}
+        expected = {"embed_tokens"} if tie else {"embed_tokens", "lm_head"}
+        assert {next(m for m in expected if m in k) for k in rows} == expected and len(rows) == len(expected)
+        deltas = {n: p.detach() for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+        for key, tensor in rows.items():
+            assert tensor.shape == (len(TOKENS), HIDDEN)
+            module = next(m for m in expected if m in key)
+            (delta,) = [d for n, d in deltas.items() if module in n]
+            assert torch.equal(tensor, delta) and tensor.abs().sum() > 0  # the trained values
+        meta = json.loads((out / METADATA_FILE).read_text())
+        assert meta["token_ids"] == token_ids(tokenizer, TOKENS)
+
+    @pytest.mark.parametrize("tie", [True, False])
+    def test_fresh_process_reload_matches(self, tmp_path, tie):
+        base = save_base(tmp_path, tie=tie)
+        model, tokenizer = build_model(base, backend="hf", bf16=False)  # base found again by path
+        train_steps(model, batch_of(tokenizer, TRAIN_CASES), steps=3)
+        adapter = save_adapter(model, tokenizer, tmp_path / "adapter")
+        here = measure(model, tokenizer)
+        assert max(abs(p - 0.5) for p in here["p_confident"]) > 1e-3, "training did not move p_confident"
+
+        there = run_python(RELOAD, str(adapter))
+
+        assert there["input_ids"] == here["input_ids"]
+        assert max(abs(a - b) for a, b in zip(there["p_confident"], here["p_confident"])) <= 1e-6
+        assert there["generated"] == here["generated"]
+        yes = tokenizer("Yes", add_special_tokens=False)["input_ids"]
+        assert len(yes) == 1
+        assert there["yes_c_read"] == yes + [tokenizer.convert_tokens_to_ids("<C_READ>")]  # lstrip survived
+        assert there["lazy"] == {"unsloth": False, "bitsandbytes": False}
+
+
+# ---- unsloth on the CPU ---------------------------------------------------------------------
+
+UNSLOTH = """
+import json, sys
+import unsloth  # first: it patches transformers and peft when imported
+import torch
+from conftok.loss import confidence_token_loss
+from conftok.modeling import build_model, load_adapter, save_adapter
+from conftok.tokens import token_ids
+from test_modeling import TOKENS, TRAIN_CASES, batch_of, effective_rows, measure, train_steps
+
+result = {}
+for tie, base in (("tied", sys.argv[1]), ("untied", sys.argv[2])):
+    model, tokenizer = build_model(base, backend="unsloth", bf16=False, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    inner = model.get_base_model()
+    new = sorted(token_ids(tokenizer, TOKENS).values())
+    batch = batch_of(tokenizer, TRAIN_CASES)
+    model.train()
+    loss, logits = confidence_token_loss(model, batch)
+    loss.backward()
+    grads = {n.split(".token_adapter")[0].rsplit(".", 1)[-1]: p.grad.abs().sum(-1).tolist()
+             for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+    model.zero_grad()
+    embed0, head0 = effective_rows(model)
+    train_steps(model, batch, steps=1)
+    embed1, head1 = effective_rows(model)
+    changed = lambda a, b: [i for i in range(a.shape[0]) if not torch.equal(a[i], b[i])]
+    adapter = save_adapter(model, tokenizer, sys.argv[3] + "/" + tie)
+    here = measure(model, tokenizer)
+    reloaded, reloaded_tokenizer, _ = load_adapter(adapter, device="cpu")
+    there = measure(reloaded, reloaded_tokenizer)
+    result[tie] = {
+        "peft": type(model).__name__,
+        "fast_language_model": hasattr(inner, "for_training") and hasattr(inner, "max_seq_length"),
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "quantized": getattr(inner.config, "quantization_config", None) is not None,
+        "padding_side": tokenizer.padding_side,
+        "indices": model.peft_config["default"].trainable_token_indices,
+        "checkpointing": inner.is_gradient_checkpointing,
+        "new": new, "loss": loss.item(), "logits_shape": list(logits.shape), "grads": grads,
+        "embed_changed": changed(embed0, embed1), "head_changed": changed(head0, head1),
+        "p_here": here["p_confident"], "p_reloaded": there["p_confident"],
+    }
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.unsloth
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
+class TestUnslothBackend:
+    def test_builds_trains_and_reloads_on_cpu(self, tmp_path):
+        """FastLanguageModel (unsloth's CPU fallback here) loads fp32, adds the tokens before LoRA,
+        runs the one-position loss forward and backward, trains the new rows only, and its adapter
+        reloads through the hf loader with the same p_confident."""
+        tied, untied = save_base(tmp_path, tie=True, name="tied"), save_base(tmp_path, tie=False, name="untied")
+        result = run_python(UNSLOTH, str(tied), str(untied), str(tmp_path / "adapters"))
+        for tie, r in result.items():
+            new = r["new"]
+            assert r["peft"] == "PeftModelForCausalLM" and r["fast_language_model"], tie
+            assert r["dtypes"] == ["torch.float32"] and not r["quantized"], tie  # not unsloth's 4-bit default
+            assert r["padding_side"] == "left" and r["checkpointing"] is True
+            modules = ["embed_tokens"] if tie == "tied" else ["embed_tokens", "lm_head"]
+            assert r["indices"] == {m: new for m in modules}
+            assert r["logits_shape"] == [len(TRAIN_CASES), 404] and 0 < r["loss"] < 100
+            assert set(r["grads"]) == set(modules)
+            assert all(g > 0 for rows in r["grads"].values() for g in rows)  # all 4 tokens are in TRAIN_CASES
+            assert r["embed_changed"] == new and r["head_changed"] == new
+            assert max(abs(a - b) for a, b in zip(r["p_here"], r["p_reloaded"])) <= 1e-6
+            assert max(abs(p - 0.5) for p in r["p_here"]) > 1e-4
