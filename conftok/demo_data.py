@@ -191,9 +191,9 @@ def _boolq_species(rng: random.Random, names: dict, answer: bool) -> tuple[str, 
         f" {habit} It feeds mainly on {food} and rarely lives "
         f"longer than {rng.randrange(2, 12)} years."
     )
-    if rng.random() < 0.6:  # the behaviour, stated with or without a negation
-        asked = behaviour if does == answer else _other(rng, [b for b, _ in _BEHAVIOURS], behaviour)
-        question = f"does the {species} {asked}"
+    if rng.random() < 0.6:  # the behaviour: passage and question each with or without a negation
+        never = "" if does == answer else "never "
+        question = f"does the {species} {never}{behaviour}"
     else:
         asked = food if answer else _other(rng, _FOODS, food)
         question = f"does the {species} feed mainly on {asked}"

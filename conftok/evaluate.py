@@ -35,11 +35,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Generation:
-    """One generated response: the answer text, its token ids, and the stop token (if any)."""
+    """One generated response: the answer text, its token ids, the confidence token it stopped at
+    (if any), and whether it stopped by itself (a stop token) rather than at max_new_tokens."""
 
     text: str
     answer_ids: list[int]
     stop_token: str | None
+    finished: bool = True
 
 
 def load_rows(source: str | Path, split: str = "validation", limit: int | None = None) -> list[dict[str, Any]]:
@@ -116,7 +118,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
             answer_ids = seq[:cut]
             stop_token = id_to_token.get(seq[cut]) if cut < len(seq) else None
             text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-            out[i] = Generation(text, answer_ids, stop_token)
+            out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq))
         bar.update(len(idx))
     bar.close()
     return out  # type: ignore[return-value]

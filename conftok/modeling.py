@@ -162,6 +162,9 @@ def build_model(
         if backend == "unsloth":
             raise ValueError("backend='unsloth' loads the model itself: pass a model name or path, "
                              "not a model object (or use backend='hf')")
+        if quant_config is not None:
+            raise ValueError(f"quantization={quantization!r} applies when loading by name; a model object "
+                             "is used as given (quantize it before passing it, or pass its name or path)")
         backend, model = "hf", model_name
     else:
         backend = resolve_backend(backend)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,26 @@ from conftok.prompts import encode_prompt
 
 __all__ = ["tag_rows", "write_tagged", "tag_to_file"]
 
+_SENTENCE_END = re.compile(r"[.!?\n]")
+
+
+def complete_answer(text: str, finished: bool) -> str:
+    """The answer to tag. A response cut by ``max_new_tokens`` ("No, Elena does not still have")
+    is trimmed after its first sentence, so the token follows a complete answer, as it does when
+    the model stops by itself; one without a sentence end is kept as it is."""
+    if finished:
+        return text
+    end = _SENTENCE_END.search(text)
+    return text[:end.end()].strip() if end else text
+
 
 def tag_rows(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], *, domains=None,
              batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True) -> tuple[list[dict], dict]:
     """Tag raw rows with the model's own answers: ``(tagged_rows, summary)``.
 
     Rows whose response is empty cannot carry a token after an answer and are left out (counted
-    as ``empty`` in the summary).
+    as ``empty`` in the summary); responses cut by ``max_new_tokens`` are trimmed after their
+    first sentence (:func:`complete_answer`, counted as ``trimmed``).
     """
     domains = resolve_domains(domains)
     tagged, summary = [], {"rows": 0, "tagged": 0, "domains": {}}
@@ -36,20 +50,22 @@ def tag_rows(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
         gens = generate(model, tokenizer, [encode_prompt(tokenizer, q) for q in questions],
                         stop_tokens=domains.tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         desc=f"Tagging {dataset_name}", progress=progress)
-        correct = unparsed = empty = 0
+        correct = unparsed = empty = trimmed = 0
         for row, question, gen in zip(rows, questions, gens):
-            if not gen.text:
+            text = complete_answer(gen.text, gen.finished)
+            trimmed += text != gen.text
+            if not text:
                 empty += 1
                 continue
-            answer = domain.parse_answer(gen.text, row)
+            answer = domain.parse_answer(text, row)
             is_correct = answer is not None and answer == domain.gold_answer(row)
             correct += is_correct
             unparsed += answer is None
             token = domain.confident_token if is_correct else domain.unconfident_token
-            tagged.append({"question": question, "tagged_response": f"{gen.text} {token}", "dataset": dataset_name})
+            tagged.append({"question": question, "tagged_response": f"{text} {token}", "dataset": dataset_name})
         kept = len(rows) - empty
         summary["domains"][dataset_name] = {
-            "domain": domain.name, "rows": len(rows), "tagged": kept, "empty": empty, "unparsed": unparsed,
+            "domain": domain.name, "rows": len(rows), "tagged": kept, "empty": empty, "trimmed": trimmed, "unparsed": unparsed,
             "correct": correct, "accuracy": correct / kept if kept else float("nan"),
         }
         summary["rows"] += len(rows)

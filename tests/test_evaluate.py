@@ -195,3 +195,10 @@ class TestTagging:
         rows = read_tagged_rows(out)  # what tagging writes, training reads
         assert [r.token for r in rows] == ["<C_READ>", "<U_READ>", "<C_READ>"]
         assert json.loads((tmp_path / "tagged" / "all.summary.json").read_text())["tagged"] == 3
+
+    def test_cut_responses_are_trimmed_to_their_first_sentence(self):
+        from conftok.tagging import complete_answer
+
+        assert complete_answer("No, Elena does not. She sold", finished=False) == "No, Elena does not."
+        assert complete_answer("No, Elena does not still have", finished=False) == "No, Elena does not still have"
+        assert complete_answer("Yes. Because it is.", finished=True) == "Yes. Because it is."
