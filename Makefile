@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	HF_HUB_OFFLINE=1 $(PY) -m conftok.demo
+	HF_HUB_OFFLINE=1 $(PY) -m ray_jobs.tune
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -41,7 +41,9 @@ def medqa_prompt(row: dict) -> str:
 
 
 @torch.inference_mode()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_answers(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Greedy answers, batched with left padding so every prompt ends at the last position."""
     tokenizer.padding_side = "left"
     answers: list[str] = []

@@ -152,20 +152,19 @@ _MARKER = re.compile(
 _LETTER_AT = re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]|([A-Za-z])(?![A-Za-z0-9'\-])")
 # "(A) or (B)", "A/B": two letters offered, none chosen.
 _LETTER_DISJUNCTION = re.compile(r"\s*(?:or|/)\s*[(\[]?\s*[A-Za-z]\s*[)\]]?(?![A-Za-z])", re.IGNORECASE)
+_LIST_LINE = re.compile(r"^\s*[(\[]?\s*([A-Za-z])\s*[)\].:]", re.MULTILINE)
 _PARENTHESISED = re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]")
 
 
-def _letter_at(
-    text: str, pos: int, allowed: tuple[str, ...], texts: Mapping[str, str], after_marker: bool
-) -> str | None:
+def _letter_at(text: str, pos: int, allowed: tuple[str, ...], texts: Mapping[str, str]) -> str | None:
     """The option letter written at ``text[pos:]``, if it is marked as one.
 
     A letter offered together with another ("(A) or (B)", "A/B") never counts. Otherwise it
     counts when it is in parentheses "(B)"/"[b]", or followed by the end of the text,
     ")", ".", ":", "," or ";", or followed by its own option text ("A Medication" when A is
     "Medication"). An upper-case letter also counts before "is"/"was"/"because"/a dash
-    ("B is correct"); after an answer marker a letter followed by other words does not
-    ("The answer is a beta blocker"). Anything else is a word such as the article "A".
+    ("B is correct", "Option C is right"). Anything else is a word: the article in
+    "A 45-year-old man", "The answer is a beta blocker".
     """
     match = _LETTER_AT.match(text, pos)
     if match is None:
@@ -184,7 +183,7 @@ def _letter_at(
         return letter
     if letter in texts and f"{_normalize_text(rest)} ".startswith(f"{texts[letter]} "):
         return letter
-    if raw.isupper() and not after_marker and _LETTER_VERBS.match(rest):
+    if raw.isupper() and _LETTER_VERBS.match(rest):
         return letter
     return None
 
@@ -222,7 +221,9 @@ def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> 
     must be one of its keys (A-E when ``options`` is None). Tried in order, first hit wins:
 
     1. a letter at the start, after an optional "Answer:"/"The answer is"/"Option":
-       "C", "(B)", "B)", "A: Medication", "A. Medication", "Answer: (c)";
+       "C", "(B)", "B)", "A: Medication", "A. Medication", "Answer: (c)"; skipped when the
+       text restates the option list (two or more lines opening with different letters,
+       "A. x" then "B. y" on the next line), which is no choice (nor is step 4 tried then);
     2. a letter after an answer marker anywhere: "... so the answer is D", "I choose (b)";
     3. exactly one distinct allowed letter in parentheses anywhere: "... which is (C).";
     4. with ``options``: the option text alone ("Ceftriaxone", "It is ceftriaxone.").
@@ -244,14 +245,17 @@ def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> 
     allowed = _allowed_letters(options)
     texts = _option_texts(options)
 
-    prefix = _LEADING_PREFIX.match(cleaned)
-    had_prefix = prefix is not None and prefix.end() > 0
-    letter = _letter_at(cleaned, prefix.end() if prefix else 0, allowed, texts, had_prefix)
-    if letter is not None:
-        return letter
+    # "A. Gentamicin\nB. Ciprofloxacin": the model restates the option list; its first line
+    # is no choice (measured: SmolLM2-135M does this in 4 of the first 40 real MedQA rows).
+    listed = {m.group(1).upper() for m in _LIST_LINE.finditer(cleaned)} & set(allowed)
+    if len(listed) < 2:
+        prefix = _LEADING_PREFIX.match(cleaned)
+        letter = _letter_at(cleaned, prefix.end() if prefix else 0, allowed, texts)
+        if letter is not None:
+            return letter
 
     for marker in _MARKER.finditer(cleaned):
-        letter = _letter_at(cleaned, marker.end(), allowed, texts, after_marker=True)
+        letter = _letter_at(cleaned, marker.end(), allowed, texts)
         if letter is not None:
             return letter
 
@@ -260,7 +264,7 @@ def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> 
     if len(in_parentheses) == 1:
         return in_parentheses.pop()
 
-    if texts:
+    if texts and len(listed) < 2:
         return _match_option_text(cleaned, texts)
     return None
 

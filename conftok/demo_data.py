@@ -141,7 +141,10 @@ def _name_pools(split: str) -> dict[str, list[str]]:
     species = [f"{w} {c}" for w in words[::3] for c in _CLASSES]
     rivers = [w.capitalize() for w in words[1::3]]
     pools = {"town": towns, "person": people, "species": species, "river": rivers}
-    return {kind: [x for x in names if _split_of(f"{kind}:{x}") == split] for kind, names in pools.items()}
+    return {
+        kind: [name for name in names if _split_of(f"{kind}:{name}") == split]
+        for kind, names in pools.items()
+    }
 
 
 def _plural(noun: str) -> str:
@@ -257,7 +260,8 @@ def _boolq_invention(rng: random.Random, names: dict, answer: bool) -> tuple[str
     )
     passage = (
         f"The {device} was invented by {inventor} in {invented}. {patent} The first models were "
-        f"made of {material} and were sold mainly to {rng.choice(['farmers', 'weavers', 'ships', 'schools'])}."
+        f"made of {material} and were sold mainly to "
+        f"{rng.choice(['farmers', 'weavers', 'ships', 'schools'])}."
     )
     kind = rng.randrange(3)
     if kind == 0:  # same year or not, stated positively or with "not ... until"
@@ -293,7 +297,8 @@ def _boolq_club(rng: random.Random, names: dict, answer: bool) -> tuple[str, str
         asked = rng.choice(won) if answer else lost
         question = f"did the {team} win the {cup_town} cup in {asked}"
     elif kind == 1:
-        question = f"have the {team} won the {cup_town} cup {'more than once' if answer else 'more than twice'}"
+        how_often = "more than once" if answer else "more than twice"  # they won it twice
+        question = f"have the {team} won the {cup_town} cup {how_often}"
     else:
         asked = (
             rival if answer else _other(rng, names["town"], rival, town, cup_town)
@@ -397,7 +402,8 @@ _FACTS: dict[str, tuple[list[str], list[tuple[str, str, str | None]]]] = {
     "deficiency": (
         [
             "Deficiency of which nutrient causes {subject}?",
-            "A patient is diagnosed with {subject}. A deficiency of which of the following is the most likely cause?",
+            "A patient is diagnosed with {subject}. A deficiency of which of the following is "
+            "the most likely cause?",
         ],
         [
             ("scurvy", "Vitamin C", "scurvy"),
@@ -474,7 +480,10 @@ _FACTS: dict[str, tuple[list[str], list[tuple[str, str, str | None]]]] = {
         ],
     ),
     "treatment": (
-        ["Which drug is the standard treatment for {subject}?", "A patient presents with {subject}. Which drug should be given?"],
+        [
+            "Which drug is the standard treatment for {subject}?",
+            "A patient presents with {subject}. Which drug should be given?",
+        ],
         [
             ("type 1 diabetes", "Insulin", None),
             ("hypothyroidism", "Levothyroxine", None),

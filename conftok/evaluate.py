@@ -42,6 +42,7 @@ class Generation:
     answer_ids: list[int]
     stop_token: str | None
     finished: bool = True
+    p_confident: float | None = None  # read from the step's logits where generation stopped
 
 
 def load_rows(source: str | Path, split: str = "validation", limit: int | None = None) -> list[dict[str, Any]]:
@@ -97,8 +98,14 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequence[str], max_new_tokens: int = 16,
-             batch_size: int = 8, desc: str | None = None, progress: bool = True) -> list[Generation]:
-    """Greedy generation for prompt ids, in batches of similar length (less padding)."""
+             batch_size: int = 8, desc: str | None = None, progress: bool = True,
+             score_ids: tuple[int, int] | None = None) -> list[Generation]:
+    """Greedy generation for prompt ids, in batches of similar length (less padding).
+
+    With ``score_ids=(C, U)``, p_confident is read from the logits of the step where each row
+    stopped (a confidence token or end of turn): that step's input is prompt + answer, which is
+    where the token goes. Rows cut by ``max_new_tokens`` have no such step (``p_confident=None``).
+    """
     device = next(model.parameters()).device
     stop = _stop_ids(tokenizer, stop_tokens)
     vocab = tokenizer.get_vocab()
@@ -109,16 +116,21 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         input_ids, mask = _left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, device)
-        generated = model.generate(
+        result = model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        )[:, input_ids.shape[1]:].tolist()
-        for i, seq in zip(idx, generated):
+            output_logits=score_ids is not None, return_dict_in_generate=True,
+        )
+        generated = result.sequences[:, input_ids.shape[1]:].tolist()
+        for row, (i, seq) in enumerate(zip(idx, generated)):
             cut = next((k for k, t in enumerate(seq) if t in stop), len(seq))
             answer_ids = seq[:cut]
             stop_token = id_to_token.get(seq[cut]) if cut < len(seq) else None
-            text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-            out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq))
+            text = tokenizer.decode(answer_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+            p = None
+            if score_ids is not None and cut < len(seq):
+                p = p_confident(result.logits[cut][row], *score_ids).item()  # logits (B, V) of step `cut`
+            out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq), p_confident=p)
         bar.update(len(idx))
     bar.close()
     return out  # type: ignore[return-value]
@@ -157,12 +169,17 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
                      progress, dataset_name) -> list[dict[str, Any]]:
     questions = [domain.build_question(r) for r in rows]
     prompts = [encode_prompt(tokenizer, q) for q in questions]
-    gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress)
     c_id, u_id = (tokenizer.convert_tokens_to_ids(t) for t in domain.tokens)
-    # An answer with no ids (the model stopped at once) is scored right after the prompt.
-    contexts = [p + g.answer_ids for p, g in zip(prompts, gens)]
-    probs = score_confidence(model, tokenizer, contexts, c_id, u_id, batch_size=batch_size)
+    gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress,
+                    score_ids=(c_id, u_id))
+    # Answers cut by max_new_tokens get one extra forward pass over prompt + answer.
+    unscored = [k for k, g in enumerate(gens) if g.p_confident is None]
+    extra = score_confidence(model, tokenizer, [prompts[k] + gens[k].answer_ids for k in unscored], c_id, u_id,
+                             batch_size=batch_size) if unscored else []
+    probs = [g.p_confident for g in gens]
+    for k, p in zip(unscored, extra):
+        probs[k] = p
     records = []
     for row, gen, prob in zip(rows, gens, probs):
         answer = domain.parse_answer(gen.text, row)

@@ -98,18 +98,20 @@ def _convert(gguf_file: Path, out_dir: Path) -> None:
         model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _align_special_tokens(tokenizer, model.config)
+    _fix_tokenizer(tokenizer, model.config)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 
-def _align_special_tokens(tokenizer, config) -> None:
+def _fix_tokenizer(tokenizer, config) -> None:
     """Set the tokenizer's bos/eos/pad/unk to the ids the GGUF metadata (now the config) names.
 
     Measured with transformers 5.17: the GGUF tokenizer comes back with eos = ``<|im_start|>``
     (id 1) and no pad token, although the file says eos = pad = 2 (``<|im_end|>``); generation
-    would then never stop at the end of the turn.
+    would then never stop at the end of the turn. It also sets clean_up_tokenization_spaces,
+    which is wrong for a BPE tokenizer (transformers warns on every load and ignores it).
     """
+    tokenizer.clean_up_tokenization_spaces = False
     for name in ("bos", "eos", "pad", "unk"):
         token_id = getattr(config, f"{name}_token_id", None)
         if not isinstance(token_id, int):

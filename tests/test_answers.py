@@ -68,6 +68,7 @@ class TestAnswerExtraction:
             ("The correct option is (B).", "B"),
             ("I choose (b)", "B"),
             ("B is correct", "B"),
+            ("Option C is right", "C"),
             ("so the drug given was (C).", "C"),
             ("A 45-year-old man. The answer is C", "C"),
         ],
@@ -114,6 +115,20 @@ class TestAnswerExtraction:
     def test_article_a_is_not_a_letter(self, text):
         assert parse_option_letter(text, OPTIONS) is None
         assert parse_option_letter(text) is None
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("A. Gentamicin\nB.", None),  # a restated option list is no choice
+            ("A. Medication\nB. Gentamicin\nC. Ceftriaxone", None),
+            ("(A) Medication\n(B) Gentamicin", None),
+            ("A. Medication\nB. Gentamicin\n\nThe correct answer is B", "B"),
+            ("C.\n\nThe answer is C because", "C"),
+            ("A. Medication\n\nThe correct answer is", "A"),  # one line: a choice
+        ],
+    )
+    def test_restated_option_list(self, text, expected):
+        assert parse_option_letter(text, OPTIONS) == expected
 
     def test_letters_must_be_option_keys(self):
         options = {"A": "x", "B": "y", "C": "z", "D": "w"}

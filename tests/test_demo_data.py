@@ -11,6 +11,15 @@ import pytest
 from conftok.demo_data import DEMO_FILES, make_boolq_rows, make_medqa_rows, write_demo_data
 
 N = 200
+BEHAVIOURS = "|".join(
+    ["migrate in winter", "hibernate", "lay eggs", "live in groups", "hunt at night",
+     "build nests", "change colour with the seasons", "dig burrows"]
+)
+
+
+def _born_died(passage: str) -> tuple[int, int]:
+    born = int(re.search(r"in (\d{4})\.", passage).group(1))
+    return born, int(re.search(r"death in (\d{4})", passage).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +127,9 @@ class TestDemoData:
                 sold = int(re.search(r"sold (\d+)", p).group(1))
                 assert (kept - sold > int(m.group(1))) == row["answer"], row
             elif m := re.match(r"was (.+) older than (\d+) at death$", q):
-                born, died = int(re.search(r"in (\d{4})\.", p).group(1)), int(re.search(r"death in (\d{4})", p).group(1))
+                born, died = _born_died(p)
                 assert (died - born > int(m.group(2))) == row["answer"], row
-            elif m := re.match(r"does the .+? (never )?(migrate in winter|hibernate|lay eggs|live in groups|hunt at night|build nests|change colour with the seasons|dig burrows)$", q):
+            elif m := re.match(rf"does the .+? (never )?({BEHAVIOURS})$", q):
                 verb, rest = (m.group(2) + " ").split(" ", 1)
                 assert m.group(2) in p or f"{verb}s {rest}".strip() in p, row  # it is stated
                 does = f"does not {m.group(2)}" not in p
@@ -129,7 +138,7 @@ class TestDemoData:
                 first, second = (int(re.search(rf"(\d+) {k}", p).group(1)) for k in m.groups())
                 assert (first > second) == row["answer"], row
             elif m := re.match(r"did .+ live in \w+ for more than (\d+) years$", q):
-                born, died = int(re.search(r"in (\d{4})\.", p).group(1)), int(re.search(r"death in (\d{4})", p).group(1))
+                born, died = _born_died(p)
                 moved_at = int(re.search(r"age of (\d+)", p).group(1))
                 assert (died - born - moved_at > int(m.group(1))) == row["answer"], row
             else:
@@ -144,7 +153,8 @@ class TestDemoData:
             assert path.name == DEMO_FILES[name]
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             assert len(rows) == (12 if name.endswith("train") else 5)
-        assert [json.loads(x) for x in paths["medqa_val"].read_text().splitlines()] == make_medqa_rows(5, 0, split="val")
+        written = [json.loads(x) for x in paths["medqa_val"].read_text().splitlines()]
+        assert written == make_medqa_rows(5, 0, split="val")
         assert not list((tmp_path / "demo").glob(".*tmp"))  # no temp files left behind
         # Rewriting replaces the files, it does not append.
         write_demo_data(tmp_path / "demo", n_train=3, n_val=2)

@@ -1,0 +1,146 @@
+"""Shared pieces of the Ray entry points: CLI flags from TrainConfig, Ray start-up, resource checks."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import typing
+from typing import Any
+
+from conftok.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:
+    """One ``--flag`` per TrainConfig field, named as in the original script (``--lora_r``)."""
+    defaults = defaults or TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training (conftok.TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        hint = hints[f.name]
+        if hint is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "target_modules":
+            group.add_argument(f"--{f.name}", nargs="+", default=list(default), help=help_text)
+        elif f.name == "val_sources":
+            group.add_argument(f"--{f.name}", nargs="+", metavar="DATASET=SOURCE", default=None, help=help_text,
+                               type=_key_value)
+        else:
+            group.add_argument(f"--{f.name}", type=_scalar_type(hint), default=default, help=help_text)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"expected DATASET=SOURCE (e.g. boolq=val/boolq.jsonl), got {text!r}")
+    return key, value
+
+
+def _scalar_type(hint):
+    """int/float/str; for ``X | None`` fields the words 'none'/'null' give None."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint)
+    base = base if base in (int, float) else str
+    return _optional(base) if optional else base
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["val_sources"] is not None:
+        values["val_sources"] = dict(values["val_sources"])
+    return TrainConfig(**values)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
+    """Connect to a cluster (``address``, ``$RAY_ADDRESS``, or a local one) and return its resources."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        # Train V2 patches print() in workers and also tees it to stdout, so every line of the
+        # validation block would reach the driver twice; plain stdout is enough here.
+        env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+        kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING,
+                                  "runtime_env": {"env_vars": env_vars}}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # The dashboard also serves the State API that Ray Train's placement-group cleaner
+            # needs: without it a finished trial's CPUs are not freed and the next trial waits.
+            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    return ray.cluster_resources()
+
+
+class ResourceError(RuntimeError):
+    """The job asks for more than the cluster has or can add."""
+
+
+def check_resources(gpus_needed: float, cpus_needed: float, resources: dict[str, float],
+                    autoscaling_gpus: float = 0.0) -> None:
+    """Fail at once when the cluster cannot ever give what a worker needs; Ray would otherwise
+    wait forever ("No available node types can fulfill resource request")."""
+    have_gpus = resources.get("GPU", 0.0) + autoscaling_gpus
+    have_cpus = resources.get("CPU", 0.0)
+    problems = []
+    if gpus_needed > have_gpus:
+        problems.append(f"{gpus_needed:g} GPU(s) per worker requested, but the cluster has {have_gpus:g} "
+                        f"({resources.get('GPU', 0.0):g} now, {autoscaling_gpus:g} more from autoscaling); "
+                        "use --num_gpus 0 to train on CPUs")
+    if cpus_needed > have_cpus and not autoscaling_gpus:
+        problems.append(f"{cpus_needed:g} CPU(s) per worker requested, but the cluster has {have_cpus:g}; "
+                        "lower --cpus_per_worker")
+    if problems:
+        raise ResourceError("cannot schedule the training worker: " + "; ".join(problems))
+
+
+def autoscaling_gpus() -> tuple[float, float]:
+    """(GPUs of the largest GPU node type, GPUs the cluster may grow to) from the autoscaler's
+    config; (0, 0) without an autoscaler.
+
+    ``ray up`` clusters start with ``min_workers: 0``, so ``ray.cluster_resources()`` shows no GPU
+    until a GPU worker joins; the autoscaler's node types say what can come."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        if config is None:
+            return 0.0, 0.0
+        per_node = max((float(g.resources.get("GPU", 0)) for g in config.node_group_configs if g.max_count != 0),
+                       default=0.0)
+        total = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+        return per_node, total
+    except Exception:  # no autoscaler state in this GCS: only what is there counts
+        return 0.0, 0.0
+
+
+def default_cpus_per_worker(resources: dict[str, float], gpus: float) -> float:
+    """All but a sliver of the CPUs on a CPU-only cluster (torch runs one thread per CPU Ray
+    gives a worker); 8 per GPU worker otherwise."""
+    cpus = resources.get("CPU", 1.0)
+    if gpus:
+        return min(8.0, cpus)
+    return max(1.0, cpus - 0.05)
+
+
+def torch_threads(cpus: float) -> int:
+    return max(1, math.floor(cpus + 0.5))
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Only finite-or-NaN numbers: what Ray Tune and TensorBoard take."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

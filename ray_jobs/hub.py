@@ -1,0 +1,52 @@
+"""Push a trained adapter and its tokenizer to the Hugging Face Hub with a model card.
+
+The token comes from ``$HF_TOKEN`` or ``huggingface-cli login`` (``huggingface_hub`` finds it);
+it is never a flag and never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from conftok import metrics as M
+
+CARD_METRICS = (M.VAL_ACCURACY, M.VAL_CALIBRATION_ERROR, M.VAL_BRIER, M.VAL_AUROC, M.VAL_ANSWER_ACCURACY,
+                M.VAL_TOKEN_RATE)
+
+
+def model_card(adapter_dir: Path, repo: str, metrics: dict[str, Any]) -> str:
+    meta = json.loads((adapter_dir / "conftok.json").read_text())
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+    tokens = ", ".join(f"`{t}`" for t in meta["token_ids"])
+    rows = [f"| {k} | {metrics[k]:.4f} |" for k in sorted(metrics)
+            if k.startswith("val/") and isinstance(metrics[k], (int, float)) and not math.isnan(metrics[k])
+            and (k in CARD_METRICS or k.count("/") == 2)]
+    return "\n".join([
+        "---", "library_name: peft", f"base_model: {base}", "tags: [conftok, lora, confidence, calibration]", "---",
+        f"# {repo}", "",
+        f"A LoRA adapter for `{base}` that appends a confidence token after each answer ({tokens}): "
+        "C when the model's answer is likely right, U otherwise. p_confident = p(C) / (p(C) + p(U)) "
+        "at the token's position. Trained with [conftok](https://pypi.org/project/conftok/) "
+        "(loss on the confidence token only).", "",
+        "## Validation metrics", "", "| metric | value |", "| --- | --- |", *rows, "",
+        "Accuracy is token accuracy (emitted token = C if the answer was right, else U); calibration error "
+        "is Hendrycks' binned RMS error of p_confident against answer correctness; overall figures are means "
+        "over domains.", "",
+        "## Use", "", "```python", "from conftok.modeling import load_adapter",
+        f'model, tokenizer, domains = load_adapter("{repo}")', "```", "",
+    ])
+
+
+def push_adapter(adapter_dir: str | Path, repo: str, *, metrics: dict[str, Any], private: bool = True) -> str:
+    """Create ``repo`` if needed and upload the adapter directory with a model card; returns its URL."""
+    from huggingface_hub import HfApi
+
+    adapter_dir = Path(adapter_dir)
+    (adapter_dir / "README.md").write_text(model_card(adapter_dir, repo, metrics))
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True, private=private)
+    api.upload_folder(repo_id=repo, folder_path=str(adapter_dir), commit_message="conftok adapter")
+    return f"https://huggingface.co/{repo}"

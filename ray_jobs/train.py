@@ -1,0 +1,140 @@
+"""Train the confidence token in a Ray Train TorchTrainer (one worker, one GPU or the CPUs).
+
+    python -m ray_jobs.train --model_name Qwen/Qwen2.5-7B-Instruct \\
+        --train_data tagged/qwen/qwen_all_tagged.jsonl --output_dir ./checkpoints/qwen_confidence
+
+    ray job submit --working-dir . -- python -m ray_jobs.train --model_name ... --train_data ...
+
+Every validation is reported with its checkpoint (``ray.train.report``); a worker that dies is
+restarted (``--max_failures``) and resumes from the last reported checkpoint. The seed's output
+tree (checkpoint-N/, best_accuracy/, best_calibration/, final/, logs/) is written under
+``--output_dir``; Ray keeps its copies of the checkpoints under ``--storage_path/NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from conftok.config import TrainConfig
+
+# Fault injection for recovery tests: set both in the driver's environment and the worker exits
+# hard right after reporting the checkpoint of that step, once per marker file.
+FAULT_ENV = "CONFTOK_FAULT_AFTER_STEP"
+FAULT_MARKER_ENV = "CONFTOK_FAULT_MARKER"
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train worker: rebuild the config, resume from Ray's checkpoint if any, run the core loop."""
+    import ray.train
+    import torch
+
+    from conftok.train import train
+    from ray_jobs.common import scalar_metrics
+
+    cfg = TrainConfig.from_dict(config["train"])
+    if config.get("torch_threads"):
+        torch.set_num_threads(config["torch_threads"])
+    fault_step = int(config.get("fault", {}).get("after_step", 0))
+    fault_marker = Path(config.get("fault", {}).get("marker", "/nonexistent"))
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        ray.train.report(scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_dir_name=checkpoint_dir.name)
+        if fault_step and metrics["step"] >= fault_step and not fault_marker.exists():
+            fault_marker.write_text(str(metrics["step"]))
+            os._exit(1)  # a dying worker, not a Python exception
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext() as resume_from:
+        if resume_from:
+            print(f"Resuming from Ray checkpoint {resume_from}", flush=True)
+        train(cfg, on_validation=report, resume_from=resume_from)
+
+
+def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: float, cpus_per_worker: float,
+                  max_failures: int = 3, callbacks: list | None = None):
+    """A one-worker TorchTrainer for ``cfg``: the V2 pattern, usable alone or inside a Tune trial."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ray_jobs.common import torch_threads
+
+    loop_config = {"train": cfg.to_dict(), "torch_threads": torch_threads(cpus_per_worker)}
+    if os.environ.get(FAULT_ENV):
+        loop_config["fault"] = {"after_step": int(os.environ[FAULT_ENV]), "marker": os.environ[FAULT_MARKER_ENV]}
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, use_gpu=num_gpus > 0,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": num_gpus} if num_gpus else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ray_jobs.common import (ResourceError, autoscaling_gpus, check_resources, config_from_args,
+                                 default_cpus_per_worker, init_ray)
+
+    cfg = config_from_args(args)
+    resources = init_ray(args.address)
+    per_node_gpus, _ = autoscaling_gpus()
+    num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if resources.get("GPU") or per_node_gpus else 0.0)
+    cpus = args.cpus_per_worker or default_cpus_per_worker(resources, num_gpus)
+    try:
+        check_resources(num_gpus, cpus, resources, autoscaling_gpus=per_node_gpus)
+    except ResourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output_dir = Path(cfg.output_dir).resolve()
+    cfg = TrainConfig(**{**cfg.to_dict(), "output_dir": str(output_dir)})
+    name = args.name or output_dir.name
+    storage = args.storage_path or str(output_dir.parent / "ray_results")
+    print(f"Ray Train: 1 worker, {num_gpus:g} GPU, {cpus:g} CPU; run {name!r} in {storage}", flush=True)
+    trainer = build_trainer(cfg, name=name, storage_path=storage, num_gpus=num_gpus, cpus_per_worker=cpus,
+                            max_failures=args.max_failures)
+    result = trainer.fit()
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"Final metrics: {result.metrics}\nAdapter: {output_dir / 'final'}")
+    if cfg.hf_repo:
+        from ray_jobs.hub import push_adapter
+
+        url = push_adapter(output_dir / "final", cfg.hf_repo, metrics=result.metrics)
+        print(f"Pushed to {url}")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ray_jobs.common import add_config_flags
+
+    add_config_flags(parser)
+    ray_group = parser.add_argument_group("Ray")
+    ray_group.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    ray_group.add_argument("--num_gpus", type=float, default=None,
+                           help="GPUs for the worker (default: 1 when the cluster has or can add GPUs, else 0)")
+    ray_group.add_argument("--cpus_per_worker", type=float, default=None,
+                           help="CPUs for the worker (default: all but a sliver on a CPU cluster, 8 with a GPU)")
+    ray_group.add_argument("--max_failures", type=int, default=3, help="worker restarts, each from the last checkpoint")
+    ray_group.add_argument("--name", default=None, help="Ray run name (default: the output_dir's name)")
+    ray_group.add_argument("--storage_path", default=None,
+                           help="Ray storage for checkpoints, local or s3:// (default: OUTPUT_DIR/../ray_results)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Search LoRA rank, alpha and learning rate with Ray Tune + Optuna; each trial a TorchTrainer.
+
+    python -m ray_jobs.tune                                   # the embedded demo (search_spaces/demo.yaml)
+    python -m ray_jobs.tune --space search_spaces/qwen7b.yaml --storage_path s3://bucket/experiments
+    python -m ray_jobs.tune --space search_spaces/demo.yaml --resume     # continue an interrupted search
+
+    ray job submit --working-dir . -- python -m ray_jobs.tune --space search_spaces/demo.yaml \\
+        --storage_path /tmp/conftok-experiments
+
+Each trial is a Tune function that builds and fits a one-worker TorchTrainer named by the trial
+id (Train V2; ``TuneReportCallback`` forwards every validation). Optuna's TPE sampler keeps its
+study in ``EXPERIMENT/study.db`` (SQLite; ``optuna-dashboard sqlite:///EXPERIMENT/study.db``).
+Objective ``score`` = accuracy - lambda * calibration error, with ASHA stopping weak trials;
+``pareto`` searches (accuracy max, calibration error min) without ASHA. At the end: a table of
+trials, the best trial (or the Pareto front), the best adapter's path, and results.csv/.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from conftok import metrics as M
+from conftok.config import TrainConfig
+from ray_jobs.space import EMBEDDED_MODEL, SearchSpace, load_space
+
+DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+TABLE_PARAMS = ("lora_r", "lora_alpha", "learning_rate")
+
+
+def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: a TorchTrainer named by the trial id, fitted to the end."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ray_jobs.train import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    space: SearchSpace = setup["space"]
+    values = {**space.sample_to_config(config), **setup["fixed"],
+              "output_dir": str(Path(setup["trials_dir"]) / trial_id), "progress": False}
+    trainer = build_trainer(
+        TrainConfig(**values), name=trial_id, storage_path=setup["train_storage"], num_gpus=setup["gpus_per_trial"],
+        cpus_per_worker=setup["cpus_per_trial"], max_failures=setup["max_failures"], callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, storage_path: str, concurrency: int,
+                gpus_per_trial: float, cpus_per_trial: float):
+    """The Tuner: Optuna TPE (study in ``local_dir/study.db``), ASHA on the score unless Pareto,
+    trials as ``trial_fn`` with 0.01 CPU each (the TorchTrainer inside takes the real resources)."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    local_dir.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'study.db'}")
+    sampler = optuna.samplers.TPESampler(seed=space.seed)
+    if space.objective == "pareto":
+        searcher = OptunaSearch(metric=[M.VAL_ACCURACY, M.VAL_CALIBRATION_ERROR], mode=["max", "min"],
+                                sampler=sampler, storage=storage, study_name=space.name)
+        tune_config = tune.TuneConfig(search_alg=searcher, num_samples=space.num_trials,
+                                      max_concurrent_trials=concurrency)
+    else:
+        searcher = OptunaSearch(metric=M.VAL_SCORE, mode="max", sampler=sampler, storage=storage,
+                                study_name=space.name)
+        scheduler = None
+        if space.scheduler.get("type", "asha") == "asha":
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.scheduler.get("max_t", 100),
+                                      grace_period=space.scheduler.get("grace_period", 1),
+                                      reduction_factor=space.scheduler.get("reduction_factor", 2))
+        tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=M.VAL_SCORE, mode="max",
+                                      num_samples=space.num_trials, max_concurrent_trials=concurrency)
+    setup = {"space": space, "fixed": fixed, "trials_dir": str(local_dir / "trials"),
+             "train_storage": f"{storage_path.rstrip('/')}/{local_dir.name}/train",
+             "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_failures": space.max_failures}
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, setup=setup), {"CPU": 0.01})
+    param_space = space.param_space()
+    run_config = tune.RunConfig(name=local_dir.name, storage_path=storage_path,
+                                failure_config=tune.FailureConfig(max_failures=0))
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), trainable
+
+
+def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for result in result_grid:
+        train = space.sample_to_config(result.config or {})
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or (Path(result.path).name if result.path else "?")
+        row = {"trial": trial_id, **{p: train.get(p) for p in TABLE_PARAMS}}
+        row.update({
+            "accuracy": m.get(M.VAL_ACCURACY), "calibration_error": m.get(M.VAL_CALIBRATION_ERROR),
+            "score": m.get(M.VAL_SCORE), "validations": m.get("training_iteration"), "step": m.get(M.STEP),
+            "status": "ERROR" if result.error else ("TERMINATED" if _finished(m, trials_dir, trial_id) else "STOPPED"),
+            "checkpoint": m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None),
+            "time_s": m.get("time_total_s"),
+        })
+        for key, value in m.items():
+            if key.startswith("val/") and key.count("/") == 2:
+                row[key] = value
+        rows.append(row)
+    return rows
+
+
+def _finished(metrics: dict[str, Any], trials_dir: Path, trial_id: str) -> bool:
+    """A trial that trained to the end wrote final/ (ASHA-stopped ones did not)."""
+    return (trials_dir / trial_id / "final" / "adapter_model.safetensors").is_file()
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials no other trial beats on both accuracy (max) and calibration error (min)."""
+    ok = [r for r in rows if _finite(r["accuracy"]) and _finite(r["calibration_error"])]
+    return [r for r in ok if not any(
+        o["accuracy"] >= r["accuracy"] and o["calibration_error"] <= r["calibration_error"]
+        and (o["accuracy"] > r["accuracy"] or o["calibration_error"] < r["calibration_error"]) for o in ok)]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in rows if _finite(r["score"])]
+    return max(ok, key=lambda r: r["score"]) if ok else None
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["trial", *TABLE_PARAMS, "accuracy", "calibration_error", "score", "validations", "status"]
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.4f}"
+        return "-" if v is None else str(v)
+    body = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def write_results(experiment_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = experiment_dir / ".results.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, experiment_dir / "results.csv")
+    tmp = experiment_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps({**summary, "trials": rows}, indent=2, default=str))
+    os.replace(tmp, experiment_dir / "results.json")
+
+
+def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:
+    """Fields every trial shares that the driver decides: the embedded model and demo data."""
+    fixed: dict[str, Any] = {}
+    if space.demo is not None or space.train.get("model_name") == EMBEDDED_MODEL:
+        from conftok.demo import prepare_demo, print_tagging_summary
+
+        demo = prepare_demo(experiment_dir / "demo", **(space.demo or {}))
+        print(f"Demo data tagged by SmolLM2-135M-Instruct ({demo.summary['tagged']} rows) -> {demo.tagged}")
+        print_tagging_summary(demo.summary)
+        fixed = {"model_name": str(demo.model_dir), "train_data": str(demo.tagged), "val_sources": demo.val_sources}
+    for key in ("train_data",):  # relative paths are taken from where the job was started
+        value = fixed.get(key, space.train.get(key))
+        if value and not os.path.isabs(value) and Path(value).exists():
+            fixed[key] = str(Path(value).resolve())
+    return fixed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, default_cpus_per_worker, init_ray
+
+    space = load_space(args.space)
+    if args.num_trials:
+        space.num_trials = args.num_trials
+    name = args.name or space.name
+    remote = "://" in args.storage_path
+    # Ray keeps experiment state and checkpoints in storage (local or s3://); the Optuna study,
+    # per-trial output trees and results files need a local directory.
+    local_dir = (Path(args.local_dir) if remote else Path(args.storage_path).expanduser()).resolve() / name
+    experiment_path = f"{args.storage_path.rstrip('/')}/{name}" if remote else str(local_dir)
+    started = time.perf_counter()
+    resources = init_ray(args.address)
+    per_node_gpus, max_gpus = autoscaling_gpus()
+    has_gpus = bool(resources.get("GPU") or per_node_gpus)
+    gpus = space.gpus_per_trial
+    if gpus == "auto":
+        gpus = 1.0 if has_gpus else 0.0
+    if args.cpu or (gpus and not has_gpus and args.allow_cpu):
+        gpus = 0.0
+    cpus = space.cpus_per_trial if (space.cpus_per_trial and gpus) else default_cpus_per_worker(resources, gpus)
+    try:
+        check_resources(gpus, cpus + 0.01, resources, autoscaling_gpus=per_node_gpus)
+    except ResourceError as e:
+        print(f"error: {e} (search space {space.path}: resources.gpus_per_trial={space.gpus_per_trial})",
+              file=sys.stderr)
+        return 2
+    total_gpus = max(resources.get("GPU", 0.0), max_gpus)
+    concurrency = max(1, int(total_gpus // gpus)) if gpus else max(1, int(resources.get("CPU", 1) // (cpus + 0.01)))
+    print(f"Search {space.name!r}: {space.num_trials} trials, objective {space.objective}"
+          f"{f' (lambda={space.score_lambda:g})' if space.objective == 'score' else ''}, up to {concurrency} at once, "
+          f"{gpus:g} GPU + {cpus:g} CPU per trial\nExperiment: {experiment_path}", flush=True)
+
+    from ray import tune
+
+    fixed = prepare_fixed(space, local_dir)
+    tuner, trainable = build_tuner(space, fixed=fixed, local_dir=local_dir, storage_path=args.storage_path if remote
+                                   else str(local_dir.parent), concurrency=concurrency, gpus_per_trial=gpus,
+                                   cpus_per_trial=cpus)
+    if args.resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            print(f"error: nothing to resume in {experiment_path}", file=sys.stderr)
+            return 2
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    result_grid = tuner.fit()
+
+    rows = collect_results(result_grid, space, local_dir / "trials")
+    summary: dict[str, Any] = {"space": str(space.path), "objective": space.objective, "lambda": space.score_lambda,
+                               "experiment": experiment_path, "local_dir": str(local_dir),
+                               "wall_s": round(time.perf_counter() - started, 1)}
+    print("\n" + format_table(rows))
+    if space.objective == "pareto":
+        front = pareto_front(rows)
+        summary["pareto_front"] = [r["trial"] for r in front]
+        print("\nPareto front (accuracy max, calibration error min):")
+        for r in front:
+            print(f"  {r['trial']}: accuracy {r['accuracy']:.4f}, CE {r['calibration_error']:.4f} -> {r['checkpoint']}")
+    best = best_trial(rows)
+    if best:
+        summary["best_trial"] = best["trial"]
+        summary["best_adapter"] = str(local_dir / "trials" / best["trial"] / "final")
+        summary["best_checkpoint"] = best["checkpoint"]
+        print(f"\nBest trial {best['trial']}: score {best['score']:.4f} (accuracy {best['accuracy']:.4f}, "
+              f"CE {best['calibration_error']:.4f}); lora_r={best['lora_r']}, lora_alpha={best['lora_alpha']}, "
+              f"learning_rate={best['learning_rate']:.3g}")
+        print(f"Best adapter: {summary['best_adapter']}")
+    write_results(local_dir, rows, summary)
+    print(f"Results: {local_dir / 'results.csv'}, {local_dir / 'results.json'} "
+          f"({summary['wall_s']:.0f} s)")
+    return 0 if best or any(r["status"] != "ERROR" for r in rows) else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", default=str(DEFAULT_SPACE), help="search-space YAML (default: the embedded demo)")
+    parser.add_argument("--storage_path", default=os.environ.get("CONFTOK_EXPERIMENTS", "experiments"),
+                        help="where experiments live (local dir or s3://; default: ./experiments or $CONFTOK_EXPERIMENTS)")
+    parser.add_argument("--name", default=None, help="experiment name (default: the space's name)")
+    parser.add_argument("--local_dir", default="experiments",
+                        help="with remote storage: local folder for the study, trial outputs and results")
+    parser.add_argument("--resume", action="store_true", help="restore an interrupted experiment (Tuner.restore)")
+    parser.add_argument("--num_trials", type=int, default=None, help="override the space's num_trials")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--cpu", action="store_true", help="run trials on CPUs even where GPUs exist")
+    parser.add_argument("--allow_cpu", action="store_true",
+                        help="fall back to CPUs when the space asks for GPUs the cluster lacks (else: fail at once)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Ray Train and Tune on a local Ray with an in-process tiny model: reporting, worker recovery from
+the last checkpoint, a Tune search with its results, an interrupted search resumed, and the
+fail-fast GPU check."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
+
+pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parent.parent
+VAL_BOOLQ = [{"id": f"b{i}", "question": f"is code {w} red", "passage": "The barn is red.", "answer": i % 3 != 0}
+             for i, w in enumerate(["alpha", "beta"] * 3)]
+VAL_MEDQA = [{"id": f"m{i}", "question": f"code {w}: which drug", "answer": "ABCD"[i % 4],
+              "options": {"A": "aspirin", "B": "insulin", "C": "heparin", "D": "penicillin"}}
+             for i, w in enumerate(["alpha", "beta"] * 3)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray_assets")
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return {
+        "model": str(root / "base"),
+        "train": write_jsonl(root / "train.jsonl", feature_rows(64, seed=1)),
+        "val": {"boolq": write_jsonl(root / "boolq.jsonl", VAL_BOOLQ), "medqa": write_jsonl(root / "medqa.jsonl", VAL_MEDQA)},
+    }
+
+
+def train_values(assets, **over):
+    return {"model_name": assets["model"], "train_data": assets["train"], "val_sources": assets["val"], "backend": "hf",
+            "num_epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "eval_steps": 2, "bf16": False,
+            "gradient_checkpointing": False, "calib_beta": 4, "eval_batch_size": 8, "max_new_tokens": 4,
+            "logging_steps": 1, "progress": False, "lora_r": 4, "lora_alpha": 8, **over}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="/tmp/ctr")  # Ray's socket paths must stay short
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp,
+             configure_logging=False, log_to_driver=False)
+    yield ray.cluster_resources()
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+class TestRayTrain:
+    def test_worker_death_resumes_from_last_checkpoint(self, assets, local_ray, tmp_path, monkeypatch):
+        from conftok import TrainConfig
+        from ray_jobs.train import FAULT_ENV, FAULT_MARKER_ENV, build_trainer
+
+        marker = tmp_path / "died"
+        monkeypatch.setenv(FAULT_ENV, "4")
+        monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
+        cfg = TrainConfig(**train_values(assets, output_dir=str(tmp_path / "run")))
+        trainer = build_trainer(cfg, name="fault", storage_path=str(tmp_path / "ray"), num_gpus=0,
+                                cpus_per_worker=1.0, max_failures=1)
+        result = trainer.fit()
+        assert result.error is None
+        assert marker.read_text() == "4"  # the worker did die after reporting step 4
+        steps = [m["step"] for _, m in result.best_checkpoints]
+        assert steps == [2, 4, 6, 8], steps  # resumed after 4: nothing repeated from step 0
+        assert result.metrics["step"] == 8 and 0 <= result.metrics["val/accuracy"] <= 1
+        assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+        assert (Path(result.checkpoint.path) / "trainer_state.pt").is_file()
+
+    def test_more_gpus_than_the_cluster_fails_at_once(self, local_ray):
+        from ray_jobs.common import ResourceError, check_resources
+
+        start = time.perf_counter()
+        with pytest.raises(ResourceError, match=r"1 GPU\(s\) per worker requested, but the cluster has 0"):
+            check_resources(1.0, 1.0, local_ray)
+        assert time.perf_counter() - start < 1
+        check_resources(1.0, 1.0, local_ray, autoscaling_gpus=8)  # a GPU node type can still come
+
+    def test_cli_flags_match_the_seed(self):
+        from ray_jobs.common import config_from_args
+        from ray_jobs.train import parse_args
+
+        args = parse_args(["--model_name", "m", "--train_data", "t.jsonl", "--output_dir", "o", "--num_epochs", "2",
+                           "--batch_size", "4", "--learning_rate", "1e-4", "--lora_r", "8", "--lora_alpha", "16",
+                           "--lora_dropout", "0.1", "--calib_beta", "50", "--calib_p_norm", "infty",
+                           "--max_seq_length", "1024", "--no-bf16", "--seed", "7", "--eval_steps", "100",
+                           "--hf_repo", "me/x", "--val_sources", "boolq=v.jsonl", "--num_gpus", "0"])
+        cfg = config_from_args(args)
+        assert (cfg.num_epochs, cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.calib_beta) == (2, 4, 8, 16, 50)
+        assert cfg.calib_p_norm == "infty" and cfg.bf16 is False and cfg.seed == 7 and cfg.eval_steps == 100
+        assert cfg.val_sources == {"boolq": "v.jsonl"} and cfg.hf_repo == "me/x" and args.num_gpus == 0
+
+    def test_hub_push_writes_a_model_card_with_metrics(self, tmp_path, monkeypatch, capsys):
+        import huggingface_hub
+
+        from conftok.modeling import build_model, save_adapter
+        from ray_jobs.hub import push_adapter
+
+        tok = make_tokenizer()
+        model, tok = build_model(make_model(len(tok)), tokenizer=tok, backend="hf", bf16=False,
+                                 gradient_checkpointing=False)
+        save_adapter(model, tok, tmp_path / "final")
+        calls = []
+
+        class FakeApi:
+            def create_repo(self, repo, **kw):
+                calls.append(("create", repo, kw))
+
+            def upload_folder(self, **kw):
+                calls.append(("upload", kw["repo_id"], sorted(os.listdir(kw["folder_path"]))))
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+        url = push_adapter(tmp_path / "final", "me/conf", metrics={"val/accuracy": 0.75, "val/calibration_error": 0.12,
+                                                                   "val/read/token_accuracy": 0.8, "step": 10})
+        assert url.endswith("me/conf") and calls[0][:2] == ("create", "me/conf")
+        assert "adapter_model.safetensors" in calls[1][2] and "README.md" in calls[1][2]
+        card = (tmp_path / "final" / "README.md").read_text()
+        assert "| val/accuracy | 0.7500 |" in card and "| val/read/token_accuracy | 0.8000 |" in card
+        assert "<C_READ>" in card
+        assert "hf_secret_value_123" not in card and "hf_secret_value_123" not in capsys.readouterr().out
+
+
+def write_space(path, assets, trials=2, **over):
+    space = {"name": path.stem, "train": {k: v for k, v in train_values(assets, num_epochs=1, **over).items()},
+             "search": {"lora_r": {"choice": [4, 8]}, "lora_alpha": {"multiple_of_rank": [1, 2]},
+                        "learning_rate": {"loguniform": [1e-3, 1e-2]}},
+             "objective": {"type": "score", "lambda": 1.0},
+             "scheduler": {"type": "asha", "grace_period": 1, "max_t": 2},
+             "num_trials": trials, "seed": 0, "resources": {"gpus_per_trial": "auto", "max_failures": 1}}
+    for k in ("lora_r", "lora_alpha", "learning_rate"):
+        space["train"].pop(k)
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+class TestRayTune:
+    def test_search_writes_table_study_and_results(self, assets, local_ray, tmp_path, capsys):
+        import optuna
+
+        from ray_jobs.tune import main
+
+        space = write_space(tmp_path / "tiny.yaml", assets)
+        assert main(["--space", str(space), "--storage_path", str(tmp_path / "exp")]) == 0
+        out = capsys.readouterr().out
+        exp = tmp_path / "exp" / "tiny"
+        results = json.loads((exp / "results.json").read_text())
+        assert len(results["trials"]) == 2 and results["best_trial"] in {t["trial"] for t in results["trials"]}
+        assert "lora_r" in out and "Best trial" in out and "Best adapter:" in out
+        for t in results["trials"]:
+            assert t["score"] == pytest.approx(t["accuracy"] - t["calibration_error"])
+            assert t["lora_alpha"] in (t["lora_r"], 2 * t["lora_r"])
+            assert (exp / "trials" / t["trial"] / "logs").is_dir()  # per-trial TensorBoard
+        assert Path(results["best_adapter"], "adapter_model.safetensors").is_file()
+        assert (exp / "results.csv").read_text().count("\n") == 3
+        study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'study.db'}")
+        assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)

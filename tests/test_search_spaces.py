@@ -1,0 +1,138 @@
+"""Every search space loads; the loader reports every problem of a bad file at once;
+cluster.yaml passes Ray's own validator and fits the spaces; the KubeRay manifest is well formed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_jobs.space import SpaceError, load_space
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+class TestSearchSpaces:
+    def test_the_required_spaces_exist(self):
+        assert {"demo.yaml", "qwen7b.yaml", "mistral7b.yaml"} <= {p.name for p in SPACES}
+
+    @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+    def test_every_space_loads_and_builds_tune_objects(self, path):
+        space = load_space(path)
+        assert {"lora_r", "lora_alpha", "learning_rate"} <= set(space.search)
+        params = space.param_space()
+        assert set(params) == set(space.search)
+        sample = {k: v.sample() for k, v in params.items()}
+        from conftok import TrainConfig
+
+        TrainConfig(**space.sample_to_config(sample))  # every sample is a valid training config
+
+    def test_alpha_as_multiple_of_rank(self):
+        space = load_space(ROOT / "search_spaces" / "qwen7b.yaml")
+        values = space.sample_to_config({"lora_r": 32, "lora_alpha": 2, "learning_rate": 1e-4})
+        assert values["lora_alpha"] == 64 and values["lora_r"] == 32 and values["score_lambda"] == 1.0
+
+    def test_production_spaces_use_hub_validation_and_one_gpu(self):
+        for name in ("qwen7b", "mistral7b"):
+            space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+            assert space.gpus_per_trial == 1.0
+            assert space.train["val_sources"] == {"boolq": "huyxdang/boolq-split", "medqa": "huyxdang/medqa-split"}
+        assert load_space(ROOT / "search_spaces" / "mistral7b.yaml").objective == "pareto"
+
+    def test_every_problem_reported_at_once(self, tmp_path):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({
+            "name": "bad", "colour": "red",
+            "train": {"model_name": "x", "lora_rank": 8},
+            "search": {"lora_r": {"choice": []}, "learning_rate": {"loguniform": [1e-3, 1e-5]},
+                       "lora_alpha": {"gaussian": [1, 2]}, "batch_size": {"choice": [8.5]}, "momentum": {"choice": [1]}},
+            "num_trials": "many",
+            "objective": {"type": "pareto"},
+        }))
+        with pytest.raises(SpaceError) as e:
+            load_space(bad)
+        msg = str(e.value)
+        for expected in ("colour: unknown key", "train.lora_rank: unknown key", "search.lora_r.choice: must be a non-empty list",
+                         "search.learning_rate.loguniform: empty range", "unknown distribution 'gaussian'",
+                         "batch_size takes integers", "search.momentum: unknown parameter", "num_trials: must be an integer",
+                         "ASHA needs one scalar objective"):
+            assert expected in msg, expected
+        assert str(bad) in msg
+
+    def test_bad_train_values_are_reported(self, tmp_path):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"train": {"batch_size": 0, "calib_p_norm": "3"},
+                                       "search": {"lora_r": {"choice": [8]}}}))
+        with pytest.raises(SpaceError, match="batch_size must be a positive integer") as e:
+            load_space(bad)
+        assert "calib_p_norm" in str(e.value)
+
+    def test_missing_and_invalid_files(self, tmp_path):
+        with pytest.raises(SpaceError, match="file not found"):
+            load_space(tmp_path / "nope.yaml")
+        (tmp_path / "x.yaml").write_text("search: [unclosed")
+        with pytest.raises(SpaceError, match="invalid YAML"):
+            load_space(tmp_path / "x.yaml")
+
+
+class TestClusterConfig:
+    @pytest.fixture(scope="class")
+    def cluster(self):
+        return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+    def test_ray_validator_accepts_it(self, cluster):
+        from ray.autoscaler._private.util import prepare_config, validate_config
+
+        validate_config(prepare_config(cluster))
+
+    def test_ray_validator_rejects_a_typo(self, cluster):
+        import jsonschema
+        from ray.autoscaler._private.util import prepare_config, validate_config
+
+        with pytest.raises(jsonschema.ValidationError):
+            validate_config(prepare_config({**cluster, "max_wrokers": 2}))
+
+    def test_gpu_worker_is_h200_node_with_explicit_resources(self, cluster):
+        nodes = cluster["available_node_types"]
+        gpu = [n for n in nodes.values() if n["resources"].get("GPU")]
+        assert len(gpu) == 1
+        assert gpu[0]["node_config"]["InstanceType"] == "p5en.48xlarge"
+        assert gpu[0]["resources"] == {"CPU": 192, "GPU": 8} and gpu[0]["min_workers"] == 0
+        assert nodes[cluster["head_node_type"]]["resources"]["GPU"] == 0
+        assert cluster["docker"]["image"].startswith("rayproject/ray:2.60") and cluster["docker"]["image"].endswith("-py311-gpu")
+        start = " ".join(cluster["head_start_ray_commands"])
+        assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start
+        assert any("[ray,gpu]" in c for c in cluster["setup_commands"])
+
+    def test_every_comment_is_there(self):
+        lines = [ln for ln in (ROOT / "cluster.yaml").read_text().splitlines()
+                 if ln.strip() and not ln.strip().startswith("#") and not ln.strip().startswith("-")
+                 and ":" in ln and not ln.rstrip().endswith(":") and not ln.startswith("    ")]
+        missing = [ln for ln in lines if "#" not in ln]
+        assert not missing, missing
+
+    @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+    def test_spaces_fit_the_gpu_worker(self, cluster, path):
+        space = load_space(path)
+        gpu = next(n for n in cluster["available_node_types"].values() if n["resources"].get("GPU"))
+        gpus = 1.0 if space.gpus_per_trial == "auto" else space.gpus_per_trial
+        assert gpus <= gpu["resources"]["GPU"]
+        assert (space.cpus_per_trial or 1) + 0.01 <= gpu["resources"]["CPU"] / max(1, gpu["resources"]["GPU"] // max(gpus, 1))
+
+
+class TestKubeRay:
+    def test_rayjob_has_the_fields_kuberay_requires(self):
+        job = yaml.safe_load((ROOT / "kuberay" / "rayjob.yaml").read_text())
+        assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
+        spec = job["spec"]
+        assert spec["entrypoint"].startswith("python -m ray_jobs.tune")
+        cluster = spec["rayClusterSpec"]
+        assert cluster["rayVersion"].startswith("2.60") and cluster["authOptions"]["mode"] == "token"
+        head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert head["image"].startswith("rayproject/ray:2.60")
+        for group in cluster["workerGroupSpecs"]:
+            assert group["groupName"] and "template" in group and "rayStartParams" in group
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) >= 1
+        yaml.safe_load(spec["runtimeEnvYAML"])

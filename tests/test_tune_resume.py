@@ -1,0 +1,52 @@
+"""An interrupted search resumes (its own Ray, in subprocesses, like a user at a terminal)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from test_ray_jobs import ROOT, assets, write_space  # noqa: F401  (module fixture)
+
+pytest.importorskip("ray")
+
+
+class TestTuneResume:
+    def test_interrupted_search_resumes(self, assets, tmp_path):
+        """Kill a 3-trial search after its first trial finishes; --resume keeps it and runs the rest."""
+        space = write_space(tmp_path / "resume.yaml", assets, trials=3, max_steps=2, eval_steps=1)
+        exp = tmp_path / "exp" / "resume"
+        cmd = [sys.executable, "-m", "ray_jobs.tune", "--space", str(space), "--storage_path", str(tmp_path / "exp")]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": tempfile.mkdtemp(prefix="/tmp/ctr")}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        finished_first = None
+        while time.time() < deadline and proc.poll() is None:
+            done = [p for p in (exp / "trials").glob("*/final/adapter_model.safetensors")] if exp.exists() else []
+            if done:
+                finished_first = done[0].parent.parent.name
+                break
+            time.sleep(1)
+        assert finished_first, "first trial never finished"
+        time.sleep(3)  # let Tune record the result in its experiment state
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert not (exp / "results.json").exists()  # it really was interrupted
+        out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        results = json.loads((exp / "results.json").read_text())
+        trials = {t["trial"]: t for t in results["trials"]}
+        assert len(trials) == 3 and finished_first in trials
+        assert all(t["status"] != "ERROR" for t in trials.values())
+        import optuna
+
+        study = optuna.load_study(study_name="resume", storage=f"sqlite:///{exp / 'study.db'}")
+        assert sum(t.state.name == "COMPLETE" for t in study.trials) >= 3
