@@ -92,3 +92,47 @@ def write_tagged(tagged: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
 def tag_to_file(model, tokenizer, rows_by_dataset, out, **kwargs) -> tuple[Path, dict]:
     tagged, summary = tag_rows(model, tokenizer, rows_by_dataset, **kwargs)
     return write_tagged(tagged, summary, out), summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m conftok.tagging --model_name M --data boolq=train.jsonl medqa=train.jsonl --out tagged/m/m_all_tagged.jsonl``"""
+    import argparse
+
+    import torch
+
+    from conftok.evaluate import load_rows
+    from conftok.modeling import load_tokenizer
+
+    parser = argparse.ArgumentParser(description="Tag raw rows with a base model's own answers (<C_X> right, <U_X> wrong).")
+    parser.add_argument("--model_name", required=True, help="Hub id or local directory")
+    parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE",
+                        help="raw rows per data set: local .jsonl/.parquet or a Hub name (split --split)")
+    parser.add_argument("--out", required=True, help="tagged JSONL to write (a .summary.json goes beside it)")
+    parser.add_argument("--split", default="train", help="split for Hub sources")
+    parser.add_argument("--limit", type=int, default=None, help="rows per data set")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    sources = {}
+    for item in args.data:
+        name, sep, source = item.partition("=")
+        if not sep:
+            parser.error(f"--data takes DATASET=SOURCE, got {item!r}")
+        sources[name] = load_rows(source, split=args.split, limit=args.limit)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(args.model_name)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name, dtype=torch.bfloat16 if args.bf16 else torch.float32).to(device).eval()
+    path, summary = tag_to_file(model, tokenizer, sources, args.out, domains=args.domains, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens)
+    for name, d in summary["domains"].items():
+        print(f"{name}: {d['tagged']} tagged, accuracy {100 * d['accuracy']:.1f}% ({d['unparsed']} unparsed)")
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

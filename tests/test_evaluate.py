@@ -184,6 +184,20 @@ class TestValidationLogic:
             load_rows(tmp_path / "missing.jsonl")
 
 
+    def test_load_rows_from_the_hub_goes_through_datasets(self, monkeypatch):
+        import datasets
+
+        calls = []
+
+        def fake_load_dataset(name, split):
+            calls.append((name, split))
+            return datasets.Dataset.from_list(BOOLQ)
+
+        monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+        rows = load_rows("huyxdang/boolq-split", split="validation", limit=2)
+        assert calls == [("huyxdang/boolq-split", "validation")] and [r["id"] for r in rows] == ["b1", "b2"]
+
+
 class TestTagging:
     def test_tags_and_summary(self, tok, tmp_path):
         model = TestValidationLogic()._model_answering(tok, ("Yes", None))
