@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                                  default_cpus_per_worker, init_ray)
 
     cfg = config_from_args(args)
+    if "://" not in cfg.train_data and not Path(cfg.train_data).is_file():
+        print(f"error: --train_data {cfg.train_data}: file not found", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(**{**cfg.to_dict(), "train_data": str(Path(cfg.train_data).resolve())})
     resources = init_ray(args.address)
     per_node_gpus, _ = autoscaling_gpus()
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if resources.get("GPU") or per_node_gpus else 0.0)
