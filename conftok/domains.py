@@ -150,13 +150,13 @@ class Domain:
     def tokens(self) -> tuple[str, str]:
         return (self.confident_token, self.unconfident_token)
 
-    def _canonical(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Rename a raw row's columns to the canonical names through ``fields``."""
+    def _canonical(self, row: Mapping[str, Any], need: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Rename a raw row's columns to the canonical names through ``fields``; check ``need``."""
         out = dict(row)
         for canonical, column in self.fields.items():
             if column in row:
                 out[canonical] = row[column]
-        missing = [f for f in TASKS[self.task].required_fields if out.get(f) in (None, "")]
+        missing = [f for f in need if out.get(f) in (None, "")]
         if missing:
             mapped = {f: self.fields.get(f, f) for f in missing}
             raise ValueError(
@@ -167,14 +167,15 @@ class Domain:
 
     def build_question(self, row: Mapping[str, Any]) -> str:
         """The user-turn text for a raw row (the same text tagging and training use)."""
-        return TASKS[self.task].build_question(self._canonical(row))
+        need = tuple(f for f in TASKS[self.task].required_fields if f != "answer")
+        return TASKS[self.task].build_question(self._canonical(row, need))
 
     def parse_answer(self, text: str, row: Mapping[str, Any]) -> str | None:
         """The normalised answer in free text, or None when it cannot be read."""
-        return TASKS[self.task].parse_answer(text, self._canonical(row))
+        return TASKS[self.task].parse_answer(text, self._canonical(row))  # options help, not needed
 
     def gold_answer(self, row: Mapping[str, Any]) -> str:
-        return TASKS[self.task].gold_answer(self._canonical(row))
+        return TASKS[self.task].gold_answer(self._canonical(row, ("answer",)))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

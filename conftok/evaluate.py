@@ -43,6 +43,7 @@ class Generation:
     stop_token: str | None
     finished: bool = True
     p_confident: float | None = None  # read from the step's logits where generation stopped
+    p_answer: float | None = None  # the model's probability of its answer's first token
 
 
 def load_rows(source: str | Path, split: str = "validation", limit: int | None = None) -> list[dict[str, Any]]:
@@ -127,10 +128,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
             answer_ids = seq[:cut]
             stop_token = id_to_token.get(seq[cut]) if cut < len(seq) else None
             text = tokenizer.decode(answer_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-            p = None
+            p = p_first = None
             if score_ids is not None and cut < len(seq):
                 p = p_confident(result.logits[cut][row], *score_ids).item()  # logits (B, V) of step `cut`
-            out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq), p_confident=p)
+            if score_ids is not None and answer_ids:
+                p_first = torch.softmax(result.logits[0][row].float(), -1)[answer_ids[0]].item()
+            out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq), p_confident=p,
+                                p_answer=p_first)
         bar.update(len(idx))
     bar.close()
     return out  # type: ignore[return-value]
@@ -190,6 +194,7 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
             "domain": domain.name, "dataset": dataset_name, "id": row.get("id"), "response": gen.text,
             "answer": answer, "gold": gold, "correct": bool(correct), "token": gen.stop_token,
             "expected_token": expected, "token_correct": gen.stop_token == expected, "p_confident": float(prob),
+            "p_answer": gen.p_answer,
         })
     return records
 

@@ -18,7 +18,7 @@ from conftok.domains import resolve_domains
 from conftok.evaluate import generate
 from conftok.prompts import encode_prompt
 
-__all__ = ["tag_rows", "write_tagged", "tag_to_file"]
+__all__ = ["tag_rows", "tag_dataset", "collect_tagged", "write_tagged", "tag_to_file"]
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
 
@@ -42,33 +42,52 @@ def tag_rows(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
     first sentence (:func:`complete_answer`, counted as ``trimmed``).
     """
     domains = resolve_domains(domains)
-    tagged, summary = [], {"rows": 0, "tagged": 0, "domains": {}}
-    for dataset_name, rows in rows_by_dataset.items():
-        domain = domains.for_dataset(dataset_name)
-        rows = list(rows)
-        questions = [domain.build_question(r) for r in rows]
-        gens = generate(model, tokenizer, [encode_prompt(tokenizer, q) for q in questions],
-                        stop_tokens=domains.tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        desc=f"Tagging {dataset_name}", progress=progress)
-        correct = unparsed = empty = trimmed = 0
-        for row, question, gen in zip(rows, questions, gens):
-            text = complete_answer(gen.text, gen.finished)
-            trimmed += text != gen.text
-            if not text:
-                empty += 1
-                continue
+    outcomes = {name: tag_dataset(model, tokenizer, name, rows, domains=domains, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, progress=progress)
+                for name, rows in rows_by_dataset.items()}
+    return collect_tagged(outcomes, domains)
+
+
+def tag_dataset(model, tokenizer, dataset_name: str, rows: Sequence[Mapping[str, Any]], *, domains=None,
+                batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True) -> list[dict]:
+    """One outcome per raw row of one data set, in order: ``{"tagged": the output row, or None for an
+    empty response, "empty", "trimmed", "unparsed", "correct": bools}`` (:func:`collect_tagged`
+    turns them into tagged rows and the summary). Any subset of a data set's rows can be tagged
+    alone: the Ray job tags batches on several model replicas."""
+    domains = resolve_domains(domains)
+    domain = domains.for_dataset(dataset_name)
+    rows = list(rows)
+    questions = [domain.build_question(r) for r in rows]
+    gens = generate(model, tokenizer, [encode_prompt(tokenizer, q) for q in questions],
+                    stop_tokens=domains.tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    desc=f"Tagging {dataset_name}", progress=progress)
+    outcomes = []
+    for row, question, gen in zip(rows, questions, gens):
+        text = complete_answer(gen.text, gen.finished)
+        outcome = {"tagged": None, "empty": not text, "trimmed": text != gen.text, "unparsed": False, "correct": False}
+        if text:
             answer = domain.parse_answer(text, row)
             is_correct = answer is not None and answer == domain.gold_answer(row)
-            correct += is_correct
-            unparsed += answer is None
             token = domain.confident_token if is_correct else domain.unconfident_token
-            tagged.append({"question": question, "tagged_response": f"{text} {token}", "dataset": dataset_name})
-        kept = len(rows) - empty
+            outcome.update(tagged={"question": question, "tagged_response": f"{text} {token}", "dataset": dataset_name},
+                           unparsed=answer is None, correct=is_correct)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def collect_tagged(outcomes_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], domains=None) -> tuple[list[dict], dict]:
+    """``(tagged_rows, summary)`` from :func:`tag_dataset`'s outcomes, each data set's in row order."""
+    domains = resolve_domains(domains)
+    tagged, summary = [], {"rows": 0, "tagged": 0, "domains": {}}
+    for dataset_name, outcomes in outcomes_by_dataset.items():
+        tagged += [o["tagged"] for o in outcomes if o["tagged"] is not None]
+        counts = {k: sum(bool(o[k]) for o in outcomes) for k in ("empty", "trimmed", "unparsed", "correct")}
+        kept = len(outcomes) - counts["empty"]
         summary["domains"][dataset_name] = {
-            "domain": domain.name, "rows": len(rows), "tagged": kept, "empty": empty, "trimmed": trimmed, "unparsed": unparsed,
-            "correct": correct, "accuracy": correct / kept if kept else float("nan"),
+            "domain": domains.for_dataset(dataset_name).name, "rows": len(outcomes), "tagged": kept, **counts,
+            "accuracy": counts["correct"] / kept if kept else float("nan"),
         }
-        summary["rows"] += len(rows)
+        summary["rows"] += len(outcomes)
         summary["tagged"] += kept
     return tagged, summary
 

@@ -6,7 +6,8 @@ steps with validation every ``eval_steps`` and at each epoch end. Each validatio
 ``on_validation(metrics, checkpoint_dir)``; Ray's worker reports from there. Output tree::
 
     output_dir/
-      checkpoint-N/            adapter, tokenizer, trainer_state.pt, validation.json
+      checkpoint-N/            adapter, tokenizer, trainer_state.pt, validation.json (metrics,
+                               reliability bins, per-row records: answer, token, p_confident)
       best_accuracy/           best mean token accuracy so far
       best_calibration/        lowest mean calibration error so far
       final/                   adapter after the last step, final_metrics.json
@@ -183,7 +184,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             improved.append(("calibration error", "best_calibration"))
         ckpt = _save_checkpoint(out / f"checkpoint-{step}", model, tokenizer, optimizer, scheduler, state, cfg,
                                 domains, {"metrics": metrics, "domains": result["domains"],
-                                          "reliability": result["reliability"]})
+                                          "reliability": result["reliability"], "records": result["records"]})
         for what, name in improved:
             _copy_dir(ckpt, out / name, skip=(TRAINER_STATE_FILE,))
             print(f"✓ New best {what}! Saving to {out / name}", flush=True)

@@ -1,0 +1,177 @@
+"""Is the confidence token worth having? Evaluate an adapter against two baselines.
+
+    python -m ray_jobs.evaluate --adapter checkpoints/qwen_confidence/best_calibration \\
+        --data boolq=val/boolq.jsonl medqa=val/medqa.jsonl --out evaluation/qwen
+
+Single process, GPU when present. On the same rows, three confidence signals for the answers:
+
+- ``trained_token``: p_confident of the trained adapter, read after its own answer.
+- ``untrained_token``: the base model with freshly added tokens (the adapter disabled): its own
+  answers, and p_confident from the initial token rows (0.5 everywhere with ``end_of_turn``
+  init; a token is rarely emitted).
+- ``answer_probability``: the trained model's probability of its answer's first token, on the
+  same answers as ``trained_token`` (a classic logit baseline).
+
+Per domain: token accuracy, calibration error (beta, p), Brier score, AUROC of the signal for
+answer correctness; risk-coverage curves (abstain below a threshold) and routing curves in the
+manner of Self-REF (route the least confident fraction to an oracle that is always right, against
+random routing). Writes evaluation.json and PNGs; prints a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METHODS = ("trained_token", "untrained_token", "answer_probability")
+
+
+def signal_figures(records: list[dict[str, Any]], key: str, beta: int, p: str, token_accuracy=None) -> dict[str, float]:
+    from conftok.calibration import auroc, brier_score, calibration_error
+    from conftok.routing import area_under_risk_coverage
+
+    conf = np.array([r[key] if r[key] is not None else 0.0 for r in records], dtype=float)
+    correct = np.array([r["correct"] for r in records], dtype=float)
+    both = 0 < correct.sum() < len(correct)
+    return {
+        "n": len(records),
+        "answer_accuracy": float(correct.mean()),
+        # For probability baselines "token accuracy" is whether p >= 0.5 predicts correctness.
+        "token_accuracy": token_accuracy if token_accuracy is not None else float(np.mean((conf >= 0.5) == correct)),
+        "calibration_error": calibration_error(conf, correct, beta=beta, p=p),
+        "brier": brier_score(conf, correct),
+        "auroc": auroc(conf, correct) if both else float("nan"),
+        "aurc": area_under_risk_coverage(conf, correct),
+    }
+
+
+def run_evaluation(model, tokenizer, domains, rows: dict[str, list[dict]], *, beta: int, p: str, batch_size: int,
+                   max_new_tokens: int, progress: bool = True) -> dict[str, Any]:
+    """All three signals per domain; returns {"methods": {method: {domain: figures}}, "records": ...}."""
+    from conftok.evaluate import evaluate
+
+    kwargs = dict(domains=domains, beta=beta, p=p, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                  progress=progress)
+    trained = evaluate(model, tokenizer, rows, **kwargs)
+    with model.disable_adapter():  # LoRA and the trained token rows off: the base model + fresh tokens
+        untrained = evaluate(model, tokenizer, rows, **kwargs)
+    out: dict[str, Any] = {"methods": {m: {} for m in METHODS}, "records": {}}
+    for domain in trained["domains"]:
+        recs = [r for r in trained["records"] if r["domain"] == domain]
+        base = [r for r in untrained["records"] if r["domain"] == domain]
+        out["methods"]["trained_token"][domain] = signal_figures(
+            recs, "p_confident", beta, p, token_accuracy=trained["domains"][domain]["token_accuracy"])
+        out["methods"]["untrained_token"][domain] = signal_figures(
+            base, "p_confident", beta, p, token_accuracy=untrained["domains"][domain]["token_accuracy"])
+        out["methods"]["answer_probability"][domain] = signal_figures(recs, "p_answer", beta, p)
+        out["records"][domain] = {"trained": recs, "untrained": base}
+    return out
+
+
+def plot_curves(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Risk-coverage and routing curves per domain, every method on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from conftok.routing import risk_coverage_curve, routing_curve
+
+    written = []
+    for domain, recs in result["records"].items():
+        signals = {"trained_token": (recs["trained"], "p_confident"), "untrained_token": (recs["untrained"], "p_confident"),
+                   "answer_probability": (recs["trained"], "p_answer")}
+        fig, (ax_rc, ax_rt) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for method, (rows, key) in signals.items():
+            conf = [r[key] if r[key] is not None else 0.0 for r in rows]
+            correct = [r["correct"] for r in rows]
+            rc = risk_coverage_curve(conf, correct)
+            ax_rc.plot(rc["coverage"], rc["risk"], label=method)
+            rt = routing_curve(conf, correct)
+            ax_rt.plot(rt["fraction_routed"], rt["accuracy"], label=method)
+        ax_rt.plot(rt["fraction_routed"], routing_curve(conf, [r["correct"] for r in recs["trained"]])["random_accuracy"],
+                   "k--", label="random routing (trained answers)")
+        ax_rc.set(xlabel="coverage (fraction answered)", ylabel="risk (error rate)", title=f"{domain}: risk-coverage")
+        ax_rt.set(xlabel="fraction routed to the oracle", ylabel="accuracy", title=f"{domain}: routing")
+        for ax in (ax_rc, ax_rt):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"curves_{domain}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def format_table(methods: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'domain':<8} {'method':<20} {'token_acc':>9} {'CE':>7} {'Brier':>7} {'AUROC':>7} {'answer_acc':>10} {'n':>5}"]
+    for domain in next(iter(methods.values())):
+        for method in METHODS:
+            f = methods[method][domain]
+            auroc = "-" if math.isnan(f["auroc"]) else f"{f['auroc']:.3f}"
+            lines.append(f"{domain:<8} {method:<20} {f['token_accuracy']:>9.3f} {f['calibration_error']:>7.4f} "
+                         f"{f['brier']:>7.4f} {auroc:>7} {f['answer_accuracy']:>10.3f} {f['n']:>5}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from conftok.evaluate import load_rows
+    from conftok.modeling import load_adapter
+
+    rows = {}
+    for item in args.data:
+        name, sep, source = item.partition("=")
+        if not sep:
+            print(f"error: --data takes DATASET=SOURCE, got {item!r}", file=sys.stderr)
+            return 2
+        rows[name] = load_rows(source, split=args.split, limit=args.limit)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, domains = load_adapter(args.adapter, base_model=args.base_model, device=device, bf16=args.bf16)
+    if args.bf16 and device == "cpu":
+        model.to(torch.bfloat16)
+    result = run_evaluation(model, tokenizer, domains, rows, beta=args.calib_beta, p=args.calib_p_norm,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    out = Path(args.out or Path(args.adapter).resolve().parent / "evaluation")
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = plot_curves(result, out)
+    summary = {"adapter": str(args.adapter), "data": args.data, "calib_beta": args.calib_beta,
+               "calib_p_norm": args.calib_p_norm, "methods": result["methods"], "records": result["records"]}
+    tmp = out / ".evaluation.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / "evaluation.json")
+    print(format_table(result["methods"]))
+    print(f"\nWrote {out / 'evaluation.json'} and {', '.join(p.name for p in pngs)}")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="adapter directory (or Hub repo) from training")
+    parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE",
+                        help="raw rows per data set: .jsonl/.parquet or a Hub name (split --split)")
+    parser.add_argument("--base_model", default=None, help="base model (default: the adapter's base)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--limit", type=int, default=None, help="rows per data set")
+    parser.add_argument("--calib_beta", type=int, default=100)
+    parser.add_argument("--calib_p_norm", default="2", choices=["1", "2", "infty"])
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default=None, help="output folder (default: ADAPTER/../evaluation)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

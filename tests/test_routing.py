@@ -1,0 +1,96 @@
+"""Risk-coverage and routing curves, the inference helper, and the evaluation command."""
+
+import json
+
+import pytest
+from conftest import make_model, make_tokenizer, write_jsonl
+
+from conftok.routing import area_under_risk_coverage, risk_coverage_curve, routing_curve
+
+CONF = [0.9, 0.8, 0.3, 0.1]
+CORRECT = [1, 1, 0, 1]
+
+
+class TestRoutingCurves:
+    def test_risk_coverage_by_hand(self):
+        rc = risk_coverage_curve(CONF, CORRECT)
+        assert rc["coverage"] == [0.25, 0.5, 0.75, 1.0]
+        assert rc["risk"] == pytest.approx([0.0, 0.0, 1 / 3, 0.25])
+        assert area_under_risk_coverage(CONF, CORRECT) == pytest.approx((1 / 3 + 0.25) / 4)
+
+    def test_routing_by_hand(self):
+        rt = routing_curve(CONF, CORRECT)
+        # routing the 0.1 item (already right) changes nothing; routing the 0.3 item fixes the error
+        assert rt["accuracy"] == pytest.approx([0.75, 0.75, 1.0, 1.0, 1.0])
+        assert rt["random_accuracy"] == pytest.approx([0.75, 0.8125, 0.875, 0.9375, 1.0])
+
+    def test_ties_give_the_random_expectation(self):
+        rt = routing_curve([0.5] * 4, [1, 0, 0, 0])
+        assert rt["accuracy"] == pytest.approx(rt["random_accuracy"])
+        assert risk_coverage_curve([0.5] * 4, [1, 0, 0, 0])["risk"] == pytest.approx([0.75] * 4)
+
+    def test_perfect_signal_beats_random(self):
+        conf, correct = [0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]
+        rt = routing_curve(conf, correct)
+        assert rt["accuracy"][2] == 1.0 > rt["random_accuracy"][2]
+        assert risk_coverage_curve(conf, correct)["risk"][:2] == [0.0, 0.0]
+
+    def test_bad_input(self):
+        with pytest.raises(ValueError, match="routing_curve"):
+            routing_curve([0.5, 1.5], [1, 0])
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from conftok.modeling import build_model, save_adapter
+
+    root = tmp_path_factory.mktemp("adapter")
+    tok = make_tokenizer()
+    base = make_model(len(tok))
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    model, tok = build_model(str(root / "base"), backend="hf", bf16=False, gradient_checkpointing=False)
+    save_adapter(model, tok, root / "final")
+    return root
+
+
+class TestPredict:
+    def test_predict_returns_answer_token_p_and_decision(self, adapter):
+        from conftok import load_adapter, predict
+
+        model, tok, domains = load_adapter(adapter / "final", device="cpu")
+        row = {"question": "which drug", "options": {"A": "aspirin", "B": "insulin", "C": "heparin", "D": "penicillin"}}
+        p = predict(model, tok, row, "medqa", domains=domains, threshold=0.4, max_new_tokens=4)
+        assert 0.0 <= p.p_confident <= 1.0 and p.domain == "med"
+        assert p.decision == ("answer" if p.p_confident >= 0.4 else "route")
+        assert p.token in (None, "<C_MED>", "<U_MED>", "<C_READ>", "<U_READ>")
+        strict = predict(model, tok, "Is the sky blue?", "boolq", domains=domains, threshold=1.0, max_new_tokens=4)
+        assert strict.decision == "route" or strict.p_confident == 1.0
+        with pytest.raises(ValueError, match="threshold"):
+            predict(model, tok, "Q?", "boolq", threshold=2.0)
+
+
+class TestEvaluateCommand:
+    def test_three_signals_json_and_pngs(self, adapter, tmp_path, capsys):
+        from ray_jobs.evaluate import METHODS, main
+
+        boolq = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "question": "is it red", "passage": "It is red.",
+                                                    "answer": i % 2 == 0} for i in range(6)])
+        medqa = write_jsonl(tmp_path / "m.jsonl", [{"id": f"m{i}", "question": "which", "answer": "ABCD"[i % 4],
+                                                    "options": {"A": "a", "B": "b", "C": "c", "D": "d"}} for i in range(6)])
+        code = main(["--adapter", str(adapter / "final"), "--data", f"boolq={boolq}", f"medqa={medqa}",
+                     "--calib_beta", "3", "--max_new_tokens", "4", "--no-bf16", "--out", str(tmp_path / "eval")])
+        assert code == 0
+        result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+        assert set(result["methods"]) == set(METHODS)
+        for method in METHODS:
+            for domain in ("read", "med"):
+                f = result["methods"][method][domain]
+                assert f["n"] == 6 and 0 <= f["calibration_error"] <= 1 and 0 <= f["brier"] <= 1
+        # an untrained token starts at p = 0.5 exactly (C and U rows equal the end-of-turn row)
+        assert all(r["p_confident"] == pytest.approx(0.5) for r in result["records"]["read"]["untrained"])
+        for domain in ("read", "med"):
+            png = tmp_path / "eval" / f"curves_{domain}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        out = capsys.readouterr().out
+        assert "trained_token" in out and "answer_probability" in out and "AUROC" in out
