@@ -246,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     write_results(local_dir, rows, summary)
     print(f"Results: {local_dir / 'results.csv'}, {local_dir / 'results.json'} "
           f"({summary['wall_s']:.0f} s)")
+    try:  # the report is a view of results already written: a failure here must not fail the search
+        from ray_jobs.report import build_report
+
+        print(f"Report: {build_report(local_dir)}")
+    except Exception as e:
+        print(f"warning: no report ({type(e).__name__}: {e}); retry with `python -m ray_jobs.report {local_dir}`",
+              file=sys.stderr)
     return 0 if best or any(r["status"] != "ERROR" for r in rows) else 1
 
 
