@@ -1,0 +1,189 @@
+"""Tag raw rows with a base model's own answers on a pool of model replicas (Ray Data).
+
+    python -m ray_jobs.tag --model_name Qwen/Qwen2.5-7B-Instruct \\
+        --data boolq=data/boolq_train.jsonl medqa=data/medqa_train.jsonl \\
+        --out tagged/qwen/qwen_all_tagged.jsonl
+
+    ray job submit --working-dir . -- python -m ray_jobs.tag --model_name Qwen/Qwen2.5-7B-Instruct \\
+        --data boolq=data/boolq_train.jsonl medqa=data/medqa_train.jsonl --out tagged/qwen/qwen_all_tagged.jsonl
+
+The same tagging as ``python -m conftok.tagging`` (same prompts, parser, output and summary), spread
+over one model replica per GPU (``--num_gpus auto``: every GPU of the cluster) or, on a CPU-only
+cluster, one replica on the CPUs. Rows are read on the driver; each replica loads the model once
+and tags batches of rows; the driver puts the results back in the order of ``--data`` and its rows
+and writes ``--out`` and ``<out>.summary.json``. Results stay in memory until then, as in the
+core. ``--model_name`` must be a Hub id or a directory every node can read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+# Rows per Ray Data batch, in units of --batch_size: the replica sorts a batch's rows by prompt
+# length before generating (less padding); larger batches pad less but share the work among
+# replicas more coarsely.
+BATCHES_PER_TASK = 8
+
+
+class Tagger:
+    """A Ray Data replica: loads the tokenizer and model once, then tags batches of rows.
+
+    A batch holds columns ``dataset`` (name), ``index`` (row number in that data set) and ``row``
+    (the raw row as JSON: raw rows differ in their fields, which Arrow columns would not allow);
+    the output has ``dataset``, ``index`` and ``outcome`` (:func:`conftok.tagging.tag_dataset`'s,
+    as JSON), one per input row.
+    """
+
+    def __init__(self, model_name: str, *, domains: list[dict[str, Any]], bf16: bool, batch_size: int,
+                 max_new_tokens: int, torch_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from conftok.domains import resolve_domains
+        from conftok.modeling import load_tokenizer
+
+        if torch_threads:  # Ray sets OMP_NUM_THREADS from num_cpus, rounded down: one thread for 1.95 CPUs
+            torch.set_num_threads(torch_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = load_tokenizer(model_name)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_name, dtype=torch.bfloat16 if bf16 else torch.float32).to(device).eval()
+        self.domains = resolve_domains(domains)
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from conftok.tagging import tag_dataset
+
+        positions: dict[str, list[int]] = {}  # data set -> positions in this batch
+        for k, name in enumerate(batch["dataset"]):
+            positions.setdefault(str(name), []).append(k)
+        out: dict[str, list] = {"dataset": [], "index": [], "outcome": []}
+        for name, ks in positions.items():
+            outcomes = tag_dataset(self.model, self.tokenizer, name, [json.loads(batch["row"][k]) for k in ks],
+                                   domains=self.domains, batch_size=self.batch_size,
+                                   max_new_tokens=self.max_new_tokens, progress=False)
+            out["dataset"] += [name] * len(ks)
+            out["index"] += [int(batch["index"][k]) for k in ks]
+            out["outcome"] += [json.dumps(o) for o in outcomes]
+        return {key: np.array(values) for key, values in out.items()}
+
+
+def tag_with_ray_data(model_name: str, rows_by_dataset: dict[str, list[dict]], *, domains, num_gpus: int,
+                      cpus_per_replica: float, bf16: bool = True, batch_size: int = 16,
+                      max_new_tokens: int = 16) -> tuple[list[dict], dict]:
+    """``(tagged_rows, summary)`` as :func:`conftok.tagging.tag_rows` gives them, computed by
+    ``num_gpus`` one-GPU replicas (or one CPU replica when 0)."""
+    import ray.data
+
+    from conftok.tagging import collect_tagged
+    from ray_jobs.common import torch_threads
+
+    items = [{"dataset": name, "index": i, "row": json.dumps(row, ensure_ascii=False)}
+             for name, rows in rows_by_dataset.items() for i, row in enumerate(rows)]
+    results = ray.data.from_items(items).map_batches(
+        Tagger,
+        fn_constructor_kwargs={"model_name": model_name, "domains": domains.to_list(), "bf16": bf16,
+                               "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                               "torch_threads": None if num_gpus else torch_threads(cpus_per_replica)},
+        batch_size=batch_size * BATCHES_PER_TASK, compute=ray.data.ActorPoolStrategy(size=max(1, num_gpus)),
+        num_gpus=1 if num_gpus else 0, num_cpus=cpus_per_replica,
+    ).take_all()
+    # Replicas finish in any order: put each data set's outcomes back in row order.
+    outcomes: dict[str, list] = {name: [None] * len(rows) for name, rows in rows_by_dataset.items()}
+    for r in results:
+        outcomes[r["dataset"]][int(r["index"])] = json.loads(r["outcome"])
+    missing = [f"{name}[{i}]" for name, per_row in outcomes.items() for i, o in enumerate(per_row) if o is None]
+    assert not missing, f"rows without a result: {missing[:10]}"
+    return collect_tagged(outcomes, domains)
+
+
+def largest_node_cpus() -> float:
+    """CPUs of the largest live node: a replica cannot span nodes."""
+    import ray
+
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from conftok.domains import resolve_domains
+    from conftok.evaluate import load_rows
+    from conftok.tagging import write_tagged
+    from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, init_ray
+
+    domains = resolve_domains(args.domains)
+    sources, problems = {}, []
+    for name, source in args.data:
+        if name not in domains.dataset_names:
+            problems.append(f"--data {name}={source}: unknown data set {name!r}; known: {domains.dataset_names}")
+        elif name in sources:
+            problems.append(f"--data {name}: given twice")
+        else:
+            sources[name] = source
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    rows = {name: load_rows(source, split=args.split, limit=args.limit) for name, source in sources.items()}
+
+    resources = init_ray(args.address)
+    _, max_gpus = autoscaling_gpus()
+    extra_gpus = max(0.0, max_gpus - resources.get("GPU", 0.0))  # GPU nodes the autoscaler can still add
+    num_gpus = int(resources.get("GPU", 0.0) or extra_gpus) if args.num_gpus is None else args.num_gpus
+    # A GPU replica needs a CPU for tokenizing and decoding; a CPU replica gets all but a sliver
+    # of the largest node (torch runs one thread per CPU Ray gives it).
+    cpus = 1.0 if num_gpus else max(1.0, largest_node_cpus() - 0.05)
+    try:
+        check_resources(num_gpus, cpus * max(1, num_gpus), resources, autoscaling_gpus=extra_gpus)
+    except ResourceError as e:
+        print(f"error: --num_gpus {num_gpus} (one model replica per GPU): {e}", file=sys.stderr)
+        return 2
+    replicas = f"{num_gpus} replica(s) on 1 GPU each" if num_gpus else f"1 replica on {cpus:g} CPUs"
+    print(f"Ray Data tagging: {sum(map(len, rows.values()))} rows, {replicas}", flush=True)
+    tagged, summary = tag_with_ray_data(args.model_name, rows, domains=domains, num_gpus=num_gpus,
+                                        cpus_per_replica=cpus, bf16=args.bf16, batch_size=args.batch_size,
+                                        max_new_tokens=args.max_new_tokens)
+    path = write_tagged(tagged, summary, args.out)
+    for name, d in summary["domains"].items():
+        print(f"{name}: {d['tagged']} tagged, accuracy {100 * d['accuracy']:.1f}% ({d['unparsed']} unparsed)")
+    print(f"Wrote {path}")
+    return 0
+
+
+def _gpu_count(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of GPUs, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from ray_jobs.common import _key_value
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name", required=True, help="Hub id or a directory every node can read")
+    parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE", type=_key_value,
+                        help="raw rows per data set: local .jsonl/.parquet or a Hub name (split --split)")
+    parser.add_argument("--out", required=True, help="tagged JSONL to write (a .summary.json goes beside it)")
+    parser.add_argument("--split", default="train", help="split for Hub sources")
+    parser.add_argument("--limit", type=int, default=None, help="rows per data set")
+    parser.add_argument("--batch_size", type=int, default=16, help="rows per generate() call")
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
+    ray_group = parser.add_argument_group("Ray")
+    ray_group.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    ray_group.add_argument("--num_gpus", type=_gpu_count, default=None,
+                           help="model replicas, one GPU each; 0: one replica on the CPUs "
+                                "(default 'auto': every GPU the cluster has or can add)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
