@@ -65,6 +65,27 @@ def plot_reliability(result: dict, out: Path) -> list[Path]:
     return paths
 
 
+def train_adapter(args, model_dir, tagged, eval_rows, work: Path, timings: dict):
+    from conftok import TrainConfig, train
+
+    t = time.perf_counter()
+    # Validation during training on a small slice of the evaluation part only to pick best_calibration;
+    # the figures below are from the final adapter on the whole evaluation part.
+    val_files = {}
+    for name, rows in eval_rows.items():
+        val_files[name] = str(work / f"{name}_val.jsonl")
+        Path(val_files[name]).write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+    cfg = TrainConfig(model_name=str(model_dir), train_data=str(tagged), output_dir=str(work / "run"), backend="hf",
+                      num_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, warmup_ratio=0.1, eval_steps=None,
+                      val_sources=val_files, calib_beta=10, max_seq_length=768, gradient_checkpointing=False,
+                      eval_batch_size=16, max_new_tokens=16, logging_steps=5)
+    result = train(cfg)
+    timings["train_s"] = round(time.perf_counter() - t, 1)
+
+    return result.global_step, result.final_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n_train", type=int, default=128, help="training rows per domain")
@@ -75,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--reuse", action="store_true", help="reuse the tagged file and trained adapter of a previous run")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"error: {DATA} not found (the real rows live in ../shared/data)", file=sys.stderr)
@@ -98,30 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
 
     model_dir = ensure_smollm2()
+    previous = json.loads((out / "real_data.json").read_text()) if args.reuse else None
+    if previous:
+        timings.update({k: v for k, v in previous["timings_s"].items() if k != "evaluate_s"})
+        tag_summary, steps, final_dir = previous["tagging"], previous["steps"], work / "run" / "final"
     t = time.perf_counter()
-    tokenizer = load_tokenizer(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    tagged, tag_summary = tag_to_file(base, tokenizer, train_rows, work / "tagged.jsonl", batch_size=16, max_new_tokens=16)
-    timings["tag_s"] = round(time.perf_counter() - t, 1)
-    del base
+    if not previous:
+        tokenizer = load_tokenizer(model_dir)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        tagged, tag_summary = tag_to_file(base, tokenizer, train_rows, work / "tagged.jsonl", batch_size=16,
+                                          max_new_tokens=16)
+        timings["tag_s"] = round(time.perf_counter() - t, 1)
+        del base
+        steps, final_dir = train_adapter(args, model_dir, tagged, eval_rows, work, timings)
 
     t = time.perf_counter()
-    # Validation during training on a small slice of the evaluation part only to pick best_calibration;
-    # the figures below are from the final adapter on the whole evaluation part.
-    val_files = {}
-    for name, rows in eval_rows.items():
-        val_files[name] = str(work / f"{name}_val.jsonl")
-        Path(val_files[name]).write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
-    cfg = TrainConfig(model_name=str(model_dir), train_data=str(tagged), output_dir=str(work / "run"), backend="hf",
-                      num_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, warmup_ratio=0.1, eval_steps=None,
-                      val_sources=val_files, calib_beta=10, max_seq_length=768, gradient_checkpointing=False,
-                      eval_batch_size=16, max_new_tokens=16, logging_steps=5)
-    result = train(cfg)
-    timings["train_s"] = round(time.perf_counter() - t, 1)
-
-    t = time.perf_counter()
-    model, tokenizer, domains = load_adapter(result.final_dir, device="cpu")
+    model, tokenizer, domains = load_adapter(final_dir, device="cpu")
     model.to(torch.bfloat16)
     evaluation = run_evaluation(model, tokenizer, domains, eval_rows, beta=25, p="2", batch_size=16, max_new_tokens=16)
     timings["evaluate_s"] = round(time.perf_counter() - t, 1)
@@ -132,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTiming: {timings}")
     summary = {"rows": {"train": "boolq dev[0:%d], medqa dev[0:%d]" % (args.n_train, args.n_train),
                         "eval": "boolq dev[2000:%d], medqa dev[1000:%d]" % (2000 + args.n_eval, 1000 + args.n_eval)},
-               "settings": vars(args), "tagging": tag_summary, "timings_s": timings, "steps": result.global_step,
+               "settings": vars(args), "tagging": tag_summary, "timings_s": timings, "steps": steps,
                "methods": evaluation["methods"], "pngs": [p.name for p in pngs], "table": table}
     (out / "real_data.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"Wrote {out / 'real_data.json'}")

@@ -120,6 +120,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
         result = model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            # A confidence token comes after an answer, never instead of one: a trained token can
+            # outscore every answer token at the first step (seen on real rows), so forbid it there.
+            begin_suppress_tokens=list(id_to_token) or None,
             output_logits=score_ids is not None, return_dict_in_generate=True,
         )
         generated = result.sequences[:, input_ids.shape[1]:].tolist()

@@ -128,6 +128,17 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def best_adapter(trial_dir: Path, row: dict[str, Any]) -> Path:
+    """The adapter behind a trial's reported figures: the checkpoint of its last reported step
+    (a trial ASHA stopped has no final/), else final/, else Ray's copy of the checkpoint."""
+    step = row.get("step")
+    candidates = ([trial_dir / f"checkpoint-{int(step)}"] if _finite(step) else []) + [trial_dir / "final"]
+    for path in candidates:
+        if (path / "adapter_model.safetensors").is_file():
+            return path
+    return Path(row["checkpoint"]) if row.get("checkpoint") else trial_dir / "final"
+
+
 def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     ok = [r for r in rows if _finite(r["score"])]
     return max(ok, key=lambda r: r["score"]) if ok else None
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     best = best_trial(rows)
     if best:
         summary["best_trial"] = best["trial"]
-        summary["best_adapter"] = str(local_dir / "trials" / best["trial"] / "final")
+        summary["best_adapter"] = str(best_adapter(local_dir / "trials" / best["trial"], best))
         summary["best_checkpoint"] = best["checkpoint"]
         print(f"\nBest trial {best['trial']}: score {best['score']:.4f} (accuracy {best['accuracy']:.4f}, "
               f"CE {best['calibration_error']:.4f}); lora_r={best['lora_r']}, lora_alpha={best['lora_alpha']}, "
