@@ -61,8 +61,8 @@ def _check_split(split: str) -> None:
 
 
 def _row_id(domain: str, split: str, index: int) -> str:
-    """``demo-boolq-0001`` for train, ``demo-boolq-val-0001`` for validation (ids stay unique)."""
-    middle = "" if split == "train" else f"{split}-"
+    """``demo-boolq-0001`` for train, ``demo-boolq-v0001`` for validation (ids stay unique)."""
+    middle = "" if split == "train" else split[0]
     return f"demo-{domain}-{middle}{index:04d}"
 
 
@@ -340,7 +340,7 @@ def make_boolq_rows(n: int, seed: int = 0, *, split: str = "train") -> list[dict
 
     Deterministic in ``(n, seed, split)``; half the answers are True (the odd one out random);
     questions are unique within the list, and the names in ``split="val"`` rows never occur in
-    ``split="train"`` rows. Ids: ``demo-boolq-0001`` (train), ``demo-boolq-val-0001`` (val).
+    ``split="train"`` rows. Ids: ``demo-boolq-0001`` (train), ``demo-boolq-v0001`` (val).
     """
     _check_split(split)
     if n < 0:

@@ -52,7 +52,7 @@ class TestDemoData:
                 assert isinstance(row["answer"], bool)
                 assert row["question"] == row["question"].lower() and not row["question"].endswith("?")
                 assert row["passage"] and row["title"]
-                prefix = "demo-boolq-" if split == "train" else "demo-boolq-val-"
+                prefix = "demo-boolq-" if split == "train" else "demo-boolq-v"
                 assert row["id"] == f"{prefix}{i:04d}"
 
     def test_medqa_schema(self, medqa):
@@ -62,7 +62,7 @@ class TestDemoData:
                 assert list(row["options"]) == ["A", "B", "C", "D"]
                 assert row["answer"] in row["options"]
                 assert all(isinstance(t, str) and t for t in row["options"].values())
-                prefix = "demo-medqa-" if split == "train" else "demo-medqa-val-"
+                prefix = "demo-medqa-" if split == "train" else "demo-medqa-v"
                 assert row["id"] == f"{prefix}{i:04d}"
 
     def test_boolq_answers_balanced(self, boolq):
