@@ -1,6 +1,7 @@
 """A real-data run: SmolLM2-135M-Instruct on real BoolQ and MedQA rows from ../shared/data.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/real_data.py [--n_train 128] [--n_eval 100] [--epochs 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/real_data.py [--n_train 128] [--n_eval 100] [--epochs 2] \
+        [--placement_weight 1.0] [--kl_weight 0.0] [--name NAME] [--reuse | --reuse_tagging]
 
 Rows (by position in the files, which keep the published order):
 - training: BoolQ dev rows 0 .. n_train-1 and MedQA dev rows 0 .. n_train-1, tagged by the model;
@@ -34,7 +35,7 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_reliability(result: dict, out: Path) -> list[Path]:
+def plot_reliability(result: dict, out: Path, prefix: str = "") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +59,7 @@ def plot_reliability(result: dict, out: Path) -> list[Path]:
             ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{domain}: {name}")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"reliability_{domain}.png"
+        path = out / f"{prefix}reliability_{domain}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -75,11 +76,12 @@ def train_adapter(args, model_dir, tagged, eval_rows, work: Path, timings: dict)
     for name, rows in eval_rows.items():
         val_files[name] = str(work / f"{name}_val.jsonl")
         Path(val_files[name]).write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
-    cfg = TrainConfig(model_name=str(model_dir), train_data=str(tagged), output_dir=str(work / "run"), backend="hf",
+    cfg = TrainConfig(model_name=str(model_dir), train_data=str(tagged), output_dir=str(work / f"run_{args.name}"), backend="hf",
                       num_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, warmup_ratio=0.1, eval_steps=None,
                       val_sources=val_files, calib_beta=10, max_seq_length=768, gradient_checkpointing=False,
-                      eval_batch_size=16, max_new_tokens=16, logging_steps=5)
+                      eval_batch_size=16, max_new_tokens=16, logging_steps=5,
+                      placement_weight=args.placement_weight, kl_weight=args.kl_weight)
     result = train(cfg)
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
@@ -87,6 +89,8 @@ def train_adapter(args, model_dir, tagged, eval_rows, work: Path, timings: dict)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from conftok import TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n_train", type=int, default=128, help="training rows per domain")
     parser.add_argument("--n_eval", type=int, default=100, help="evaluation rows per domain")
@@ -95,9 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_alpha", type=float, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--placement_weight", type=float, default=TrainConfig.placement_weight,
+                        help="weight of the placement term (TrainConfig.placement_weight)")
+    parser.add_argument("--kl_weight", type=float, default=TrainConfig.kl_weight,
+                        help="weight of the KL term (TrainConfig.kl_weight)")
+    parser.add_argument("--name", default="default",
+                        help="results go to real_data_NAME.json, PNGs to NAME_*.png, the run to real_data_work/run_NAME")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--reuse", action="store_true", help="reuse the tagged file and trained adapter of a previous run")
+    parser.add_argument("--reuse_tagging", action="store_true",
+                        help="reuse the tagged file of a previous run (same --n_train), train again")
     args = parser.parse_args(argv)
+    if not args.name.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--name must be letters, digits, - and _ only, got {args.name!r}")
     if not DATA.is_dir():
         print(f"error: {DATA} not found (the real rows live in ../shared/data)", file=sys.stderr)
         return 2
@@ -105,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from conftok import TrainConfig, train
     from conftok.modeling import load_adapter, load_tokenizer
     from conftok.smollm import ensure_smollm2
     from conftok.tagging import tag_to_file
@@ -120,18 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
 
     model_dir = ensure_smollm2()
-    previous = json.loads((out / "real_data.json").read_text()) if args.reuse else None
+    results = out / f"real_data_{args.name}.json"
+    previous = json.loads(results.read_text()) if args.reuse else None
     if previous:
         timings.update({k: v for k, v in previous["timings_s"].items() if k != "evaluate_s"})
-        tag_summary, steps, final_dir = previous["tagging"], previous["steps"], work / "run" / "final"
+        tag_summary, steps, final_dir = previous["tagging"], previous["steps"], work / f"run_{args.name}" / "final"
     t = time.perf_counter()
     if not previous:
-        tokenizer = load_tokenizer(model_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-        tagged, tag_summary = tag_to_file(base, tokenizer, train_rows, work / "tagged.jsonl", batch_size=16,
-                                          max_new_tokens=16)
-        timings["tag_s"] = round(time.perf_counter() - t, 1)
-        del base
+        tagged = work / "tagged.jsonl"
+        summary_path = tagged.with_suffix(".summary.json")
+        reused = args.reuse_tagging and summary_path.is_file() and \
+            json.loads(summary_path.read_text())["rows"] == sum(map(len, train_rows.values()))
+        if reused:
+            tag_summary = json.loads(summary_path.read_text())
+            print(f"Reusing {tagged} ({tag_summary['rows']} tagged rows)")
+        else:
+            tokenizer = load_tokenizer(model_dir)
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+            tagged, tag_summary = tag_to_file(base, tokenizer, train_rows, tagged, batch_size=16, max_new_tokens=16)
+            timings["tag_s"] = round(time.perf_counter() - t, 1)
+            del base
         steps, final_dir = train_adapter(args, model_dir, tagged, eval_rows, work, timings)
 
     t = time.perf_counter()
@@ -139,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(torch.bfloat16)
     evaluation = run_evaluation(model, tokenizer, domains, eval_rows, beta=25, p="2", batch_size=16, max_new_tokens=16)
     timings["evaluate_s"] = round(time.perf_counter() - t, 1)
-    pngs = plot_curves(evaluation, out) + plot_reliability(evaluation, out)
+    pngs = plot_curves(evaluation, out, prefix=f"{args.name}_") + plot_reliability(evaluation, out, prefix=f"{args.name}_")
 
     table = format_table(evaluation["methods"])
     print("\n" + table)
@@ -148,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         "eval": "boolq dev[2000:%d], medqa dev[1000:%d]" % (2000 + args.n_eval, 1000 + args.n_eval)},
                "settings": vars(args), "tagging": tag_summary, "timings_s": timings, "steps": steps,
                "methods": evaluation["methods"], "pngs": [p.name for p in pngs], "table": table}
-    (out / "real_data.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"Wrote {out / 'real_data.json'}")
+    results.write_text(json.dumps(summary, indent=2, default=str))
+    print(f"Wrote {results}")
     return 0
 
 

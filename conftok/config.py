@@ -71,6 +71,12 @@ class TrainConfig:
     logging_steps: int = _help("Log train/* scalars every N optimizer steps.", default=10)
     max_steps: int | None = _help("Stop after N optimizer steps (None: num_epochs).", default=None)
     save_total_limit: int | None = _help("Keep at most N checkpoint-* dirs (None: all).", default=None)
+    placement_weight: float = _help(
+        "Weight of -log(1 - p(confidence token)) at the answer's positions: keeps the token after the "
+        "answer (0: token loss only).", default=1.0)
+    kl_weight: float = _help(
+        "Weight of KL(base || tuned) at the answer's positions: keeps the answers the base model's "
+        "(0: off; costs one extra forward without gradients).", default=0.0)
     score_lambda: float = _help("val/score = accuracy - lambda * calibration error.", default=1.0)
     progress: bool = _help("Show progress bars.", default=True)
 
@@ -97,8 +103,10 @@ class TrainConfig:
                 p.append(f"{name} must be in [0, 1), got {value!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             p.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.score_lambda, (int, float)) or self.score_lambda < 0:
-            p.append(f"score_lambda must be >= 0, got {self.score_lambda!r}")
+        for name in ("score_lambda", "placement_weight", "kl_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                p.append(f"{name} must be a number >= 0, got {value!r}")
         choices = {"calib_p_norm": CALIBRATION_P_NORMS, "backend": BACKENDS, "quantization": QUANTIZATIONS,
                    "token_init": ("end_of_turn", "mean"), "lr_scheduler": LR_SCHEDULERS}
         for name, allowed in choices.items():

@@ -122,9 +122,10 @@ def _parse_line(line: str, line_no: int, domains: DomainSet) -> TaggedRow:
 class ConfidenceDataset(torch.utils.data.Dataset):
     """Tokenized tagged rows for the one-token loss.
 
-    ``ds[i]`` is ``{"input_ids", "attention_mask", "labels"}`` (1-D LongTensors of one length):
-    chat prompt + answer + confidence token, labels ``IGNORE_INDEX`` everywhere but the last
-    position (the token). Questions are cut from the start to fit ``max_seq_length``; rows that
+    ``ds[i]`` is ``{"input_ids", "attention_mask", "labels", "answer_mask"}`` (1-D LongTensors of
+    one length): chat prompt + answer + confidence token, labels ``IGNORE_INDEX`` everywhere but
+    the last position (the token), ``answer_mask`` 1 on the answer's tokens (for the loss's
+    placement and KL terms, which look at the positions that predict them). Questions are cut from the start to fit ``max_seq_length``; rows that
     do not fit even then are skipped with one warning; if none fit, :class:`DataError`.
 
     Args:
@@ -139,7 +140,7 @@ class ConfidenceDataset(torch.utils.data.Dataset):
         self.domains = resolve_domains(domains)
         self.rows = read_tagged_rows(self.path, self.domains)
         ids = token_ids(tokenizer, self.domains.tokens)
-        self.examples: list[tuple[list[int], int]] = []  # (ids without the token, token id)
+        self.examples: list[tuple[list[int], int, int]] = []  # (ids without the token, token id, answer length)
         self.kept_rows: list[TaggedRow] = []
         self.truncated = 0
         skipped = []
@@ -150,7 +151,7 @@ class ConfidenceDataset(torch.utils.data.Dataset):
                 continue
             prompt_ids, answer_ids, truncated = encoded
             self.truncated += truncated
-            self.examples.append((prompt_ids + answer_ids, ids[row.token]))
+            self.examples.append((prompt_ids + answer_ids, ids[row.token], len(answer_ids)))
             self.kept_rows.append(row)
         self.skipped = len(skipped)
         if not self.examples:
@@ -168,11 +169,14 @@ class ConfidenceDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        context, token_id = self.examples[i]
+        context, token_id, answer_length = self.examples[i]
         input_ids = torch.tensor(context + [token_id], dtype=torch.long)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[-1] = token_id
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+        answer_mask = torch.zeros_like(input_ids)
+        answer_mask[-1 - answer_length:-1] = 1
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+                "answer_mask": answer_mask}
 
     def token_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -189,9 +193,10 @@ class ConfidenceCollator:
 
     def __call__(self, examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         length = max(len(e["input_ids"]) for e in examples)
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "answer_mask": 0}
         batch = {}
-        for key, value in fill.items():
+        for key in examples[0]:
+            value = fill[key]
             batch[key] = torch.stack([
                 torch.cat([torch.full((length - len(e[key]),), value, dtype=torch.long), e[key]])
                 for e in examples

@@ -39,8 +39,9 @@ from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
-from conftok.loss import confidence_token_loss
+from conftok.loss import training_loss
 from conftok.modeling import build_model, model_device, save_adapter
+from conftok.tokens import token_ids
 
 __all__ = ["train", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets"]
 
@@ -196,7 +197,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     model.train()
     last_validated = state["global_step"] if resume_from is not None else -1
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="Training", disable=not cfg.progress)
-    running_loss, running_n = 0.0, 0
+    running_loss, running_n, running_terms = 0.0, 0, torch.zeros(3)
+    confidence_ids = sorted(token_ids(tokenizer, domains.tokens).values())
     for epoch in range(state["epoch"], num_epochs):
         # Data order depends on (seed, epoch) only, so a resumed run sees the same batches.
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
@@ -209,7 +211,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with amp():
-                loss, _ = confidence_token_loss(model, batch)
+                terms = training_loss(model, batch, confidence_ids=confidence_ids,
+                                      placement_weight=cfg.placement_weight, kl_weight=cfg.kl_weight)
+            loss = terms.loss
             loss_value = loss.item()  # CPU-GPU sync each micro-batch: needed for the NaN check and logs
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
@@ -217,6 +221,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                     f"try a lower learning_rate (now {cfg.learning_rate}) or a longer warmup")
             (loss / cfg.gradient_accumulation_steps).backward()
             running_loss += loss_value
+            running_terms += torch.stack([terms.token.detach(), terms.placement.detach(), terms.kl.detach()]).float().cpu()
             running_n += 1
             micro += 1
             last_batch = i + 1 == len(loader)
@@ -234,9 +239,11 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % cfg.logging_steps == 0 or step == total_steps:
                 writer.add_scalar(M.TRAIN_LOSS, running_loss / running_n, step)
+                for name, value in zip((M.TRAIN_TOKEN_LOSS, M.TRAIN_PLACEMENT_LOSS, M.TRAIN_KL), running_terms / running_n):
+                    writer.add_scalar(name, value.item(), step)
                 writer.add_scalar(M.TRAIN_LEARNING_RATE, scheduler.get_last_lr()[0], step)
                 writer.add_scalar(M.TRAIN_GRAD_NORM, grad_norm, step)
-                running_loss, running_n = 0.0, 0
+                running_loss, running_n, running_terms = 0.0, 0, torch.zeros(3)
             end_of_epoch = last_batch
             if step >= total_steps:
                 break

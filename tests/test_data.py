@@ -30,13 +30,14 @@ class TestDataPipeline:
         ds = ConfidenceDataset(path, tok)
         assert len(ds) == 2
         item = ds[0]
-        assert set(item) == {"input_ids", "attention_mask", "labels"}
+        assert set(item) == {"input_ids", "attention_mask", "labels", "answer_mask"}
         assert item["input_ids"].dtype == torch.long and item["attention_mask"].all()
         prompt = encode_prompt(tok, "Is the sky blue?")
         yes = tok("Yes", add_special_tokens=False)["input_ids"]
         assert item["input_ids"].tolist() == prompt + yes + [tok.convert_tokens_to_ids("<C_READ>")]
         assert (item["labels"][:-1] == IGNORE_INDEX).all()
         assert item["labels"][-1] == tok.convert_tokens_to_ids("<C_READ>")
+        assert item["answer_mask"].tolist() == [0] * len(prompt) + [1] * len(yes) + [0]
         assert ds[1]["labels"][-1] == tok.convert_tokens_to_ids("<U_MED>")
 
     def test_chat_template_turns(self, tok):

@@ -66,7 +66,7 @@ def _scalars(logdir, tag):
 
 class TestIntegration:
     def test_token_loss_falls(self, trained):
-        losses = _scalars(trained["root"] / "run" / "logs", "train/loss")
+        losses = _scalars(trained["root"] / "run" / "logs", "train/token_loss")
         assert len(losses) == trained["result"].global_step == 30
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         assert last < 0.7 * first, (first, last)

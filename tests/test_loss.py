@@ -10,9 +10,9 @@ from conftok.loss import confidence_token_loss, masked_lm_loss, p_confident, pos
 from conftok.tokens import add_confidence_tokens
 
 
-def _batch(tokenizer, model, tmp_path, n=5, chat=True):
+def _batch(tokenizer, model, tmp_path, n=5, chat=True, rows=None):
     add_confidence_tokens(tokenizer, model, resolve_domains().tokens)
-    path = write_jsonl(tmp_path / "t.jsonl", feature_rows(n, seed=3))
+    path = write_jsonl(tmp_path / "t.jsonl", rows or feature_rows(n, seed=3))
     ds = ConfidenceDataset(path, tokenizer)
     return ConfidenceCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
 
@@ -111,3 +111,132 @@ class TestProbabilityExtraction:
         a = p_confident(alone, ids["<C_READ>"], ids["<U_READ>"])
         b = p_confident(with_pad, ids["<C_READ>"], ids["<U_READ>"])
         assert a.item() == pytest.approx(b.item(), abs=1e-5)
+
+
+def _long_answer_rows(seed=3):
+    """feature_rows with answers of 1 to several tokens ("Yes", "No, the farm is red.", ...)."""
+    rows = feature_rows(6, seed=seed)
+    tails = ["", ", the farm is red.", " because the river is blue", ". The town.", "", " green"]
+    for row, tail in zip(rows, tails):
+        answer, token = row["tagged_response"].rsplit(" ", 1)
+        row["tagged_response"] = f"{answer}{tail} {token}"
+    return rows
+
+
+def _brute_force_terms(model, batch, conf_ids, base_model=None):
+    """Placement and KL from full logits, row by row, position by position (the slow, obvious way)."""
+    mask = batch["attention_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask,
+                   position_ids=position_ids_from_mask(mask)).logits.float()
+    base = None
+    if base_model is not None:
+        with torch.no_grad(), base_model.disable_adapter():
+            base = base_model(input_ids=batch["input_ids"], attention_mask=mask,
+                              position_ids=position_ids_from_mask(mask)).logits.float()
+    placement, kl, n = 0.0, 0.0, 0
+    for b in range(len(logits)):
+        for t in range(1, logits.shape[1]):
+            if not batch["answer_mask"][b, t]:
+                continue
+            p = torch.softmax(logits[b, t - 1], -1)  # the position that predicts answer token t
+            placement = placement - torch.log(1 - p[conf_ids].sum())
+            if base is not None:
+                q = torch.softmax(base[b, t - 1], -1)
+                kl = kl + (q * (q.log() - p.log())).sum()
+            n += 1
+    return placement / n, kl / n
+
+
+class TestAnswerTerms:
+    """The placement and KL terms of training_loss, on the positions that predict the answer."""
+
+    def test_answer_mask_marks_exactly_the_answer(self, tokenizer, tiny_model, tmp_path):
+        ds_rows = _long_answer_rows()
+        batch = _batch(tokenizer, tiny_model, tmp_path, rows=ds_rows)
+        for row, answer_mask, ids, mask in zip(ds_rows, batch["answer_mask"], batch["input_ids"], batch["attention_mask"]):
+            assert answer_mask[-1] == 0 and answer_mask[mask == 0].sum() == 0
+            answer = tokenizer.decode(ids[answer_mask.bool()])
+            assert answer.strip() == row["tagged_response"].rsplit("<", 1)[0].strip()
+
+    def test_zero_weights_equal_the_token_loss(self, tokenizer, tiny_model, tmp_path):
+        from conftok.loss import training_loss
+
+        batch = _batch(tokenizer, tiny_model, tmp_path)
+        terms = training_loss(tiny_model, batch)
+        one, logits = confidence_token_loss(tiny_model, batch)
+        assert terms.loss.item() == terms.token.item() == one.item()
+        assert terms.placement.item() == terms.kl.item() == 0.0
+        assert torch.equal(terms.logits, logits)
+
+    @pytest.mark.parametrize("chat", [True, False])
+    def test_placement_equals_brute_force(self, tmp_path, chat):
+        from conftok.loss import training_loss
+
+        tok = make_tokenizer(chat_template=chat)
+        model = make_model(len(tok), seed=5)
+        batch = _batch(tok, model, tmp_path, chat=chat, rows=_long_answer_rows())
+        conf_ids = sorted(add_confidence_tokens(tok, model, resolve_domains().tokens).values())
+        assert len(set(batch["answer_mask"].sum(1).tolist())) > 1  # answers of different lengths
+        terms = training_loss(model, batch, confidence_ids=conf_ids, placement_weight=0.5)
+        placement, _ = _brute_force_terms(model, batch, conf_ids)
+        assert terms.placement.item() == pytest.approx(placement.item(), rel=1e-5)
+        assert terms.token.item() == pytest.approx(confidence_token_loss(model, batch)[0].item(), abs=1e-6)
+        assert terms.loss.item() == pytest.approx(terms.token.item() + 0.5 * placement.item(), rel=1e-5)
+
+    def test_placement_step_lowers_the_tokens_inside_answers_only(self, tokenizer, tmp_path):
+        """A gradient step on the placement term lowers p(confidence token) at the answer positions
+        and leaves the token's own position's cross-entropy out of it (no gradient from there)."""
+        from conftok.loss import training_loss
+
+        model = make_model(len(tokenizer), seed=6)
+        batch = _batch(tokenizer, model, tmp_path, rows=_long_answer_rows())
+        conf_ids = sorted(add_confidence_tokens(tokenizer, model, resolve_domains().tokens).values())
+        with torch.no_grad():  # make the tokens likely everywhere, as the collapsed adapter did
+            model.lm_head.weight[conf_ids] += 2 * model.lm_head.weight.mean(0)
+        before = training_loss(model, batch, confidence_ids=conf_ids, placement_weight=1.0)
+        before.placement.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.5 * p.grad
+        after = training_loss(model, batch, confidence_ids=conf_ids, placement_weight=1.0)
+        assert after.placement.item() < 0.9 * before.placement.item()
+
+    def test_kl_is_zero_before_training_and_equals_brute_force_after(self, tmp_path):
+        from conftok.loss import training_loss
+        from conftok.modeling import build_model
+
+        tok = make_tokenizer()
+        model, tok = build_model(make_model(len(tok), seed=7), tokenizer=tok, backend="hf", bf16=False,
+                                 lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False)
+        path = write_jsonl(tmp_path / "t.jsonl", _long_answer_rows(seed=8))
+        ds = ConfidenceDataset(path, tok)
+        batch = ConfidenceCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
+        conf_ids = sorted(add_confidence_tokens(tok, model, resolve_domains().tokens).values())
+        model.eval()
+        before = training_loss(model, batch, confidence_ids=conf_ids, placement_weight=1.0, kl_weight=1.0)
+        assert before.kl.item() == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0, token rows as the base's
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        after = training_loss(model, batch, confidence_ids=conf_ids, placement_weight=1.0, kl_weight=2.0)
+        placement, kl = _brute_force_terms(model, batch, conf_ids, base_model=model)
+        assert after.kl.item() > 1e-3
+        assert after.kl.item() == pytest.approx(kl.item(), rel=1e-4)
+        assert after.placement.item() == pytest.approx(placement.item(), rel=1e-4)
+        assert after.loss.item() == pytest.approx(after.token.item() + placement.item() + 2.0 * kl.item(), rel=1e-4)
+        after.loss.backward()  # the base forward is gradient-free; the tuned one is not
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+    def test_errors(self, tokenizer, tiny_model, tmp_path):
+        from conftok.loss import training_loss
+
+        batch = _batch(tokenizer, tiny_model, tmp_path)
+        with pytest.raises(ValueError, match=">= 0"):
+            training_loss(tiny_model, batch, confidence_ids=[1], placement_weight=-1.0)
+        with pytest.raises(ValueError, match="confidence token ids"):
+            training_loss(tiny_model, batch, placement_weight=1.0)
+        del batch["answer_mask"]
+        with pytest.raises(KeyError, match="answer_mask"):
+            training_loss(tiny_model, batch, confidence_ids=[1], placement_weight=1.0)
