@@ -76,7 +76,7 @@ class TrainConfig:
         "answer (0: token loss only).", default=1.0)
     kl_weight: float = _help(
         "Weight of KL(base || tuned) at the answer's positions: keeps the answers the base model's "
-        "(0: off; costs one extra forward without gradients).", default=0.0)
+        "(0: off; costs one extra forward without gradients).", default=1.0)
     score_lambda: float = _help("val/score = accuracy - lambda * calibration error.", default=1.0)
     progress: bool = _help("Show progress bars.", default=True)
 

@@ -240,3 +240,30 @@ class TestAnswerTerms:
         del batch["answer_mask"]
         with pytest.raises(KeyError, match="answer_mask"):
             training_loss(tiny_model, batch, confidence_ids=[1], placement_weight=1.0)
+
+    def test_short_row_beside_a_long_answer_stays_finite(self):
+        """The kept columns reach into a short row's left padding (fully masked queries there);
+        the terms ignore those columns and nothing NaN reaches the loss or the gradients."""
+        from conftok.loss import training_loss
+        from conftok.modeling import build_model
+
+        tok = make_tokenizer()
+        model, tok = build_model(make_model(len(tok), seed=7), tokenizer=tok, backend="hf", bf16=False, lora_r=4,
+                                 lora_alpha=8, gradient_checkpointing=False)
+        ids = sorted(add_confidence_tokens(tok, model, resolve_domains().tokens).values())
+        examples = []
+        for prompt, answer in (([5], [6]), ([5, 6, 7], [8] * 30)):
+            input_ids = torch.tensor(prompt + answer + [ids[0]])
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+            labels[-1] = ids[0]
+            answer_mask = torch.zeros_like(input_ids)
+            answer_mask[len(prompt):-1] = 1
+            examples.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+                             "answer_mask": answer_mask})
+        batch = ConfidenceCollator(tok.pad_token_id)(examples)
+        assert batch["attention_mask"][0].sum() < 31  # row 0 is shorter than the 31 kept columns
+        model.train()
+        terms = training_loss(model, batch, confidence_ids=ids, placement_weight=1.0, kl_weight=1.0)
+        terms.loss.backward()
+        assert all(torch.isfinite(t) for t in (terms.loss, terms.placement, terms.kl))
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

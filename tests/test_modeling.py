@@ -77,7 +77,10 @@ def batch_of(tokenizer, cases):
         input_ids = torch.tensor(prompt + answer_ids + [ids[token]])
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[-1] = ids[token]
-        examples.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels})
+        answer_mask = torch.zeros_like(input_ids)
+        answer_mask[len(prompt):-1] = 1
+        examples.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+                         "answer_mask": answer_mask})
     return ConfidenceCollator(tokenizer.pad_token_id)(examples)
 
 
@@ -378,7 +381,7 @@ UNSLOTH = """
 import json, sys
 import unsloth  # first: it patches transformers and peft when imported
 import torch
-from conftok.loss import confidence_token_loss
+from conftok.loss import confidence_token_loss, training_loss
 from conftok.modeling import build_model, load_adapter, save_adapter
 from conftok.tokens import token_ids
 from test_modeling import TOKENS, TRAIN_CASES, batch_of, effective_rows, measure, train_steps
@@ -390,6 +393,8 @@ for tie, base in (("tied", sys.argv[1]), ("untied", sys.argv[2])):
     new = sorted(token_ids(tokenizer, TOKENS).values())
     batch = batch_of(tokenizer, TRAIN_CASES)
     model.train()
+    guarded = training_loss(model, batch, confidence_ids=new, placement_weight=1.0, kl_weight=1.0)
+    guards = {"kl": guarded.kl.item(), "placement": guarded.placement.item(), "token": guarded.token.item()}
     loss, logits = confidence_token_loss(model, batch)
     loss.backward()
     grads = {n.split(".token_adapter")[0].rsplit(".", 1)[-1]: p.grad.abs().sum(-1).tolist()
@@ -411,7 +416,7 @@ for tie, base in (("tied", sys.argv[1]), ("untied", sys.argv[2])):
         "padding_side": tokenizer.padding_side,
         "indices": model.peft_config["default"].trainable_token_indices,
         "checkpointing": inner.is_gradient_checkpointing,
-        "new": new, "loss": loss.item(), "logits_shape": list(logits.shape), "grads": grads,
+        "new": new, "loss": loss.item(), "guards": guards, "logits_shape": list(logits.shape), "grads": grads,
         "embed_changed": changed(embed0, embed1), "head_changed": changed(head0, head1),
         "p_here": here["p_confident"], "p_reloaded": there["p_confident"],
     }
@@ -436,6 +441,10 @@ class TestUnslothBackend:
             modules = ["embed_tokens"] if tie == "tied" else ["embed_tokens", "lm_head"]
             assert r["indices"] == {m: new for m in modules}
             assert r["logits_shape"] == [len(TRAIN_CASES), 404] and 0 < r["loss"] < 100
+            # The guard terms run on unsloth's model too: the same token loss, KL 0 before training
+            # (the adapter is the identity), a positive placement term.
+            assert r["guards"]["token"] == pytest.approx(r["loss"], abs=1e-5)
+            assert abs(r["guards"]["kl"]) < 1e-5 and r["guards"]["placement"] > 0
             assert set(r["grads"]) == set(modules)
             assert all(g > 0 for rows in r["grads"].values() for g in rows)  # all 4 tokens are in TRAIN_CASES
             assert r["embed_changed"] == new and r["head_changed"] == new
