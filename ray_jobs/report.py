@@ -411,8 +411,8 @@ def optuna_section(experiment_dir: Path) -> tuple[list[str], bool]:
         figures = optuna_figures(load_study(experiment_dir / "study.db", experiment_dir.name))
     except Exception as e:  # a missing or odd study costs these figures only, not the report
         return [_note(f"Optuna figures skipped: {type(e).__name__}: {e}")], False
-    parts = [_note("Parameters as Optuna sampled them: a lora_alpha searched as multiple_of_rank shows the "
-                   "multiple, not alpha.")]
+    parts = [_note("Parameters as Optuna sampled them: a lora_alpha searched as multiple_of_rank appears as "
+                   "lora_alpha_per_rank (alpha = that x lora_r).")]
     for title, fig in figures:
         parts.append(f"<h3>{html.escape(title)}</h3>{_plotly_div(fig)}")
     return parts, bool(figures)

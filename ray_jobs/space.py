@@ -33,6 +33,7 @@ from conftok.config import ConfigError, TrainConfig
 
 SEARCHABLE = {"lora_r": int, "lora_alpha": float, "learning_rate": float, "lora_dropout": float,
               "weight_decay": float, "warmup_ratio": float, "num_epochs": int, "batch_size": int}
+ALPHA_PER_RANK = "lora_alpha_per_rank"  # the sampled name of a lora_alpha searched as multiple_of_rank
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "multiple_of_rank")
 TOP_KEYS = {"name", "train", "search", "objective", "scheduler", "num_trials", "seed", "resources", "demo",
             "description"}
@@ -65,10 +66,11 @@ class SearchSpace:
 
     def sample_to_config(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Fixed training fields plus one trial's sampled values (alpha = multiple x rank when the
-        file searches alpha as a multiple of rank)."""
+        file searches alpha as a multiple of rank: Tune and Optuna then sample ``lora_alpha_per_rank``,
+        so their tables never show a multiple under the name lora_alpha)."""
         values = {**self.train, **sample, "score_lambda": self.score_lambda}
-        if "multiple_of_rank" in self.search.get("lora_alpha", {}):
-            values["lora_alpha"] = sample["lora_alpha"] * values.get("lora_r", TrainConfig().lora_r)
+        if ALPHA_PER_RANK in values:
+            values["lora_alpha"] = values.pop(ALPHA_PER_RANK) * values.get("lora_r", TrainConfig().lora_r)
         return values
 
     def param_space(self) -> dict[str, Any]:
@@ -77,7 +79,9 @@ class SearchSpace:
         out = {}
         for key, spec in self.search.items():
             (kind, arg), = spec.items()
-            if kind in ("choice", "multiple_of_rank"):
+            if kind == "multiple_of_rank":
+                out[ALPHA_PER_RANK] = tune.choice(list(arg))
+            elif kind == "choice":
                 out[key] = tune.choice(list(arg))
             elif kind == "uniform":
                 out[key] = tune.uniform(*arg)

@@ -233,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     result_grid = tuner.fit()
+    # Ctrl+C (SIGINT) makes Tune stop gracefully and return from fit(): the search is then unfinished,
+    # and writing results.json / the report would present it as done.
+    finished = result_grid.num_terminated + result_grid.num_errors
+    if len(result_grid) < space.num_trials or finished < len(result_grid):
+        resume = " ".join(["python -m ray_jobs.tune", *(argv if argv is not None else sys.argv[1:])])
+        print(f"\nSearch interrupted: {finished} of {space.num_trials} trials finished; state saved in "
+              f"{experiment_path}. Continue with:\n  {resume if args.resume else resume + ' --resume'}", file=sys.stderr)
+        return 130
 
     rows = collect_results(result_grid, space, local_dir / "trials")
     summary: dict[str, Any] = {"space": str(space.path), "objective": space.objective, "lambda": space.score_lambda,

@@ -65,10 +65,10 @@ def write_study(path):
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     study = optuna.create_study(storage=f"sqlite:///{path}", study_name="demo", direction="maximize")
-    distributions = {"lora_r": CategoricalDistribution([4, 8, 16]), "lora_alpha": CategoricalDistribution([1, 2]),
+    distributions = {"lora_r": CategoricalDistribution([4, 8, 16]), "lora_alpha_per_rank": CategoricalDistribution([1, 2]),
                      "learning_rate": FloatDistribution(3e-4, 3e-3, log=True)}
     for _, r, alpha, lr, acc, ce, _ in TRIALS:
-        study.add_trial(optuna.trial.create_trial(params={"lora_r": r, "lora_alpha": alpha // r, "learning_rate": lr},
+        study.add_trial(optuna.trial.create_trial(params={"lora_r": r, "lora_alpha_per_rank": alpha // r, "learning_rate": lr},
                                                   distributions=distributions, value=acc - ce))
 
 

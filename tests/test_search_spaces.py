@@ -21,7 +21,9 @@ class TestSearchSpaces:
         space = load_space(path)
         assert {"lora_r", "lora_alpha", "learning_rate"} <= set(space.search)
         params = space.param_space()
-        assert set(params) == set(space.search)
+        multiple = "multiple_of_rank" in space.search["lora_alpha"]
+        expected = set(space.search) - {"lora_alpha"} | {"lora_alpha_per_rank" if multiple else "lora_alpha"}
+        assert set(params) == expected  # a multiple is never sampled under the name lora_alpha
         sample = {k: v.sample() for k, v in params.items()}
         from conftok import TrainConfig
 
@@ -29,8 +31,9 @@ class TestSearchSpaces:
 
     def test_alpha_as_multiple_of_rank(self):
         space = load_space(ROOT / "search_spaces" / "qwen7b.yaml")
-        values = space.sample_to_config({"lora_r": 32, "lora_alpha": 2, "learning_rate": 1e-4})
+        values = space.sample_to_config({"lora_r": 32, "lora_alpha_per_rank": 2, "learning_rate": 1e-4})
         assert values["lora_alpha"] == 64 and values["lora_r"] == 32 and values["score_lambda"] == 1.0
+        assert "lora_alpha_per_rank" not in values
 
     def test_production_spaces_use_hub_validation_and_one_gpu(self):
         for name in ("qwen7b", "mistral7b"):

@@ -39,7 +39,11 @@ class TestTuneResume:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        assert not (exp / "results.json").exists()  # it really was interrupted
+        assert not (exp / "results.json").exists()  # it really was interrupted, and says so
+        interrupted_output = proc.stdout.read()
+        assert proc.returncode != 0, interrupted_output[-3000:]
+        if proc.returncode == 130:  # Tune stopped gracefully and fit() returned: the resume command is printed
+            assert "Search interrupted" in interrupted_output and "--resume" in interrupted_output
         out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         results = json.loads((exp / "results.json").read_text())
