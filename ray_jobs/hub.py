@@ -17,6 +17,15 @@ CARD_METRICS = (M.VAL_ACCURACY, M.VAL_CALIBRATION_ERROR, M.VAL_BRIER, M.VAL_AURO
                 M.VAL_TOKEN_RATE)
 
 
+def _loss_description(config: dict[str, Any]) -> str:
+    terms = [f"{name} weight {config[key]:g}" for name, key in (("placement", "placement_weight"), ("KL", "kl_weight"))
+             if config.get(key)]
+    if not terms:
+        return "loss on the confidence token only"
+    return ("cross-entropy on the confidence token, plus guard terms on the answer's positions that keep "
+            "the answers the base model's (" + ", ".join(terms) + ")")
+
+
 def model_card(adapter_dir: Path, repo: str, metrics: dict[str, Any]) -> str:
     meta = json.loads((adapter_dir / "conftok.json").read_text())
     base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
@@ -29,8 +38,8 @@ def model_card(adapter_dir: Path, repo: str, metrics: dict[str, Any]) -> str:
         f"# {repo}", "",
         f"A LoRA adapter for `{base}` that appends a confidence token after each answer ({tokens}): "
         "C when the model's answer is likely right, U otherwise. p_confident = p(C) / (p(C) + p(U)) "
-        "at the token's position. Trained with [conftok](https://pypi.org/project/conftok/) "
-        "(loss on the confidence token only).", "",
+        "at the token's position. Trained with [conftok](https://pypi.org/project/conftok/): "
+        f"{_loss_description(meta.get('config') or {})}.", "",
         "## Validation metrics", "", "| metric | value |", "| --- | --- |", *rows, "",
         "Accuracy is token accuracy (emitted token = C if the answer was right, else U); calibration error "
         "is Hendrycks' binned RMS error of p_confident against answer correctness; overall figures are means "

@@ -110,7 +110,7 @@ class TestRayTrain:
         tok = make_tokenizer()
         model, tok = build_model(make_model(len(tok)), tokenizer=tok, backend="hf", bf16=False,
                                  gradient_checkpointing=False)
-        save_adapter(model, tok, tmp_path / "final")
+        save_adapter(model, tok, tmp_path / "final", extra={"config": {"placement_weight": 1.0, "kl_weight": 0.5}})
         calls = []
 
         class FakeApi:
@@ -129,6 +129,7 @@ class TestRayTrain:
         card = (tmp_path / "final" / "README.md").read_text()
         assert "| val/accuracy | 0.7500 |" in card and "| val/read/token_accuracy | 0.8000 |" in card
         assert "<C_READ>" in card
+        assert "placement weight 1, KL weight 0.5" in card  # the card says how it was trained
         assert "hf_secret_value_123" not in card and "hf_secret_value_123" not in capsys.readouterr().out
 
 
