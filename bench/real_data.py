@@ -36,33 +36,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_reliability(result: dict, out: Path, prefix: str = "") -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Per domain, the report's reliability diagram for the trained token and the answer probability."""
     from conftok.calibration import reliability_bins
+    from ray_jobs.report import plot_reliability as draw
 
     paths = []
     for domain, recs in result["records"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, (name, rows, key) in zip(axes, [("trained token", recs["trained"], "p_confident"),
-                                                ("answer probability", recs["trained"], "p_answer")]):
-            bins = reliability_bins([r[key] or 0.0 for r in rows], [r["correct"] for r in rows], n_bins=10)
-            centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
-            acc = [b["accuracy"] if b["accuracy"] is not None else 0 for b in bins]
-            ax.bar(centers, acc, width=0.09, alpha=0.7, label="accuracy in bin")
-            ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-            for c, b in zip(centers, bins):
-                if b["count"]:
-                    ax.annotate(str(b["count"]), (c, 0.02), ha="center", fontsize=7)
-            ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{domain}: {name}")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"{prefix}reliability_{domain}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        rows = recs["trained"]
+        correct = [r["correct"] for r in rows]
+        panels = {f"{domain}: {name}": reliability_bins([r[key] or 0.0 for r in rows], correct, n_bins=10)
+                  for name, key in (("trained token", "p_confident"), ("answer probability", "p_answer"))}
+        paths.append(draw(panels, out / f"{prefix}reliability_{domain}.png"))
     return paths
 
 

@@ -125,8 +125,9 @@ class ConfidenceDataset(torch.utils.data.Dataset):
     ``ds[i]`` is ``{"input_ids", "attention_mask", "labels", "answer_mask"}`` (1-D LongTensors of
     one length): chat prompt + answer + confidence token, labels ``IGNORE_INDEX`` everywhere but
     the last position (the token), ``answer_mask`` 1 on the answer's tokens (for the loss's
-    placement and KL terms, which look at the positions that predict them). Questions are cut from the start to fit ``max_seq_length``; rows that
-    do not fit even then are skipped with one warning; if none fit, :class:`DataError`.
+    placement and KL terms, which look at the positions that predict them). Questions are cut from
+    the start to fit ``max_seq_length``; rows that do not fit even then are skipped with one
+    warning; if none fit, :class:`DataError`.
 
     Args:
         path: tagged JSONL file.

@@ -48,6 +48,11 @@ def confidence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
 
 
+def _check_last_position_only(labels: torch.Tensor) -> None:
+    assert bool((labels[:, :-1] == IGNORE_INDEX).all()) and bool((labels[:, -1] != IGNORE_INDEX).all()), \
+        "labels must supervise the last position only (left-padded ConfidenceDataset batches)"
+
+
 def confidence_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the confidence token; returns ``(loss, logits (B, V))``.
 
@@ -55,8 +60,7 @@ def confidence_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.
     everywhere but the last column.
     """
     labels = batch["labels"]
-    assert bool((labels[:, :-1] == IGNORE_INDEX).all()) and bool((labels[:, -1] != IGNORE_INDEX).all()), \
-        "labels must supervise the last position only (left-padded ConfidenceDataset batches)"
+    _check_last_position_only(labels)
     # Position t's logits predict token t+1: feed everything but the token, read the last position.
     logits = confidence_logits(model, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])
     return F.cross_entropy(logits.float(), labels[:, -1]), logits
@@ -95,8 +99,7 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
     if placement_weight and not confidence_ids:
         raise ValueError("the placement term needs the confidence token ids")
     labels = batch["labels"]
-    assert bool((labels[:, :-1] == IGNORE_INDEX).all()) and bool((labels[:, -1] != IGNORE_INDEX).all()), \
-        "labels must supervise the last position only (left-padded ConfidenceDataset batches)"
+    _check_last_position_only(labels)
     input_ids, attention_mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
     # Column t of the input without the token predicts token t+1: the answer's tokens are predicted by
     # the columns where answer_mask[:, 1:] is set, all within the last `longest` columns before the token's.
