@@ -123,6 +123,10 @@ class TrainConfig:
         if p:
             raise ConfigError("invalid TrainConfig:\n  " + "\n  ".join(p))
 
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`conftok.loss.training_loss` that this config sets (the guard terms)."""
+        return {"placement_weight": self.placement_weight, "kl_weight": self.kl_weight}
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["target_modules"] = list(self.target_modules)

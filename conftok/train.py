@@ -211,8 +211,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with amp():
-                terms = training_loss(model, batch, confidence_ids=confidence_ids,
-                                      placement_weight=cfg.placement_weight, kl_weight=cfg.kl_weight)
+                terms = training_loss(model, batch, confidence_ids=confidence_ids, **cfg.loss_kwargs())
             loss = terms.loss
             loss_value = loss.item()  # CPU-GPU sync each micro-batch: needed for the NaN check and logs
             if not math.isfinite(loss_value):
