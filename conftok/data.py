@@ -179,6 +179,10 @@ class ConfidenceDataset(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
                 "answer_mask": answer_mask}
 
+    def lengths(self) -> list[int]:
+        """Tokens per example, token included (what ``ds[i]["input_ids"]`` holds), without building tensors."""
+        return [len(context) + 1 for context, _, _ in self.examples]
+
     def token_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for row in self.kept_rows:
