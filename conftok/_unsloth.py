@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from conftok.domains import DomainSet
+from conftok.lora_targets import present_target_modules, trainable_token_indices
 from conftok.tokens import add_confidence_tokens
 
 
@@ -21,8 +22,6 @@ def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_
                 dtype: torch.dtype, token_init: str, max_seq_length: int, seed: int):
     import unsloth  # noqa: F401  (patches transformers/peft; must come first)
     from unsloth import FastLanguageModel
-
-    from conftok.modeling import _present_target_modules, _trainable_token_indices
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_name,
@@ -40,9 +39,9 @@ def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_
         r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=_present_target_modules(model, target_modules),
+        target_modules=present_target_modules(model, target_modules),
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
         random_state=seed,
-        trainable_token_indices=_trainable_token_indices(model, ids),
+        trainable_token_indices=trainable_token_indices(model, ids),
     )
     return model, tokenizer

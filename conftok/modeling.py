@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from conftok.domains import DomainSet, resolve_domains
+from conftok.lora_targets import present_target_modules, trainable_token_indices
 from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
 
 __all__ = ["BACKENDS", "QUANTIZATIONS", "DEFAULT_TARGET_MODULES", "METADATA_FILE", "build_model",
@@ -82,35 +83,6 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _embedding_module_names(model) -> tuple[str, str | None, bool]:
-    """Short names of the input and output embedding modules, and whether their weights are tied."""
-    embed, output = model.get_input_embeddings(), model.get_output_embeddings()
-    names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
-    tied = output is None or output.weight is embed.weight
-    return names[id(embed)], (None if output is None else names[id(output)]), tied
-
-
-def _trainable_token_indices(model, ids: list[int]):
-    """List form when lm_head is tied to the input embeddings, dict form otherwise: the list form
-    would leave an untied lm_head's rows untrained (DESIGN.md)."""
-    embed_name, output_name, tied = _embedding_module_names(model)
-    if tied:
-        return {embed_name: ids}
-    return {embed_name: ids, output_name: ids}
-
-
-def _present_target_modules(model, target_modules: Sequence[str]) -> list[str]:
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    present = [m for m in target_modules if m in leaf_names]
-    if not present:
-        raise ValueError(f"none of target_modules {list(target_modules)} is in the model; "
-                         f"its linear layers include {sorted(n for n in leaf_names if 'proj' in n)[:12]}")
-    missing = sorted(set(target_modules) - set(present))
-    if missing:
-        logger.warning("target modules %s are not in this model; using %s", missing, present)
-    return present
 
 
 def build_model(
@@ -213,8 +185,8 @@ def _wrap_lora(model, tokenizer, ids, *, quantized, lora_r, lora_alpha, lora_dro
     model.config.use_cache = False
     config = LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
-        target_modules=_present_target_modules(model, target_modules),
-        trainable_token_indices=_trainable_token_indices(model, ids),
+        target_modules=present_target_modules(model, target_modules),
+        trainable_token_indices=trainable_token_indices(model, ids),
     )
     return get_peft_model(model, config), tokenizer
 

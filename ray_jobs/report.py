@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from conftok import metrics as M
-from ray_jobs.tune import TABLE_PARAMS, pareto_front
+from ray_jobs.results import TABLE_PARAMS, is_finite, pareto_front
 
 PARAMS = TABLE_PARAMS  # lora_r, lora_alpha, learning_rate
 PNGS = ("pareto.png", "parallel_coordinates.png", "learning_curves.png", "reliability.png", "risk_coverage.png",
@@ -126,15 +126,11 @@ def records_by_domain(records: list[dict[str, Any]]) -> dict[str, tuple[list[flo
     out: dict[str, tuple[list[float], list[bool]]] = {}
     for r in records:
         p = r.get("p_confident")
-        if _finite(p):
+        if is_finite(p):
             conf, correct = out.setdefault(r.get("domain", "?"), ([], []))
             conf.append(float(p))
             correct.append(bool(r.get("correct")))
     return out
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------- figures (one function each)
@@ -153,7 +149,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def plot_pareto(rows: list[dict[str, Any]], best_id: str | None, path: Path) -> Path:
     """Accuracy against calibration error: every trial, the non-dominated ones joined, the best starred."""
     fig, ((ax,),) = _new_figure(7, 5)
-    ok = [r for r in rows if _finite(r.get("accuracy")) and _finite(r.get("calibration_error"))]
+    ok = [r for r in rows if is_finite(r.get("accuracy")) and is_finite(r.get("calibration_error"))]
     ax.scatter([r["calibration_error"] for r in ok], [r["accuracy"] for r in ok], s=40, color="tab:gray",
                label="trial", zorder=2)
     front = sorted(pareto_front(ok), key=lambda r: r["calibration_error"])
@@ -182,20 +178,20 @@ def plot_parallel_coordinates(rows: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.colors import Normalize
 
     columns = [*PARAMS, "score"]
-    ok = [r for r in rows if all(_finite(r.get(p)) for p in PARAMS)]
+    ok = [r for r in rows if all(is_finite(r.get(p)) for p in PARAMS)]
     values = [[math.log10(r[c]) if c == "learning_rate" else r.get(c) for c in columns] for r in ok]
     fig, ((ax,),) = _new_figure(9, 4.5)
-    scores = [v[-1] for v in values if _finite(v[-1])]
+    scores = [v[-1] for v in values if is_finite(v[-1])]
     norm = Normalize(min(scores, default=0), max(scores, default=1))
     cmap = colormaps["viridis"]
     spans = []
     for i in range(len(columns)):
-        finite = [v[i] for v in values if _finite(v[i])]
+        finite = [v[i] for v in values if is_finite(v[i])]
         spans.append((min(finite, default=0.0), max(finite, default=1.0)))
     scale = lambda x, lo, hi: 0.5 if hi == lo else (x - lo) / (hi - lo)  # noqa: E731
     for r, v in zip(ok, values):
-        ys = [scale(x, *spans[i]) if _finite(x) else math.nan for i, x in enumerate(v)]
-        color = cmap(norm(v[-1])) if _finite(v[-1]) else "lightgray"
+        ys = [scale(x, *spans[i]) if is_finite(x) else math.nan for i, x in enumerate(v)]
+        color = cmap(norm(v[-1])) if is_finite(v[-1]) else "lightgray"
         ax.plot(range(len(columns)), ys, "o-", color=color, linewidth=2, alpha=0.9)
         last = max(i for i, y in enumerate(ys) if not math.isnan(y))  # label at the score where there is one
         ax.annotate(r["trial"], (last, ys[last]), textcoords="offset points", xytext=(8, 0), va="center", fontsize=7)
@@ -221,7 +217,7 @@ def plot_learning_curves(curves: dict[str, dict[str, Any]], path: Path) -> Path:
         color = f"C{i % 10}"
         loss_ax.plot(*curve["loss"], "-", color=color, label=trial)
         for ax, key in ((acc_ax, M.VAL_ACCURACY), (ce_ax, M.VAL_CALIBRATION_ERROR)):
-            points = [(v[M.STEP], v[key]) for v in curve["validations"] if _finite(v.get(key))]
+            points = [(v[M.STEP], v[key]) for v in curve["validations"] if is_finite(v.get(key))]
             ax.plot([s for s, _ in points], [y for _, y in points], "o-", color=color, label=trial)
     for ax, title in ((loss_ax, "training loss"), (acc_ax, "validation token accuracy"),
                       (ce_ax, "validation calibration error")):
@@ -327,8 +323,8 @@ HEADERS = {"lora_r": "r", "lora_alpha": "alpha", "learning_rate": "lr", "accurac
 
 def trials_table(rows: list[dict[str, Any]], best_id: str | None, domains: list[str]) -> str:
     """The table of trials: params, status, overall figures, per-domain figures, wall time."""
-    front = {r["trial"] for r in pareto_front([r for r in rows if _finite(r.get("accuracy"))
-                                               and _finite(r.get("calibration_error"))])}
+    front = {r["trial"] for r in pareto_front([r for r in rows if is_finite(r.get("accuracy"))
+                                               and is_finite(r.get("calibration_error"))])}
     head = [*PARAMS, "status", "accuracy", "calibration_error", "score"]
     tail = ["step", "time_s"]
     # n (validation rows) goes in the domain's header: it is the same for every trial
@@ -426,9 +422,9 @@ def summary_html(results: dict[str, Any], experiment_dir: Path) -> str:
     best = next((r for r in rows if r.get("trial") == results.get("best_trial")), None)
     items = [f"experiment <code>{html.escape(str(experiment_dir))}</code>",
              f"objective {html.escape(str(results.get('objective', '?')))}"
-             + (f" (lambda = {results['lambda']:g})" if _finite(results.get("lambda")) else ""),
+             + (f" (lambda = {results['lambda']:g})" if is_finite(results.get("lambda")) else ""),
              f"{len(rows)} trials: " + ", ".join(f"{n} {html.escape(s)}" for s, n in statuses.items())]
-    if _finite(results.get("wall_s")):
+    if is_finite(results.get("wall_s")):
         items.append(f"wall time {results['wall_s']:.0f} s")
     if best:
         items.append(f"best trial <b>{html.escape(str(best['trial']))}</b>: score {_fmt(best.get('score'))}, "

@@ -18,9 +18,6 @@ trials, the best trial (or the Pareto front), the best adapter's path, and resul
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
 import os
 import sys
 import time
@@ -29,10 +26,10 @@ from typing import Any
 
 from conftok import metrics as M
 from conftok.config import TrainConfig
+from ray_jobs.results import TABLE_PARAMS, best_adapter, best_trial, format_table, pareto_front, write_results
 from ray_jobs.space import EMBEDDED_MODEL, SearchSpace, load_space
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
-TABLE_PARAMS = ("lora_r", "lora_alpha", "learning_rate")
 
 
 def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
@@ -114,59 +111,6 @@ def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[d
 def _finished(metrics: dict[str, Any], trials_dir: Path, trial_id: str) -> bool:
     """A trial that trained to the end wrote final/ (ASHA-stopped ones did not)."""
     return (trials_dir / trial_id / "final" / "adapter_model.safetensors").is_file()
-
-
-def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Trials no other trial beats on both accuracy (max) and calibration error (min)."""
-    ok = [r for r in rows if _finite(r["accuracy"]) and _finite(r["calibration_error"])]
-    return [r for r in ok if not any(
-        o["accuracy"] >= r["accuracy"] and o["calibration_error"] <= r["calibration_error"]
-        and (o["accuracy"] > r["accuracy"] or o["calibration_error"] < r["calibration_error"]) for o in ok)]
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def best_adapter(trial_dir: Path, row: dict[str, Any]) -> Path:
-    """The adapter behind a trial's reported figures: the checkpoint of its last reported step
-    (a trial ASHA stopped has no final/), else final/, else Ray's copy of the checkpoint."""
-    step = row.get("step")
-    candidates = ([trial_dir / f"checkpoint-{int(step)}"] if _finite(step) else []) + [trial_dir / "final"]
-    for path in candidates:
-        if (path / "adapter_model.safetensors").is_file():
-            return path
-    return Path(row["checkpoint"]) if row.get("checkpoint") else trial_dir / "final"
-
-
-def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [r for r in rows if _finite(r["score"])]
-    return max(ok, key=lambda r: r["score"]) if ok else None
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["trial", *TABLE_PARAMS, "accuracy", "calibration_error", "score", "validations", "status"]
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.4f}"
-        return "-" if v is None else str(v)
-    body = [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
-
-
-def write_results(experiment_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = experiment_dir / ".results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, experiment_dir / "results.csv")
-    tmp = experiment_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps({**summary, "trials": rows}, indent=2, default=str))
-    os.replace(tmp, experiment_dir / "results.json")
 
 
 def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,81 @@
+"""The results table of a search: its columns, the best trial, the Pareto front, and the files.
+
+Below both ``ray_jobs.tune`` (which fills the table and writes ``results.csv``/``results.json``)
+and ``ray_jobs.report`` (which draws it), so neither imports the other for these. Pure Python on
+plain row dicts, one per trial: ``{"trial", "lora_r", "lora_alpha", "learning_rate", "accuracy",
+"calibration_error", "score", "validations", "status", "step", "checkpoint", ...}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TABLE_PARAMS", "best_adapter", "best_trial", "format_table", "is_finite", "pareto_front",
+           "write_results"]
+
+TABLE_PARAMS = ("lora_r", "lora_alpha", "learning_rate")
+
+
+def is_finite(x) -> bool:
+    """A real number that is not NaN or infinite (None, strings and booleans are not)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials no other trial beats on both accuracy (max) and calibration error (min).
+
+    Example: accuracies/CEs (0.8, 0.10), (0.7, 0.05), (0.6, 0.20) -> the first two; the third is
+    beaten by the first on both.
+    """
+    ok = [r for r in rows if is_finite(r.get("accuracy")) and is_finite(r.get("calibration_error"))]
+    return [r for r in ok if not any(
+        o["accuracy"] >= r["accuracy"] and o["calibration_error"] <= r["calibration_error"]
+        and (o["accuracy"] > r["accuracy"] or o["calibration_error"] < r["calibration_error"]) for o in ok)]
+
+
+def best_adapter(trial_dir: Path, row: dict[str, Any]) -> Path:
+    """The adapter behind a trial's reported figures: the checkpoint of its last reported step
+    (a trial ASHA stopped has no final/), else final/, else Ray's copy of the checkpoint."""
+    step = row.get("step")
+    candidates = ([trial_dir / f"checkpoint-{int(step)}"] if is_finite(step) else []) + [trial_dir / "final"]
+    for path in candidates:
+        if (path / "adapter_model.safetensors").is_file():
+            return path
+    return Path(row["checkpoint"]) if row.get("checkpoint") else trial_dir / "final"
+
+
+def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in rows if is_finite(r.get("score"))]
+    return max(ok, key=lambda r: r["score"]) if ok else None
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["trial", *TABLE_PARAMS, "accuracy", "calibration_error", "score", "validations", "status"]
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.4f}"
+        return "-" if v is None else str(v)
+    body = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def write_results(experiment_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """``results.csv`` (one row per trial) and ``results.json`` (summary + trials), each written
+    to a temporary file and renamed into place."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = experiment_dir / ".results.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, experiment_dir / "results.csv")
+    tmp = experiment_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps({**summary, "trials": rows}, indent=2, default=str))
+    os.replace(tmp, experiment_dir / "results.json")
