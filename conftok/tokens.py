@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from transformers import AddedToken
 
+from conftok.domains import resolve_domains
+
 __all__ = ["END_OF_TURN_TOKENS", "add_confidence_tokens", "end_of_turn_token_id", "init_token_rows", "token_ids"]
 
 # Tokens that close an assistant turn in common chat templates, preferred over eos because they
@@ -36,7 +38,8 @@ def token_ids(tokenizer, tokens: Sequence[str]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def add_confidence_tokens(tokenizer, model, tokens: Sequence[str], init: str = "end_of_turn") -> dict[str, int]:
+def add_confidence_tokens(tokenizer, model, tokens: Sequence[str] | None = None,
+                          init: str = "end_of_turn") -> dict[str, int]:
     """Add confidence tokens as special tokens and initialise their embedding rows.
 
     Each token becomes one id and absorbs a preceding space (``lstrip=True``), so ``"Yes <C_READ>"``
@@ -50,7 +53,8 @@ def add_confidence_tokens(tokenizer, model, tokens: Sequence[str], init: str = "
     Args:
         tokenizer: a Hugging Face tokenizer.
         model: the causal LM (before PEFT wrapping), or None to change the tokenizer only.
-        tokens: token strings, e.g. ``["<C_READ>", "<U_READ>"]``.
+        tokens: token strings, e.g. ``["<C_READ>", "<U_READ>"]``; None (the default) adds the
+            default domains' tokens, ``<C_READ>``, ``<U_READ>``, ``<C_MED>``, ``<U_MED>``.
         init: ``"end_of_turn"`` or ``"mean"``.
 
     Returns:
@@ -58,6 +62,10 @@ def add_confidence_tokens(tokenizer, model, tokens: Sequence[str], init: str = "
     """
     if init not in ("end_of_turn", "mean"):
         raise ValueError(f"init must be 'end_of_turn' or 'mean', got {init!r}")
+    if tokens is None:
+        tokens = resolve_domains().tokens
+    if isinstance(tokens, str):  # one string would be read letter by letter
+        raise TypeError(f"tokens must be a list of token strings, got the string {tokens!r}")
     if not tokens:
         raise ValueError("no confidence tokens given")
     vocab = tokenizer.get_vocab()

@@ -14,6 +14,19 @@ class TestSpecialTokens:
         assert resolve_domains().for_dataset("boolq").name == "read"
         assert resolve_domains().for_dataset("medqa").tokens == ("<C_MED>", "<U_MED>")
 
+    def test_without_tokens_adds_the_default_domains_tokens(self, tokenizer, tiny_model):
+        """``add_confidence_tokens(tokenizer, model)``, as first specified: the default domains."""
+        eot = end_of_turn_token_id(tokenizer)
+        size, rows = len(tokenizer), tiny_model.get_input_embeddings().weight.shape[0]
+        ids = add_confidence_tokens(tokenizer, tiny_model)
+        assert list(ids) == ["<C_READ>", "<U_READ>", "<C_MED>", "<U_MED>"]
+        assert sorted(ids.values()) == list(range(size, size + 4)) and len(tokenizer) == size + 4
+        emb = tiny_model.get_input_embeddings().weight
+        assert emb.shape[0] == rows + 4 and all(torch.equal(emb[i], emb[eot]) for i in ids.values())
+        assert add_confidence_tokens(tokenizer, tiny_model) == ids  # and again: nothing changes
+        with pytest.raises(TypeError, match="list of token strings"):
+            add_confidence_tokens(tokenizer, tiny_model, "<C_READ>")
+
     def test_each_token_is_one_id_and_absorbs_the_space(self, tokenizer, tiny_model):
         ids = add_confidence_tokens(tokenizer, tiny_model, TOKENS)
         assert len(set(ids.values())) == 4
