@@ -41,6 +41,7 @@ from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
 from conftok.loss import training_loss
 from conftok.modeling import build_model, model_device, save_adapter
+from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.tokens import token_ids
 
 __all__ = ["train", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets"]
@@ -140,6 +141,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
     collate = ConfidenceCollator(tokenizer.pad_token_id)
+    lengths = dataset.lengths()
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -160,6 +162,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     writer = SummaryWriter(str(out / "logs"), purge_step=state["global_step"] or None)
     print(f"Training on {len(dataset)} examples ({dataset.skipped} skipped as too long); {total_steps} optimizer "
           f"steps; token counts {dataset.token_counts()}; device {device}", flush=True)
+    if cfg.group_by_length:
+        first = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed, epoch=state["epoch"])
+        print(f"Length-grouped batches: {padding_share(first, lengths):.1%} of batch positions are padding", flush=True)
 
     def validate(epoch: float) -> dict[str, Any]:
         step = state["global_step"]
@@ -201,8 +206,12 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     confidence_ids = sorted(token_ids(tokenizer, domains.tokens).values())
     for epoch in range(state["epoch"], num_epochs):
         # Data order depends on (seed, epoch) only, so a resumed run sees the same batches.
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        if cfg.group_by_length:
+            sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        else:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
         skip = state["step_in_epoch"] * cfg.gradient_accumulation_steps if epoch == state["epoch"] else 0
         state["epoch"], state["step_in_epoch"] = epoch, state["step_in_epoch"] if skip else 0
         micro = 0
