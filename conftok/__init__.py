@@ -11,6 +11,7 @@ from conftok.evaluate import evaluate, load_rows
 from conftok.loss import confidence_token_loss, masked_lm_loss, p_confident
 from conftok.modeling import build_model, load_adapter, save_adapter
 from conftok.predict import Prediction, predict
+from conftok.serving import p_confident_from_logprobs
 from conftok.tagging import tag_rows, tag_to_file
 from conftok.tokens import add_confidence_tokens
 from conftok.train import TrainResult, train
@@ -21,6 +22,6 @@ __all__ = [
     "DEFAULT_DOMAINS", "IGNORE_INDEX", "ConfidenceCollator", "ConfidenceDataset", "ConfigError", "DataError",
     "Domain", "DomainSet", "TrainConfig", "TrainResult", "add_confidence_tokens", "auroc", "brier_score",
     "build_model", "calibration_error", "confidence_token_loss", "evaluate", "load_adapter", "load_rows",
-    "masked_lm_loss", "p_confident", "Prediction", "predict", "read_tagged_rows", "reliability_bins", "resolve_domains", "save_adapter",
+    "masked_lm_loss", "p_confident", "p_confident_from_logprobs", "Prediction", "predict", "read_tagged_rows", "reliability_bins", "resolve_domains", "save_adapter",
     "tag_rows", "tag_to_file", "train",
 ]
