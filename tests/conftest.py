@@ -1,4 +1,9 @@
-"""Shared fixtures: in-process tokenizers and tiny models (no network, no GPU)."""
+"""Shared fixtures: in-process tokenizers and tiny models (no network), and the device they run on.
+
+The suite runs on the CPU unless told otherwise: ``--device cuda`` (or ``CONFTOK_TEST_DEVICE=cuda``,
+which ``make test-gpu`` sets) puts every model a test builds on that device, and the tests make
+their tensors on the model's device. Tolerances are stated per dtype in :data:`TOLERANCES`.
+"""
 
 from __future__ import annotations
 
@@ -46,8 +51,61 @@ def make_tokenizer(chat_template: bool = True):
     return hf
 
 
-def make_model(vocab_size: int, tie: bool = True, seed: int = 0, arch: str = "llama"):
-    """A 2-layer, hidden-64 causal LM."""
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("CONFTOK_TEST_DEVICE") or "cpu",
+                     help="device the tests build their models on: cpu (default), cuda or cuda:N "
+                          "(default from $CONFTOK_TEST_DEVICE)")
+
+
+def pytest_configure(config):
+    name = config.getoption("device")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise pytest.UsageError(f"--device / CONFTOK_TEST_DEVICE: {err}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device / CONFTOK_TEST_DEVICE must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {name}: CUDA is not available (torch {torch.__version__}, "
+                                f"built for CUDA {torch.version.cuda}); run on the CPU with --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise pytest.UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """Where models are built (like transformers' ``torch_device``): the CPU unless ``--device`` says."""
+    device = torch.device(pytestconfig.getoption("device"))
+    return torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device
+
+
+# Two computations of one number (a loss two ways, a probability before and after a reload on a
+# new model) agree this closely; loose enough for the kernels CUDA picks for different shapes.
+TOLERANCES = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2},
+    torch.float16: {"atol": 1e-3, "rtol": 1e-3},
+}
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """``atol``/``rtol`` for :func:`torch.testing.assert_close` (``abs``/``rel`` of pytest.approx) at ``dtype``."""
+    return TOLERANCES[dtype]
+
+
+def approx(expected, dtype: torch.dtype):
+    """``pytest.approx`` with the tolerances of ``dtype``."""
+    tol = TOLERANCES[dtype]
+    return pytest.approx(expected, abs=tol["atol"], rel=tol["rtol"])
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch (CPU tensors) on ``device``."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def make_model(vocab_size: int, tie: bool = True, seed: int = 0, arch: str = "llama", device="cpu"):
+    """A 2-layer, hidden-64 causal LM on ``device`` (initialised on the CPU: the same weights everywhere)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -55,8 +113,8 @@ def make_model(vocab_size: int, tie: bool = True, seed: int = 0, arch: str = "ll
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   tie_word_embeddings=tie)
     if arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**kwargs)).eval()
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+        return Qwen2ForCausalLM(Qwen2Config(**kwargs)).to(device).eval()
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).to(device).eval()
 
 
 @pytest.fixture
@@ -70,8 +128,8 @@ def plain_tokenizer():
 
 
 @pytest.fixture
-def tiny_model(tokenizer):
-    return make_model(len(tokenizer))
+def tiny_model(tokenizer, device):
+    return make_model(len(tokenizer), device=device)
 
 
 def feature_rows(n: int, seed: int = 0, confident_share: float = 0.6) -> list[dict]:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import approx, make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftok import metrics as M
@@ -38,14 +38,14 @@ class ScriptedLM(LlamaForCausalLM):
         return out
 
 
-def scripted(tokenizer, plan):
-    """`plan`: list of (prompt question, answer text, token or None)."""
+def scripted(tokenizer, device="cpu"):
+    """A ScriptedLM on ``device`` with an empty script, its vocabulary the tokenizer's (tokens added)."""
     add_confidence_tokens(tokenizer, None, DOMAINS.tokens)
     torch.manual_seed(0)
     model = ScriptedLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     model.script = {}
-    return model
+    return model.to(device)
 
 
 BOOLQ = [
@@ -60,22 +60,29 @@ def tok():
     return make_tokenizer()
 
 
-class TestValidationLogic:
-    def _model_answering(self, tok, answers):
-        """The model answers each prompt (by its last-but-... unique id) -- we script on the
-        generation-prompt's last token, which all prompts share, so one answer for all."""
-        model = scripted(tok, None)
-        start = encode_prompt(tok, "x")[-1]  # last id of every generation prompt ("\n" after assistant)
-        ids = tok(answers[0], add_special_tokens=False)["input_ids"]
-        chain = [start] + ids + [tok.convert_tokens_to_ids(answers[1])] if answers[1] else [start] + ids
-        for a, b in zip(chain, chain[1:]):
-            model.script[a] = b
-        if not answers[1]:
-            model.script[ids[-1]] = tok.convert_tokens_to_ids("<|im_end|>")
-        return model
+@pytest.fixture
+def answering(tok, device):
+    """``answering(("Yes", "<C_READ>"))``: a scripted model on the suite's device giving that answer."""
+    return lambda answers: model_answering(tok, answers, device)
 
-    def test_answer_yes_with_confident_token(self, tok):
-        model = self._model_answering(tok, ("Yes", "<C_READ>"))
+
+def model_answering(tok, answers, device="cpu"):
+    """The model answers each prompt (by its last-but-... unique id) -- we script on the
+    generation-prompt's last token, which all prompts share, so one answer for all."""
+    model = scripted(tok, device)
+    start = encode_prompt(tok, "x")[-1]  # last id of every generation prompt ("\n" after assistant)
+    ids = tok(answers[0], add_special_tokens=False)["input_ids"]
+    chain = [start] + ids + [tok.convert_tokens_to_ids(answers[1])] if answers[1] else [start] + ids
+    for a, b in zip(chain, chain[1:]):
+        model.script[a] = b
+    if not answers[1]:
+        model.script[ids[-1]] = tok.convert_tokens_to_ids("<|im_end|>")
+    return model
+
+
+class TestValidationLogic:
+    def test_answer_yes_with_confident_token(self, tok, answering):
+        model = answering(("Yes", "<C_READ>"))
         result = evaluate(model, tok, {"boolq": BOOLQ}, beta=2, batch_size=2, progress=False)
         recs = result["records"]
         assert [r["response"] for r in recs] == ["Yes"] * 3
@@ -93,18 +100,20 @@ class TestValidationLogic:
         assert result["metrics"][M.VAL_ACCURACY] == pytest.approx(2 / 3)  # one domain: mean = its value
         assert result["metrics"][M.domain_key("read", "token_accuracy")] == pytest.approx(2 / 3)
 
-    def test_p_confident_is_read_after_the_answer(self, tok):
-        model = self._model_answering(tok, ("Yes", "<C_READ>"))
+    def test_p_confident_is_read_after_the_answer(self, tok, answering):
+        model = answering(("Yes", "<C_READ>"))
         result = evaluate(model, tok, {"boolq": BOOLQ[:1]}, beta=1, progress=False)
         context = encode_prompt(tok, DOMAINS.by_name("read").build_question(BOOLQ[0])) + \
             tok("Yes", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logits = confidence_logits(model, torch.tensor([context]), torch.ones(1, len(context), dtype=torch.long))
+            logits = confidence_logits(model, torch.tensor([context], device=model.device),
+                                       torch.ones(1, len(context), dtype=torch.long, device=model.device))
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
-        assert result["records"][0]["p_confident"] == pytest.approx(p_confident(logits, c, u).item(), abs=1e-6)
+        # Generation's cached step against one forward over the whole context: two computations.
+        assert result["records"][0]["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
 
-    def test_no_token_emitted_counts_as_wrong_but_p_is_still_read(self, tok):
-        model = self._model_answering(tok, ("Yes", None))
+    def test_no_token_emitted_counts_as_wrong_but_p_is_still_read(self, tok, answering):
+        model = answering(("Yes", None))
         result = evaluate(model, tok, {"boolq": BOOLQ}, beta=3, progress=False)
         recs = result["records"]
         assert all(r["token"] is None and not r["token_correct"] for r in recs)
@@ -112,8 +121,8 @@ class TestValidationLogic:
         assert result["domains"]["read"]["token_rate"] == 0.0
         assert result["domains"]["read"]["token_accuracy"] == 0.0
 
-    def test_unparseable_answer_is_incorrect_and_counted(self, tok):
-        model = self._model_answering(tok, ("river", "<U_READ>"))
+    def test_unparseable_answer_is_incorrect_and_counted(self, tok, answering):
+        model = answering(("river", "<U_READ>"))
         result = evaluate(model, tok, {"boolq": BOOLQ}, beta=3, progress=False)
         figures = result["domains"]["read"]
         assert figures["unparsed"] == 3 and figures["answer_accuracy"] == 0.0
@@ -146,16 +155,16 @@ class TestValidationLogic:
         assert s["brier"] == pytest.approx((0.01 + 0.04 + 0.36 + 0.09) / 4)
         assert s["auroc"] == pytest.approx(1.0)
 
-    def test_multiple_choice_domain(self, tok):
-        model = self._model_answering(tok, ("(B)", "<U_MED>"))
+    def test_multiple_choice_domain(self, tok, answering):
+        model = answering(("(B)", "<U_MED>"))
         rows = [{"id": "m1", "question": "Which?", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "B"},
                 {"id": "m2", "question": "Which?", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "C"}]
         result = evaluate(model, tok, {"medqa": rows}, beta=2, progress=False)
         assert [r["answer"] for r in result["records"]] == ["B", "B"]
         assert [r["token_correct"] for r in result["records"]] == [False, True]
 
-    def test_unknown_dataset_is_an_error(self, tok):
-        model = self._model_answering(tok, ("Yes", "<C_READ>"))
+    def test_unknown_dataset_is_an_error(self, tok, answering):
+        model = answering(("Yes", "<C_READ>"))
         with pytest.raises(KeyError, match="unknown dataset 'squad'"):
             evaluate(model, tok, {"squad": BOOLQ}, progress=False)
 
@@ -173,10 +182,6 @@ class TestValidationLogic:
     def test_load_rows_local_formats(self, tmp_path):
         (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in BOOLQ) + "\n")
         assert load_rows(tmp_path / "v.jsonl", limit=2) == BOOLQ[:2]
-        import datasets
-
-        datasets.Dataset.from_list(BOOLQ).to_parquet(str(tmp_path / "v.parquet"))
-        assert [r["id"] for r in load_rows(str(tmp_path / "v.parquet"))] == ["b1", "b2", "b3"]
         (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
         with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
             load_rows(tmp_path / "bad.jsonl")
@@ -184,8 +189,14 @@ class TestValidationLogic:
             load_rows(tmp_path / "missing.jsonl")
 
 
+    def test_load_rows_parquet(self, tmp_path):
+        datasets = pytest.importorskip("datasets", reason="parquet files are read through datasets")
+
+        datasets.Dataset.from_list(BOOLQ).to_parquet(str(tmp_path / "v.parquet"))
+        assert [r["id"] for r in load_rows(str(tmp_path / "v.parquet"))] == ["b1", "b2", "b3"]
+
     def test_load_rows_from_the_hub_goes_through_datasets(self, monkeypatch):
-        import datasets
+        datasets = pytest.importorskip("datasets", reason="Hub sources are read through datasets")
 
         calls = []
 
@@ -199,8 +210,8 @@ class TestValidationLogic:
 
 
 class TestTagging:
-    def test_tags_and_summary(self, tok, tmp_path):
-        model = TestValidationLogic()._model_answering(tok, ("Yes", None))
+    def test_tags_and_summary(self, tok, answering, tmp_path):
+        model = answering(("Yes", None))
         tagged, summary = tag_rows(model, tok, {"boolq": BOOLQ}, progress=False)
         assert [t["tagged_response"] for t in tagged] == ["Yes <C_READ>", "Yes <U_READ>", "Yes <C_READ>"]
         assert tagged[0]["question"] == DOMAINS.by_name("read").build_question(BOOLQ[0])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
+from conftest import approx, feature_rows, make_model, make_tokenizer, to_device, tolerance, write_jsonl
 
 from conftok.data import IGNORE_INDEX, ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
@@ -14,7 +14,7 @@ def _batch(tokenizer, model, tmp_path, n=5, chat=True, rows=None):
     add_confidence_tokens(tokenizer, model, resolve_domains().tokens)
     path = write_jsonl(tmp_path / "t.jsonl", rows or feature_rows(n, seed=3))
     ds = ConfidenceDataset(path, tokenizer)
-    return ConfidenceCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    return to_device(ConfidenceCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))]), model.device)
 
 
 def _full_loss(model, batch):
@@ -25,21 +25,21 @@ def _full_loss(model, batch):
 
 class TestGradientMasking:
     @pytest.mark.parametrize("chat", [True, False])
-    def test_one_position_loss_equals_masked_full_loss(self, tmp_path, chat):
+    def test_one_position_loss_equals_masked_full_loss(self, tmp_path, chat, device):
         tok = make_tokenizer(chat_template=chat)
-        model = make_model(len(tok), seed=1)
+        model = make_model(len(tok), seed=1, device=device)
         batch = _batch(tok, model, tmp_path, chat=chat)
         lengths = batch["attention_mask"].sum(1)
         assert len(set(lengths.tolist())) > 1  # odd lengths: padding is exercised
         one, _ = confidence_token_loss(model, batch)
         full = _full_loss(model, batch)
-        assert one.item() == pytest.approx(full.item(), abs=1e-5)
+        assert one.item() == approx(full.item(), model.dtype)
 
-    def test_equal_on_qwen2_with_untied_head(self, tmp_path, tokenizer):
-        model = make_model(len(tokenizer), tie=False, arch="qwen2", seed=2)
+    def test_equal_on_qwen2_with_untied_head(self, tmp_path, tokenizer, device):
+        model = make_model(len(tokenizer), tie=False, arch="qwen2", seed=2, device=device)
         batch = _batch(tokenizer, model, tmp_path)
         one, _ = confidence_token_loss(model, batch)
-        assert one.item() == pytest.approx(_full_loss(model, batch).item(), abs=1e-5)
+        assert one.item() == approx(_full_loss(model, batch).item(), model.dtype)
 
     def test_labels_supervise_only_the_token(self, tokenizer, tiny_model, tmp_path):
         batch = _batch(tokenizer, tiny_model, tmp_path)
@@ -69,15 +69,15 @@ class TestGradientMasking:
         grad_positions = (logits.grad.abs().sum(-1) > 0)
         assert grad_positions[:, -2].all() and grad_positions.sum() == len(logits)
 
-    def test_one_position_gradients_match_full_loss(self, tokenizer, tmp_path):
-        model = make_model(len(tokenizer), seed=4)
+    def test_one_position_gradients_match_full_loss(self, tokenizer, tmp_path, device):
+        model = make_model(len(tokenizer), seed=4, device=device)
         batch = _batch(tokenizer, model, tmp_path)
         confidence_token_loss(model, batch)[0].backward()
         one = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
         _full_loss(model, batch).backward()
         for name, p in model.named_parameters():
-            assert torch.allclose(one[name], p.grad, atol=1e-6), name
+            torch.testing.assert_close(one[name], p.grad, **tolerance(p.dtype), msg=name)
 
     def test_rejects_batches_with_other_supervised_positions(self, tokenizer, tiny_model, tmp_path):
         batch = _batch(tokenizer, tiny_model, tmp_path)
@@ -87,8 +87,8 @@ class TestGradientMasking:
 
 
 class TestProbabilityExtraction:
-    def test_two_token_softmax_equals_ratio_over_full_vocab(self):
-        logits = torch.randn(3, 50)
+    def test_two_token_softmax_equals_ratio_over_full_vocab(self, device):
+        logits = torch.randn(3, 50, device=device)
         p = p_confident(logits, 7, 11)
         full = torch.softmax(logits, -1)
         assert torch.allclose(p, full[:, 7] / (full[:, 7] + full[:, 11]), atol=1e-6)
@@ -103,14 +103,16 @@ class TestProbabilityExtraction:
 
         ids = add_confidence_tokens(tokenizer, tiny_model, resolve_domains().tokens)
         seq = tokenizer("Is the sky blue? Yes", add_special_tokens=False)["input_ids"]
-        alone = confidence_logits(tiny_model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+        device = tiny_model.device
+        alone = confidence_logits(tiny_model, torch.tensor([seq], device=device),
+                                  torch.ones(1, len(seq), dtype=torch.long, device=device))
         pad = tokenizer.pad_token_id
-        padded = torch.tensor([[pad] * 3 + seq])
-        mask = torch.tensor([[0] * 3 + [1] * len(seq)])
+        padded = torch.tensor([[pad] * 3 + seq], device=device)
+        mask = torch.tensor([[0] * 3 + [1] * len(seq)], device=device)
         with_pad = confidence_logits(tiny_model, padded, mask)
         a = p_confident(alone, ids["<C_READ>"], ids["<U_READ>"])
         b = p_confident(with_pad, ids["<C_READ>"], ids["<U_READ>"])
-        assert a.item() == pytest.approx(b.item(), abs=1e-5)
+        assert a.item() == approx(b.item(), tiny_model.dtype)
 
 
 def _long_answer_rows(seed=3):
@@ -169,26 +171,26 @@ class TestAnswerTerms:
         assert torch.equal(terms.logits, logits)
 
     @pytest.mark.parametrize("chat", [True, False])
-    def test_placement_equals_brute_force(self, tmp_path, chat):
+    def test_placement_equals_brute_force(self, tmp_path, chat, device):
         from conftok.loss import training_loss
 
         tok = make_tokenizer(chat_template=chat)
-        model = make_model(len(tok), seed=5)
+        model = make_model(len(tok), seed=5, device=device)
         batch = _batch(tok, model, tmp_path, chat=chat, rows=_long_answer_rows())
         conf_ids = sorted(add_confidence_tokens(tok, model, resolve_domains().tokens).values())
         assert len(set(batch["answer_mask"].sum(1).tolist())) > 1  # answers of different lengths
         terms = training_loss(model, batch, confidence_ids=conf_ids, placement_weight=0.5)
         placement, _ = _brute_force_terms(model, batch, conf_ids)
-        assert terms.placement.item() == pytest.approx(placement.item(), rel=1e-5)
-        assert terms.token.item() == pytest.approx(confidence_token_loss(model, batch)[0].item(), abs=1e-6)
-        assert terms.loss.item() == pytest.approx(terms.token.item() + 0.5 * placement.item(), rel=1e-5)
+        assert terms.placement.item() == approx(placement.item(), model.dtype)
+        assert terms.token.item() == approx(confidence_token_loss(model, batch)[0].item(), model.dtype)
+        assert terms.loss.item() == approx(terms.token.item() + 0.5 * placement.item(), model.dtype)
 
-    def test_placement_step_lowers_the_tokens_inside_answers_only(self, tokenizer, tmp_path):
+    def test_placement_step_lowers_the_tokens_inside_answers_only(self, tokenizer, tmp_path, device):
         """A gradient step on the placement term lowers p(confidence token) at the answer positions
         and leaves the token's own position's cross-entropy out of it (no gradient from there)."""
         from conftok.loss import training_loss
 
-        model = make_model(len(tokenizer), seed=6)
+        model = make_model(len(tokenizer), seed=6, device=device)
         batch = _batch(tokenizer, model, tmp_path, rows=_long_answer_rows())
         conf_ids = sorted(add_confidence_tokens(tokenizer, model, resolve_domains().tokens).values())
         with torch.no_grad():  # make the tokens likely everywhere, as the collapsed adapter did
@@ -202,16 +204,16 @@ class TestAnswerTerms:
         after = training_loss(model, batch, confidence_ids=conf_ids, placement_weight=1.0)
         assert after.placement.item() < 0.9 * before.placement.item()
 
-    def test_kl_is_zero_before_training_and_equals_brute_force_after(self, tmp_path):
+    def test_kl_is_zero_before_training_and_equals_brute_force_after(self, tmp_path, device):
         from conftok.loss import training_loss
         from conftok.modeling import build_model
 
         tok = make_tokenizer()
         model, tok = build_model(make_model(len(tok), seed=7), tokenizer=tok, backend="hf", bf16=False,
-                                 lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False)
+                                 lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False, device=device)
         path = write_jsonl(tmp_path / "t.jsonl", _long_answer_rows(seed=8))
         ds = ConfidenceDataset(path, tok)
-        batch = ConfidenceCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
+        batch = to_device(ConfidenceCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))]), device)
         conf_ids = sorted(add_confidence_tokens(tok, model, resolve_domains().tokens).values())
         model.eval()
         before = training_loss(model, batch, confidence_ids=conf_ids, placement_weight=1.0, kl_weight=1.0)
@@ -241,7 +243,7 @@ class TestAnswerTerms:
         with pytest.raises(KeyError, match="answer_mask"):
             training_loss(tiny_model, batch, confidence_ids=[1], placement_weight=1.0)
 
-    def test_short_row_beside_a_long_answer_stays_finite(self):
+    def test_short_row_beside_a_long_answer_stays_finite(self, device):
         """The kept columns reach into a short row's left padding (fully masked queries there);
         the terms ignore those columns and nothing NaN reaches the loss or the gradients."""
         from conftok.loss import training_loss
@@ -249,7 +251,7 @@ class TestAnswerTerms:
 
         tok = make_tokenizer()
         model, tok = build_model(make_model(len(tok), seed=7), tokenizer=tok, backend="hf", bf16=False, lora_r=4,
-                                 lora_alpha=8, gradient_checkpointing=False)
+                                 lora_alpha=8, gradient_checkpointing=False, device=device)
         ids = sorted(add_confidence_tokens(tok, model, resolve_domains().tokens).values())
         examples = []
         for prompt, answer in (([5], [6]), ([5, 6, 7], [8] * 30)):
@@ -260,7 +262,7 @@ class TestAnswerTerms:
             answer_mask[len(prompt):-1] = 1
             examples.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
                              "answer_mask": answer_mask})
-        batch = ConfidenceCollator(tok.pad_token_id)(examples)
+        batch = to_device(ConfidenceCollator(tok.pad_token_id)(examples), device)
         assert batch["attention_mask"][0].sum() < 31  # row 0 is shorter than the 31 kept columns
         model.train()
         terms = training_loss(model, batch, confidence_ids=ids, placement_weight=1.0, kl_weight=1.0)

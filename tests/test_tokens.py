@@ -53,11 +53,11 @@ class TestSpecialTokens:
         emb = tiny_model.get_input_embeddings().weight
         for i in ids.values():
             assert torch.equal(emb[i], emb[eot])
-        logits = tiny_model(torch.tensor([[5, 6, 7]])).logits[0, -1]
+        logits = tiny_model(torch.tensor([[5, 6, 7]], device=tiny_model.device)).logits[0, -1]
         assert torch.softmax(logits[[ids["<C_READ>"], ids["<U_READ>"]]], -1)[0].item() == pytest.approx(0.5)
 
-    def test_untied_output_rows_are_initialised_too(self, tokenizer):
-        model = make_model(len(tokenizer), tie=False)
+    def test_untied_output_rows_are_initialised_too(self, tokenizer, device):
+        model = make_model(len(tokenizer), tie=False, device=device)
         eot = end_of_turn_token_id(tokenizer)
         ids = add_confidence_tokens(tokenizer, model, TOKENS)
         head = model.get_output_embeddings().weight
@@ -80,15 +80,15 @@ class TestSpecialTokens:
         assert again == first and len(tokenizer) == size
         assert torch.equal(tiny_model.get_input_embeddings().weight, snapshot)
 
-    def test_never_shrinks_a_larger_matrix(self, tokenizer):
+    def test_never_shrinks_a_larger_matrix(self, tokenizer, device):
         rows = len(tokenizer) + 64  # Qwen2.5: more rows than tokens
-        model = make_model(rows)
+        model = make_model(rows, device=device)
         ids = add_confidence_tokens(tokenizer, model, TOKENS)
         assert model.get_input_embeddings().weight.shape[0] == rows
         assert max(ids.values()) < rows
 
-    def test_grows_a_smaller_matrix(self, tokenizer):
-        model = make_model(len(tokenizer))
+    def test_grows_a_smaller_matrix(self, tokenizer, device):
+        model = make_model(len(tokenizer), device=device)
         add_confidence_tokens(tokenizer, model, TOKENS)
         assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
         assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
