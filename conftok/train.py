@@ -6,8 +6,9 @@ steps with validation every ``eval_steps`` and at each epoch end. Each validatio
 ``on_validation(metrics, checkpoint_dir)``; Ray's worker reports from there. Output tree::
 
     output_dir/
-      checkpoint-N/            adapter, tokenizer, trainer_state.pt, validation.json (metrics,
-                               reliability bins, per-row records: answer, token, p_confident)
+      checkpoint-N/            adapter, tokenizer, validation.json (metrics, reliability bins,
+                               per-row records: answer, token, p_confident), trainer_state.json +
+                               trainer_state.safetensors (optimizer, schedule, random states: no pickle)
       best_accuracy/           best mean token accuracy so far
       best_calibration/        lowest mean calibration error so far
       final/                   adapter after the last step, final_metrics.json
@@ -35,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from conftok import metrics as M
+from conftok.checkpoint import TRAINER_STATE_FILE, TRAINER_STATE_FILES, load_trainer_state, save_trainer_state
 from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
@@ -48,7 +50,6 @@ __all__ = ["train", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets"]
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE_FILE = "trainer_state.pt"
 OnValidation = Callable[[dict[str, Any], Path], None]
 
 
@@ -192,7 +193,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                                 domains, {"metrics": metrics, "domains": result["domains"],
                                           "reliability": result["reliability"], "records": result["records"]})
         for what, name in improved:
-            _copy_dir(ckpt, out / name, skip=(TRAINER_STATE_FILE,))
+            _copy_dir(ckpt, out / name, skip=TRAINER_STATE_FILES)
             print(f"✓ New best {what}! Saving to {out / name}", flush=True)
         _prune_checkpoints(out, cfg.save_total_limit)
         if on_validation is not None:
@@ -284,11 +285,7 @@ def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, 
     """Adapter + everything needed to resume, written atomically."""
     save_adapter(model, tokenizer, path, domains=domains, token_init=cfg.token_init,
                  extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
-    torch.save({
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-    }, path / f".{TRAINER_STATE_FILE}.tmp")
-    os.replace(path / f".{TRAINER_STATE_FILE}.tmp", path / TRAINER_STATE_FILE)
+    save_trainer_state(path, optimizer=optimizer, scheduler=scheduler, state=state)
     _write_json(path / "validation.json", validation)
     return path
 
@@ -297,19 +294,14 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    if not (path / TRAINER_STATE_FILE).is_file():
-        raise FileNotFoundError(f"cannot resume from {path}: no {TRAINER_STATE_FILE} (not a checkpoint-N directory)")
+    if not all((path / name).is_file() for name in TRAINER_STATE_FILES):
+        raise FileNotFoundError(f"cannot resume from {path}: no {' + '.join(TRAINER_STATE_FILES)} (not a "
+                                "checkpoint-N directory)")
     weights = load_file(str(path / "adapter_model.safetensors"), device=str(model_device(model)))
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{path}: adapter does not match the model (unexpected keys {result.unexpected_keys[:5]})")
-    saved = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    np.random.set_state(saved["rng"]["numpy"])
-    random.setstate(saved["rng"]["python"])
-    return saved["state"]
+    return load_trainer_state(path, optimizer=optimizer, scheduler=scheduler)  # also restores every random state
 
 
 def _prune_checkpoints(out: Path, keep: int | None) -> None:

@@ -1,14 +1,20 @@
 """End to end on an in-process tiny model: train, validate, save, reload in a fresh process."""
 
+import functools
+import importlib
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
+from conftest import feature_rows, make_model, make_tokenizer, to_device, write_jsonl
 
 from conftok import TrainConfig, train
+from conftok.checkpoint import TRAINER_STATE_FILE, TRAINER_STATE_FILES, TRAINER_TENSORS_FILE
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.loss import confidence_logits, p_confident
 
@@ -25,6 +31,7 @@ def held_out_accuracy(model, tokenizer, path):
     """Token accuracy at the token position (teacher-forced answer) and p_confident per row."""
     ds = ConfidenceDataset(path, tokenizer)
     batch = ConfidenceCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    batch = to_device(batch, next(model.parameters()).device)
     model.eval()
     with torch.no_grad():
         logits = confidence_logits(model, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])
@@ -39,7 +46,18 @@ def held_out_accuracy(model, tokenizer, path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def train_on_device(device):
+    """train() takes CUDA whenever it sees it; here its model goes where the suite runs."""
+    from conftok.modeling import build_model
+
+    train_module = importlib.import_module("conftok.train")  # `conftok.train` the attribute is the function
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "build_model", functools.partial(build_model, device=device))
+        yield device
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_on_device):
     root = tmp_path_factory.mktemp("integration")
     tokenizer = make_tokenizer()
     base = make_model(len(tokenizer), seed=0)
@@ -49,11 +67,11 @@ def trained(tmp_path_factory):
     test_path = write_jsonl(root / "test.jsonl", feature_rows(60, seed=2))
     cfg = TrainConfig(model_name=str(root / "base"), train_data=train_path, output_dir=str(root / "run"),
                       backend="hf", num_epochs=3, batch_size=16, learning_rate=1e-2, warmup_ratio=0.1,
-                      lora_r=8, lora_alpha=16, eval_steps=15, bf16=False, gradient_checkpointing=False,
+                      lora_r=8, lora_alpha=16, lora_dropout=0.1, eval_steps=15, bf16=False, gradient_checkpointing=False,
                       calib_beta=4, eval_batch_size=8, max_new_tokens=4, logging_steps=1, progress=False)
     seen = []
     result = train(cfg, val_sets=VAL, on_validation=lambda m, d: seen.append((m, d)))
-    return {"root": root, "cfg": cfg, "result": result, "seen": seen, "test": test_path}
+    return {"root": root, "cfg": cfg, "result": result, "seen": seen, "test": test_path, "device": train_on_device}
 
 
 def _scalars(logdir, tag):
@@ -74,7 +92,7 @@ class TestIntegration:
     def test_held_out_token_accuracy_beats_majority(self, trained):
         from conftok.modeling import load_adapter
 
-        model, tokenizer, _ = load_adapter(trained["result"].final_dir, device="cpu")
+        model, tokenizer, _ = load_adapter(trained["result"].final_dir, device=trained["device"])
         accuracy, _ = held_out_accuracy(model, tokenizer, trained["test"])
         rows = [json.loads(line) for line in open(trained["test"])]
         confident = sum("<C_" in r["tagged_response"] for r in rows) / len(rows)
@@ -87,12 +105,13 @@ class TestIntegration:
         assert steps == [10, 15, 20, 30]  # eval_steps=15 plus each epoch end (10 steps an epoch)
         for metrics, ckpt in trained["seen"]:
             assert ckpt == run / f"checkpoint-{metrics['step']}"
-            assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
+            assert (ckpt / "adapter_model.safetensors").is_file()
+            assert all((ckpt / name).is_file() for name in TRAINER_STATE_FILES)
             assert 0 <= metrics["val/accuracy"] <= 1 and metrics["val/calibration_error"] >= 0
             assert metrics["val/score"] == pytest.approx(metrics["val/accuracy"] - metrics["val/calibration_error"])
         for name in ("best_accuracy", "best_calibration", "final"):
             assert (run / name / "adapter_model.safetensors").is_file(), name
-            assert not (run / name / "trainer_state.pt").exists()
+            assert not any((run / name / f).exists() for f in TRAINER_STATE_FILES)
         for epoch in (1, 2, 3):
             data = json.loads((run / f"reliability_epoch_{epoch}.json").read_text())
             assert data["epoch"] == epoch and set(data["reliability"]) == {"read", "med"}
@@ -105,37 +124,70 @@ class TestIntegration:
     def test_reload_in_fresh_process_gives_same_p_confident(self, trained):
         from conftok.modeling import load_adapter
 
-        model, tokenizer, _ = load_adapter(trained["result"].final_dir, device="cpu")
+        device = str(trained["device"])
+        model, tokenizer, _ = load_adapter(trained["result"].final_dir, device=device)
         _, here = held_out_accuracy(model, tokenizer, trained["test"])
         code = (
             "import json, sys; sys.path.insert(0, 'tests')\n"
             "from test_integration import held_out_accuracy\n"
             "from conftok.modeling import load_adapter\n"
-            f"m, t, _ = load_adapter({str(trained['result'].final_dir)!r}, device='cpu')\n"
+            f"m, t, _ = load_adapter({str(trained['result'].final_dir)!r}, device={device!r})\n"
             f"print(json.dumps(held_out_accuracy(m, t, {trained['test']!r})[1]))\n"
         )
+        # The environment is kept (a GPU box may find peft through PYTHONPATH, CUDA through LD_LIBRARY_PATH).
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                             cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         there = json.loads(out.stdout.strip().splitlines()[-1])
         assert max(abs(a - b) for a, b in zip(here, there)) < 1e-6
 
-    def test_resume_continues_from_checkpoint(self, trained, tmp_path):
-        """Resuming from checkpoint-20 reaches the same final adapter as the uninterrupted run."""
+    def test_resume_continues_from_checkpoint(self, trained, tmp_path, monkeypatch):
+        """Resuming from checkpoint-20 reaches the uninterrupted run's final adapter within 1e-5, on
+        the suite's device: optimizer, schedule, data order and every random state come back.
+        LoRA dropout (0.1) draws from the model's device's generator (CUDA's on a GPU), so the
+        random states matter: a resume that skips them ends elsewhere."""
         from safetensors.torch import load_file
 
-        cfg = TrainConfig(**{**trained["cfg"].to_dict(), "output_dir": str(tmp_path / "resumed")})
-        seen = []
-        result = train(cfg, val_sets=VAL, resume_from=trained["root"] / "run" / "checkpoint-20",
-                       on_validation=lambda m, d: seen.append(m["step"]))
-        assert seen == [30] and result.global_step == 30
-        a = load_file(str(trained["result"].final_dir / "adapter_model.safetensors"))
-        b = load_file(str(result.final_dir / "adapter_model.safetensors"))
-        assert a.keys() == b.keys()
-        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+        from conftok import checkpoint
 
-    def test_nan_loss_stops_with_the_step(self, tmp_path):
+        def resume(name):
+            cfg = TrainConfig(**{**trained["cfg"].to_dict(), "output_dir": str(tmp_path / name)})
+            seen = []
+            result = train(cfg, val_sets=VAL, resume_from=trained["root"] / "run" / "checkpoint-20",
+                           on_validation=lambda m, d: seen.append(m["step"]))
+            assert seen == [30] and result.global_step == 30
+            return load_file(str(result.final_dir / "adapter_model.safetensors"))
+
+        def max_difference(x, y):
+            assert x.keys() == y.keys()
+            return max((x[k] - y[k]).abs().max().item() for k in x)
+
+        uninterrupted = load_file(str(trained["result"].final_dir / "adapter_model.safetensors"))
+        assert max_difference(uninterrupted, resume("resumed")) <= 1e-5
+        monkeypatch.setattr(checkpoint, "set_rng_state", lambda state: None)
+        assert max_difference(uninterrupted, resume("random_states_not_restored")) > 1e-5
+
+    def test_checkpoint_holds_no_pickle(self, trained):
+        """The trainer state is JSON plus safetensors (every tensor the JSON names is there), and no
+        file of a checkpoint is a pickle or a torch.save archive: loading one runs no code."""
+        from safetensors.torch import load_file
+
+        ckpt = trained["root"] / "run" / "checkpoint-20"
+        for path in (p for p in ckpt.iterdir() if p.is_file()):
+            head = path.read_bytes()[:4]
+            assert not head.startswith(b"\x80") and head != b"PK\x03\x04", f"{path.name} is a pickle or zip"
+        text = (ckpt / TRAINER_STATE_FILE).read_text()
+        saved = json.loads(text)
+        tensors = load_file(str(ckpt / TRAINER_TENSORS_FILE))
+        assert saved["state"]["global_step"] == 20 and saved["state"]["step_in_epoch"] == 0
+        assert set(re.findall(r'"__tensor__": "([^"]+)"', text)) == set(tensors)
+        assert tensors["trainer.rng.torch"].dtype == torch.uint8
+        assert len(saved["rng"]["python"][1]) == 625 and len(saved["rng"]["numpy"][1]) == 624
+        if trained["device"].type == "cuda":  # one state per device, the model's among them
+            assert tensors[f"trainer.rng.cuda.{trained['device'].index}"].dtype == torch.uint8
+
+    def test_nan_loss_stops_with_the_step(self, tmp_path, train_on_device):
         tokenizer = make_tokenizer()
-        model = make_model(len(tokenizer))
+        model = make_model(len(tokenizer), device=train_on_device)
         with torch.no_grad():
             model.model.norm.weight.fill_(float("nan"))
         path = write_jsonl(tmp_path / "t.jsonl", feature_rows(8))

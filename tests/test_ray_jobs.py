@@ -18,6 +18,8 @@ from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
 
 pytest.importorskip("ray")
 
+from conftok.checkpoint import TRAINER_STATE_FILE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 VAL_BOOLQ = [{"id": f"b{i}", "question": f"is code {w} red", "passage": "The barn is red.", "answer": i % 3 != 0}
              for i, w in enumerate(["alpha", "beta"] * 3)]
@@ -76,7 +78,7 @@ class TestRayTrain:
         assert steps == [2, 4, 6, 8], steps  # resumed after 4: nothing repeated from step 0
         assert result.metrics["step"] == 8 and 0 <= result.metrics["val/accuracy"] <= 1
         assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
-        assert (Path(result.checkpoint.path) / "trainer_state.pt").is_file()
+        assert (Path(result.checkpoint.path) / TRAINER_STATE_FILE).is_file()
 
     def test_more_gpus_than_the_cluster_fails_at_once(self, local_ray):
         from ray_jobs.common import ResourceError, check_resources
