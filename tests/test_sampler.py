@@ -122,3 +122,55 @@ class TestLengthGroupedBatchSampler:
             LengthGroupedBatchSampler([1, -2], 2)
         with pytest.raises(ValueError, match="epoch"):
             LengthGroupedBatchSampler([1, 2], 2).set_epoch(-1)
+
+
+VAL = {
+    "boolq": [{"id": "b0", "question": "is code alpha red", "passage": "The barn is red.", "answer": True},
+              {"id": "b1", "question": "is code beta red", "passage": "The barn is red.", "answer": False}],
+    "medqa": [{"id": "m0", "question": "code alpha: which drug", "answer": "A",
+               "options": {"A": "aspirin", "B": "insulin", "C": "heparin", "D": "penicillin"}}],
+}
+
+
+def test_train_resumed_mid_epoch_sees_the_same_batches(tmp_path, capsys):
+    """train() with length-grouped batches, resumed from a checkpoint in the middle of epoch 2 (it skips
+    step_in_epoch * gradient_accumulation_steps batches), ends on the uninterrupted run's adapter."""
+    from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
+    from safetensors.torch import load_file
+
+    from conftok import TrainConfig, train
+
+    tokenizer = make_tokenizer()
+    make_model(len(tokenizer), seed=0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    rows = feature_rows(48, seed=3)
+    for i, row in enumerate(rows):  # lengths that differ, so grouping changes the batches
+        row["question"] = " ".join(["code red farm"] * (i % 7)) + " " + row["question"]
+    # 12 batches of 4 an epoch, 2 per step: 6 steps an epoch; checkpoint-8 is 2 steps into epoch 2.
+    cfg = TrainConfig(model_name=str(tmp_path / "base"), train_data=write_jsonl(tmp_path / "train.jsonl", rows),
+                      output_dir=str(tmp_path / "full"), backend="hf", num_epochs=2, batch_size=4,
+                      gradient_accumulation_steps=2, learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                      eval_steps=4, bf16=False, gradient_checkpointing=False, calib_beta=2, eval_batch_size=4,
+                      max_new_tokens=2, logging_steps=1, progress=False, seed=7)
+    full = train(cfg, val_sets=VAL)
+    assert "Length-grouped batches:" in capsys.readouterr().out
+    resumed = train(TrainConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "resumed")}), val_sets=VAL,
+                    resume_from=tmp_path / "full" / "checkpoint-8")
+    assert full.global_step == resumed.global_step == 12
+    a = load_file(str(full.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
+    middle = load_file(str(tmp_path / "full" / "checkpoint-8" / "adapter_model.safetensors"))
+    assert max((a[k].float() - middle[k].float()).abs().max().item() for k in a) > 1e-3  # it trained on
+
+
+def test_cli_flag():
+    import argparse
+
+    from ray_jobs.common import add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    assert config_from_args(parser.parse_args([])).group_by_length is True
+    assert config_from_args(parser.parse_args(["--no-group_by_length"])).group_by_length is False
