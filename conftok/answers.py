@@ -16,6 +16,8 @@ Rules, in brief (the docstrings give the details):
   wins; otherwise the option text is matched. A bare letter followed by more words counts only
   when those words are its own option text, so the article in "A 45-year-old man ..." is not
   read as option A.
+* number: the number after the last "=" or after "answer is" wins; otherwise the first number
+  in the text ("12", "12.", "The sum is 12"); thousands separators are allowed ("1,234").
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_OPTION_LETTERS",
+    "normalize_number_label",
     "normalize_option_label",
     "normalize_yes_no_label",
+    "parse_number",
     "parse_option_letter",
     "parse_yes_no",
 ]
@@ -322,3 +326,48 @@ def normalize_option_label(value: Any, options: Mapping[str, str] | None = None)
         f"option label {value!r} is not an option letter; expected one of {', '.join(allowed)} "
         "(any case, optionally as '(C)', 'C.' or 'C)')"
     )
+
+
+# A number, optionally signed, with optional thousands separators and decimals ("1,234", "-3", "2.5").
+_NUMBER = r"(?<![\w.])[-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?(?!\w)"
+_NUMBER_RE = re.compile(_NUMBER)
+_EXPLICIT_NUMBER = re.compile(r"(?:=|\banswer\s*(?:is|:)|\bequals)\s*(" + _NUMBER + ")", re.IGNORECASE)
+
+
+def _canonical_int(text: str) -> str | None:
+    value = float(text.replace(",", "").replace("\u2212", "-"))
+    return str(int(value)) if value.is_integer() else None
+
+
+def parse_number(text: str) -> str | None:
+    """The integer a free-text answer gives, as a canonical string ("012" -> "12"), or None.
+
+    An explicit result wins: the number after the last "=" ("7 + 5 = 12" -> "12") or after
+    "answer is"; otherwise the first integer in the text. Decimals are not integers and are not
+    read ("2.5" -> None).
+
+    >>> parse_number("12"), parse_number("7 + 5 = 12."), parse_number("The sum is 1,234"), parse_number("no idea")
+    ('12', '12', '1234', None)
+    """
+    text = _MARKDOWN.sub("", _clean(text))
+    explicit = _EXPLICIT_NUMBER.findall(text)
+    if explicit:
+        return _canonical_int(explicit[-1])
+    match = _NUMBER_RE.search(text)
+    return _canonical_int(match.group(0)) if match else None
+
+
+def normalize_number_label(value: Any) -> str:
+    """Ground-truth integer -> canonical string: 12, "12", " 012 " -> "12".
+
+    Anything that is not an integer (a float with a fraction, a bool, free text) raises
+    ``ValueError`` naming the value.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return str(int(value))
+    raise ValueError(f"number label {value!r} ({type(value).__name__}) is not an integer; "
+                     "expected an int or a string of digits such as 12 or '12'")

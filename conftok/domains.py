@@ -16,6 +16,10 @@ Task kinds (``TASKS``):
   with :func:`conftok.answers.parse_yes_no`.
 - ``multiple_choice``: raw rows ``{question, options: {letter: text}, answer: letter}``; the
   answer is read with :func:`conftok.answers.parse_option_letter`.
+- ``number``: raw rows ``{question, answer: int}`` (arithmetic, counting); the question is asked
+  as it is, followed by "Answer with the number only.", and the answer is read with
+  :func:`conftok.answers.parse_number`. ``domains/read_med_math.yaml`` adds the generated
+  arithmetic domain ``math`` (``conftok.arithmetic``) this way.
 
 ``fields`` maps these names to another layout's column names, e.g.
 ``{"question": "query", "answer": "label"}``.
@@ -32,8 +36,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from conftok.answers import (
+    normalize_number_label,
     normalize_option_label,
     normalize_yes_no_label,
+    parse_number,
     parse_option_letter,
     parse_yes_no,
 )
@@ -68,12 +74,24 @@ def _multiple_choice_question(row: Mapping[str, Any]) -> str:
     return f"{str(row['question']).strip()}\n\n{lines}\n\nAnswer with the letter of the correct option."
 
 
+def _number_question(row: Mapping[str, Any]) -> str:
+    return f"{str(row['question']).strip()}\nAnswer with the number only."
+
+
 def _yes_no_parse(text: str, row: Mapping[str, Any]) -> str | None:
     return parse_yes_no(text)
 
 
 def _multiple_choice_parse(text: str, row: Mapping[str, Any]) -> str | None:
     return parse_option_letter(text, row.get("options"))
+
+
+def _number_parse(text: str, row: Mapping[str, Any]) -> str | None:
+    return parse_number(text)
+
+
+def _number_label(row: Mapping[str, Any]) -> str:
+    return normalize_number_label(row["answer"])
 
 
 def _yes_no_label(row: Mapping[str, Any]) -> str:
@@ -100,6 +118,7 @@ TASKS: dict[str, Task] = {
         _multiple_choice_question, _multiple_choice_parse, _multiple_choice_label,
         ("question", "options", "answer"),
     ),
+    "number": Task(_number_question, _number_parse, _number_label, ("question", "answer")),
 }
 
 
