@@ -8,6 +8,7 @@ from conftok.config import ConfigError, TrainConfig
 from conftok.data import IGNORE_INDEX, ConfidenceCollator, ConfidenceDataset, DataError, read_tagged_rows
 from conftok.domains import DEFAULT_DOMAINS, Domain, DomainSet, resolve_domains
 from conftok.evaluate import evaluate, load_rows
+from conftok.export import export_merged
 from conftok.loss import confidence_token_loss, masked_lm_loss, p_confident
 from conftok.modeling import build_model, load_adapter, save_adapter
 from conftok.predict import Prediction, predict
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_DOMAINS", "IGNORE_INDEX", "ConfidenceCollator", "ConfidenceDataset", "ConfigError", "DataError",
     "Domain", "DomainSet", "TrainConfig", "TrainResult", "add_confidence_tokens", "auroc", "brier_score",
-    "build_model", "calibration_error", "confidence_token_loss", "evaluate", "load_adapter", "load_rows",
+    "build_model", "calibration_error", "confidence_token_loss", "evaluate", "export_merged", "load_adapter", "load_rows",
     "masked_lm_loss", "p_confident", "p_confident_from_logprobs", "Prediction", "predict", "read_tagged_rows", "reliability_bins", "resolve_domains", "save_adapter",
     "tag_rows", "tag_to_file", "train",
 ]

@@ -14,12 +14,14 @@ import torch
 
 from conftok.domains import DomainSet
 from conftok.lora_targets import present_target_modules, trainable_token_indices
+from conftok.memory import auto_gradient_checkpointing
 from conftok.tokens import add_confidence_tokens
 
 
 def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_r: int, lora_alpha: int,
-                lora_dropout: float, target_modules: Sequence[str], gradient_checkpointing: bool,
-                dtype: torch.dtype, token_init: str, max_seq_length: int, seed: int):
+                lora_dropout: float, target_modules: Sequence[str], gradient_checkpointing: bool | str,
+                dtype: torch.dtype, token_init: str, max_seq_length: int, seed: int, batch_size: int = 8,
+                seq_len: int | None = None):
     import unsloth  # noqa: F401  (patches transformers/peft; must come first)
     from unsloth import FastLanguageModel
 
@@ -34,6 +36,10 @@ def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     ids = list(add_confidence_tokens(tokenizer, model, domains.tokens, init=token_init).values())
+    if gradient_checkpointing == "auto":
+        gradient_checkpointing = auto_gradient_checkpointing(model, batch_size=batch_size,
+                                                             seq_len=seq_len or max_seq_length, lora_r=lora_r,
+                                                             target_modules=target_modules)
     model = FastLanguageModel.get_peft_model(
         model,
         r=lora_r,

@@ -21,9 +21,11 @@ import torch
 
 from conftok.domains import DomainSet, resolve_domains
 from conftok.lora_targets import present_target_modules, trainable_token_indices
+from conftok.memory import auto_gradient_checkpointing
 from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
 
 __all__ = ["BACKENDS", "QUANTIZATIONS", "DEFAULT_TARGET_MODULES", "METADATA_FILE", "build_model",
+           "enable_gradient_checkpointing",
            "load_tokenizer", "resolve_backend", "save_adapter", "load_adapter", "model_device"]
 
 logger = logging.getLogger(__name__)
@@ -96,12 +98,14 @@ def build_model(
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool | str = True,
     bf16: bool = True,
     token_init: str = "end_of_turn",
     max_seq_length: int = 2048,
     seed: int = 42,
     device: "str | torch.device | None" = None,
+    batch_size: int = 8,
+    seq_len: int | None = None,
 ):
     """Load a causal LM, add the domains' confidence tokens and wrap it with LoRA.
 
@@ -113,6 +117,9 @@ def build_model(
         quantization: ``none``, ``8bit`` or ``4bit`` (bitsandbytes).
         bf16: load weights in bfloat16 on a CPU or a GPU that supports it (fp32 otherwise).
         token_init: ``end_of_turn`` or ``mean`` (see :func:`~conftok.tokens.add_confidence_tokens`).
+        gradient_checkpointing: True, False, or ``"auto"``: decided by
+            :func:`conftok.memory.auto_gradient_checkpointing` once the weights are on the device, for
+            batches of ``batch_size`` rows of ``seq_len`` tokens (default ``max_seq_length``).
 
     Returns:
         ``(peft_model, tokenizer)``; the tokenizer pads on the left.
@@ -128,6 +135,8 @@ def build_model(
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(gradient_checkpointing, bool) and gradient_checkpointing != "auto":
+        raise ValueError(f"gradient_checkpointing must be True, False or 'auto', got {gradient_checkpointing!r}")
     quant_config = _quantization_config(quantization, dtype)
 
     if isinstance(model_name, torch.nn.Module):
@@ -149,7 +158,7 @@ def build_model(
                 str(model_name), domains=domains, quantization=quantization, lora_r=lora_r,
                 lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                 gradient_checkpointing=gradient_checkpointing, dtype=dtype, token_init=token_init,
-                max_seq_length=max_seq_length, seed=seed,
+                max_seq_length=max_seq_length, seed=seed, batch_size=batch_size, seq_len=seq_len or max_seq_length,
             )
         from transformers import AutoModelForCausalLM
 
@@ -164,6 +173,9 @@ def build_model(
     ids = add_confidence_tokens(tokenizer, model, domains.tokens, init=token_init)
     if quant_config is None:
         model.to(device)
+    if gradient_checkpointing == "auto":
+        gradient_checkpointing = auto_gradient_checkpointing(model, batch_size=batch_size, seq_len=seq_len or max_seq_length,
+                                                             lora_r=lora_r, target_modules=target_modules)
     return _wrap_lora(model, tokenizer, list(ids.values()), quantized=quant_config is not None,
                       lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=target_modules, gradient_checkpointing=gradient_checkpointing)
@@ -189,6 +201,14 @@ def _wrap_lora(model, tokenizer, ids, *, quantized, lora_r, lora_alpha, lora_dro
         trainable_token_indices=trainable_token_indices(model, ids),
     )
     return get_peft_model(model, config), tokenizer
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Turn on gradient checkpointing in a model ``build_model`` wrapped without it (hf backend), as
+    ``gradient_checkpointing=True`` would have: non-reentrant, with input gradients."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
 
 
 def _write_metadata(out_dir: Path, tokenizer, domains: DomainSet, extra: dict[str, Any]) -> None:

@@ -42,7 +42,8 @@ from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
 from conftok.loss import training_loss
-from conftok.modeling import build_model, model_device, save_adapter
+from conftok.memory import auto_gradient_checkpointing
+from conftok.modeling import build_model, enable_gradient_checkpointing, model_device, resolve_backend, save_adapter
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.tokens import token_ids
 
@@ -128,12 +129,15 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     domains = resolve_domains(cfg.domains)
+    # 'auto' checkpointing is decided once the rows are read (the longest sets the batch's shape): the hf
+    # backend can turn it on after wrapping; unsloth sets it when it wraps, so it decides from max_seq_length.
+    auto_checkpointing = cfg.gradient_checkpointing == "auto" and (model is not None or resolve_backend(cfg.backend) == "hf")
     model, tokenizer = build_model(
         model if model is not None else cfg.model_name, tokenizer=tokenizer, domains=domains,
         backend=cfg.backend, quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
-        gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, token_init=cfg.token_init,
-        max_seq_length=cfg.max_seq_length, seed=cfg.seed,
+        gradient_checkpointing=False if auto_checkpointing else cfg.gradient_checkpointing, bf16=cfg.bf16,
+        token_init=cfg.token_init, max_seq_length=cfg.max_seq_length, seed=cfg.seed, batch_size=cfg.batch_size,
     )
     device = model_device(model)
     use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
@@ -143,6 +147,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
     collate = ConfidenceCollator(tokenizer.pad_token_id)
     lengths = dataset.lengths()
+    if auto_checkpointing and auto_gradient_checkpointing(model, batch_size=cfg.batch_size, seq_len=max(lengths)):
+        enable_gradient_checkpointing(model)
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)

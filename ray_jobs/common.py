@@ -26,6 +26,11 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | No
         hint = hints[f.name]
         if hint is bool:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif hint == bool | str:  # true/false/'auto': a bare --flag means true, --no-flag false
+            group.add_argument(f"--{f.name}", nargs="?", const=True, type=_bool_or_auto, default=default,
+                               metavar="{auto,true,false}", help=help_text)
+            group.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const=False,
+                               help=f"same as --{f.name} false")
         elif f.name == "target_modules":
             group.add_argument(f"--{f.name}", nargs="+", default=list(default), help=help_text)
         elif f.name == "val_sources":
@@ -33,6 +38,17 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | No
                                type=_key_value)
         else:
             group.add_argument(f"--{f.name}", type=_scalar_type(hint), default=default, help=help_text)
+
+
+def _bool_or_auto(text: str) -> bool | str:
+    word = text.strip().lower()
+    if word == "auto":
+        return "auto"
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
 
 
 def _key_value(text: str) -> tuple[str, str]:
