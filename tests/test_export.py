@@ -43,6 +43,7 @@ def one_thread():
 
 def teach(model, batch, steps=30, lr=1e-2):
     """Full LM loss on answer + token (prompt masked): the model learns to answer, then emit a token."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     labels = torch.where(batch["answer_mask"].bool(), batch["input_ids"], batch["labels"])
     assert (labels != IGNORE_INDEX).sum() > len(labels)  # more than the token alone
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -58,22 +59,23 @@ def teach(model, batch, steps=30, lr=1e-2):
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
-def trained(request, tmp_path_factory):
-    """A base model directory, an adapter trained on it, and its fp32 export."""
+def trained(request, tmp_path_factory, device):
+    """A base model directory, an adapter trained on it on the suite's device, and its fp32
+    export (merged on that device; the plain loads below run on the CPU)."""
     tmp = tmp_path_factory.mktemp("tied" if request.param else "untied")
     base = save_base(tmp, tie=request.param)
-    model, tokenizer = build_model(base, backend="hf", bf16=False, gradient_checkpointing=False)
+    model, tokenizer = build_model(base, backend="hf", bf16=False, gradient_checkpointing=False, device=device)
     teach(model, batch_of(tokenizer, TRAIN_CASES))
     adapter = save_adapter(model, tokenizer, tmp / "adapter")
-    out = export_merged(adapter, tmp / "exported", dtype="fp32")
-    return {"tie": request.param, "base": base, "adapter": adapter, "exported": out, "tmp": tmp}
+    out = export_merged(adapter, tmp / "exported", dtype="fp32", device=device)
+    return {"tie": request.param, "base": base, "adapter": adapter, "exported": out, "tmp": tmp, "device": device}
 
 
 @torch.no_grad()
-def adapter_answers(adapter):
+def adapter_answers(adapter, device):
     """What conftok reads from the adapter: prompt ids, greedy answer ids + the token it stopped
     at, and p_confident for both domains right after the answer."""
-    model, tokenizer, domains = load_adapter(adapter, device="cpu")
+    model, tokenizer, domains = load_adapter(adapter, device=device)
     ids = token_ids(tokenizer, domains.tokens)
     prompts = [encode_prompt(tokenizer, q) for q in QUESTIONS]
     gens = generate(model, tokenizer, prompts, stop_tokens=domains.tokens, max_new_tokens=MAX_NEW, progress=False)
@@ -129,7 +131,7 @@ def run_plain(code, *args, cwd):
 
 class TestExportedModel:
     def test_fresh_process_without_conftok_or_peft_matches_the_adapter(self, trained):
-        expected, ids = adapter_answers(trained["adapter"])
+        expected, ids = adapter_answers(trained["adapter"], trained["device"])
         # Every question's greedy answer ends with a confidence token before MAX_NEW: the stop is tested.
         assert all(r["token"] in TOKENS and 0 < len(r["answer"]) < MAX_NEW - 1 for r in expected), expected
 
