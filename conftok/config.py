@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conftok.calibration import CALIBRATION_P_NORMS
+from conftok.loss import ANSWER_CE_ROWS
 from conftok.modeling import BACKENDS, DEFAULT_TARGET_MODULES, QUANTIZATIONS
 
 __all__ = ["TrainConfig", "ConfigError"]
@@ -86,6 +87,17 @@ class TrainConfig:
     kl_weight: float = _help(
         "Weight of KL(base || tuned) at the answer's positions: keeps the answers the base model's "
         "(0: off; costs one extra forward without gradients).", default=1.0)
+    answer_ce_weight: float = _help(
+        "Weight of -log p(answer token) at the answer's positions (the answers are the base model's own): "
+        "keeps the answers without a second forward (0: off).", default=0.0)
+    answer_ce_rows: str = _help("Rows whose answers answer_ce_weight holds: 'all', or 'correct' (those tagged "
+                                "confident; Self-REF masks the wrong answers).", default="all")
+    stored_kl_weight: float = _help(
+        "Weight of KL(base || tuned) against base top-k log-probabilities computed once before training "
+        "(0: off; exclusive with kl_weight).", default=0.0)
+    stored_kl_top_k: int = _help("Base log-probabilities kept per answer position for stored_kl_weight.", default=32)
+    balance_token_classes: bool = _help(
+        "Weight the token loss per domain by inverse class frequency (C and U count equally).", default=False)
     score_lambda: float = _help("val/score = accuracy - lambda * calibration error.", default=1.0)
     progress: bool = _help("Show progress bars.", default=True)
 
@@ -112,12 +124,13 @@ class TrainConfig:
                 p.append(f"{name} must be in [0, 1), got {value!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             p.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        for name in ("score_lambda", "placement_weight", "kl_weight"):
+        for name in ("score_lambda", "placement_weight", "kl_weight", "answer_ce_weight", "stored_kl_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 p.append(f"{name} must be a number >= 0, got {value!r}")
         choices = {"calib_p_norm": CALIBRATION_P_NORMS, "backend": BACKENDS, "quantization": QUANTIZATIONS,
-                   "token_init": ("end_of_turn", "mean"), "lr_scheduler": LR_SCHEDULERS}
+                   "token_init": ("end_of_turn", "mean"), "lr_scheduler": LR_SCHEDULERS,
+                   "answer_ce_rows": ANSWER_CE_ROWS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 p.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -129,6 +142,11 @@ class TrainConfig:
         if self.val_sources is not None and (
                 not isinstance(self.val_sources, dict) or not all(isinstance(v, str) for v in self.val_sources.values())):
             p.append(f"val_sources must map data set name -> source string, got {self.val_sources!r}")
+        if self.kl_weight and self.stored_kl_weight:
+            p.append(f"kl_weight ({self.kl_weight}) and stored_kl_weight ({self.stored_kl_weight}) are two forms of "
+                     "the same term: set one of them to 0")
+        if not isinstance(self.stored_kl_top_k, int) or isinstance(self.stored_kl_top_k, bool) or self.stored_kl_top_k < 1:
+            p.append(f"stored_kl_top_k must be a positive integer, got {self.stored_kl_top_k!r}")
         if not self.target_modules:
             p.append("target_modules must name at least one module")
         if p:
@@ -136,7 +154,9 @@ class TrainConfig:
 
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`conftok.loss.training_loss` that this config sets (the guard terms)."""
-        return {"placement_weight": self.placement_weight, "kl_weight": self.kl_weight}
+        return {"placement_weight": self.placement_weight, "kl_weight": self.kl_weight,
+                "answer_ce_weight": self.answer_ce_weight, "answer_ce_rows": self.answer_ce_rows,
+                "stored_kl_weight": self.stored_kl_weight}
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

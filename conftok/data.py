@@ -142,6 +142,7 @@ class ConfidenceDataset(torch.utils.data.Dataset):
         self.rows = read_tagged_rows(self.path, self.domains)
         ids = token_ids(tokenizer, self.domains.tokens)
         self.examples: list[tuple[list[int], int, int]] = []  # (ids without the token, token id, answer length)
+        self.base_topk: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # attach_base_topk
         self.kept_rows: list[TaggedRow] = []
         self.truncated = 0
         skipped = []
@@ -176,8 +177,47 @@ class ConfidenceDataset(torch.utils.data.Dataset):
         labels[-1] = token_id
         answer_mask = torch.zeros_like(input_ids)
         answer_mask[-1 - answer_length:-1] = 1
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+        item = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
                 "answer_mask": answer_mask}
+        if self.base_topk is not None:
+            item["base_topk_ids"], item["base_topk_logp"] = self.base_topk[i]
+        return item
+
+    @torch.no_grad()
+    def attach_base_topk(self, model, k: int, *, batch_size: int = 16, progress: bool = True) -> None:
+        """Store the model's top-k log-probabilities at every answer position (the stored KL guard).
+
+        Run once before training on the base model (a PEFT model's adapter is disabled here).
+        Costs one forward over the data set without gradients, and ``k`` ids (int32) and
+        log-probabilities (fp16) per answer token in memory: 32 x 6 bytes x the answer tokens.
+        """
+        from contextlib import nullcontext
+
+        from tqdm.auto import tqdm
+
+        from conftok.loss import base_topk
+
+        self.base_topk = None  # so __getitem__ below yields the plain items
+        device = next(model.parameters()).device
+        collate = ConfidenceCollator(0)
+        disable = getattr(model, "disable_adapter", None)
+        out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self)  # type: ignore[list-item]
+        order = sorted(range(len(self)), key=lambda i: len(self.examples[i][0]))  # similar lengths batch together
+        was_training = model.training
+        model.eval()  # no dropout: the reference is the base model's own distribution
+        try:
+            with disable() if disable is not None else nullcontext():
+                for start in tqdm(range(0, len(order), batch_size), desc="Base top-k", disable=not progress, leave=False):
+                    idx = order[start:start + batch_size]
+                    batch = {key: v.to(device) for key, v in collate([self[i] for i in idx]).items()}
+                    ids, logp = base_topk(model, batch, k)  # (B, L, k), left-padded
+                    for row, i in enumerate(idx):
+                        n = self.examples[i][2]
+                        out[i] = (ids[row, ids.shape[1] - n:].to("cpu", torch.int32),
+                                  logp[row, logp.shape[1] - n:].to("cpu", torch.float16))
+        finally:
+            model.train(was_training)
+        self.base_topk = out
 
     def lengths(self) -> list[int]:
         """Tokens per example, token included (what ``ds[i]["input_ids"]`` holds), without building tensors."""
@@ -197,13 +237,15 @@ class ConfidenceCollator:
     pad_token_id: int
 
     def __call__(self, examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        length = max(len(e["input_ids"]) for e in examples)
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "answer_mask": 0}
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "answer_mask": 0,
+                "base_topk_ids": 0, "base_topk_logp": -1e4}  # log p = -1e4: probability 0, and no inf * 0
         batch = {}
         for key in examples[0]:
-            value = fill[key]
+            # Sequences (and the stored base top-k, (answer length, k) a row) are padded at the front,
+            # to the batch's longest: the ends line up, where the token and the answer are.
+            length = max(len(e[key]) for e in examples)
             batch[key] = torch.stack([
-                torch.cat([torch.full((length - len(e[key]),), value, dtype=torch.long), e[key]])
+                torch.cat([e[key].new_full((length - len(e[key]), *e[key].shape[1:]), fill[key]), e[key]])
                 for e in examples
             ])
         return batch

@@ -155,6 +155,12 @@ def score_confidence(model, tokenizer, contexts: list[list[int]], confident_id: 
     return out
 
 
+def _wrong_domain_rate(records: list[dict[str, Any]]) -> float:
+    if not all("domain_tokens" in r for r in records):
+        return float("nan")  # hand-made records that do not say which tokens are the domain's
+    return float(np.mean([r["token"] is not None and r["token"] not in r["domain_tokens"] for r in records]))
+
+
 def summarize_domain(records: list[dict[str, Any]], beta: int = 100, p: str = "2") -> dict[str, float]:
     """Per-domain figures from per-row records (see :func:`evaluate`)."""
     conf = np.array([r["p_confident"] for r in records], dtype=float)
@@ -168,6 +174,8 @@ def summarize_domain(records: list[dict[str, Any]], beta: int = 100, p: str = "2
         "auroc": auroc(conf, correct) if both else float("nan"),
         "answer_accuracy": float(correct.mean()),
         "token_rate": float(np.mean([r["token"] is not None for r in records])),
+        # Answers followed by another domain's token (a reading answer ending in <U_MED>).
+        "wrong_domain_token_rate": _wrong_domain_rate(records),
         "unparsed": int(sum(r["answer"] is None for r in records)),
     }
 
@@ -197,6 +205,7 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
             "domain": domain.name, "dataset": dataset_name, "id": row.get("id"), "response": gen.text,
             "answer": answer, "gold": gold, "correct": bool(correct), "token": gen.stop_token,
             "expected_token": expected, "token_correct": gen.stop_token == expected, "p_confident": float(prob),
+            "domain_tokens": list(domain.tokens),
             "p_answer": gen.p_answer,
         })
     return records

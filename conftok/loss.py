@@ -15,7 +15,21 @@ ends is to raise it everywhere, and the trained model then emits the token befor
 - placement, ``-log(1 - p(any confidence token))`` at each answer position: the token belongs
   after the answer, not inside it;
 - KL(base || tuned) at the same positions, the base being the model with the adapter disabled:
-  the answer's distribution stays the base model's.
+  the answer's distribution stays the base model's. Costs a second forward (no gradients).
+
+Cheaper guards, none of which needs a second forward (bench/README.md compares them):
+
+- answer cross-entropy, ``-log p(answer token)`` at the same positions: the answers are the base
+  model's own greedy outputs, so this holds the tuned model to them (self-distillation on hard
+  labels). ``answer_ce_rows="correct"`` keeps only rows tagged confident (Self-REF, Chuang et al.
+  2025: the wrong answers' tokens are masked so the model is not taught them);
+- stored KL: KL(base || tuned) against the base distribution computed once before training and
+  kept compactly per answer position as its top-k log-probabilities plus the rest's mass
+  (:func:`base_topk`); the KL between the two distributions coarsened to those k + 1 outcomes,
+  a lower bound of the full KL that tightens as k grows.
+
+The token's cross-entropy can weight its classes (``token_weights``, a (V,) vector; the training
+loop sets C and U of each domain to n / (2 n_class), the inverse of their frequency).
 """
 
 from __future__ import annotations
@@ -28,7 +42,9 @@ import torch.nn.functional as F
 from conftok.data import IGNORE_INDEX
 
 __all__ = ["position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
-           "p_confident", "LossTerms", "training_loss"]
+           "p_confident", "LossTerms", "training_loss", "base_topk", "ANSWER_CE_ROWS"]
+
+ANSWER_CE_ROWS = ("all", "correct")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -70,8 +86,9 @@ class LossTerms(NamedTuple):
     loss: torch.Tensor  # token + placement_weight * placement + kl_weight * kl; backward this
     token: torch.Tensor  # cross-entropy of the confidence token
     placement: torch.Tensor  # mean -log(1 - p(confidence token)) over answer positions (0 if not computed)
-    kl: torch.Tensor  # mean KL(base || tuned) over answer positions (0 if not computed)
+    kl: torch.Tensor  # mean KL(base || tuned) over answer positions, live or stored (0 if not computed)
     logits: torch.Tensor  # (B, V) at the token's position
+    answer_ce: torch.Tensor  # mean -log p(answer token) over the guarded rows' answer positions (0 if not computed)
 
 
 def _forward_last(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
@@ -80,25 +97,45 @@ def _forward_last(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
 
 
 def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequence[int] = (),
-                  placement_weight: float = 0.0, kl_weight: float = 0.0) -> LossTerms:
-    """The token's cross-entropy plus the optional placement and KL terms (module docstring).
+                  confident_ids: Sequence[int] = (), placement_weight: float = 0.0, kl_weight: float = 0.0,
+                  answer_ce_weight: float = 0.0, answer_ce_rows: str = "all", stored_kl_weight: float = 0.0,
+                  token_weights: torch.Tensor | None = None) -> LossTerms:
+    """The token's cross-entropy plus the optional guard terms (module docstring).
 
-    With both weights 0 this is :func:`confidence_token_loss` (same forward, ``logits_to_keep=1``).
-    Otherwise the forward keeps ``1 + longest answer`` positions and ``batch`` needs the
-    collator's ``answer_mask``; the KL term runs the model a second time, without gradients and
-    with the adapter disabled (``model.disable_adapter()``, a PEFT model).
+    ``loss = token + placement_weight * placement + kl_weight * kl + stored_kl_weight * kl(stored)
+    + answer_ce_weight * answer_ce``. With every weight 0 this is :func:`confidence_token_loss`
+    (same forward, ``logits_to_keep=1``). Otherwise the forward keeps ``1 + longest answer``
+    positions and ``batch`` needs the collator's ``answer_mask``; the live KL term runs the model a
+    second time, without gradients and with the adapter disabled (``model.disable_adapter()``, a
+    PEFT model); the stored KL term needs ``base_topk_ids``/``base_topk_logp`` in the batch
+    (:func:`base_topk` through ``ConfidenceDataset.attach_base_topk``). ``confidence_ids``: every
+    confidence token (placement); ``confident_ids``: the C tokens (``answer_ce_rows="correct"``).
     """
-    if placement_weight < 0 or kl_weight < 0:
-        raise ValueError(f"placement_weight and kl_weight must be >= 0, got {placement_weight}, {kl_weight}")
+    weights = {"placement_weight": placement_weight, "kl_weight": kl_weight, "answer_ce_weight": answer_ce_weight,
+               "stored_kl_weight": stored_kl_weight}
+    negative = {k: v for k, v in weights.items() if v < 0}
+    if negative:
+        raise ValueError(f"loss weights must be >= 0, got {negative}")
+    if kl_weight and stored_kl_weight:
+        raise ValueError("use kl_weight (live KL) or stored_kl_weight (stored KL), not both")
+    if answer_ce_rows not in ANSWER_CE_ROWS:
+        raise ValueError(f"answer_ce_rows must be one of {list(ANSWER_CE_ROWS)}, got {answer_ce_rows!r}")
     zero = torch.zeros((), device=batch["input_ids"].device)
-    if not placement_weight and not kl_weight:
-        token, logits = confidence_token_loss(model, batch)
-        return LossTerms(token, token, zero, zero, logits)
+    labels = batch["labels"]
+    if not any(weights.values()):
+        _check_last_position_only(labels)
+        logits = confidence_logits(model, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])
+        token = _token_ce(logits, labels[:, -1], token_weights)
+        return LossTerms(token, token, zero, zero, logits, zero)
     if "answer_mask" not in batch:
-        raise KeyError("placement/KL terms need the batch's answer_mask (ConfidenceDataset + ConfidenceCollator)")
+        raise KeyError("guard terms need the batch's answer_mask (ConfidenceDataset + ConfidenceCollator)")
     if placement_weight and not confidence_ids:
         raise ValueError("the placement term needs the confidence token ids")
-    labels = batch["labels"]
+    if answer_ce_weight and answer_ce_rows == "correct" and not confident_ids:
+        raise ValueError("answer_ce_rows='correct' needs the confident token ids (confident_ids)")
+    if stored_kl_weight and "base_topk_ids" not in batch:
+        raise KeyError("the stored KL term needs base_topk_ids/base_topk_logp in the batch "
+                       "(ConfidenceDataset.attach_base_topk before training)")
     _check_last_position_only(labels)
     input_ids, attention_mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
     # Column t of the input without the token predicts token t+1: the answer's tokens are predicted by
@@ -107,23 +144,67 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
     longest = int(predicts_answer.sum(-1).max())
     keep = longest + 1
     logits = _forward_last(model, input_ids, attention_mask, keep)  # (B, keep, V)
-    token = F.cross_entropy(logits[:, -1].float(), labels[:, -1])
+    token = _token_ce(logits[:, -1], labels[:, -1], token_weights)
     mask = predicts_answer[:, -keep:]  # (B, keep); the last column (the token's) is never set
     n = mask.sum().clamp(min=1)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    placement = zero
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, keep, V)
+    placement = kl = answer_ce = zero
     if placement_weight:
         # -log(1 - sum_c p_c) = logsumexp(all) - logsumexp(all but the confidence tokens), in log space.
         others = log_probs.clone()
         others[..., list(confidence_ids)] = -torch.inf
         placement = -(torch.logsumexp(others, dim=-1) * mask).sum() / n
-    kl = zero
     if kl_weight:
         with torch.no_grad(), model.disable_adapter():
             base = torch.log_softmax(_forward_last(model, input_ids, attention_mask, keep).float(), dim=-1)
         kl = ((base.exp() * (base - log_probs)).sum(-1) * mask).sum() / n
-    loss = token + placement_weight * placement + kl_weight * kl
-    return LossTerms(loss, token, placement, kl, logits[:, -1])
+    if stored_kl_weight:
+        kl = _stored_kl(log_probs[:, :-1], batch["base_topk_ids"], batch["base_topk_logp"], mask[:, :-1])
+    if answer_ce_weight:
+        # The column that predicts input column j + 1 scores the token there: targets are the last `keep` ids.
+        targets = batch["input_ids"][:, -keep:]  # (B, keep); the last one is the confidence token, never masked in
+        rows = mask
+        if answer_ce_rows == "correct":
+            rows = mask & torch.isin(labels[:, -1], torch.as_tensor(list(confident_ids), device=labels.device))[:, None]
+        nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, keep)
+        answer_ce = (nll * rows).sum() / rows.sum().clamp(min=1)
+    loss = token + placement_weight * placement + (kl_weight or stored_kl_weight) * kl + answer_ce_weight * answer_ce
+    return LossTerms(loss, token, placement, kl, logits[:, -1], answer_ce)
+
+
+def _token_ce(logits: torch.Tensor, target: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    # With weights, F.cross_entropy divides by the batch's summed weights: a weighted mean per row.
+    return F.cross_entropy(logits.float(), target, weight=token_weights)
+
+
+def _stored_kl(log_probs: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """KL(base || tuned) on the k + 1 outcomes "each of the base's top k, or anything else".
+
+    ``log_probs`` (B, L, V) tuned; ``topk_ids``/``topk_logp`` (B, L, k) the base's, left-padded like
+    the answer positions; ``mask`` (B, L) the answer positions.
+    """
+    tuned_top = log_probs.gather(-1, topk_ids.long())  # (B, L, k)
+    base_top = topk_logp.float()
+    base_rest = torch.log1p(-base_top.exp().sum(-1).clamp(max=1 - 1e-6))  # (B, L)
+    tuned_rest = torch.log1p(-tuned_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    per_position = (base_top.exp() * (base_top - tuned_top)).sum(-1) + base_rest.exp() * (base_rest - tuned_rest)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def base_topk(model, batch: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base model's top-k log-probabilities at each answer position of a collated batch.
+
+    Returns ``(ids, logp)``, each (B, L, k) for L = the longest answer, left-padded like the
+    answer positions (the column that predicts the token is not included). Run with the adapter
+    disabled (or before it is added); :func:`training_loss`'s stored KL reads them back.
+    """
+    input_ids, attention_mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
+    longest = int(batch["answer_mask"][:, 1:].sum(-1).max())
+    logits = _forward_last(model, input_ids, attention_mask, longest + 1)[:, :-1]  # (B, L, V)
+    logp, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return ids, logp
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ VAL_TOKEN_RATE = "val/token_rate"
 TRAIN_LOSS = "train/loss"  # the total that is back-propagated
 TRAIN_TOKEN_LOSS = "train/token_loss"  # cross-entropy of the confidence token
 TRAIN_PLACEMENT_LOSS = "train/placement_loss"  # -log(1 - p(confidence token)) at answer positions
-TRAIN_KL = "train/kl"  # KL(base || tuned) at answer positions
+TRAIN_KL = "train/kl"  # KL(base || tuned) at answer positions (live or stored)
+TRAIN_ANSWER_CE = "train/answer_ce"  # -log p(answer token) at answer positions
 TRAIN_LEARNING_RATE = "train/learning_rate"
 TRAIN_GRAD_NORM = "train/grad_norm"
 STEP = "step"
@@ -18,7 +19,7 @@ EPOCH = "epoch"
 
 # Per-domain keys are f"val/{domain}/{name}" with these names.
 DOMAIN_METRICS = ("token_accuracy", "calibration_error", "brier", "auroc", "answer_accuracy",
-                  "token_rate", "unparsed", "n")
+                  "token_rate", "wrong_domain_token_rate", "unparsed", "n")
 
 
 def domain_key(domain: str, name: str) -> str:

@@ -144,6 +144,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
+    if cfg.stored_kl_weight:
+        # The stored KL guard's reference: the base model's top-k at each answer position, computed once.
+        dataset.attach_base_topk(model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=cfg.progress)
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
     collate = ConfidenceCollator(tokenizer.pad_token_id)
     lengths = dataset.lengths()
@@ -209,8 +212,11 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     model.train()
     last_validated = state["global_step"] if resume_from is not None else -1
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="Training", disable=not cfg.progress)
-    running_loss, running_n, running_terms = 0.0, 0, torch.zeros(3)
-    confidence_ids = sorted(token_ids(tokenizer, domains.tokens).values())
+    running_loss, running_n, running_terms = 0.0, 0, torch.zeros(4)
+    ids = token_ids(tokenizer, domains.tokens)
+    confidence_ids = sorted(ids.values())
+    confident_ids = sorted(ids[d.confident_token] for d in domains)
+    token_weights = _token_class_weights(dataset, ids, model, device) if cfg.balance_token_classes else None
     for epoch in range(state["epoch"], num_epochs):
         # Data order depends on (seed, epoch) only, so a resumed run sees the same batches.
         if cfg.group_by_length:
@@ -227,7 +233,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with amp():
-                terms = training_loss(model, batch, confidence_ids=confidence_ids, **cfg.loss_kwargs())
+                terms = training_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
+                                      token_weights=token_weights, **cfg.loss_kwargs())
             loss = terms.loss
             loss_value = loss.item()  # CPU-GPU sync each micro-batch: needed for the NaN check and logs
             if not math.isfinite(loss_value):
@@ -236,7 +243,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                     f"try a lower learning_rate (now {cfg.learning_rate}) or a longer warmup")
             (loss / cfg.gradient_accumulation_steps).backward()
             running_loss += loss_value
-            running_terms += torch.stack([terms.token.detach(), terms.placement.detach(), terms.kl.detach()]).float().cpu()
+            running_terms += torch.stack([terms.token.detach(), terms.placement.detach(), terms.kl.detach(),
+                                          terms.answer_ce.detach()]).float().cpu()
             running_n += 1
             micro += 1
             last_batch = i + 1 == len(loader)
@@ -254,11 +262,12 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % cfg.logging_steps == 0 or step == total_steps:
                 writer.add_scalar(M.TRAIN_LOSS, running_loss / running_n, step)
-                for name, value in zip((M.TRAIN_TOKEN_LOSS, M.TRAIN_PLACEMENT_LOSS, M.TRAIN_KL), running_terms / running_n):
+                names = (M.TRAIN_TOKEN_LOSS, M.TRAIN_PLACEMENT_LOSS, M.TRAIN_KL, M.TRAIN_ANSWER_CE)
+                for name, value in zip(names, running_terms / running_n):
                     writer.add_scalar(name, value.item(), step)
                 writer.add_scalar(M.TRAIN_LEARNING_RATE, scheduler.get_last_lr()[0], step)
                 writer.add_scalar(M.TRAIN_GRAD_NORM, grad_norm, step)
-                running_loss, running_n, running_terms = 0.0, 0, torch.zeros(3)
+                running_loss, running_n, running_terms = 0.0, 0, torch.zeros(4)
             end_of_epoch = last_batch
             if step >= total_steps:
                 break
@@ -285,6 +294,19 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     best = {"best_accuracy": state["best_accuracy"], "best_calibration": state["best_calibration"]}
     _write_json(final_dir / "final_metrics.json", {"history": state["history"], **best})
     return TrainResult(out, final_dir, state["global_step"], state["history"], best)
+
+
+def _token_class_weights(dataset, ids: dict[str, int], model, device) -> torch.Tensor:
+    """(V,) weights for the token loss: per domain, C and U weigh n / (2 n_class), so both count equally."""
+    counts = dataset.token_counts()
+    weights = torch.ones(model.get_output_embeddings().weight.shape[0], device=device)
+    for domain in dataset.domains:
+        n = {t: counts.get(t, 0) for t in domain.tokens}
+        total = sum(n.values())
+        for t, count in n.items():
+            if count:
+                weights[ids[t]] = total / (2 * count)
+    return weights
 
 
 def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, cfg, domains, validation) -> Path:

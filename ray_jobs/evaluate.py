@@ -34,7 +34,7 @@ METHODS = ("trained_token", "untrained_token", "answer_probability")
 
 
 def signal_figures(records: list[dict[str, Any]], key: str, beta: int, p: str, token_accuracy=None,
-                   token_rate=None) -> dict[str, float]:
+                   token_rate=None, wrong_domain_token_rate=None) -> dict[str, float]:
     from conftok.calibration import auroc, brier_score, calibration_error
     from conftok.routing import area_under_risk_coverage
 
@@ -48,6 +48,7 @@ def signal_figures(records: list[dict[str, Any]], key: str, beta: int, p: str, t
         "token_accuracy": token_accuracy if token_accuracy is not None else float(np.mean((conf >= 0.5) == correct)),
         # Share of answers followed by a confidence token (NaN for the answer-probability baseline).
         "token_rate": float("nan") if token_rate is None else token_rate,
+        "wrong_domain_token_rate": float("nan") if wrong_domain_token_rate is None else wrong_domain_token_rate,
         "calibration_error": calibration_error(conf, correct, beta=beta, p=p),
         "brier": brier_score(conf, correct),
         "auroc": auroc(conf, correct) if both else float("nan"),
@@ -71,10 +72,12 @@ def run_evaluation(model, tokenizer, domains, rows: dict[str, list[dict]], *, be
         base = [r for r in untrained["records"] if r["domain"] == domain]
         out["methods"]["trained_token"][domain] = signal_figures(
             recs, "p_confident", beta, p, token_accuracy=trained["domains"][domain]["token_accuracy"],
-            token_rate=trained["domains"][domain]["token_rate"])
+            token_rate=trained["domains"][domain]["token_rate"],
+            wrong_domain_token_rate=trained["domains"][domain]["wrong_domain_token_rate"])
         out["methods"]["untrained_token"][domain] = signal_figures(
             base, "p_confident", beta, p, token_accuracy=untrained["domains"][domain]["token_accuracy"],
-            token_rate=untrained["domains"][domain]["token_rate"])
+            token_rate=untrained["domains"][domain]["token_rate"],
+            wrong_domain_token_rate=untrained["domains"][domain]["wrong_domain_token_rate"])
         out["methods"]["answer_probability"][domain] = signal_figures(recs, "p_answer", beta, p)
         out["records"][domain] = {"trained": recs, "untrained": base}
     return out
@@ -117,15 +120,17 @@ def plot_curves(result: dict[str, Any], out_dir: Path, prefix: str = "") -> list
 
 
 def format_table(methods: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'domain':<8} {'method':<20} {'token_acc':>9} {'token_rate':>10} {'CE':>7} {'Brier':>7} {'AUROC':>7} "
-             f"{'answer_acc':>10} {'n':>5}"]
+    lines = [f"{'domain':<8} {'method':<20} {'token_acc':>9} {'token_rate':>10} {'wrong_dom':>9} {'CE':>7} {'Brier':>7} "
+             f"{'AUROC':>7} {'answer_acc':>10} {'n':>5}"]
     for domain in next(iter(methods.values())):
         for method in METHODS:
             f = methods[method][domain]
             auroc = "-" if math.isnan(f["auroc"]) else f"{f['auroc']:.3f}"
             rate = f.get("token_rate", float("nan"))
             rate = "-" if math.isnan(rate) else f"{rate:.3f}"
-            lines.append(f"{domain:<8} {method:<20} {f['token_accuracy']:>9.3f} {rate:>10} {f['calibration_error']:>7.4f} "
+            wrong = f.get("wrong_domain_token_rate", float("nan"))
+            wrong = "-" if math.isnan(wrong) else f"{wrong:.3f}"
+            lines.append(f"{domain:<8} {method:<20} {f['token_accuracy']:>9.3f} {rate:>10} {wrong:>9} {f['calibration_error']:>7.4f} "
                          f"{f['brier']:>7.4f} {auroc:>7} {f['answer_accuracy']:>10.3f} {f['n']:>5}")
     return "\n".join(lines)
 

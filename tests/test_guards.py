@@ -1,0 +1,173 @@
+"""The cheaper guards of training_loss: answer cross-entropy (all rows or right answers only), the
+stored top-k KL, and the class-weighted token loss; each against a brute-force computation."""
+
+import pytest
+import torch
+from conftest import feature_rows, make_model, make_tokenizer, to_device, write_jsonl
+
+from conftok.data import ConfidenceCollator, ConfidenceDataset
+from conftok.domains import resolve_domains
+from conftok.loss import position_ids_from_mask, training_loss
+from conftok.tokens import add_confidence_tokens
+
+
+def _rows(seed=3):
+    """Answers of 1 to several tokens, right (C) and wrong (U) ones."""
+    rows = feature_rows(6, seed=seed)
+    tails = ["", ", the farm is red.", " because the river is blue", ". The town.", "", " green"]
+    for row, tail in zip(rows, tails):
+        answer, token = row["tagged_response"].rsplit(" ", 1)
+        row["tagged_response"] = f"{answer}{tail} {token}"
+    return rows
+
+
+def _setup(tmp_path, device, *, lora=True, seed=7):
+    from conftok.modeling import build_model
+
+    tok = make_tokenizer()
+    model = make_model(len(tok), seed=seed)
+    if lora:
+        model, tok = build_model(model, tokenizer=tok, backend="hf", bf16=False, lora_r=4, lora_alpha=8,
+                                 lora_dropout=0.0, gradient_checkpointing=False, device=device)
+    else:
+        model = model.to(device)
+    ids = add_confidence_tokens(tok, model, resolve_domains().tokens)
+    ds = ConfidenceDataset(write_jsonl(tmp_path / "t.jsonl", _rows()), tok)
+    return model, tok, ds, ids
+
+
+def _collate(ds, tok, device):
+    return to_device(ConfidenceCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))]), device)
+
+
+def _full_log_probs(model, batch):
+    mask = batch["attention_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    return torch.log_softmax(logits.float(), -1)
+
+
+def _perturb(model, scale=0.3):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+
+
+class TestAnswerCrossEntropy:
+    @pytest.mark.parametrize("rows", ["all", "correct"])
+    def test_equals_brute_force(self, tmp_path, device, rows):
+        model, tok, ds, ids = _setup(tmp_path, device, lora=False)
+        batch = _collate(ds, tok, device)
+        confident = [ids["<C_READ>"], ids["<C_MED>"]]
+        terms = training_loss(model, batch, confident_ids=confident, answer_ce_weight=0.5, answer_ce_rows=rows)
+        log_probs = _full_log_probs(model, batch)
+        total, n = 0.0, 0
+        for b in range(len(log_probs)):
+            if rows == "correct" and int(batch["labels"][b, -1]) not in confident:
+                continue
+            for t in range(1, log_probs.shape[1]):
+                if batch["answer_mask"][b, t]:  # position t - 1 predicts answer token t
+                    total -= log_probs[b, t - 1, batch["input_ids"][b, t]].item()
+                    n += 1
+        assert n > 0
+        assert terms.answer_ce.item() == pytest.approx(total / n, rel=1e-4)
+        assert terms.loss.item() == pytest.approx(terms.token.item() + 0.5 * total / n, rel=1e-4)
+
+    def test_correct_rows_only_see_right_answers(self, tmp_path, device):
+        """With only wrong answers in the batch, the 'correct' variant has nothing to hold and no gradient."""
+        model, tok, ds, ids = _setup(tmp_path, device, lora=False)
+        batch = _collate(ds, tok, device)
+        wrong = [b for b in range(len(batch["labels"])) if int(batch["labels"][b, -1]) in (ids["<U_READ>"], ids["<U_MED>"])]
+        assert wrong
+        sub = {k: v[wrong] for k, v in batch.items()}
+        terms = training_loss(model, sub, confident_ids=[ids["<C_READ>"], ids["<C_MED>"]], answer_ce_weight=1.0,
+                              answer_ce_rows="correct")
+        assert terms.answer_ce.item() == 0.0
+        every = training_loss(model, sub, answer_ce_weight=1.0, answer_ce_rows="all")
+        assert every.answer_ce.item() > 0.0
+
+    def test_needs_confident_ids_and_a_known_row_rule(self, tmp_path, device):
+        model, tok, ds, _ = _setup(tmp_path, device, lora=False)
+        batch = _collate(ds, tok, device)
+        with pytest.raises(ValueError, match="confident_ids"):
+            training_loss(model, batch, answer_ce_weight=1.0, answer_ce_rows="correct")
+        with pytest.raises(ValueError, match="answer_ce_rows"):
+            training_loss(model, batch, answer_ce_weight=1.0, answer_ce_rows="some")
+
+
+class TestStoredKL:
+    def test_full_vocabulary_top_k_equals_the_live_kl(self, tmp_path, device):
+        """k = V keeps the whole base distribution: the stored KL is the live KL exactly; it is 0 before
+        training; a small k gives a lower bound (coarsening never raises a KL)."""
+        model, tok, ds, _ = _setup(tmp_path, device)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        model.eval()
+        ds.attach_base_topk(model, vocab, batch_size=4, progress=False)
+        batch = _collate(ds, tok, device)
+        assert batch["base_topk_ids"].shape == (len(ds), int(batch["answer_mask"].sum(1).max()), vocab)
+        before = training_loss(model, batch, stored_kl_weight=1.0)
+        assert before.kl.item() == pytest.approx(0.0, abs=2e-3)  # fp16 storage of log-probabilities
+        _perturb(model)
+        live = training_loss(model, batch, kl_weight=1.0)
+        stored = training_loss(model, batch, stored_kl_weight=1.0)
+        assert live.kl.item() > 1e-2
+        assert stored.kl.item() == pytest.approx(live.kl.item(), rel=2e-2, abs=2e-3)
+        ds.attach_base_topk(model, 4, batch_size=4, progress=False)
+        small = training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
+        assert 0.0 <= small.kl.item() <= live.kl.item() + 1e-4
+
+    def test_reference_is_the_base_model_with_the_adapter_off(self, tmp_path, device):
+        """attach_base_topk after the adapter has moved still stores the base model's distribution."""
+        model, tok, ds, _ = _setup(tmp_path, device)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        _perturb(model)
+        model.train()
+        ds.attach_base_topk(model, vocab, batch_size=4, progress=False)
+        assert model.training  # restored
+        batch = _collate(ds, tok, device)
+        model.eval()
+        assert training_loss(model, batch, stored_kl_weight=1.0).kl.item() == pytest.approx(
+            training_loss(model, batch, kl_weight=1.0).kl.item(), rel=2e-2, abs=2e-3)
+
+    def test_gradient_flows_and_missing_reference_is_an_error(self, tmp_path, device):
+        model, tok, ds, _ = _setup(tmp_path, device)
+        ds.attach_base_topk(model, 8, batch_size=4, progress=False)
+        _perturb(model)
+        terms = training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
+        terms.loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+        ds.base_topk = None
+        with pytest.raises(KeyError, match="attach_base_topk"):
+            training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
+        with pytest.raises(ValueError, match="not both"):
+            training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0, kl_weight=1.0)
+
+
+def test_class_weights_give_a_weighted_mean(tmp_path, device):
+    model, tok, ds, ids = _setup(tmp_path, device, lora=False)
+    batch = _collate(ds, tok, device)
+    weights = torch.ones(model.get_output_embeddings().weight.shape[0], device=device)
+    weights[ids["<U_READ>"]] = 3.0
+    terms = training_loss(model, batch, token_weights=weights)
+    plain = training_loss(model, batch)
+    per_row = torch.nn.functional.cross_entropy(plain.logits.float(), batch["labels"][:, -1], reduction="none")
+    w = weights[batch["labels"][:, -1]]
+    assert terms.token.item() == pytest.approx(((per_row * w).sum() / w.sum()).item(), rel=1e-5)
+
+
+def test_train_runs_with_each_guard(tmp_path):
+    """train() end to end with the stored KL, the answer CE on right answers and balanced classes."""
+    from conftok import TrainConfig, train
+
+    tok = make_tokenizer()
+    data = write_jsonl(tmp_path / "train.jsonl", feature_rows(24, seed=1))
+    val = write_jsonl(tmp_path / "val.jsonl", [{"question": "code alpha alpha", "answer": True}] * 4)
+    for name, kwargs in {"stored": dict(kl_weight=0.0, stored_kl_weight=1.0, stored_kl_top_k=8),
+                         "answer_ce": dict(kl_weight=0.0, answer_ce_weight=1.0, answer_ce_rows="correct",
+                                           balance_token_classes=True)}.items():
+        cfg = TrainConfig(model_name="tiny", train_data=data, output_dir=str(tmp_path / name), backend="hf",
+                          max_steps=3, batch_size=8, eval_steps=None, val_sources={"boolq": val}, bf16=False,
+                          gradient_checkpointing=False, progress=False, lora_r=4, lora_alpha=8, **kwargs)
+        result = train(cfg, model=make_model(len(tok)), tokenizer=make_tokenizer())
+        assert result.global_step == 3 and (result.final_dir / "adapter_model.safetensors").is_file()
