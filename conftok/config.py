@@ -81,6 +81,10 @@ class TrainConfig:
         "Batch rows of similar length together (conftok.sampler.LengthGroupedBatchSampler; batch order "
         "still shuffled by seed and epoch): padding falls from ~40 to ~2 percent of batch positions with "
         "8 real BoolQ/MedQA rows a batch (bench/padding.py).", default=True)
+    padding_free: bool = _help(
+        "Concatenate each batch's rows into one sequence with no padding at all (conftok.packing). Needs "
+        "flash-attention 2 (the flash_attn package, a CUDA GPU; the model is loaded with "
+        "attn_implementation='flash_attention_2') and the hf backend.", default=False)
     placement_weight: float = _help(
         "Weight of -log(1 - p(confidence token)) at the answer's positions: keeps the token after the "
         "answer (0: token loss only).", default=1.0)
@@ -134,6 +138,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 p.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.padding_free and self.backend == "unsloth":
+            p.append("padding_free=True needs backend 'hf' (or 'auto' without unsloth), got 'unsloth'")
         if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "auto":
             p.append(f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}")
         for name in ("model_name", "train_data", "output_dir"):

@@ -106,6 +106,7 @@ def build_model(
     device: "str | torch.device | None" = None,
     batch_size: int = 8,
     seq_len: int | None = None,
+    attn_implementation: str | None = None,
 ):
     """Load a causal LM, add the domains' confidence tokens and wrap it with LoRA.
 
@@ -120,6 +121,8 @@ def build_model(
         gradient_checkpointing: True, False, or ``"auto"``: decided by
             :func:`conftok.memory.auto_gradient_checkpointing` once the weights are on the device, for
             batches of ``batch_size`` rows of ``seq_len`` tokens (default ``max_seq_length``).
+        attn_implementation: passed to ``from_pretrained`` (``flash_attention_2`` for padding-free
+            batches); None: transformers' default. A model object keeps its own.
 
     Returns:
         ``(peft_model, tokenizer)``; the tokenizer pads on the left.
@@ -152,6 +155,9 @@ def build_model(
     else:
         backend = resolve_backend(backend)
         if backend == "unsloth":
+            if attn_implementation is not None:
+                raise ValueError(f"attn_implementation={attn_implementation!r} applies to the hf backend; unsloth "
+                                 "chooses its own attention (use backend='hf')")
             from conftok import _unsloth
 
             return _unsloth.build_model(
@@ -163,8 +169,9 @@ def build_model(
         from transformers import AutoModelForCausalLM
 
         tokenizer = tokenizer or load_tokenizer(model_name)
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_name), dtype=dtype, quantization_config=quant_config,
+            str(model_name), dtype=dtype, quantization_config=quant_config, **extra,
             device_map={"": device.index or 0} if quant_config is not None and device.type == "cuda" else None,
         )
     tokenizer.padding_side = "left"

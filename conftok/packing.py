@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from conftok.data import ConfidenceCollator
 from conftok.loss import LossTerms, training_loss
 
-__all__ = ["PACKED_KEYS", "PackedConfidenceCollator", "PackedModel", "packed_logits", "packed_token_loss",
+__all__ = ["FLASH_ATTENTION", "PACKED_KEYS", "PackedConfidenceCollator", "PackedModel", "packed_logits", "packed_token_loss",
            "packed_training_loss", "check_padding_free"]
 
 FLASH_ATTENTION = "flash_attention_2"

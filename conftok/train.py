@@ -44,6 +44,7 @@ from conftok.evaluate import evaluate, load_rows, print_validation_block
 from conftok.loss import training_loss
 from conftok.memory import auto_gradient_checkpointing
 from conftok.modeling import build_model, enable_gradient_checkpointing, model_device, resolve_backend, save_adapter
+from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.tokens import token_ids
 
@@ -132,13 +133,20 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     # 'auto' checkpointing is decided once the rows are read (the longest sets the batch's shape): the hf
     # backend can turn it on after wrapping; unsloth sets it when it wraps, so it decides from max_seq_length.
     auto_checkpointing = cfg.gradient_checkpointing == "auto" and (model is not None or resolve_backend(cfg.backend) == "hf")
+    if cfg.padding_free:
+        if model is None and resolve_backend(cfg.backend) != "hf":
+            raise ValueError(f"padding_free=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
+        check_padding_free()  # before loading anything
     model, tokenizer = build_model(
         model if model is not None else cfg.model_name, tokenizer=tokenizer, domains=domains,
         backend=cfg.backend, quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
         gradient_checkpointing=False if auto_checkpointing else cfg.gradient_checkpointing, bf16=cfg.bf16,
         token_init=cfg.token_init, max_seq_length=cfg.max_seq_length, seed=cfg.seed, batch_size=cfg.batch_size,
+        attn_implementation=FLASH_ATTENTION if cfg.padding_free and model is None else None,
     )
+    if cfg.padding_free:
+        check_padding_free(model)
     device = model_device(model)
     use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
@@ -148,7 +156,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         # The stored KL guard's reference: the base model's top-k at each answer position, computed once.
         dataset.attach_base_topk(model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=cfg.progress)
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
-    collate = ConfidenceCollator(tokenizer.pad_token_id)
+    collate = (PackedConfidenceCollator if cfg.padding_free else ConfidenceCollator)(tokenizer.pad_token_id)
+    compute_loss = packed_training_loss if cfg.padding_free else training_loss
     lengths = dataset.lengths()
     if auto_checkpointing and auto_gradient_checkpointing(model, batch_size=cfg.batch_size, seq_len=max(lengths)):
         enable_gradient_checkpointing(model)
@@ -233,7 +242,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with amp():
-                terms = training_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
+                terms = compute_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
                                       token_weights=token_weights, **cfg.loss_kwargs())
             loss = terms.loss
             loss_value = loss.item()  # CPU-GPU sync each micro-batch: needed for the NaN check and logs

@@ -212,3 +212,56 @@ def test_flash_attention_packed_equals_padded():
     packed = packed_training_loss(model, to(PackedConfidenceCollator(tokenizer.pad_token_id)(examples)), **kwargs)
     for field in ("loss", "token", "placement", "kl"):
         torch.testing.assert_close(getattr(packed, field), getattr(padded, field), atol=2e-2, rtol=2e-2, msg=field)
+
+
+class TestTrain:
+    def config(self, tmp_path, name, **kwargs):
+        from conftest import feature_rows, write_jsonl
+
+        from conftok import TrainConfig
+
+        rows = feature_rows(24, seed=5)
+        for i, row in enumerate(rows):  # lengths that differ, so the padded batches hold padding
+            row["question"] = " ".join(["code red farm"] * (i % 5)) + " " + row["question"]
+        return TrainConfig(model_name="tiny", train_data=write_jsonl(tmp_path / "train.jsonl", rows),
+                           output_dir=str(tmp_path / name), backend="hf", batch_size=4, max_steps=4, eval_steps=None,
+                           learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, bf16=False,
+                           gradient_checkpointing=False, group_by_length=False, calib_beta=2, eval_batch_size=4,
+                           max_new_tokens=2, progress=False, **kwargs)
+
+    def test_padding_free_trains_the_same_adapter(self, tmp_path, monkeypatch):
+        """train(padding_free=True) on the CPU through SDPA (the flash-attention check waved through)
+        ends on the padded run's adapter: same batches, same losses, same steps."""
+        import importlib
+
+        from safetensors.torch import load_file
+
+        train_module = importlib.import_module("conftok.train")
+        monkeypatch.setattr(train_module, "check_padding_free", lambda model=None: None)
+        val = {"boolq": [{"id": "b0", "question": "is it red", "answer": True}]}
+        adapters = {}
+        for padding_free in (False, True):
+            tokenizer = make_tokenizer()
+            model = make_model(len(tokenizer), seed=0)
+            model.config._attn_implementation = "sdpa"
+            cfg = self.config(tmp_path, f"run-{padding_free}", padding_free=padding_free)
+            result = train_module.train(cfg, model=model, tokenizer=tokenizer, val_sets=val)
+            adapters[padding_free] = load_file(str(result.final_dir / "adapter_model.safetensors"))
+        a, b = adapters[False], adapters[True]
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+    @pytest.mark.skipif(HAS_FLASH_ATTN, reason="flash_attn is installed here")
+    def test_without_flash_attn_fails_before_loading(self, tmp_path):
+        from conftok import train
+
+        cfg = self.config(tmp_path, "run", padding_free=True)
+        with pytest.raises(ValueError, match="needs flash-attention 2"):
+            train(cfg)  # model_name 'tiny' does not exist: the check comes first
+
+    def test_config(self, tmp_path):
+        from conftok import ConfigError, TrainConfig
+
+        assert TrainConfig().padding_free is False
+        with pytest.raises(ConfigError, match="padding_free=True needs backend 'hf'"):
+            TrainConfig(padding_free=True, backend="unsloth")
