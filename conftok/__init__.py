@@ -10,8 +10,10 @@ from conftok.domains import DEFAULT_DOMAINS, Domain, DomainSet, resolve_domains
 from conftok.evaluate import evaluate, load_rows
 from conftok.export import export_merged
 from conftok.loss import confidence_token_loss, masked_lm_loss, p_confident
+from conftok.memory import decide_gradient_checkpointing
 from conftok.modeling import build_model, load_adapter, save_adapter
 from conftok.predict import Prediction, predict
+from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.serving import p_confident_from_logprobs
 from conftok.tagging import tag_rows, tag_to_file
 from conftok.tokens import add_confidence_tokens
@@ -24,5 +26,5 @@ __all__ = [
     "Domain", "DomainSet", "TrainConfig", "TrainResult", "add_confidence_tokens", "auroc", "brier_score",
     "build_model", "calibration_error", "confidence_token_loss", "evaluate", "export_merged", "load_adapter", "load_rows",
     "masked_lm_loss", "p_confident", "p_confident_from_logprobs", "Prediction", "predict", "read_tagged_rows", "reliability_bins", "resolve_domains", "save_adapter",
-    "tag_rows", "tag_to_file", "train",
+    "tag_rows", "tag_to_file", "train", "LengthGroupedBatchSampler", "padding_share", "decide_gradient_checkpointing",
 ]
