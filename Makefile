@@ -1,13 +1,21 @@
 # Two commands for a fresh clone:
 #   make demo   run the main job (sets up .venv first)
 #   make test   run the offline test suite (sets up .venv first)
+# On a GPU machine whose torch came with its image (transformers, peft, pytest beside it):
+#   make test-gpu PYTHON=python3   the core's tests on CUDA, gpu-marked ones included; no venv
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-gpu clean
+
+# The core's tests: every test file but the Ray layer's (those need ray, optuna, matplotlib).
+RAY_LAYER_TESTS := tests/test_ray_jobs.py tests/test_job_submit.py tests/test_tune_resume.py \
+                   tests/test_tag.py tests/test_report.py tests/test_search_spaces.py
+CORE_TESTS := $(filter-out $(RAY_LAYER_TESTS),$(sort $(wildcard tests/test_*.py)))
+CONFTOK_TEST_DEVICE ?= cuda
 
 venv: $(STAMP)
 
@@ -28,6 +36,13 @@ demo: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# With the Python it is given and nothing else: models on $(CONFTOK_TEST_DEVICE) (tests/conftest.py's
+# `device` fixture), gpu-marked tests selected (pyproject's addopts leave them out), tests needing
+# datasets/unsloth/bitsandbytes skipped with the reason where those are missing. No network.
+test-gpu:
+	HF_HUB_OFFLINE=1 CONFTOK_TEST_DEVICE=$(CONFTOK_TEST_DEVICE) $(PYTHON) -m pytest -q -rs \
+		-m 'not hub and not slow and not realdata' $(CORE_TESTS)
 
 clean:
 	rm -rf $(VENV)

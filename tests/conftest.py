@@ -79,6 +79,17 @@ def device(pytestconfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device
 
 
+@pytest.fixture
+def cuda_device(device) -> torch.device:
+    """The GPU of a ``gpu``-marked test: the suite's device when it is CUDA, else the current CUDA
+    device; skips where there is none."""
+    if device.type == "cuda":
+        return device
+    if not torch.cuda.is_available():
+        pytest.skip(f"needs a CUDA GPU (torch {torch.__version__} sees none)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 # Two computations of one number (a loss two ways, a probability before and after a reload on a
 # new model) agree this closely; loose enough for the kernels CUDA picks for different shapes.
 TOLERANCES = {

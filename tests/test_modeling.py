@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import approx, make_model, make_tokenizer, to_device, tolerance
 from safetensors import safe_open
 
 from conftok import modeling
@@ -28,6 +28,7 @@ from conftok.modeling import (
     METADATA_FILE,
     QUANTIZATIONS,
     build_model,
+    model_device,
     resolve_backend,
     save_adapter,
 )
@@ -68,8 +69,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def batch_of(tokenizer, cases):
-    """A left-padded training batch of prompt + answer + token rows (token last)."""
+def batch_of(tokenizer, cases, device="cpu"):
+    """A left-padded training batch of prompt + answer + token rows (token last), on ``device``."""
     ids = token_ids(tokenizer, TOKENS)
     examples = []
     for question, answer, token in cases:
@@ -81,11 +82,12 @@ def batch_of(tokenizer, cases):
         answer_mask[len(prompt):-1] = 1
         examples.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
                          "answer_mask": answer_mask})
-    return ConfidenceCollator(tokenizer.pad_token_id)(examples)
+    return to_device(ConfidenceCollator(tokenizer.pad_token_id)(examples), device)
 
 
 def train_steps(model, batch, steps=2, lr=5e-2):
     """AdamW without weight decay: a parameter with zero gradient stays exactly where it is."""
+    batch = to_device(batch, model_device(model))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
     for _ in range(steps):
@@ -98,11 +100,15 @@ def train_steps(model, batch, steps=2, lr=5e-2):
 
 @torch.no_grad()
 def effective_rows(model):
-    """(input, output) embedding matrices (V, H) as the PEFT model computes them, deltas included."""
+    """(input, output) embedding matrices (V, H) as the PEFT model computes them, deltas included;
+    copied to the CPU, where saved tensors are compared with them."""
     inner = model.get_base_model()
     embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     vocab, hidden = embed.weight.shape
-    return embed(torch.arange(vocab)).clone(), head(torch.eye(hidden)).T.clone()  # (V, H) each
+    device = embed.weight.device
+    rows = embed(torch.arange(vocab, device=device))  # (V, H)
+    head_rows = head(torch.eye(hidden, device=device, dtype=head.weight.dtype)).T  # (V, H)
+    return rows.cpu().clone(), head_rows.cpu().clone()
 
 
 @torch.no_grad()
@@ -112,7 +118,8 @@ def measure(model, tokenizer, cases=EVAL_CASES, max_new_tokens=6):
     domains = resolve_domains()
     ids = token_ids(tokenizer, TOKENS)
     model.eval()
-    batch = batch_of(tokenizer, cases)
+    device = model_device(model)
+    batch = batch_of(tokenizer, cases, device)
     logits = confidence_logits(model, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])  # (B, V)
     p = [p_confident(logits[i], *(ids[t] for t in domains.for_token(token).tokens)).item()
          for i, (_, _, token) in enumerate(cases)]
@@ -120,7 +127,7 @@ def measure(model, tokenizer, cases=EVAL_CASES, max_new_tokens=6):
     for question, _, _ in cases:
         prompt = torch.tensor(encode_prompt(tokenizer, question))
         prompts.append({"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "labels": prompt})
-    prompts = ConfidenceCollator(tokenizer.pad_token_id)(prompts)
+    prompts = to_device(ConfidenceCollator(tokenizer.pad_token_id)(prompts), device)
     out = model.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
                          do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
                          pad_token_id=tokenizer.pad_token_id)
@@ -132,10 +139,11 @@ def measure(model, tokenizer, cases=EVAL_CASES, max_new_tokens=6):
     }
 
 
-def run_python(code: str, *args: str, timeout: int = 300) -> dict:
-    """Run ``code`` in a fresh interpreter (tests/ importable); return the JSON of its last line."""
+def run_python(code: str, *args: str, timeout: int = 300, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter (tests/ importable; ``env`` added to this one's);
+    return the JSON of its last line."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]), **(env or {}))
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -163,8 +171,8 @@ def built(tie=True, arch="llama", extra_rows=0, **kwargs):
 
 class TestModelBuilder:
     @pytest.mark.parametrize("tie", [True, False])
-    def test_trainable_token_indices_form(self, tie):
-        model, tokenizer = built(tie=tie)
+    def test_trainable_token_indices_form(self, tie, device):
+        model, tokenizer = built(tie=tie, device=device)
         ids = list(token_ids(tokenizer, TOKENS).values())
         indices = model.peft_config["default"].trainable_token_indices
         indices = indices if isinstance(indices, dict) else {"embed_tokens": indices}
@@ -175,8 +183,8 @@ class TestModelBuilder:
         assert len(deltas) == (1 if tie else 2)
 
     @pytest.mark.parametrize("tie", [True, False])
-    def test_step_trains_new_rows_only(self, tie):
-        model, tokenizer = built(tie=tie)
+    def test_step_trains_new_rows_only(self, tie, device):
+        model, tokenizer = built(tie=tie, device=device)
         new = sorted(token_ids(tokenizer, TOKENS).values())
         old = [i for i in range(len(tokenizer)) if i not in new]
         embed0, head0 = effective_rows(model)
@@ -196,8 +204,8 @@ class TestModelBuilder:
             changed = not torch.equal(params0[name], p.detach())
             assert changed == p.requires_grad, f"{name}: requires_grad={p.requires_grad}, changed={changed}"
 
-    def test_lora_config_carries_arguments(self):
-        model, _ = built(lora_r=4, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj", "v_proj"))
+    def test_lora_config_carries_arguments(self, device):
+        model, _ = built(lora_r=4, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj", "v_proj"), device=device)
         config = model.peft_config["default"]
         assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.1)
         assert set(config.target_modules) == {"q_proj", "v_proj"}
@@ -206,10 +214,10 @@ class TestModelBuilder:
         assert wrapped == {"q_proj", "v_proj"}
         assert all(p.shape[0] == 4 for n, p in model.named_parameters() if ".lora_A." in n)
 
-    def test_default_targets_all_projections(self):
+    def test_default_targets_all_projections(self, device):
         assert set(DEFAULT_TARGET_MODULES) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"}
-        model, _ = built()
+        model, _ = built(device=device)
         lora_a = [name for name, _ in model.named_parameters() if ".lora_A." in name]
         assert len(lora_a) == 2 * len(DEFAULT_TARGET_MODULES)  # 2 layers
         assert {name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name in lora_a} == set(DEFAULT_TARGET_MODULES)
@@ -217,19 +225,19 @@ class TestModelBuilder:
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert all(".lora_" in n or "trainable_tokens_delta" in n for n in trainable)
 
-    def test_missing_target_modules(self, caplog):
+    def test_missing_target_modules(self, caplog, device):
         with pytest.raises(ValueError, match="c_attn"):
-            built(target_modules=("c_attn",))
-        model, _ = built(target_modules=("q_proj", "c_attn"))
+            built(target_modules=("c_attn",), device=device)
+        model, _ = built(target_modules=("q_proj", "c_attn"), device=device)
         assert set(model.peft_config["default"].target_modules) == {"q_proj"}
         assert "c_attn" in caplog.text
 
-    def test_gradient_checkpointing_recomputes_and_matches(self, monkeypatch):
+    def test_gradient_checkpointing_recomputes_and_matches(self, monkeypatch, device):
         """On by default (each layer runs again in backward), off when asked; same gradients."""
         grads, calls = {}, {}
         for checkpointing in (True, False):
             kwargs = {} if checkpointing else {"gradient_checkpointing": False}
-            model, tokenizer = built(lora_dropout=0.0, **kwargs)
+            model, tokenizer = built(lora_dropout=0.0, device=device, **kwargs)
             assert model.get_base_model().is_gradient_checkpointing is checkpointing
             mlp = model.get_base_model().model.layers[0].mlp
             count = []
@@ -239,14 +247,14 @@ class TestModelBuilder:
             train_steps(model, batch_of(tokenizer, TRAIN_CASES), steps=1, lr=1e-3)  # LoRA B != 0 next
             count.clear()
             model.train()
-            loss, _ = confidence_token_loss(model, batch_of(tokenizer, TRAIN_CASES))
+            loss, _ = confidence_token_loss(model, batch_of(tokenizer, TRAIN_CASES, device))
             loss.backward()
             calls[checkpointing] = len(count)
             grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         assert calls == {True: 2, False: 1}
         assert grads[True].keys() == grads[False].keys()
         for name, g in grads[True].items():
-            torch.testing.assert_close(g, grads[False][name], atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(g, grads[False][name], **tolerance(g.dtype), msg=name)
 
     @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
     def test_quantization_without_bitsandbytes(self, monkeypatch, quantization):
@@ -292,15 +300,15 @@ class TestModelBuilder:
             resolve_backend("fast")
 
     @pytest.mark.parametrize("extra_rows, expected_rows", [(64, 404 + 60), (2, 404), (0, 404)])
-    def test_embedding_never_shrinks(self, extra_rows, expected_rows):
+    def test_embedding_never_shrinks(self, extra_rows, expected_rows, device):
         """Qwen2.5 pads its matrix past the tokenizer: new ids land in the spare rows, nothing is
         cut; a matrix with too few rows grows exactly to the new tokenizer length."""
         tokenizer = make_tokenizer()
         assert len(tokenizer) == 400  # the fixture's vocabulary; 4 tokens take it to 404
-        base = make_model(len(tokenizer) + extra_rows, tie=False, arch="qwen2")
-        embed_before = base.get_input_embeddings().weight.detach().clone()
-        head_before = base.get_output_embeddings().weight.detach().clone()
-        model, tokenizer = build_model(base, tokenizer=tokenizer, backend="hf", bf16=False)
+        base = make_model(len(tokenizer) + extra_rows, tie=False, arch="qwen2", device=device)
+        embed_before = base.get_input_embeddings().weight.detach().cpu().clone()
+        head_before = base.get_output_embeddings().weight.detach().cpu().clone()
+        model, tokenizer = build_model(base, tokenizer=tokenizer, backend="hf", bf16=False, device=device)
         embed, head = effective_rows(model)
         assert embed.shape == head.shape == (expected_rows, HIDDEN)
         new = sorted(token_ids(tokenizer, TOKENS).values())
@@ -312,13 +320,56 @@ class TestModelBuilder:
         assert torch.equal(embed[kept], embed_before[kept]) and torch.equal(head[kept], head_before[kept])
 
 
+# ---- 8-bit and 4-bit bases (bitsandbytes) on CUDA --------------------------------------------
+
+
+def check_quantized_training(tmp_path, device, quantization):
+    """Load a tiny untied base in ``quantization`` on ``device`` and train: the linear layers are
+    bitsandbytes layers, LoRA and the new rows train and nothing else moves, the model generates,
+    and the adapter holds the new rows only."""
+    import bitsandbytes as bnb
+
+    model, tokenizer = build_model(save_base(tmp_path, tie=False), backend="hf", quantization=quantization,
+                                   bf16=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, device=device)
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q_proj, bnb.nn.Linear8bitLt if quantization == "8bit" else bnb.nn.Linear4bit)
+    assert model_device(model) == torch.device(device)
+    new = sorted(token_ids(tokenizer, TOKENS).values())
+    embed0, head0 = effective_rows(model)
+    trained0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen0 = q_proj.weight.detach().clone()
+
+    train_steps(model, batch_of(tokenizer, TRAIN_CASES, device), steps=2)
+
+    embed1, head1 = effective_rows(model)
+    changed = lambda a, b: [i for i in range(a.shape[0]) if not torch.equal(a[i], b[i])]  # noqa: E731
+    assert changed(embed0, embed1) == new and changed(head0, head1) == new
+    assert all(not torch.equal(trained0[n], p.detach()) for n, p in model.named_parameters() if p.requires_grad)
+    assert torch.equal(q_proj.weight.detach(), frozen0)  # the quantized weights stay frozen
+    measured = measure(model, tokenizer)
+    assert all(0.0 < p < 1.0 for p in measured["p_confident"]) and len(measured["generated"]) == len(EVAL_CASES)
+    out = save_adapter(model, tokenizer, tmp_path / "adapter")
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        rows = {key: f.get_slice(key).get_shape()[0] for key in f.keys()}
+    assert max(rows.values()) < len(tokenizer), "a whole embedding matrix was saved"
+    assert sum("trainable_tokens" in key for key in rows) == 2  # embed_tokens and lm_head rows
+
+
+@pytest.mark.gpu
+class TestQuantizedOnCuda:
+    @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+    def test_quantized_base_trains_lora_and_token_rows(self, tmp_path, cuda_device, quantization):
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'conftok[gpu]')")
+        check_quantized_training(tmp_path, cuda_device, quantization)
+
+
 # ---- saving and reloading -------------------------------------------------------------------
 
 RELOAD = """
 import json, sys
 from conftok.modeling import load_adapter
 from test_modeling import measure
-model, tokenizer, domains = load_adapter(sys.argv[1], device="cpu")
+model, tokenizer, domains = load_adapter(sys.argv[1], device=sys.argv[2])
 result = measure(model, tokenizer)
 result["lazy"] = {name: name in sys.modules for name in ("unsloth", "bitsandbytes")}
 print(json.dumps(result))
@@ -327,8 +378,8 @@ print(json.dumps(result))
 
 class TestAdapterRoundTrip:
     @pytest.mark.parametrize("tie", [True, False])
-    def test_safetensors_holds_new_rows_only(self, tmp_path, tie):
-        model, tokenizer = built(tie=tie)
+    def test_safetensors_holds_new_rows_only(self, tmp_path, tie, device):
+        model, tokenizer = built(tie=tie, device=device)
         train_steps(model, batch_of(tokenizer, TRAIN_CASES), steps=1)
         out = save_adapter(model, tokenizer, tmp_path / "adapter")
         save_adapter(model, tokenizer, out)  # replacing an adapter leaves no temporary siblings
@@ -356,18 +407,18 @@ class TestAdapterRoundTrip:
         assert meta["token_ids"] == token_ids(tokenizer, TOKENS)
 
     @pytest.mark.parametrize("tie", [True, False])
-    def test_fresh_process_reload_matches(self, tmp_path, tie):
+    def test_fresh_process_reload_matches(self, tmp_path, tie, device):
         base = save_base(tmp_path, tie=tie)
-        model, tokenizer = build_model(base, backend="hf", bf16=False)  # base found again by path
+        model, tokenizer = build_model(base, backend="hf", bf16=False, device=device)  # base found again by path
         train_steps(model, batch_of(tokenizer, TRAIN_CASES), steps=3)
         adapter = save_adapter(model, tokenizer, tmp_path / "adapter")
         here = measure(model, tokenizer)
         assert max(abs(p - 0.5) for p in here["p_confident"]) > 1e-3, "training did not move p_confident"
 
-        there = run_python(RELOAD, str(adapter))
+        there = run_python(RELOAD, str(adapter), str(device))
 
         assert there["input_ids"] == here["input_ids"]
-        assert max(abs(a - b) for a, b in zip(there["p_confident"], here["p_confident"])) <= 1e-6
+        assert there["p_confident"] == approx(here["p_confident"], torch.float32)
         assert there["generated"] == here["generated"]
         yes = tokenizer("Yes", add_special_tokens=False)["input_ids"]
         assert len(yes) == 1
@@ -375,23 +426,25 @@ class TestAdapterRoundTrip:
         assert there["lazy"] == {"unsloth": False, "bitsandbytes": False}
 
 
-# ---- unsloth on the CPU ---------------------------------------------------------------------
+# ---- unsloth, on the CPU (its fallback) and on CUDA ----------------------------------------
 
 UNSLOTH = """
 import json, sys
 import unsloth  # first: it patches transformers and peft when imported
 import torch
 from conftok.loss import confidence_token_loss, training_loss
-from conftok.modeling import build_model, load_adapter, save_adapter
+from conftok.modeling import build_model, load_adapter, model_device, save_adapter
 from conftok.tokens import token_ids
 from test_modeling import TOKENS, TRAIN_CASES, batch_of, effective_rows, measure, train_steps
 
+bf16 = sys.argv[4] == "bf16"
 result = {}
 for tie, base in (("tied", sys.argv[1]), ("untied", sys.argv[2])):
-    model, tokenizer = build_model(base, backend="unsloth", bf16=False, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model, tokenizer = build_model(base, backend="unsloth", bf16=bf16, lora_r=4, lora_alpha=8, lora_dropout=0.0)
     inner = model.get_base_model()
+    device = model_device(model)  # where unsloth put it: CUDA when it has it
     new = sorted(token_ids(tokenizer, TOKENS).values())
-    batch = batch_of(tokenizer, TRAIN_CASES)
+    batch = batch_of(tokenizer, TRAIN_CASES, device)
     model.train()
     guarded = training_loss(model, batch, confidence_ids=new, placement_weight=1.0, kl_weight=1.0)
     guards = {"kl": guarded.kl.item(), "placement": guarded.placement.item(), "token": guarded.token.item()}
@@ -406,9 +459,10 @@ for tie, base in (("tied", sys.argv[1]), ("untied", sys.argv[2])):
     changed = lambda a, b: [i for i in range(a.shape[0]) if not torch.equal(a[i], b[i])]
     adapter = save_adapter(model, tokenizer, sys.argv[3] + "/" + tie)
     here = measure(model, tokenizer)
-    reloaded, reloaded_tokenizer, _ = load_adapter(adapter, device="cpu")
+    reloaded, reloaded_tokenizer, _ = load_adapter(adapter, device=device, bf16=bf16)
     there = measure(reloaded, reloaded_tokenizer)
     result[tie] = {
+        "device": device.type,
         "peft": type(model).__name__,
         "fast_language_model": hasattr(inner, "for_training") and hasattr(inner, "max_seq_length"),
         "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
@@ -424,29 +478,51 @@ print(json.dumps(result))
 """
 
 
+def check_unsloth_run(result, device_type, dtype):
+    """What the UNSLOTH script found, for weights of ``dtype`` on a ``device_type`` device."""
+    tol = tolerance(dtype)
+    for tie, r in result.items():
+        new = r["new"]
+        assert r["device"] == device_type, tie
+        assert r["peft"] == "PeftModelForCausalLM" and r["fast_language_model"], tie
+        assert str(dtype) in r["dtypes"] and not r["quantized"], (tie, r["dtypes"])  # not unsloth's 4-bit default
+        assert set(r["dtypes"]) <= {str(dtype), "torch.float32"}, r["dtypes"]  # LoRA matrices may stay fp32
+        assert r["padding_side"] == "left" and r["checkpointing"] is True
+        modules = ["embed_tokens"] if tie == "tied" else ["embed_tokens", "lm_head"]
+        assert r["indices"] == {m: new for m in modules}
+        assert r["logits_shape"] == [len(TRAIN_CASES), 404] and 0 < r["loss"] < 100
+        # The guard terms run on unsloth's model too: the same token loss, KL 0 before training
+        # (the adapter is the identity), a positive placement term.
+        assert r["guards"]["token"] == approx(r["loss"], dtype)
+        assert abs(r["guards"]["kl"]) < tol["atol"] and r["guards"]["placement"] > 0
+        assert set(r["grads"]) == set(modules)
+        assert all(g > 0 for rows in r["grads"].values() for g in rows)  # all 4 tokens are in TRAIN_CASES
+        assert r["embed_changed"] == new and r["head_changed"] == new
+        # Reloaded through the hf loader: the same p_confident (other kernels than unsloth's).
+        assert r["p_reloaded"] == approx(r["p_here"], dtype)
+        assert max(abs(p - 0.5) for p in r["p_here"]) > 1e-4
+
+
+needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
+
+
 @pytest.mark.unsloth
-@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
+@needs_unsloth
 class TestUnslothBackend:
     def test_builds_trains_and_reloads_on_cpu(self, tmp_path):
-        """FastLanguageModel (unsloth's CPU fallback here) loads fp32, adds the tokens before LoRA,
-        runs the one-position loss forward and backward, trains the new rows only, and its adapter
-        reloads through the hf loader with the same p_confident."""
+        """FastLanguageModel (unsloth's CPU fallback here, CUDA hidden) loads fp32, adds the tokens
+        before LoRA, runs the one-position loss forward and backward, trains the new rows only, and
+        its adapter reloads through the hf loader with the same p_confident."""
         tied, untied = save_base(tmp_path, tie=True, name="tied"), save_base(tmp_path, tie=False, name="untied")
-        result = run_python(UNSLOTH, str(tied), str(untied), str(tmp_path / "adapters"))
-        for tie, r in result.items():
-            new = r["new"]
-            assert r["peft"] == "PeftModelForCausalLM" and r["fast_language_model"], tie
-            assert r["dtypes"] == ["torch.float32"] and not r["quantized"], tie  # not unsloth's 4-bit default
-            assert r["padding_side"] == "left" and r["checkpointing"] is True
-            modules = ["embed_tokens"] if tie == "tied" else ["embed_tokens", "lm_head"]
-            assert r["indices"] == {m: new for m in modules}
-            assert r["logits_shape"] == [len(TRAIN_CASES), 404] and 0 < r["loss"] < 100
-            # The guard terms run on unsloth's model too: the same token loss, KL 0 before training
-            # (the adapter is the identity), a positive placement term.
-            assert r["guards"]["token"] == pytest.approx(r["loss"], abs=1e-5)
-            assert abs(r["guards"]["kl"]) < 1e-5 and r["guards"]["placement"] > 0
-            assert set(r["grads"]) == set(modules)
-            assert all(g > 0 for rows in r["grads"].values() for g in rows)  # all 4 tokens are in TRAIN_CASES
-            assert r["embed_changed"] == new and r["head_changed"] == new
-            assert max(abs(a - b) for a, b in zip(r["p_here"], r["p_reloaded"])) <= 1e-6
-            assert max(abs(p - 0.5) for p in r["p_here"]) > 1e-4
+        result = run_python(UNSLOTH, str(tied), str(untied), str(tmp_path / "adapters"), "fp32",
+                            env={"CUDA_VISIBLE_DEVICES": ""})
+        check_unsloth_run(result, "cpu", torch.float32)
+
+    @pytest.mark.gpu
+    def test_builds_trains_and_reloads_on_cuda(self, tmp_path, cuda_device):
+        """The same on unsloth's GPU path (its kernels, its checkpointing), in bf16 where the card has it."""
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        tied, untied = save_base(tmp_path, tie=True, name="tied"), save_base(tmp_path, tie=False, name="untied")
+        result = run_python(UNSLOTH, str(tied), str(untied), str(tmp_path / "adapters"),
+                            "bf16" if dtype == torch.bfloat16 else "fp32", timeout=600)
+        check_unsloth_run(result, "cuda", dtype)

@@ -41,7 +41,7 @@ class TestRoutingCurves:
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
+def adapter(tmp_path_factory, device):
     from conftok.modeling import build_model, save_adapter
 
     root = tmp_path_factory.mktemp("adapter")
@@ -49,16 +49,16 @@ def adapter(tmp_path_factory):
     base = make_model(len(tok))
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
-    model, tok = build_model(str(root / "base"), backend="hf", bf16=False, gradient_checkpointing=False)
+    model, tok = build_model(str(root / "base"), backend="hf", bf16=False, gradient_checkpointing=False, device=device)
     save_adapter(model, tok, root / "final")
     return root
 
 
 class TestPredict:
-    def test_predict_returns_answer_token_p_and_decision(self, adapter):
+    def test_predict_returns_answer_token_p_and_decision(self, adapter, device):
         from conftok import load_adapter, predict
 
-        model, tok, domains = load_adapter(adapter / "final", device="cpu")
+        model, tok, domains = load_adapter(adapter / "final", device=device)
         row = {"question": "which drug", "options": {"A": "aspirin", "B": "insulin", "C": "heparin", "D": "penicillin"}}
         p = predict(model, tok, row, "medqa", domains=domains, threshold=0.4, max_new_tokens=4)
         assert 0.0 <= p.p_confident <= 1.0 and p.domain == "med"
@@ -72,6 +72,7 @@ class TestPredict:
 
 class TestEvaluateCommand:
     def test_three_signals_json_and_pngs(self, adapter, tmp_path, capsys):
+        pytest.importorskip("matplotlib", reason="the evaluation command draws its curves with matplotlib")
         from ray_jobs.evaluate import METHODS, main
 
         boolq = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "question": "is it red", "passage": "It is red.",

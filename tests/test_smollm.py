@@ -37,12 +37,12 @@ def converted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(converted):
+def loaded(converted, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, _ = converted
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
     return tokenizer, model
 
 
@@ -123,7 +123,7 @@ class TestSmolLM2:
             )
             for p in prompts
         ]
-        batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, max_new_tokens=6, do_sample=False)
             again = model.generate(**batch, max_new_tokens=6, do_sample=False)
