@@ -1,0 +1,611 @@
+"""The GPU checks in one run: training-step speed of a Qwen2.5-7B-shaped model, batched validation
+against the seed's per-row loop, and the unsloth backend where it is installed.
+
+    python3 bench/gpu.py --tokenizer .device/tokenizer --data .device/data --out $OUT/gpu.json
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/gpu.py --smoke     # the same code paths, tiny, on the CPU
+
+Needs torch, transformers and PEFT only (no network, Ray, datasets or optuna); bench/README.md
+gives the one-line command for a lent GPU box and bench/device_prep.sh what travels with it.
+
+- The model: Qwen2.5-7B's shape (hidden 3584, 28 layers, 28/4 heads, MLP 18944, vocab 152,064,
+  untied, rope theta 1e6) with random weights, built on the GPU in bf16; LoRA r=16 on all seven
+  projections and the four confidence tokens through ``conftok.build_model``. The tokenizer is
+  SmolLM2's (``--tokenizer DIR``; by default ``conftok.smollm.ensure_smollm2()``'s directory): its
+  ids fit Qwen's embedding matrix, and the new tokens land in its spare rows as they do for Qwen.
+- The rows: BoolQ and MedQA dev rows (``--data DIR``), questions from each domain's
+  ``build_question``, answers the gold answer's text then a C or U token at random.
+- ``train``: a step as ``conftok.train`` takes it (bf16 autocast, loss, backward, clipping, AdamW)
+  for three losses, token only (``placement_weight=0, kl_weight=0``), the defaults
+  (``TrainConfig().loss_kwargs()``) and full-vocabulary logits with labels masked to the token
+  (``masked_lm_loss``, what a stock causal-LM trainer computes), each with gradient checkpointing on
+  and off, on length-grouped batches (``LengthGroupedBatchSampler``) and on random ones. Each figure
+  is the mean of ``--steps`` steps after ``--warmup`` untimed ones (a process's first steps run
+  about 2x slower). Model FLOPs per step follow the formula printed with the table; the first
+  warm-up step of each configuration is also counted by ``torch.utils.flop_counter`` as a check.
+- ``validate``: ``conftok.evaluate.evaluate`` at batch 16 and 64 against one ``generate`` per row
+  then a separate forward for the token's distribution (the seed's way), outputs compared.
+- ``unsloth``: the defaults and token-only steps through ``backend='unsloth'`` in a child process
+  (unsloth must be imported before transformers); skipped with the reason when not importable.
+
+Writes JSON (``--out``) and prints markdown tables, with each target and whether it is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+
+from benchlib import (DEFAULT_DATA, compare_records, evaluate_per_row, machine_info, markdown_table,  # noqa: E402
+                      read_raw_rows, write_json, write_tagged_rows)
+
+PHASES = ("matmul", "train", "validate", "unsloth")
+LOSSES = ("token_only", "defaults", "full_logits")
+# Qwen2.5-7B-Instruct's config.json, less the token ids (the SmolLM2 tokenizer's are used).
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
+                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                 tie_word_embeddings=False, use_sliding_window=False, sliding_window=131072, max_window_layers=28,
+                 attention_dropout=0.0, initializer_range=0.02)
+SMOKE_SHAPE = dict(QWEN25_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+TARGETS = {"defaults_samples_per_s": 32.0, "defaults_matmul_share": 0.35, "validation_samples_per_s": 100.0,
+           "batched_over_per_row": 5.0, "grouped_padding_share": 0.05}
+# p_confident may differ by rounding between a padded batch and a lone row (bf16 autocast).
+P_TOLERANCE_BF16 = 0.02
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: every code path in well under a minute")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: conftok.smollm.ensure_smollm2())")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="directory holding boolq/dev.jsonl and medqa/dev.jsonl")
+    p.add_argument("--out", default=None, help="JSON output (default bench/results/gpu.json, gpu_smoke.json with --smoke)")
+    p.add_argument("--only", nargs="+", choices=PHASES, default=None, help="run these phases only")
+    p.add_argument("--skip", nargs="+", choices=PHASES, default=[], help="leave these phases out")
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    p.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
+    p.add_argument("--batching", nargs="+", choices=("grouped", "random"), default=["grouped", "random"])
+    p.add_argument("--batch_size", type=int, default=None, help="training batch (default 8; 4 with --smoke)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration (default 3; 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 8; 2)")
+    p.add_argument("--rows", type=int, default=None, help="training rows per data set (default all; 24)")
+    p.add_argument("--val_rows", type=int, default=None, help="rows for batched validation, half per domain (128; 8)")
+    p.add_argument("--per_row_rows", type=int, default=None, help="rows for the per-row loop, half per domain (16; 4)")
+    p.add_argument("--val_batch_sizes", type=int, nargs="+", default=None, help="(16 64; 4 8)")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="(16; 4)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--unsloth_child", default=None, help=argparse.SUPPRESS)  # internal: child process output file
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    defaults = dict(batch_size=(4, 8), warmup=(1, 3), steps=(2, 8), rows=(24, None), val_rows=(8, 128),
+                    per_row_rows=(4, 16), val_batch_sizes=([4, 8], [16, 64]), max_new_tokens=(4, 16))
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if smoke else full)
+    if args.out is None:
+        args.out = str(BENCH / "results" / ("gpu_smoke.json" if smoke else "gpu.json"))
+    args.phases = [ph for ph in (args.only or PHASES) if ph not in args.skip]
+    problems = [f"--{n} must be >= 1, got {getattr(args, n)}" for n in ("batch_size", "steps", "val_rows", "per_row_rows",
+                                                                        "max_new_tokens") if getattr(args, n) < 1]
+    if args.warmup < 1:
+        problems.append(f"--warmup must be >= 1 (its first step is the FLOP count), got {args.warmup}")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+# ---------------------------------------------------------------- model, data, FLOPs
+
+def build_random_model(shape: dict, tokenizer, device, dtype):
+    """A randomly initialised Qwen2 causal LM of ``shape``, built directly on ``device`` in ``dtype``."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**shape, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {config.vocab_size} < tokenizer size {len(tokenizer)}")
+    with torch.device(device):  # no fp32 copy on the host: 7.6 B weights straight to the GPU in bf16
+        return Qwen2ForCausalLM._from_config(config, dtype=dtype)
+
+
+def projection_weights(shape: dict) -> int:
+    """Weights of the seven projections over all layers: what every token passes through (frozen)."""
+    d, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return layers * (2 * d * d + 2 * d * kv + 3 * d * inter)
+
+
+FLOP_FORMULA = (
+    "model FLOPs/step = (2 forward + 2 backward input-grads [+ 2 recompute with checkpointing]) x N x T "
+    "+ (2 + 2) x d x V x P [+ 2 x N x T + 2 x d x V x P for the KL term's no-grad forward]; N = weights of the "
+    "7 projections x layers (frozen, so the backward has no weight-gradient GEMMs for them), T = real (non-padding) "
+    "tokens of the batch, d x V = lm_head, P = positions whose logits are computed (B for token only, "
+    "B x (1 + longest answer) with placement/KL terms, T for full logits). LoRA (r=16, <1%) and attention "
+    "scores (~1% at 200 tokens) are left out.")
+
+
+def loss_positions(loss: str, batch, guard_kwargs: dict) -> tuple[int, bool]:
+    """(P, whether a KL forward runs) of the formula, for one batch."""
+    rows = batch["input_ids"].shape[0]
+    if loss == "full_logits":
+        return int(batch["attention_mask"].sum()), False
+    kwargs = guard_kwargs if loss == "defaults" else {}
+    if kwargs.get("placement_weight") or kwargs.get("kl_weight"):
+        longest = int(batch["answer_mask"][:, 1:].sum(-1).max())
+        return rows * (1 + longest), bool(kwargs.get("kl_weight"))
+    return rows, False
+
+
+def model_flops(shape: dict, batch, loss: str, checkpointing: bool, guard_kwargs: dict) -> float:
+    n, head = projection_weights(shape), shape["hidden_size"] * shape["vocab_size"]
+    tokens = int(batch["attention_mask"].sum())
+    positions, kl_forward = loss_positions(loss, batch, guard_kwargs)
+    flops = (4 + 2 * checkpointing) * n * tokens + 4 * head * positions
+    if kl_forward:
+        flops += 2 * n * tokens + 2 * head * positions
+    return float(flops)
+
+
+def build_training_batches(tokenizer, data_dir, rows_per_dataset, batch_size, seed, max_seq_length, domains):
+    """Tokenized rows, ``{"grouped": batches, "random": batches}`` (each batch a list of row indices,
+    the epoch's order) and the dataset."""
+    import torch
+
+    from conftok.data import ConfidenceDataset
+    from conftok.sampler import LengthGroupedBatchSampler
+
+    raw = read_raw_rows(data_dir, rows_per_dataset)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tagged.jsonl"
+        write_tagged_rows(raw, domains, path, seed=seed)
+        dataset = ConfidenceDataset(path, tokenizer, max_seq_length, domains=domains)
+    lengths = dataset.lengths()
+    grouped = LengthGroupedBatchSampler(lengths, batch_size, seed=seed, epoch=0).batches()
+    # What train drew before the sampler: DataLoader(shuffle=True) with a generator seeded by seed + epoch.
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return dataset, lengths, {"grouped": grouped, "random": shuffled}
+
+
+# ---------------------------------------------------------------- phases
+
+def measure_matmul(device, n: int, reps: int = 20) -> dict:
+    """bf16 GEMM rate of an n x n x n product, mean over ``reps`` after 3 warm-ups, on random data."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    seconds = (time.perf_counter() - start) / reps
+    return {"n": n, "tflops": 2 * n ** 3 / seconds / 1e12, "seconds_per_product": seconds}
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # a CPU-GPU sync point: timers read only after the queued work ran
+
+
+def make_loss_fn(loss: str, confidence_ids, guard_kwargs: dict):
+    from conftok.loss import masked_lm_loss, position_ids_from_mask, training_loss
+
+    if loss == "token_only":
+        return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids, placement_weight=0.0,
+                                                  kl_weight=0.0).loss
+    if loss == "defaults":
+        return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids, **guard_kwargs).loss
+
+    def full_logits(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits  # (B, T, V)
+        return masked_lm_loss(logits, batch["labels"])
+    return full_logits
+
+
+def set_checkpointing(model, on: bool) -> None:
+    base = model.get_base_model()
+    if on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
+
+
+def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp) -> tuple[list[float], float | None]:
+    """Seconds of each timed step (after ``warmup``) and the FLOPs counted on the first warm-up step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with amp():
+            loss = loss_fn(model, batch)
+        if not math.isfinite(loss.item()):  # train's per-step sync and NaN check
+            raise FloatingPointError(f"loss {loss.item()}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times, counted = [], None
+    for k, batch in enumerate(batches):
+        if k == 0:
+            with FlopCounterMode(display=False) as counter:
+                step(batch)
+            counted = float(counter.get_total_flops())
+            continue
+        sync(device)
+        start = time.perf_counter()
+        step(batch)
+        sync(device)
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
+    return times, counted
+
+
+def run_train(model, tokenizer, args, shape, device, amp, batch_sets, dataset, lengths, matmul_tflops, log,
+              toggle_checkpointing: bool = True) -> list:
+    import torch
+
+    from conftok.config import TrainConfig
+    from conftok.data import ConfidenceCollator
+    from conftok.sampler import padding_share
+    from conftok.tokens import token_ids
+
+    cfg = TrainConfig()
+    guard_kwargs = cfg.loss_kwargs()
+    confidence_ids = sorted(token_ids(tokenizer, [t for d in cfg_domains() for t in d.tokens]).values())
+    collate = ConfidenceCollator(tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    need = args.warmup + args.steps
+    results = []
+    model.train()
+    for ckpt in args.checkpointing:
+        if toggle_checkpointing:
+            set_checkpointing(model, ckpt == "on")
+        for batching in args.batching:
+            chosen = [b for b in batch_sets[batching] if len(b) == args.batch_size][:need]
+            if len(chosen) < need:
+                raise ValueError(f"{len(chosen)} full batches of {args.batch_size}, need {need}: give more --rows")
+            batches = [collate([dataset[i] for i in b]) for b in chosen]
+            timed = batches[args.warmup:]
+            tokens = sum(int(b["attention_mask"].sum()) for b in timed)
+            for loss in args.losses:
+                row = {"loss": loss, "checkpointing": ckpt, "batching": batching, "batch_size": args.batch_size,
+                       "steps": args.steps, "loss_kwargs": guard_kwargs if loss == "defaults" else
+                       ({} if loss == "full_logits" else {"placement_weight": 0.0, "kl_weight": 0.0}),
+                       "padding_share": padding_share(chosen[args.warmup:], lengths),
+                       "tokens_per_row": tokens / (args.steps * args.batch_size)}
+                log(f"train: {loss}, checkpointing {ckpt}, {batching} batches ...")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    times, counted = time_steps(model, optimizer, make_loss_fn(loss, confidence_ids, guard_kwargs),
+                                                batches, args.warmup, device, amp)
+                except torch.OutOfMemoryError as e:
+                    optimizer.zero_grad(set_to_none=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    row["error"] = f"out of memory: {str(e).splitlines()[0]}"
+                    results.append(row)
+                    log(f"  {row['error']}")
+                    continue
+                step_s = sum(times) / len(times)
+                flops = sum(model_flops(shape, b, loss, ckpt == "on", guard_kwargs) for b in timed) / len(timed)
+                first = model_flops(shape, batches[0], loss, ckpt == "on", guard_kwargs)
+                row.update(step_s=step_s, step_s_min=min(times), step_s_max=max(times),
+                           samples_per_s=args.batch_size / step_s, tokens_per_s=tokens / sum(times),
+                           model_tflop_per_step=flops / 1e12, model_tflops=flops / step_s / 1e12,
+                           matmul_share=flops / step_s / 1e12 / matmul_tflops if matmul_tflops else None,
+                           counted_over_formula=counted / first if counted else None,
+                           peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+                results.append(row)
+                log(f"  {row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:,.0f} tokens/s, "
+                    f"step {step_s:.3f} s" + (f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] else ""))
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    return results
+
+
+def cfg_domains():
+    from conftok.config import TrainConfig
+    from conftok.domains import resolve_domains
+
+    return resolve_domains(TrainConfig().domains)
+
+
+def run_validate(model, tokenizer, args, device, amp, log) -> dict:
+    from conftok.evaluate import evaluate
+
+    domains = cfg_domains()
+    half, sub = max(1, args.val_rows // 2), max(1, args.per_row_rows // 2)
+    raw = read_raw_rows(args.data, half)
+    subset = {name: rows[:sub] for name, rows in raw.items()}
+    out = {"rows": sum(map(len, raw.values())), "per_row_rows": sum(map(len, subset.values())),
+           "max_new_tokens": args.max_new_tokens, "batched": []}
+    with amp():
+        log("validate: warm-up ...")
+        evaluate(model, tokenizer, {n: r[:2] for n, r in raw.items()}, domains=domains, batch_size=max(args.val_batch_sizes),
+                 max_new_tokens=args.max_new_tokens, progress=False)
+        evaluate_per_row(model, tokenizer, {n: r[:1] for n, r in raw.items()}, domains=domains,
+                         max_new_tokens=args.max_new_tokens)
+        first_records = None
+        for batch_size in args.val_batch_sizes:
+            sync(device)
+            start = time.perf_counter()
+            result = evaluate(model, tokenizer, raw, domains=domains, batch_size=batch_size,
+                              max_new_tokens=args.max_new_tokens, progress=False)
+            sync(device)
+            seconds = time.perf_counter() - start
+            out["batched"].append({"batch_size": batch_size, "seconds": seconds,
+                                   "samples_per_s": out["rows"] / seconds})
+            log(f"  batch {batch_size}: {out['rows'] / seconds:.1f} samples/s")
+            if first_records is None:  # records come per data set, rows in the order given
+                first_records = [r for name in raw for r in [x for x in result["records"] if x["dataset"] == name][:sub]]
+        sync(device)
+        start = time.perf_counter()
+        per_row = evaluate_per_row(model, tokenizer, subset, domains=domains, max_new_tokens=args.max_new_tokens)
+        sync(device)
+        seconds = time.perf_counter() - start
+    out["per_row"] = {"seconds": seconds, "samples_per_s": out["per_row_rows"] / seconds}
+    log(f"  one row at a time: {out['per_row']['samples_per_s']:.2f} samples/s")
+    out["agreement"] = compare_records(first_records, per_row, P_TOLERANCE_BF16)
+    out["agreement"]["batched_batch_size"] = args.val_batch_sizes[0]
+    best = max(out["batched"], key=lambda r: r["samples_per_s"])
+    out["best_batched"] = best
+    out["batched_over_per_row"] = best["samples_per_s"] / out["per_row"]["samples_per_s"]
+    return out
+
+
+def run_unsloth(args, log) -> dict:
+    if importlib.util.find_spec("unsloth") is None:
+        return {"skipped": "unsloth is not installed (pip install 'conftok[gpu]')"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "unsloth.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--unsloth_child", str(out), "--data", args.data,
+               "--batch_size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--seed", str(args.seed)] + (["--smoke"] if args.smoke else []) + \
+              (["--tokenizer", args.tokenizer] if args.tokenizer else []) + \
+              (["--rows", str(args.rows)] if args.rows else [])
+        log("unsloth: child process ...")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode or not out.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            return {"skipped": f"unsloth child failed (exit {proc.returncode}): " + " | ".join(tail)}
+        import json
+
+        return json.loads(out.read_text())
+
+
+def unsloth_child(args) -> int:
+    """Runs in its own process: unsloth patches transformers and PEFT when imported, so it comes first."""
+    import unsloth  # noqa: F401
+
+    import torch
+
+    if args.smoke:
+        torch.set_num_threads(1)  # as in main()
+
+    from conftok.modeling import build_model, load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = SMOKE_SHAPE if args.smoke else QWEN25_7B
+    tokenizer = load_tokenizer(tokenizer_dir(args))
+    with tempfile.TemporaryDirectory() as tmp:
+        # FastLanguageModel loads by name: save the random model once (about 15 GB at the 7B shape).
+        base = build_random_model(shape, tokenizer, device, torch.bfloat16)
+        base.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del base
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model, tokenizer = build_model(tmp, backend="unsloth", bf16=True, gradient_checkpointing=True, seed=args.seed,
+                                       max_seq_length=max_seq_length(args))
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    dataset, lengths, batch_sets = build_training_batches(tokenizer, args.data, args.rows, args.batch_size, args.seed,
+                                                          max_seq_length(args), cfg_domains())
+    args.losses, args.checkpointing, args.batching = ["token_only", "defaults"], ["on"], ["grouped"]
+    # use_gradient_checkpointing="unsloth" was set by build_model: left as unsloth made it.
+    rows = run_train(model, tokenizer, args, shape, device, amp, batch_sets, dataset, lengths, None, print,
+                     toggle_checkpointing=False)
+    write_json(args.unsloth_child, {"backend": "unsloth", "train": rows})
+    return 0
+
+
+def tokenizer_dir(args) -> str:
+    if args.tokenizer:
+        return args.tokenizer
+    from conftok.smollm import ensure_smollm2
+
+    return str(ensure_smollm2())
+
+
+def max_seq_length(args) -> int:
+    from conftok.config import TrainConfig
+
+    return 128 if args.smoke else TrainConfig().max_seq_length  # smoke: questions get cut
+
+
+# ---------------------------------------------------------------- report
+
+def check_targets(result: dict) -> list[dict]:
+    rows = []
+    train = [r for r in result.get("train", []) if "error" not in r]
+    defaults = [r for r in train if r["loss"] == "defaults" and r["batching"] == "grouped"]
+    if defaults:
+        best = max(defaults, key=lambda r: r["samples_per_s"])
+        where = f"defaults, grouped, checkpointing {best['checkpointing']}"
+        rows.append({"target": f"defaults >= {TARGETS['defaults_samples_per_s']:g} samples/s at batch 8",
+                     "value": best["samples_per_s"], "where": where,
+                     "met": best["samples_per_s"] >= TARGETS["defaults_samples_per_s"]})
+        if best.get("matmul_share") is not None:
+            rows.append({"target": f"defaults >= {TARGETS['defaults_matmul_share']:.0%} of the matmul rate",
+                         "value": best["matmul_share"], "where": where,
+                         "met": best["matmul_share"] >= TARGETS["defaults_matmul_share"]})
+    padding = result.get("padding")
+    if padding and "grouped_epoch" in padding:
+        rows.append({"target": f"length-grouped padding share <= {TARGETS['grouped_padding_share']:.0%} (an epoch)",
+                     "value": padding["grouped_epoch"], "where": f"batch {padding['batch_size']}",
+                     "met": padding["grouped_epoch"] <= TARGETS["grouped_padding_share"]})
+    val = result.get("validate")
+    if val:
+        best = val["best_batched"]
+        rows.append({"target": f"validation >= {TARGETS['validation_samples_per_s']:g} samples/s",
+                     "value": best["samples_per_s"], "where": f"batch {best['batch_size']}",
+                     "met": best["samples_per_s"] >= TARGETS["validation_samples_per_s"]})
+        rows.append({"target": f"batched validation >= {TARGETS['batched_over_per_row']:g}x per-row",
+                     "value": val["batched_over_per_row"], "where": f"batch {best['batch_size']} / one row",
+                     "met": val["batched_over_per_row"] >= TARGETS["batched_over_per_row"]})
+        agree = val["agreement"]
+        rows.append({"target": "batched validation gives the per-row outputs",
+                     "value": f"{agree['same_response']}/{agree['rows']} responses, {agree['same_token']}/"
+                              f"{agree['rows']} tokens, max |dp| {agree['max_abs_p_confident_diff']:.2g}",
+                     "where": f"batch {agree['batched_batch_size']}", "met": agree["equal"]})
+    return rows
+
+
+def print_report(result: dict) -> None:
+    m = result["machine"]
+    print(f"\n## bench/gpu.py: {m['device']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
+          f"{m['date']}, commit {m['commit']}" + (" (SMOKE: tiny shape on the CPU)" if result["smoke"] else ""))
+    if "matmul" in result:
+        mm = result["matmul"]
+        print(f"\nbf16 matmul {mm['n']}^3: {mm['tflops']:.3g} TFLOP/s")
+    if result.get("train"):
+        print(f"\nTraining step, batch {result['config']['batch_size']}, mean of {result['config']['steps']} steps "
+              f"after {result['config']['warmup']} warm-up; defaults = {result['defaults_loss_kwargs']}\n")
+        rows = [[r["loss"], r["checkpointing"], r["batching"], r.get("samples_per_s"), r.get("tokens_per_s"),
+                 r.get("step_s"), r.get("model_tflop_per_step"), r.get("matmul_share"), r.get("peak_memory_gib"),
+                 r["padding_share"], r.get("counted_over_formula"), r.get("error")] for r in result["train"]]
+        print(markdown_table(["loss", "ckpt", "batches", "samples/s", "tokens/s", "step s", "TFLOP/step",
+                              "share of matmul", "peak GiB", "padding", "counted/formula", "error"], rows))
+        print(f"\n{FLOP_FORMULA}")
+        pad = result["padding"]
+        print(f"\nPadding share over an epoch at batch {pad['batch_size']} ({pad['rows']} rows, mean "
+              f"{pad['mean_tokens']:.0f} tokens): random {pad['random_epoch']:.1%}, length-grouped {pad['grouped_epoch']:.1%}")
+    val = result.get("validate")
+    if val:
+        print(f"\nValidation ({val['rows']} rows batched, {val['per_row_rows']} one at a time, "
+              f"{val['max_new_tokens']} new tokens)\n")
+        rows = [[f"evaluate, batch {b['batch_size']}", b["samples_per_s"], b["seconds"]] for b in val["batched"]]
+        rows.append(["per row (generate, then a forward)", val["per_row"]["samples_per_s"], val["per_row"]["seconds"]])
+        print(markdown_table(["path", "samples/s", "seconds"], rows))
+    uns = result.get("unsloth")
+    if uns is not None:
+        if "skipped" in uns:
+            print(f"\nunsloth: skipped: {uns['skipped']}")
+        else:
+            print("\nunsloth backend (checkpointing on, grouped batches)\n")
+            print(markdown_table(["loss", "samples/s", "tokens/s", "step s", "peak GiB", "error"],
+                                 [[r["loss"], r.get("samples_per_s"), r.get("tokens_per_s"), r.get("step_s"),
+                                   r.get("peak_memory_gib"), r.get("error")] for r in uns["train"]]))
+    if result["targets"]:
+        applies = "" if result["targets_apply"] else " (targets are for an H100/H200; not applicable here)"
+        print(f"\nTargets{applies}\n")
+        print(markdown_table(["target", "value", "where", "met"],
+                             [[t["target"], t["value"], t["where"], "yes" if t["met"] else "NO"] for t in result["targets"]]))
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.unsloth_child:
+        return unsloth_child(args)
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {msg}", flush=True)
+
+    import torch
+
+    from conftok.modeling import build_model, load_tokenizer
+    from conftok.sampler import padding_share
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.smoke and device.type != "cuda":
+        print("error: no CUDA device; the 7B shape needs a GPU (use --smoke on a CPU)", file=sys.stderr)
+        return 2
+    if args.smoke:
+        torch.manual_seed(args.seed)
+        # Tiny ops: one thread. Two OpenMP threads on a busy 2-core box made each op wait for a descheduled
+        # thread (a 380 x 64 x 16 product took 20 ms; 20x slower a step than one thread).
+        torch.set_num_threads(1)
+    shape = SMOKE_SHAPE.copy() if args.smoke else QWEN25_7B
+    result = {"smoke": args.smoke, "machine": machine_info(), "phases": args.phases, "shape": shape,
+              "config": {k: getattr(args, k) for k in ("batch_size", "warmup", "steps", "rows", "val_rows", "per_row_rows",
+                                                        "val_batch_sizes", "max_new_tokens", "seed", "data")},
+              "flop_formula": FLOP_FORMULA}
+    from conftok.config import TrainConfig
+
+    result["defaults_loss_kwargs"] = TrainConfig().loss_kwargs()
+    log(f"device {result['machine']['device']}; phases {args.phases}")
+    matmul_tflops = None
+    if "matmul" in args.phases:
+        result["matmul"] = measure_matmul(device, 256 if args.smoke else 8192)
+        matmul_tflops = result["matmul"]["tflops"]
+        log(f"matmul: {matmul_tflops:.3g} TFLOP/s")
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731  (as conftok.train does)
+    if "train" in args.phases or "validate" in args.phases:
+        tokenizer = load_tokenizer(tokenizer_dir(args))
+        if args.smoke:  # a small vocabulary past the tokenizer's: the new tokens land in spare rows, as with Qwen
+            shape["vocab_size"] = len(tokenizer) + 64
+        start = time.perf_counter()
+        base = build_random_model(shape, tokenizer, device, torch.bfloat16)
+        model, tokenizer = build_model(base, tokenizer=tokenizer, backend="hf", bf16=True, gradient_checkpointing=True,
+                                       seed=args.seed, device=device, lora_r=16, lora_alpha=32)
+        result["model_build_s"] = time.perf_counter() - start
+        result["parameters"] = sum(p.numel() for p in model.parameters())
+        log(f"model: {result['parameters'] / 1e9:.2f} B parameters in {result['model_build_s']:.1f} s")
+        if "train" in args.phases:
+            dataset, lengths, batch_sets = build_training_batches(tokenizer, args.data, args.rows, args.batch_size,
+                                                                  args.seed, max_seq_length(args), cfg_domains())
+            result["padding"] = {"batch_size": args.batch_size, "rows": len(lengths),
+                                 "mean_tokens": sum(lengths) / len(lengths),
+                                 "random_epoch": padding_share(batch_sets["random"], lengths),
+                                 "grouped_epoch": padding_share(batch_sets["grouped"], lengths)}
+            log(f"rows: {len(lengths)} (mean {result['padding']['mean_tokens']:.0f} tokens)")
+            result["train"] = run_train(model, tokenizer, args, shape, device, amp, batch_sets, dataset, lengths,
+                                        matmul_tflops, log)
+        if "validate" in args.phases:
+            result["validate"] = run_validate(model, tokenizer, args, device, amp, log)
+        del model, base
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "unsloth" in args.phases:
+        result["unsloth"] = run_unsloth(args, log)
+    result["targets"] = check_targets(result)
+    result["targets_apply"] = not args.smoke and any(n in result["machine"]["device"] for n in ("H100", "H200"))
+    result["seconds"] = time.perf_counter() - started
+    path = write_json(args.out, result)
+    print_report(result)
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

