@@ -103,15 +103,20 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         if pickled or not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"export must be safetensors only; wrote {sorted(p.name for p in tmp.iterdir())}")
         meta = {"domains": domains.to_list(), "token_ids": ids, "dtype": dtype,
-                "adapter": str(adapter_dir.resolve()), "merged_with": "peft merge_and_unload"}
+                "adapter": str(adapter_dir.resolve() if adapter_dir.exists() else adapter_dir),  # or a Hub id
+                "merged_with": "peft merge_and_unload"}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _make_readable(tmp)
-        old = None
-        if out_dir.exists():
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+        else:  # overwrite (or an empty directory): move it aside, and back if the rename fails
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
