@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from conftok.data import ConfidenceCollator, ConfidenceDataset
     from conftok.domains import resolve_domains
-    from conftok.loss import training_loss
+    from conftok.loss import attach_base_topk, training_loss
     from conftok.modeling import build_model
     from conftok.smollm import ensure_smollm2
     from conftok.tokens import token_ids
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()[:(args.steps + 1) * args.batch_size]
     ds.examples = [ds.examples[i] for i in order]  # only the rows timed below need the base pass
     t = time.perf_counter()
-    ds.attach_base_topk(model, args.top_k, batch_size=16, progress=False)
+    attach_base_topk(ds, model, args.top_k, batch_size=16, progress=False)
     base_pass_s = time.perf_counter() - t
     model.train()
     collate = ConfidenceCollator(tokenizer.pad_token_id)

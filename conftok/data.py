@@ -142,7 +142,9 @@ class ConfidenceDataset(torch.utils.data.Dataset):
         self.rows = read_tagged_rows(self.path, self.domains)
         ids = token_ids(tokenizer, self.domains.tokens)
         self.examples: list[tuple[list[int], int, int]] = []  # (ids without the token, token id, answer length)
-        self.base_topk: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # attach_base_topk
+        # The stored KL guard's reference per example, (ids, logp) of shape (answer length, k): set by
+        # conftok.loss.attach_base_topk before training.
+        self.base_topk: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.kept_rows: list[TaggedRow] = []
         self.truncated = 0
         skipped = []
@@ -182,42 +184,6 @@ class ConfidenceDataset(torch.utils.data.Dataset):
         if self.base_topk is not None:
             item["base_topk_ids"], item["base_topk_logp"] = self.base_topk[i]
         return item
-
-    @torch.no_grad()
-    def attach_base_topk(self, model, k: int, *, batch_size: int = 16, progress: bool = True) -> None:
-        """Store the model's top-k log-probabilities at every answer position (the stored KL guard).
-
-        Run once before training on the base model (a PEFT model's adapter is disabled here).
-        Costs one forward over the data set without gradients, and ``k`` ids (int32) and
-        log-probabilities (fp16) per answer token in memory: 32 x 6 bytes x the answer tokens.
-        """
-        from contextlib import nullcontext
-
-        from tqdm.auto import tqdm
-
-        from conftok.loss import base_topk
-
-        self.base_topk = None  # so __getitem__ below yields the plain items
-        device = next(model.parameters()).device
-        collate = ConfidenceCollator(0)
-        disable = getattr(model, "disable_adapter", None)
-        out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self)  # type: ignore[list-item]
-        order = sorted(range(len(self)), key=lambda i: len(self.examples[i][0]))  # similar lengths batch together
-        was_training = model.training
-        model.eval()  # no dropout: the reference is the base model's own distribution
-        try:
-            with disable() if disable is not None else nullcontext():
-                for start in tqdm(range(0, len(order), batch_size), desc="Base top-k", disable=not progress, leave=False):
-                    idx = order[start:start + batch_size]
-                    batch = {key: v.to(device) for key, v in collate([self[i] for i in idx]).items()}
-                    ids, logp = base_topk(model, batch, k)  # (B, L, k), left-padded
-                    for row, i in enumerate(idx):
-                        n = self.examples[i][2]
-                        out[i] = (ids[row, ids.shape[1] - n:].to("cpu", torch.int32),
-                                  logp[row, logp.shape[1] - n:].to("cpu", torch.float16))
-        finally:
-            model.train(was_training)
-        self.base_topk = out
 
     def lengths(self) -> list[int]:
         """Tokens per example, token included (what ``ds[i]["input_ids"]`` holds), without building tensors."""

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from conftok.data import IGNORE_INDEX
 
 __all__ = ["position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
-           "p_confident", "LossTerms", "training_loss", "base_topk", "ANSWER_CE_ROWS"]
+           "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "ANSWER_CE_ROWS"]
 
 ANSWER_CE_ROWS = ("all", "correct")
 
@@ -108,7 +108,7 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
     positions and ``batch`` needs the collator's ``answer_mask``; the live KL term runs the model a
     second time, without gradients and with the adapter disabled (``model.disable_adapter()``, a
     PEFT model); the stored KL term needs ``base_topk_ids``/``base_topk_logp`` in the batch
-    (:func:`base_topk` through ``ConfidenceDataset.attach_base_topk``). ``confidence_ids``: every
+    (:func:`attach_base_topk` before training). ``confidence_ids``: every
     confidence token (placement); ``confident_ids``: the C tokens (``answer_ce_rows="correct"``).
     """
     weights = {"placement_weight": placement_weight, "kl_weight": kl_weight, "answer_ce_weight": answer_ce_weight,
@@ -135,7 +135,7 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
         raise ValueError("answer_ce_rows='correct' needs the confident token ids (confident_ids)")
     if stored_kl_weight and "base_topk_ids" not in batch:
         raise KeyError("the stored KL term needs base_topk_ids/base_topk_logp in the batch "
-                       "(ConfidenceDataset.attach_base_topk before training)")
+                       "(conftok.loss.attach_base_topk before training)")
     _check_last_position_only(labels)
     input_ids, attention_mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
     # Column t of the input without the token predicts token t+1: the answer's tokens are predicted by
@@ -220,3 +220,41 @@ def p_confident(logits: torch.Tensor, confident_id: int, unconfident_id: int) ->
     """p(C) / (p(C) + p(U)) from logits (..., V); equals a softmax over the two logits."""
     pair = logits[..., [confident_id, unconfident_id]].float()
     return torch.softmax(pair, dim=-1)[..., 0]
+
+
+@torch.no_grad()
+def attach_base_topk(dataset, model, k: int, *, batch_size: int = 16, progress: bool = True) -> None:
+    """Store the base model's top-k log-probabilities at every answer position of a
+    :class:`conftok.data.ConfidenceDataset` (``dataset.base_topk``; the stored KL guard reads them).
+
+    Run once before training (a PEFT model's adapter is disabled here, dropout off). Costs one
+    forward over the data set without gradients, and ``k`` ids (int32) and log-probabilities (fp16)
+    per answer token in memory: 6k bytes a token, 192 bytes at k = 32.
+    """
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from conftok.data import ConfidenceCollator
+
+    dataset.base_topk = None  # so the items below are the plain ones
+    device = next(model.parameters()).device
+    collate = ConfidenceCollator(0)
+    disable = getattr(model, "disable_adapter", None)
+    out: list = [None] * len(dataset)
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i][0]))  # similar lengths batch together
+    was_training = model.training
+    model.eval()  # no dropout: the reference is the base model's own distribution
+    try:
+        with disable() if disable is not None else nullcontext():
+            for start in tqdm(range(0, len(order), batch_size), desc="Base top-k", disable=not progress, leave=False):
+                idx = order[start:start + batch_size]
+                batch = {key: v.to(device) for key, v in collate([dataset[i] for i in idx]).items()}
+                ids, logp = base_topk(model, batch, k)  # (B, L, k), left-padded
+                for row, i in enumerate(idx):
+                    n = dataset.examples[i][2]  # this row's answer length
+                    out[i] = (ids[row, ids.shape[1] - n:].to("cpu", torch.int32),
+                              logp[row, logp.shape[1] - n:].to("cpu", torch.float16))
+    finally:
+        model.train(was_training)
+    dataset.base_topk = out

@@ -41,7 +41,7 @@ from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
-from conftok.loss import training_loss
+from conftok.loss import attach_base_topk, training_loss
 from conftok.memory import auto_gradient_checkpointing
 from conftok.modeling import build_model, enable_gradient_checkpointing, model_device, resolve_backend, save_adapter
 from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
     if cfg.stored_kl_weight:
         # The stored KL guard's reference: the base model's top-k at each answer position, computed once.
-        dataset.attach_base_topk(model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=cfg.progress)
+        attach_base_topk(dataset, model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=cfg.progress)
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
     collate = (PackedConfidenceCollator if cfg.padding_free else ConfidenceCollator)(tokenizer.pad_token_id)
     compute_loss = packed_training_loss if cfg.padding_free else training_loss

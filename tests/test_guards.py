@@ -7,7 +7,7 @@ from conftest import feature_rows, make_model, make_tokenizer, to_device, write_
 
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
-from conftok.loss import position_ids_from_mask, training_loss
+from conftok.loss import attach_base_topk, position_ids_from_mask, training_loss
 from conftok.tokens import add_confidence_tokens
 
 
@@ -103,7 +103,7 @@ class TestStoredKL:
         model, tok, ds, _ = _setup(tmp_path, device)
         vocab = model.get_output_embeddings().weight.shape[0]
         model.eval()
-        ds.attach_base_topk(model, vocab, batch_size=4, progress=False)
+        attach_base_topk(ds, model, vocab, batch_size=4, progress=False)
         batch = _collate(ds, tok, device)
         assert batch["base_topk_ids"].shape == (len(ds), int(batch["answer_mask"].sum(1).max()), vocab)
         before = training_loss(model, batch, stored_kl_weight=1.0)
@@ -113,7 +113,7 @@ class TestStoredKL:
         stored = training_loss(model, batch, stored_kl_weight=1.0)
         assert live.kl.item() > 1e-2
         assert stored.kl.item() == pytest.approx(live.kl.item(), rel=2e-2, abs=2e-3)
-        ds.attach_base_topk(model, 4, batch_size=4, progress=False)
+        attach_base_topk(ds, model, 4, batch_size=4, progress=False)
         small = training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
         assert 0.0 <= small.kl.item() <= live.kl.item() + 1e-4
 
@@ -123,7 +123,7 @@ class TestStoredKL:
         vocab = model.get_output_embeddings().weight.shape[0]
         _perturb(model)
         model.train()
-        ds.attach_base_topk(model, vocab, batch_size=4, progress=False)
+        attach_base_topk(ds, model, vocab, batch_size=4, progress=False)
         assert model.training  # restored
         batch = _collate(ds, tok, device)
         model.eval()
@@ -132,7 +132,7 @@ class TestStoredKL:
 
     def test_gradient_flows_and_missing_reference_is_an_error(self, tmp_path, device):
         model, tok, ds, _ = _setup(tmp_path, device)
-        ds.attach_base_topk(model, 8, batch_size=4, progress=False)
+        attach_base_topk(ds, model, 8, batch_size=4, progress=False)
         _perturb(model)
         terms = training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
         terms.loss.backward()
