@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -134,7 +135,7 @@ FLOP_FORMULA = (
     "+ (2 + 2) x d x V x P [+ 2 x N x T + 2 x d x V x P for the KL term's no-grad forward]; N = weights of the "
     "7 projections x layers (frozen, so the backward has no weight-gradient GEMMs for them), T = real (non-padding) "
     "tokens of the batch, d x V = lm_head, P = positions whose logits are computed (B for token only, "
-    "B x (1 + longest answer) with placement/KL terms, T for full logits). LoRA (r=16, <1%) and attention "
+    "B x (1 + longest answer) with guard terms, T for full logits; only the live KL term adds a forward). LoRA (r=16, <1%) and attention "
     "scores (~1% at 200 tokens) are left out.")
 
 
@@ -144,7 +145,7 @@ def loss_positions(loss: str, batch, guard_kwargs: dict) -> tuple[int, bool]:
     if loss == "full_logits":
         return int(batch["attention_mask"].sum()), False
     kwargs = guard_kwargs if loss == "defaults" else {}
-    if kwargs.get("placement_weight") or kwargs.get("kl_weight"):
+    if any(v for k, v in kwargs.items() if k.endswith("_weight")):
         longest = int(batch["answer_mask"][:, 1:].sum(-1).max())
         return rows * (1 + longest), bool(kwargs.get("kl_weight"))
     return rows, False
@@ -160,9 +161,14 @@ def model_flops(shape: dict, batch, loss: str, checkpointing: bool, guard_kwargs
     return float(flops)
 
 
-def build_training_batches(tokenizer, data_dir, rows_per_dataset, batch_size, seed, max_seq_length, domains):
-    """Tokenized rows, ``{"grouped": batches, "random": batches}`` (each batch a list of row indices,
-    the epoch's order) and the dataset."""
+def build_training_batches(tokenizer, data_dir, rows_per_dataset, batch_size, seed, max_seq_length, domains, need):
+    """Tokenize the rows; cut an epoch into length-grouped and into random batches.
+
+    Returns ``(lengths, epoch, measured, chosen)``: tokens per row; ``{"grouped": batches, "random":
+    batches}`` of the whole epoch (row indices, for its padding share); a ConfidenceDataset of the rows
+    the timed configurations use, and ``{"grouped": ..., "random": ...}``, the first ``need`` full
+    batches of each epoch as indices into it. Keeping the measured rows apart keeps per-row set-up
+    (the stored KL guard's base top-k, when the defaults turn it on) to those rows."""
     import torch
 
     from conftok.data import ConfidenceDataset
@@ -173,12 +179,42 @@ def build_training_batches(tokenizer, data_dir, rows_per_dataset, batch_size, se
         path = Path(tmp) / "tagged.jsonl"
         write_tagged_rows(raw, domains, path, seed=seed)
         dataset = ConfidenceDataset(path, tokenizer, max_seq_length, domains=domains)
-    lengths = dataset.lengths()
-    grouped = LengthGroupedBatchSampler(lengths, batch_size, seed=seed, epoch=0).batches()
-    # What train drew before the sampler: DataLoader(shuffle=True) with a generator seeded by seed + epoch.
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    shuffled = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return dataset, lengths, {"grouped": grouped, "random": shuffled}
+        lengths = dataset.lengths()
+        grouped = LengthGroupedBatchSampler(lengths, batch_size, seed=seed, epoch=0).batches()
+        # What train drew before the sampler: DataLoader(shuffle=True) with a generator seeded by seed + epoch.
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        shuffled = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        epoch = {"grouped": grouped, "random": shuffled}
+        chosen = {}
+        for kind, batches in epoch.items():
+            chosen[kind] = [b for b in batches if len(b) == batch_size][:need]
+            if len(chosen[kind]) < need:
+                raise ValueError(f"{len(chosen[kind])} full {kind} batches of {batch_size}, need {need}: give more --rows")
+        used = sorted({i for batches in chosen.values() for b in batches for i in b})
+        position = {i: k for k, i in enumerate(used)}
+        subset = Path(tmp) / "measured.jsonl"
+        with subset.open("w", encoding="utf-8") as f:
+            for i in used:
+                row = dataset.kept_rows[i]
+                f.write(json.dumps({"question": row.question, "tagged_response": f"{row.answer} {row.token}",
+                                    "dataset": row.dataset}) + "\n")
+        measured = ConfidenceDataset(subset, tokenizer, max_seq_length, domains=domains)
+    if measured.lengths() != [lengths[i] for i in used]:
+        raise RuntimeError("re-tokenized measured rows differ from the epoch's")
+    return lengths, epoch, measured, {k: [[position[i] for i in b] for b in v] for k, v in chosen.items()}
+
+
+def prepare_guards(dataset, model, cfg, log) -> None:
+    """What the default guard terms need before the first step (as conftok.train does it)."""
+    if getattr(cfg, "stored_kl_weight", 0):
+        from conftok import loss
+
+        start = time.perf_counter()
+        if hasattr(loss, "attach_base_topk"):
+            loss.attach_base_topk(dataset, model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=False)
+        else:  # where it lived first
+            dataset.attach_base_topk(model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=False)
+        log(f"stored KL: base top-{cfg.stored_kl_top_k} of {len(dataset)} rows in {time.perf_counter() - start:.1f} s")
 
 
 # ---------------------------------------------------------------- phases
@@ -206,14 +242,17 @@ def sync(device) -> None:
         torch.cuda.synchronize()  # a CPU-GPU sync point: timers read only after the queued work ran
 
 
-def make_loss_fn(loss: str, confidence_ids, guard_kwargs: dict):
+def make_loss_fn(loss: str, token_ids_, guard_kwargs: dict):
+    """``loss_fn(model, batch) -> loss``; ``token_ids_`` = (all confidence token ids, the C tokens' ids)."""
     from conftok.loss import masked_lm_loss, position_ids_from_mask, training_loss
 
+    confidence_ids, confident_ids = token_ids_
     if loss == "token_only":
         return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids, placement_weight=0.0,
                                                   kl_weight=0.0).loss
     if loss == "defaults":
-        return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids, **guard_kwargs).loss
+        return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids,
+                                                  confident_ids=confident_ids, **guard_kwargs).loss
 
     def full_logits(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -264,7 +303,7 @@ def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp) -> tuple
     return times, counted
 
 
-def run_train(model, tokenizer, args, shape, device, amp, batch_sets, dataset, lengths, matmul_tflops, log,
+def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matmul_tflops, log,
               toggle_checkpointing: bool = True) -> list:
     import torch
 
@@ -275,34 +314,35 @@ def run_train(model, tokenizer, args, shape, device, amp, batch_sets, dataset, l
 
     cfg = TrainConfig()
     guard_kwargs = cfg.loss_kwargs()
-    confidence_ids = sorted(token_ids(tokenizer, [t for d in cfg_domains() for t in d.tokens]).values())
+    domains = cfg_domains()
+    ids = token_ids(tokenizer, domains.tokens)
+    ids_ = (sorted(ids.values()), sorted(ids[d.confident_token] for d in domains))
+    if "defaults" in args.losses:
+        prepare_guards(measured, model, cfg, log)
     collate = ConfidenceCollator(tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    need = args.warmup + args.steps
+    measured_lengths = measured.lengths()
     results = []
     model.train()
     for ckpt in args.checkpointing:
         if toggle_checkpointing:
             set_checkpointing(model, ckpt == "on")
         for batching in args.batching:
-            chosen = [b for b in batch_sets[batching] if len(b) == args.batch_size][:need]
-            if len(chosen) < need:
-                raise ValueError(f"{len(chosen)} full batches of {args.batch_size}, need {need}: give more --rows")
-            batches = [collate([dataset[i] for i in b]) for b in chosen]
+            batches = [collate([measured[i] for i in b]) for b in chosen[batching]]
             timed = batches[args.warmup:]
             tokens = sum(int(b["attention_mask"].sum()) for b in timed)
             for loss in args.losses:
                 row = {"loss": loss, "checkpointing": ckpt, "batching": batching, "batch_size": args.batch_size,
                        "steps": args.steps, "loss_kwargs": guard_kwargs if loss == "defaults" else
                        ({} if loss == "full_logits" else {"placement_weight": 0.0, "kl_weight": 0.0}),
-                       "padding_share": padding_share(chosen[args.warmup:], lengths),
+                       "padding_share": padding_share(chosen[batching][args.warmup:], measured_lengths),
                        "tokens_per_row": tokens / (args.steps * args.batch_size)}
                 log(f"train: {loss}, checkpointing {ckpt}, {batching} batches ...")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    times, counted = time_steps(model, optimizer, make_loss_fn(loss, confidence_ids, guard_kwargs),
+                    times, counted = time_steps(model, optimizer, make_loss_fn(loss, ids_, guard_kwargs),
                                                 batches, args.warmup, device, amp)
                 except torch.OutOfMemoryError as e:
                     optimizer.zero_grad(set_to_none=True)
@@ -425,11 +465,11 @@ def unsloth_child(args) -> int:
         model, tokenizer = build_model(tmp, backend="unsloth", bf16=True, gradient_checkpointing=True, seed=args.seed,
                                        max_seq_length=max_seq_length(args))
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
-    dataset, lengths, batch_sets = build_training_batches(tokenizer, args.data, args.rows, args.batch_size, args.seed,
-                                                          max_seq_length(args), cfg_domains())
+    _, _, measured, chosen = build_training_batches(tokenizer, args.data, args.rows, args.batch_size, args.seed,
+                                                          max_seq_length(args), cfg_domains(), args.warmup + args.steps)
     args.losses, args.checkpointing, args.batching = ["token_only", "defaults"], ["on"], ["grouped"]
     # use_gradient_checkpointing="unsloth" was set by build_model: left as unsloth made it.
-    rows = run_train(model, tokenizer, args, shape, device, amp, batch_sets, dataset, lengths, None, print,
+    rows = run_train(model, tokenizer, args, shape, device, amp, measured, chosen, None, print,
                      toggle_checkpointing=False)
     write_json(args.unsloth_child, {"backend": "unsloth", "train": rows})
     return 0
@@ -581,15 +621,16 @@ def main(argv: list[str] | None = None) -> int:
         result["parameters"] = sum(p.numel() for p in model.parameters())
         log(f"model: {result['parameters'] / 1e9:.2f} B parameters in {result['model_build_s']:.1f} s")
         if "train" in args.phases:
-            dataset, lengths, batch_sets = build_training_batches(tokenizer, args.data, args.rows, args.batch_size,
-                                                                  args.seed, max_seq_length(args), cfg_domains())
+            lengths, epoch, measured, chosen = build_training_batches(
+                tokenizer, args.data, args.rows, args.batch_size, args.seed, max_seq_length(args), cfg_domains(),
+                args.warmup + args.steps)
             result["padding"] = {"batch_size": args.batch_size, "rows": len(lengths),
                                  "mean_tokens": sum(lengths) / len(lengths),
-                                 "random_epoch": padding_share(batch_sets["random"], lengths),
-                                 "grouped_epoch": padding_share(batch_sets["grouped"], lengths)}
+                                 "random_epoch": padding_share(epoch["random"], lengths),
+                                 "grouped_epoch": padding_share(epoch["grouped"], lengths)}
             log(f"rows: {len(lengths)} (mean {result['padding']['mean_tokens']:.0f} tokens)")
-            result["train"] = run_train(model, tokenizer, args, shape, device, amp, batch_sets, dataset, lengths,
-                                        matmul_tflops, log)
+            result["train"] = run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matmul_tflops,
+                                        log)
         if "validate" in args.phases:
             result["validate"] = run_validate(model, tokenizer, args, device, amp, log)
         del model, base
