@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.study import ROOT, Study, main, read_jsonl  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("CONFTOK_DATA", ROOT.parent / "shared" / "data"))  # a lent GPU box has its copy elsewhere
 
 
 def make_rows() -> dict[str, dict[str, list[dict]]]:

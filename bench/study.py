@@ -96,7 +96,7 @@ def evaluate_run(final_dir: Path, rows: dict[str, list[dict]], base_records: lis
     from conftok.evaluate import evaluate
     from conftok.modeling import load_adapter
 
-    model, tokenizer, domains = load_adapter(final_dir, device="cpu")
+    model, tokenizer, domains = load_adapter(final_dir, device=device())
     model.to(torch.bfloat16)
     t = time.perf_counter()
     trained = evaluate(model, tokenizer, rows, domains=domains, beta=beta, p="2", batch_size=batch_size,
@@ -194,6 +194,12 @@ class Study:
                 for name in json.loads((self.work / "parts.json").read_text())[part]}
 
 
+def device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _base_model():
     import torch
     from transformers import AutoModelForCausalLM
@@ -202,7 +208,8 @@ def _base_model():
     from conftok.smollm import ensure_smollm2
 
     model_dir = ensure_smollm2()
-    return model_dir, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval(), load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device()).eval()
+    return model_dir, model, load_tokenizer(model_dir)
 
 
 def prepare(study: Study) -> None:
@@ -229,7 +236,7 @@ def prepare(study: Study) -> None:
     print(f"tagged {summary['tagged']} rows in {timings['tag_s']} s: {summary['domains']}", flush=True)
     add_confidence_tokens(tokenizer, model, tokens=domains.tokens)
     t = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device().type, dtype=torch.bfloat16):
         base = evaluate(model, tokenizer, parts["eval"], domains=domains, beta=study.beta, p="2",
                         batch_size=study.eval_batch, max_new_tokens=study.max_new_tokens)
     timings["base_eval_s"] = round(time.perf_counter() - t, 1)
