@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,6 +55,17 @@ from benchlib import (DEFAULT_DATA, compare_records, evaluate_per_row, machine_i
 
 PHASES = ("matmul", "train", "validate", "unsloth")
 LOSSES = ("token_only", "defaults", "full_logits")
+# Further guards to time beside the defaults (--guards), as TrainConfig overrides: the candidates of
+# bench/run_studies.py, so the step cost of whichever becomes the default is measured here too.
+GUARD_VARIANTS = {
+    "live_kl": dict(placement_weight=1.0, kl_weight=1.0, answer_ce_weight=0.0, stored_kl_weight=0.0),
+    "answer_ce_all": dict(placement_weight=1.0, kl_weight=0.0, answer_ce_weight=1.0, answer_ce_rows="all",
+                          stored_kl_weight=0.0),
+    "answer_ce_correct": dict(placement_weight=1.0, kl_weight=0.0, answer_ce_weight=1.0, answer_ce_rows="correct",
+                              stored_kl_weight=0.0),
+    "stored_kl": dict(placement_weight=1.0, kl_weight=0.0, answer_ce_weight=0.0, stored_kl_weight=1.0),
+    "placement": dict(placement_weight=1.0, kl_weight=0.0, answer_ce_weight=0.0, stored_kl_weight=0.0),
+}
 # Qwen2.5-7B-Instruct's config.json, less the token ids (the SmolLM2 tokenizer's are used).
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
@@ -77,6 +89,8 @@ def parse_args(argv):
     p.add_argument("--only", nargs="+", choices=PHASES, default=None, help="run these phases only")
     p.add_argument("--skip", nargs="+", choices=PHASES, default=[], help="leave these phases out")
     p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    p.add_argument("--guards", nargs="*", choices=list(GUARD_VARIANTS), default=[],
+                   help="also time these guards (rows named guard:NAME), each as a ratio to token-only")
     p.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
     p.add_argument("--batching", nargs="+", choices=("grouped", "random"), default=["grouped", "random"])
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default 8; 4 with --smoke)")
@@ -144,7 +158,7 @@ def loss_positions(loss: str, batch, guard_kwargs: dict) -> tuple[int, bool]:
     rows = batch["input_ids"].shape[0]
     if loss == "full_logits":
         return int(batch["attention_mask"].sum()), False
-    kwargs = guard_kwargs if loss == "defaults" else {}
+    kwargs = guard_kwargs if loss == "defaults" else GUARD_VARIANTS.get(loss.removeprefix("guard:"), {})
     if any(v for k, v in kwargs.items() if k.endswith("_weight")):
         longest = int(batch["answer_mask"][:, 1:].sum(-1).max())
         return rows * (1 + longest), bool(kwargs.get("kl_weight"))
@@ -253,6 +267,10 @@ def make_loss_fn(loss: str, token_ids_, guard_kwargs: dict):
     if loss == "defaults":
         return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids,
                                                   confident_ids=confident_ids, **guard_kwargs).loss
+    if loss.startswith("guard:"):
+        variant = GUARD_VARIANTS[loss.removeprefix("guard:")]
+        return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids,
+                                                  confident_ids=confident_ids, **variant).loss
 
     def full_logits(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -317,8 +335,9 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
     domains = cfg_domains()
     ids = token_ids(tokenizer, domains.tokens)
     ids_ = (sorted(ids.values()), sorted(ids[d.confident_token] for d in domains))
-    if "defaults" in args.losses:
-        prepare_guards(measured, model, cfg, log)
+    if "defaults" in args.losses or "stored_kl" in args.guards:
+        wants_stored = cfg if cfg.stored_kl_weight else TrainConfig(kl_weight=0.0, stored_kl_weight=1.0)
+        prepare_guards(measured, model, wants_stored if "stored_kl" in args.guards else cfg, log)
     collate = ConfidenceCollator(tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     measured_lengths = measured.lengths()
@@ -331,9 +350,10 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
             batches = [collate([measured[i] for i in b]) for b in chosen[batching]]
             timed = batches[args.warmup:]
             tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-            for loss in args.losses:
+            for loss in list(args.losses) + [f"guard:{g}" for g in args.guards]:
                 row = {"loss": loss, "checkpointing": ckpt, "batching": batching, "batch_size": args.batch_size,
                        "steps": args.steps, "loss_kwargs": guard_kwargs if loss == "defaults" else
+                       GUARD_VARIANTS[loss.removeprefix("guard:")] if loss.startswith("guard:") else
                        ({} if loss == "full_logits" else {"placement_weight": 0.0, "kl_weight": 0.0}),
                        "padding_share": padding_share(chosen[batching][args.warmup:], measured_lengths),
                        "tokens_per_row": tokens / (args.steps * args.batch_size)}
@@ -344,11 +364,14 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                 try:
                     times, counted = time_steps(model, optimizer, make_loss_fn(loss, ids_, guard_kwargs),
                                                 batches, args.warmup, device, amp)
-                except torch.OutOfMemoryError as e:
+                except Exception as e:  # one failed configuration must not cost the others (one GPU call a session)
                     optimizer.zero_grad(set_to_none=True)
                     gc.collect()
-                    torch.cuda.empty_cache()
-                    row["error"] = f"out of memory: {str(e).splitlines()[0]}"
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+                    row["error"] = f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"
+                    traceback.print_exc()
                     results.append(row)
                     log(f"  {row['error']}")
                     continue
@@ -450,7 +473,7 @@ def unsloth_child(args) -> int:
 
     from conftok.modeling import build_model, load_tokenizer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shape = SMOKE_SHAPE if args.smoke else QWEN25_7B
     tokenizer = load_tokenizer(tokenizer_dir(args))
     with tempfile.TemporaryDirectory() as tmp:
@@ -511,7 +534,7 @@ def check_targets(result: dict) -> list[dict]:
                      "value": padding["grouped_epoch"], "where": f"batch {padding['batch_size']}",
                      "met": padding["grouped_epoch"] <= TARGETS["grouped_padding_share"]})
     val = result.get("validate")
-    if val:
+    if val and "error" not in val:
         best = val["best_batched"]
         rows.append({"target": f"validation >= {TARGETS['validation_samples_per_s']:g} samples/s",
                      "value": best["samples_per_s"], "where": f"batch {best['batch_size']}",
@@ -520,7 +543,7 @@ def check_targets(result: dict) -> list[dict]:
                      "value": val["batched_over_per_row"], "where": f"batch {best['batch_size']} / one row",
                      "met": val["batched_over_per_row"] >= TARGETS["batched_over_per_row"]})
         agree = val["agreement"]
-        rows.append({"target": "batched validation gives the per-row outputs",
+        rows.append({"target": "batched validation gives the per-row outputs (bf16: rounding can flip near-ties)",
                      "value": f"{agree['same_response']}/{agree['rows']} responses, {agree['same_token']}/"
                               f"{agree['rows']} tokens, max |dp| {agree['max_abs_p_confident_diff']:.2g}",
                      "where": f"batch {agree['batched_batch_size']}", "met": agree["equal"]})
@@ -537,17 +560,26 @@ def print_report(result: dict) -> None:
     if result.get("train"):
         print(f"\nTraining step, batch {result['config']['batch_size']}, mean of {result['config']['steps']} steps "
               f"after {result['config']['warmup']} warm-up; defaults = {result['defaults_loss_kwargs']}\n")
+        token_only = {(r["checkpointing"], r["batching"]): r.get("step_s") for r in result["train"]
+                      if r["loss"] == "token_only"}
+
+        def ratio(r):
+            base = token_only.get((r["checkpointing"], r["batching"]))
+            return r["step_s"] / base if base and r.get("step_s") else None
+
         rows = [[r["loss"], r["checkpointing"], r["batching"], r.get("samples_per_s"), r.get("tokens_per_s"),
-                 r.get("step_s"), r.get("model_tflop_per_step"), r.get("matmul_share"), r.get("peak_memory_gib"),
+                 r.get("step_s"), ratio(r), r.get("model_tflop_per_step"), r.get("matmul_share"), r.get("peak_memory_gib"),
                  r["padding_share"], r.get("counted_over_formula"), r.get("error")] for r in result["train"]]
-        print(markdown_table(["loss", "ckpt", "batches", "samples/s", "tokens/s", "step s", "TFLOP/step",
+        print(markdown_table(["loss", "ckpt", "batches", "samples/s", "tokens/s", "step s", "x token-only", "TFLOP/step",
                               "share of matmul", "peak GiB", "padding", "counted/formula", "error"], rows))
         print(f"\n{FLOP_FORMULA}")
         pad = result["padding"]
         print(f"\nPadding share over an epoch at batch {pad['batch_size']} ({pad['rows']} rows, mean "
               f"{pad['mean_tokens']:.0f} tokens): random {pad['random_epoch']:.1%}, length-grouped {pad['grouped_epoch']:.1%}")
     val = result.get("validate")
-    if val:
+    if val and "error" in val:
+        print(f"\nValidation failed: {val['error']}")
+    elif val:
         print(f"\nValidation ({val['rows']} rows batched, {val['per_row_rows']} one at a time, "
               f"{val['max_new_tokens']} new tokens)\n")
         rows = [[f"evaluate, batch {b['batch_size']}", b["samples_per_s"], b["seconds"]] for b in val["batched"]]
@@ -585,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     from conftok.modeling import build_model, load_tokenizer
     from conftok.sampler import padding_share
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if not args.smoke and device.type != "cuda":
         print("error: no CUDA device; the 7B shape needs a GPU (use --smoke on a CPU)", file=sys.stderr)
         return 2
@@ -606,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     matmul_tflops = None
     if "matmul" in args.phases:
         result["matmul"] = measure_matmul(device, 256 if args.smoke else 8192)
+        write_json(args.out, result)  # after every phase: a run cut short by a time limit keeps what it measured
         matmul_tflops = result["matmul"]["tflops"]
         log(f"matmul: {matmul_tflops:.3g} TFLOP/s")
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731  (as conftok.train does)
@@ -631,8 +664,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"rows: {len(lengths)} (mean {result['padding']['mean_tokens']:.0f} tokens)")
             result["train"] = run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matmul_tflops,
                                         log)
+            write_json(args.out, result)
         if "validate" in args.phases:
-            result["validate"] = run_validate(model, tokenizer, args, device, amp, log)
+            try:
+                result["validate"] = run_validate(model, tokenizer, args, device, amp, log)
+            except Exception as e:  # keep the training figures and the report
+                traceback.print_exc()
+                result["validate"] = {"error": f"{type(e).__name__}: {e}"}
+            write_json(args.out, result)
         del model, base
         gc.collect()
         if device.type == "cuda":
