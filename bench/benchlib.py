@@ -131,8 +131,9 @@ def compare_records(batched: Sequence[Mapping], per_row: Sequence[Mapping], p_to
              if a["response"] == b["response"]]
     max_dp = max(diffs, default=0.0)
     n = len(batched)
+    differing = [a.get("id") for a, b in zip(batched, per_row) if a["response"] != b["response"] or a["token"] != b["token"]]
     return {"rows": n, "same_response": same_response, "same_token": same_token,
-            "max_abs_p_confident_diff": max_dp, "p_tolerance": p_tolerance,
+            "max_abs_p_confident_diff": max_dp, "p_tolerance": p_tolerance, "differing_ids": differing,
             "equal": same_response == n and same_token == n and max_dp <= p_tolerance}
 
 
@@ -158,16 +159,19 @@ def median(values: Sequence[float]) -> float:
 
 
 def git_commit() -> str | None:
+    """Short commit of the checkout (``+dirty`` with uncommitted changes to tracked files); on a box
+    where the tree travelled without ``.git``, the one bench/device_prep.sh wrote to .device/commit."""
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
+        if not out.returncode:
+            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        pass
+    recorded = ROOT / ".device" / "commit"
+    return recorded.read_text().strip() + " (from .device/commit)" if recorded.is_file() else None
 
 
 def machine_info() -> dict[str, Any]:

