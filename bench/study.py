@@ -55,7 +55,8 @@ def train_run(name: str, work: Path, *, model_dir: Path, train_data: Path, val_s
 
     settings = {**fixed, **overrides}
     cfg = TrainConfig(model_name=str(model_dir), train_data=str(train_data), output_dir=str(work / f"run_{name}"),
-                      backend="hf", eval_steps=None, val_sources=val_sources, domains=str(domains), **settings)
+                      backend="hf", eval_steps=None, val_sources=val_sources,
+                      domains=str(domains) if domains else None, **settings)
     t = time.perf_counter()
     result = train(cfg)
     return result.final_dir, cfg.to_dict(), round(time.perf_counter() - t, 1)

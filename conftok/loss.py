@@ -41,10 +41,32 @@ import torch.nn.functional as F
 
 from conftok.data import IGNORE_INDEX
 
-__all__ = ["position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
+__all__ = ["padded_attention_guard", "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
            "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "ANSWER_CE_ROWS"]
 
 ANSWER_CE_ROWS = ("all", "correct")
+
+
+def padded_attention_guard(attention_mask: torch.Tensor):
+    """A context for the forward AND backward of a left-padded batch on CUDA: SDPA's math kernel.
+
+    A padding position's query attends to nothing (every key before it is padding too). On an H100
+    (torch 2.11, bf16) the fused SDPA kernels (memory-efficient, cuDNN) then give non-finite
+    gradients while the forward stays finite: SmolLM2 training turned NaN at the first batch whose
+    padded rows were fully masked; eager attention, fp32, and the math kernel stayed finite over
+    the same 40 steps (bench/README.md). So batches with padding run the math kernel; batches without
+    (most, with length-grouped batches) keep the fused ones. Costs one host sync a step (the mask
+    check) and, on padded batches, attention memory O(B x heads x T^2). A no-op on the CPU, and for
+    attention implementations other than SDPA. Enter it around the backward too: gradient
+    checkpointing recomputes the forward there.
+    """
+    from contextlib import nullcontext
+
+    if not attention_mask.is_cuda or bool(attention_mask.all()):
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -54,13 +76,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def confidence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits (B, V) for the token that follows each row of a left-padded batch."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=1,  # never pass labels with this: transformers raises; CE is computed here
-        use_cache=False,
-    )
+    with padded_attention_guard(attention_mask):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=1,  # never pass labels with this: transformers raises; CE is computed here
+            use_cache=False,
+        )
     return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
 
 
@@ -92,8 +115,9 @@ class LossTerms(NamedTuple):
 
 
 def _forward_last(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                 logits_to_keep=keep, use_cache=False).logits
+    with padded_attention_guard(attention_mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep, use_cache=False).logits
 
 
 def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequence[int] = (),

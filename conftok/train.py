@@ -41,7 +41,7 @@ from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
-from conftok.loss import attach_base_topk, training_loss
+from conftok.loss import attach_base_topk, padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
 from conftok.modeling import build_model, enable_gradient_checkpointing, model_device, resolve_backend, save_adapter
 from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
@@ -241,7 +241,10 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             if i < skip:
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with amp():
+            # Padded batches on CUDA: SDPA's math kernel for the forward and the backward (which recomputes
+            # the forward under gradient checkpointing); the fused kernels' gradients go non-finite there.
+            guard = padded_attention_guard(batch["attention_mask"])
+            with amp(), guard:
                 terms = compute_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
                                       token_weights=token_weights, **cfg.loss_kwargs())
             loss = terms.loss
@@ -250,7 +253,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 raise FloatingPointError(
                     f"loss is {loss_value} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch {i + 1}); "
                     f"try a lower learning_rate (now {cfg.learning_rate}) or a longer warmup")
-            (loss / cfg.gradient_accumulation_steps).backward()
+            with padded_attention_guard(batch["attention_mask"]):
+                (loss / cfg.gradient_accumulation_steps).backward()
             running_loss += loss_value
             running_terms += torch.stack([terms.token.detach(), terms.placement.detach(), terms.kl.detach(),
                                           terms.answer_ce.detach()]).float().cpu()
@@ -261,6 +265,11 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm).item()
+            if not math.isfinite(grad_norm):  # a finite loss can still back-propagate NaN; never apply it
+                raise FloatingPointError(
+                    f"gradient norm is {grad_norm} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch {i + 1}) "
+                    f"with a finite loss ({loss_value:.4g}); the parameters were not updated. Try --no-bf16 or "
+                    f"--gradient_checkpointing false, and report the model and attention implementation")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

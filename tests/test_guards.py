@@ -171,3 +171,65 @@ def test_train_runs_with_each_guard(tmp_path):
                           gradient_checkpointing=False, progress=False, lora_r=4, lora_alpha=8, **kwargs)
         result = train(cfg, model=make_model(len(tok)), tokenizer=make_tokenizer())
         assert result.global_step == 3 and (result.final_dir / "adapter_model.safetensors").is_file()
+
+
+def test_padded_attention_guard_only_acts_on_padded_cuda_batches():
+    from contextlib import nullcontext
+
+    from conftok.loss import padded_attention_guard
+
+    assert isinstance(padded_attention_guard(torch.tensor([[0, 1, 1], [1, 1, 1]])), nullcontext)  # CPU: no-op
+    if torch.cuda.is_available():
+        assert isinstance(padded_attention_guard(torch.ones(2, 3, dtype=torch.long, device="cuda")), nullcontext)
+        assert not isinstance(padded_attention_guard(torch.tensor([[0, 1], [1, 1]], device="cuda")), nullcontext)
+
+
+@pytest.mark.gpu
+def test_padded_bf16_batch_gives_finite_gradients_on_cuda(tmp_path, device):
+    """Left-padded rows (fully masked padding queries) in bf16 with SDPA: forward and backward finite."""
+    if device != "cuda":
+        pytest.skip("needs CUDA (make test-gpu)")
+    from conftok.loss import padded_attention_guard
+    from conftok.modeling import build_model
+
+    tok = make_tokenizer()
+    model, tok = build_model(make_model(len(tok), seed=7), tokenizer=tok, backend="hf", bf16=True, lora_r=4,
+                             lora_alpha=8, gradient_checkpointing=True, device=device)
+    ids = add_confidence_tokens(tok, model, resolve_domains().tokens)
+    ds = ConfidenceDataset(write_jsonl(tmp_path / "t.jsonl", _rows()), tok)
+    batch = _collate(ds, tok, device)
+    assert (batch["attention_mask"] == 0).any()
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16), padded_attention_guard(batch["attention_mask"]):
+        terms = training_loss(model, batch, confidence_ids=sorted(ids.values()), placement_weight=1.0, kl_weight=1.0)
+    with padded_attention_guard(batch["attention_mask"]):
+        terms.loss.backward()
+    assert torch.isfinite(terms.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_train_stops_on_a_non_finite_gradient_before_updating(tmp_path, monkeypatch):
+    """A finite loss whose backward gives NaN stops the run naming the step; nothing is applied or saved."""
+    from conftok import TrainConfig, train
+    from conftok import modeling
+
+    tok = make_tokenizer()
+    data = write_jsonl(tmp_path / "train.jsonl", feature_rows(24, seed=1))
+    val = write_jsonl(tmp_path / "val.jsonl", [{"question": "code alpha alpha", "answer": True}] * 4)
+    cfg = TrainConfig(model_name="tiny", train_data=data, output_dir=str(tmp_path / "run"), backend="hf", max_steps=3,
+                      batch_size=8, eval_steps=None, val_sources={"boolq": val}, bf16=False,
+                      gradient_checkpointing=False, progress=False, lora_r=4, lora_alpha=8)
+    real_build = modeling.build_model
+
+    def poisoned_build(*args, **kwargs):
+        model, tokenizer = real_build(*args, **kwargs)
+        lora = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+        lora.register_hook(lambda grad: grad * float("nan"))
+        return model, tokenizer
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("conftok.train"), "build_model", poisoned_build)
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1"):
+        train(cfg, model=make_model(len(tok)), tokenizer=make_tokenizer())
+    assert not (tmp_path / "run" / "final").exists()
