@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             base = winner[0] if winner else "defaults_kl"
             name = f"balanced_{base}"
             guards[name] = {**GUARDS[base], "balance_token_classes": True}
-        if name is None or study.name in failed or (study.name, step, name) in done:
+        if (step == "train" and name is None) or study.name in failed or (study.name, step, name) in done:
             continue
         done.add((study.name, step, name))
         label = f"{study.name} {step} {name or ''}".strip()
