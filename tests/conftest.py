@@ -160,6 +160,16 @@ def feature_rows(n: int, seed: int = 0, confident_share: float = 0.6) -> list[di
     return rows
 
 
+def long_answer_rows(seed: int = 3) -> list[dict]:
+    """feature_rows with answers of 1 to several tokens ("Yes", "No, the farm is red.", ...)."""
+    rows = feature_rows(6, seed=seed)
+    tails = ["", ", the farm is red.", " because the river is blue", ". The town.", "", " green"]
+    for row, tail in zip(rows, tails):
+        answer, token = row["tagged_response"].rsplit(" ", 1)
+        row["tagged_response"] = f"{answer}{tail} {token}"
+    return rows
+
+
 def write_jsonl(path, rows) -> str:
     with open(path, "w") as f:
         for r in rows:

@@ -3,7 +3,7 @@ stored top-k KL, and the class-weighted token loss; each against a brute-force c
 
 import pytest
 import torch
-from conftest import feature_rows, make_model, make_tokenizer, to_device, write_jsonl
+from conftest import feature_rows, long_answer_rows, make_model, make_tokenizer, to_device, write_jsonl
 
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
@@ -13,12 +13,7 @@ from conftok.tokens import add_confidence_tokens
 
 def _rows(seed=3):
     """Answers of 1 to several tokens, right (C) and wrong (U) ones."""
-    rows = feature_rows(6, seed=seed)
-    tails = ["", ", the farm is red.", " because the river is blue", ". The town.", "", " green"]
-    for row, tail in zip(rows, tails):
-        answer, token = row["tagged_response"].rsplit(" ", 1)
-        row["tagged_response"] = f"{answer}{tail} {token}"
-    return rows
+    return long_answer_rows(seed)
 
 
 def _setup(tmp_path, device, *, lora=True, seed=7):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import approx, feature_rows, make_model, make_tokenizer, to_device, tolerance, write_jsonl
+from conftest import approx, feature_rows, long_answer_rows, make_model, make_tokenizer, to_device, tolerance, write_jsonl
 
 from conftok.data import IGNORE_INDEX, ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
@@ -116,13 +116,7 @@ class TestProbabilityExtraction:
 
 
 def _long_answer_rows(seed=3):
-    """feature_rows with answers of 1 to several tokens ("Yes", "No, the farm is red.", ...)."""
-    rows = feature_rows(6, seed=seed)
-    tails = ["", ", the farm is red.", " because the river is blue", ". The town.", "", " green"]
-    for row, tail in zip(rows, tails):
-        answer, token = row["tagged_response"].rsplit(" ", 1)
-        row["tagged_response"] = f"{answer}{tail} {token}"
-    return rows
+    return long_answer_rows(seed)
 
 
 def _brute_force_terms(model, batch, conf_ids, base_model=None):
