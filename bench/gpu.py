@@ -520,7 +520,7 @@ def check_targets(result: dict) -> list[dict]:
     defaults = [r for r in train if r["loss"] == "defaults" and r["batching"] == "grouped"]
     if defaults:
         best = max(defaults, key=lambda r: r["samples_per_s"])
-        where = f"defaults, grouped, checkpointing {best['checkpointing']}"
+        where = f"defaults, grouped, checkpointing {best['checkpointing']}, batch {best['batch_size']}"
         rows.append({"target": f"defaults >= {TARGETS['defaults_samples_per_s']:g} samples/s at batch 8",
                      "value": best["samples_per_s"], "where": where,
                      "met": best["samples_per_s"] >= TARGETS["defaults_samples_per_s"]})
