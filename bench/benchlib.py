@@ -159,8 +159,11 @@ def median(values: Sequence[float]) -> float:
 
 
 def git_commit() -> str | None:
-    """Short commit of the checkout (``+dirty`` with uncommitted changes to tracked files); on a box
-    where the tree travelled without ``.git``, the one bench/device_prep.sh wrote to .device/commit."""
+    """``$CONFTOK_COMMIT`` when set (the device command sets it from .device/commit, which
+    bench/device_prep.sh writes: the copy of the tree on a GPU box may carry a stale .git or none);
+    else the checkout's short commit, ``+dirty`` with uncommitted changes to tracked files."""
+    if os.environ.get("CONFTOK_COMMIT"):
+        return os.environ["CONFTOK_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
@@ -170,8 +173,7 @@ def git_commit() -> str | None:
             return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    recorded = ROOT / ".device" / "commit"
-    return recorded.read_text().strip() + " (from .device/commit)" if recorded.is_file() else None
+    return None
 
 
 def machine_info() -> dict[str, Any]:

@@ -59,7 +59,8 @@ for set in boolq medqa; do
     cp "$DATA/$set/dev.jsonl" "$DEV/data/$set/dev.jsonl"
 done
 
-# The box may get the tree without .git: benchlib.git_commit() reads this there.
+# The box's copy of the tree may carry a stale .git or none: the device command exports this as
+# CONFTOK_COMMIT, which benchlib.git_commit() reports.
 echo "$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo +dirty)" \
     >"$DEV/commit"
 

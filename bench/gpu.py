@@ -287,38 +287,55 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
+def train_step(model, optimizer, loss_fn, batch, device, amp) -> None:
+    """One step as conftok.train takes it: loss under autocast, its value read, backward, clip, AdamW."""
+    import torch
+
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with amp():
+        loss = loss_fn(model, batch)
+    if not math.isfinite(loss.item()):  # train's per-step sync and NaN check
+        raise FloatingPointError(f"loss {loss.item()}")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp) -> tuple[list[float], float | None]:
     """Seconds of each timed step (after ``warmup``) and the FLOPs counted on the first warm-up step."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
-
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(batch):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with amp():
-            loss = loss_fn(model, batch)
-        if not math.isfinite(loss.item()):  # train's per-step sync and NaN check
-            raise FloatingPointError(f"loss {loss.item()}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     times, counted = [], None
     for k, batch in enumerate(batches):
         if k == 0:
             with FlopCounterMode(display=False) as counter:
-                step(batch)
+                train_step(model, optimizer, loss_fn, batch, device, amp)
             counted = float(counter.get_total_flops())
             continue
         sync(device)
         start = time.perf_counter()
-        step(batch)
+        train_step(model, optimizer, loss_fn, batch, device, amp)
         sync(device)
         if k >= warmup:
             times.append(time.perf_counter() - start)
     return times, counted
+
+
+def warm_up_shapes(model, optimizer, ids_, guard_kwargs, batch_sets, device, amp, losses) -> None:
+    """One untimed step on every measured batch (token only), and one with full logits on the longest.
+
+    A process's first pass over a new shape is slow (kernels loaded lazily, the allocator growing): on the
+    H100 the first configuration timed, with only its own 3 warm-up steps, ran token-only steps in 0.78 s
+    where the placement guard, timed later, took 0.38 s. After this pass no configuration pays for it."""
+    token_only = make_loss_fn("token_only", ids_, guard_kwargs)
+    for batches in batch_sets:
+        for batch in batches:
+            train_step(model, optimizer, token_only, batch, device, amp)
+    if "full_logits" in losses:
+        longest = max((b for batches in batch_sets for b in batches), key=lambda b: b["input_ids"].numel())
+        train_step(model, optimizer, make_loss_fn("full_logits", ids_, guard_kwargs), longest, device, amp)
+    sync(device)
 
 
 def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matmul_tflops, log,
@@ -343,11 +360,17 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
     measured_lengths = measured.lengths()
     results = []
     model.train()
+    collated = {batching: [collate([measured[i] for i in b]) for b in chosen[batching]] for batching in args.batching}
+    if toggle_checkpointing:
+        set_checkpointing(model, args.checkpointing[0] == "on")
+    start = time.perf_counter()
+    warm_up_shapes(model, optimizer, ids_, guard_kwargs, list(collated.values()), device, amp, args.losses)
+    log(f"train: warm-up over every measured batch in {time.perf_counter() - start:.1f} s")
     for ckpt in args.checkpointing:
         if toggle_checkpointing:
             set_checkpointing(model, ckpt == "on")
         for batching in args.batching:
-            batches = [collate([measured[i] for i in b]) for b in chosen[batching]]
+            batches = collated[batching]
             timed = batches[args.warmup:]
             tokens = sum(int(b["attention_mask"].sum()) for b in timed)
             for loss in list(args.losses) + [f"guard:{g}" for g in args.guards]:
