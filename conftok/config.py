@@ -59,7 +59,8 @@ class TrainConfig:
     val_split: str = _help("Split to read from Hub validation sources.", default="validation")
     val_max_samples: int | None = _help("Rows per data set used for validation (None: all).", default=500)
     eval_batch_size: int = _help("Generation batch size in validation.", default=16)
-    max_new_tokens: int = _help("Longest generated answer + token in validation.", default=16)
+    max_new_tokens: int = _help("Longest generated answer in validation (tagging's budget too); the confidence "
+                                "token gets one step more.", default=16)
     # Model building
     backend: str = _help("'hf' (transformers + PEFT), 'unsloth' or 'auto'.", default="auto")
     quantization: str = _help("'none', '8bit' or '4bit' (bitsandbytes).", default="none")

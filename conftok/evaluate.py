@@ -185,7 +185,9 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
     questions = [domain.build_question(r) for r in rows]
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     c_id, u_id = (tokenizer.convert_tokens_to_ids(t) for t in domain.tokens)
-    gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens,
+    # max_new_tokens bounds the ANSWER, as in tagging; the token gets one step more. Otherwise an answer
+    # that tagging cut at max_new_tokens (and trained with its token after it) could never show its token.
+    gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens + 1,
                     batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress,
                     score_ids=(c_id, u_id))
     # Answers cut by max_new_tokens get one extra forward pass over prompt + answer.
@@ -218,6 +220,7 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
 
     Args:
         rows_by_dataset: data set name (``boolq``) -> raw rows of that domain's task.
+        max_new_tokens: the longest answer (tagging's budget); generation runs one step more, for the token.
         beta, p: calibration error bin size and norm (``calib_beta``, ``calib_p_norm``).
         verbose: print the seed's validation block per data set as it finishes.
 

@@ -59,7 +59,8 @@ def predict(model, tokenizer, question: "str | Mapping[str, Any]", dataset: str,
     model.eval()
     try:
         gen = generate(model, tokenizer, [prompt], stop_tokens=resolve_domains(domains).tokens,
-                       max_new_tokens=max_new_tokens, batch_size=1, progress=False, score_ids=(c_id, u_id))[0]
+                       max_new_tokens=max_new_tokens + 1,  # the answer's budget, then the token's step
+                       batch_size=1, progress=False, score_ids=(c_id, u_id))[0]
         p = gen.p_confident
         if p is None:  # cut by max_new_tokens: read p right after what was generated
             p = score_confidence(model, tokenizer, [prompt + gen.answer_ids], c_id, u_id)[0]

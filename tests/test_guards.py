@@ -228,3 +228,35 @@ def test_train_stops_on_a_non_finite_gradient_before_updating(tmp_path, monkeypa
     with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1"):
         train(cfg, model=make_model(len(tok)), tokenizer=make_tokenizer())
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_an_answer_of_the_full_budget_still_gets_its_token(tokenizer):
+    """Tagging cuts answers at max_new_tokens and trains the token after them: validation must give the
+    token its own step after an answer that long, or such rows could never show a token."""
+    from conftok.evaluate import evaluate
+
+    add_confidence_tokens(tokenizer, None, resolve_domains().tokens)
+    token_id = tokenizer.convert_tokens_to_ids("<C_READ>")
+    budget = 4
+
+    model = make_model(len(tokenizer))
+    yes = tokenizer(" yes", add_special_tokens=False)["input_ids"][-1]
+    prompt_len = {}
+
+    def forward_hook(module, args, kwargs, out):
+        ids = kwargs["input_ids"]
+        key = int(kwargs["attention_mask"].shape[1]) if ids.shape[1] > 1 else None
+        logits = torch.full_like(out.logits, -1e4)
+        if key is not None:
+            prompt_len["n"] = key
+        generated = kwargs["attention_mask"].shape[1] - prompt_len["n"]  # tokens generated before this step
+        logits[..., token_id if generated >= budget else yes] = 0.0
+        out.logits = logits
+        return out
+
+    model.register_forward_hook(forward_hook, with_kwargs=True)
+    result = evaluate(model, tokenizer, {"boolq": [{"question": "is it", "answer": True}]}, batch_size=1,
+                      max_new_tokens=budget, progress=False)
+    record = result["records"][0]
+    assert record["token"] == "<C_READ>"
+    assert record["response"].split() == ["yes"] * budget  # the whole budget, then the token
