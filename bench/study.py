@@ -319,6 +319,42 @@ def run(study: Study, name: str, overrides: dict[str, Any], command: str) -> dic
     return result
 
 
+def evaluate_base(study: Study) -> None:
+    """Evaluate the base model (tokens added, as disable_adapter() gives it) on the evaluation part again."""
+    import torch
+
+    from conftok.evaluate import evaluate
+    from conftok.tokens import add_confidence_tokens
+
+    domains = study.domains()
+    _, model, tokenizer = _base_model()
+    add_confidence_tokens(tokenizer, model, tokens=domains.tokens)
+    saved = json.loads((study.work / "base_eval.json").read_text())
+    t = time.perf_counter()
+    with torch.autocast(device().type, dtype=torch.bfloat16):
+        base = evaluate(model, tokenizer, study.rows("eval"), domains=domains, beta=study.beta, p="2",
+                        batch_size=study.eval_batch, max_new_tokens=study.max_new_tokens)
+    saved["timings_s"]["base_eval_s"] = round(time.perf_counter() - t, 1)
+    saved.update(records=base["records"], domains=base["domains"])
+    write_json(study.work / "base_eval.json", saved)
+    print(f"base model on the evaluation part: {base['domains']}", flush=True)
+
+
+def reevaluate(study: Study, name: str) -> dict[str, Any]:
+    """Evaluate a finished run's final adapter again (after a change to the evaluation), keeping its training facts."""
+    old = json.loads((RESULTS / f"{study.name}_{name}.json").read_text())
+    base = json.loads((study.work / "base_eval.json").read_text())
+    result = evaluate_run(study.work / f"run_{name}" / "final", study.rows("eval"), base["records"], beta=study.beta,
+                          batch_size=study.eval_batch, max_new_tokens=study.max_new_tokens)
+    result.update({k: old[k] for k in ("name", "overrides", "config", "train_s", "command")})
+    write_json(RESULTS / f"{study.name}_{name}.json", {k: v for k, v in result.items() if k != "records"})
+    write_json(study.work / f"records_{name}.json", result["records"])
+    for domain, f in result["methods"]["trained_token"].items():
+        print(f"{name} / {domain} (re-evaluated): answer acc {f['answer_accuracy']:.3f} ({f['answer_accuracy_change']:+.3f}), "
+              f"token rate {f['token_rate']:.3f}, AUROC {f['auroc']:.3f}, CE {f['calibration_error']:.4f}", flush=True)
+    return result
+
+
 def main(study: Study, argv=None, *, level_key: str | None = None, doc: str = "") -> int:
     import sys
 
@@ -330,11 +366,17 @@ def main(study: Study, argv=None, *, level_key: str | None = None, doc: str = ""
     train_parser.add_argument("--name", required=True, help=f"run name: results/{study.name}_NAME.json")
     train_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                               help="TrainConfig override, e.g. --set learning_rate=1e-3 --set kl_weight=0")
+    eval_parser = sub.add_parser("evaluate", help="evaluate the base model and finished runs again")
+    eval_parser.add_argument("--names", nargs="*", default=[], help="runs whose final adapter to evaluate again")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(study)
     elif args.command == "probe":
         probe(study, level_key)
+    elif args.command == "evaluate":
+        evaluate_base(study)
+        for name in args.names:
+            reevaluate(study, name)
     else:
         command = " ".join([Path(sys.argv[0]).name, "train", "--name", args.name] + [f"--set {s}" for s in args.set])
         run(study, args.name, parse_overrides(args.set), command)

@@ -16,8 +16,8 @@ Rules, in brief (the docstrings give the details):
   wins; otherwise the option text is matched. A bare letter followed by more words counts only
   when those words are its own option text, so the article in "A 45-year-old man ..." is not
   read as option A.
-* number: the number after the last "=" or after "answer is" wins; otherwise the first number
-  in the text ("12", "12.", "The sum is 12"); thousands separators are allowed ("1,234").
+* number: the number after the last "=", "is", "equals" or "answer:" wins; otherwise the first
+  number in the text ("12", "12.", "The sum is 12"); thousands separators are allowed ("1,234").
 """
 
 from __future__ import annotations
@@ -331,7 +331,8 @@ def normalize_option_label(value: Any, options: Mapping[str, str] | None = None)
 # A number, optionally signed, with optional thousands separators and decimals ("1,234", "-3", "2.5").
 _NUMBER = r"(?<![\w.])[-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?(?!\w)"
 _NUMBER_RE = re.compile(_NUMBER)
-_EXPLICIT_NUMBER = re.compile(r"(?:=|\banswer\s*(?:is|:)|\bequals)\s*(" + _NUMBER + ")", re.IGNORECASE)
+# A stated result: "= 12", "answer is 12", "answer: \"12\"", "equals 12", "3 - 1 is 2".
+_EXPLICIT_NUMBER = re.compile(r"(?:=|\banswer\s*(?:is|:)|\bequals|\bis)\s*[\"'(]*\s*(" + _NUMBER + ")", re.IGNORECASE)
 
 
 def _canonical_int(text: str) -> str | None:
@@ -342,8 +343,9 @@ def _canonical_int(text: str) -> str | None:
 def parse_number(text: str) -> str | None:
     """The integer a free-text answer gives, as a canonical string ("012" -> "12"), or None.
 
-    An explicit result wins: the number after the last "=" ("7 + 5 = 12" -> "12") or after
-    "answer is"; otherwise the first integer in the text. Decimals are not integers and are not
+    An explicit result wins: the number after the last "=" ("7 + 5 = 12" -> "12"), "is"
+    ("3 - 1 is 2" -> "2"), "equals" or "answer:", quoted or not; otherwise the first integer in
+    the text. Decimals are not integers and are not
     read ("2.5" -> None).
 
     >>> parse_number("12"), parse_number("7 + 5 = 12."), parse_number("The sum is 1,234"), parse_number("no idea")

@@ -16,6 +16,8 @@ DOMAINS_FILE = Path(__file__).resolve().parent.parent / "domains" / "read_med_ma
 @pytest.mark.parametrize("text, expected", [
     ("12", "12"), ("12.", "12"), ("7 + 5 = 12", "12"), ("The answer is 15 <C_MATH>", "15"), ("**42**", "42"),
     ("The sum is 1,234.", "1234"), ("-3", "-3"), ("5 + 7 equals 12", "12"), ("12.0", "12"),
+    ("3 - 1 is 2.", "2"), ("7 minus 5 is 2", "2"), ('The answer is "11"', "11"), ("Answer: (7)", "7"),
+    ("26 + 3 = 5\n\nThe answer is 5", "5"),
     ("2.5", None), ("To solve this problem, we need to", None), ("", None), ("x2 is", None),
 ])
 def test_parse_number(text, expected):
