@@ -18,8 +18,11 @@ CARD_METRICS = (M.VAL_ACCURACY, M.VAL_CALIBRATION_ERROR, M.VAL_BRIER, M.VAL_AURO
 
 
 def _loss_description(config: dict[str, Any]) -> str:
-    terms = [f"{name} weight {config[key]:g}" for name, key in (("placement", "placement_weight"), ("KL", "kl_weight"))
-             if config.get(key)]
+    names = (("placement", "placement_weight"), ("KL", "kl_weight"), ("stored top-k KL", "stored_kl_weight"),
+             ("answer cross-entropy", "answer_ce_weight"))
+    terms = [f"{name} weight {config[key]:g}" for name, key in names if config.get(key)]
+    if config.get("answer_ce_weight") and config.get("answer_ce_rows") == "correct":
+        terms[-1] += " (right answers only)"
     if not terms:
         return "loss on the confidence token only"
     return ("cross-entropy on the confidence token, plus guard terms on the answer's positions that keep "
