@@ -27,12 +27,12 @@ from bench import study as S  # noqa: E402
 
 # The guards compared (issue 8, item 3), each against the same settings; TrainConfig defaults otherwise.
 GUARDS = {
-    "defaults_kl": {},  # placement 1 + live KL 1: the defaults before this study
-    "answer_ce_all": {"kl_weight": 0, "answer_ce_weight": 1.0},
-    "answer_ce_correct": {"kl_weight": 0, "answer_ce_weight": 1.0, "answer_ce_rows": "correct"},
-    "stored_kl": {"kl_weight": 0, "stored_kl_weight": 1.0},
-    "placement_low_lr": {"kl_weight": 0, "learning_rate": 1e-4},
-    "token_only": {"kl_weight": 0, "placement_weight": 0},
+    "defaults_kl": {"kl_weight": 1.0, "stored_kl_weight": 0},  # placement 1 + live KL 1: the defaults before this study
+    "answer_ce_all": {"kl_weight": 0, "stored_kl_weight": 0, "answer_ce_weight": 1.0},
+    "answer_ce_correct": {"kl_weight": 0, "stored_kl_weight": 0, "answer_ce_weight": 1.0, "answer_ce_rows": "correct"},
+    "stored_kl": {"kl_weight": 0, "stored_kl_weight": 1.0},  # placement 1 + stored top-k KL 1: the defaults now
+    "placement_low_lr": {"kl_weight": 0, "stored_kl_weight": 0, "learning_rate": 1e-4},
+    "token_only": {"kl_weight": 0, "stored_kl_weight": 0, "placement_weight": 0},
 }
 # Step cost, lowest first: placement alone and answer CE reuse the token's forward (a few more kept
 # positions); the stored KL adds a gather and a one-time base pass; the live KL a second forward.

@@ -90,16 +90,17 @@ class TrainConfig:
         "Weight of -log(1 - p(confidence token)) at the answer's positions: keeps the token after the "
         "answer (0: token loss only).", default=1.0)
     kl_weight: float = _help(
-        "Weight of KL(base || tuned) at the answer's positions: keeps the answers the base model's "
-        "(0: off; costs one extra forward without gradients).", default=1.0)
+        "Weight of the live KL(base || tuned) at the answer's positions: keeps the answers the base model's "
+        "(0: off; costs one extra forward without gradients a step; exclusive with stored_kl_weight).", default=0.0)
     answer_ce_weight: float = _help(
         "Weight of -log p(answer token) at the answer's positions (the answers are the base model's own): "
         "keeps the answers without a second forward (0: off).", default=0.0)
     answer_ce_rows: str = _help("Rows whose answers answer_ce_weight holds: 'all', or 'correct' (those tagged "
                                 "confident; Self-REF masks the wrong answers).", default="all")
     stored_kl_weight: float = _help(
-        "Weight of KL(base || tuned) against base top-k log-probabilities computed once before training "
-        "(0: off; exclusive with kl_weight).", default=0.0)
+        "Weight of KL(base || tuned) at the answer's positions against the base model's top-k "
+        "log-probabilities, computed once before training (the default guard: keeps the answers at "
+        "~1.01x a token-only step; 0: off; exclusive with kl_weight).", default=1.0)
     stored_kl_top_k: int = _help("Base log-probabilities kept per answer position for stored_kl_weight.", default=32)
     balance_token_classes: bool = _help(
         "Weight the token loss per domain by inverse class frequency (C and U count equally).", default=False)
