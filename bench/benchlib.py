@@ -131,9 +131,11 @@ def compare_records(batched: Sequence[Mapping], per_row: Sequence[Mapping], p_to
              if a["response"] == b["response"]]
     max_dp = max(diffs, default=0.0)
     n = len(batched)
-    differing = [a.get("id") for a, b in zip(batched, per_row) if a["response"] != b["response"] or a["token"] != b["token"]]
+    # Positions, not the data sets' own ids: results are committed, rows of ../shared/data never are.
+    differing = [k for k, (a, b) in enumerate(zip(batched, per_row))
+                 if a["response"] != b["response"] or a["token"] != b["token"]]
     return {"rows": n, "same_response": same_response, "same_token": same_token,
-            "max_abs_p_confident_diff": max_dp, "p_tolerance": p_tolerance, "differing_ids": differing,
+            "max_abs_p_confident_diff": max_dp, "p_tolerance": p_tolerance, "differing_rows": differing,
             "equal": same_response == n and same_token == n and max_dp <= p_tolerance}
 
 
