@@ -94,7 +94,7 @@ def evaluate_run(final_dir: Path, rows: dict[str, list[dict]], base_records: lis
     """Trained token and answer probability from the adapter; the untrained token from ``base_records``."""
     import torch
 
-    from conftok.evaluate import evaluate
+    from conftok.evaluate import evaluate, summarize_domain
     from conftok.modeling import load_adapter
 
     model, tokenizer, domains = load_adapter(final_dir, device=device())
@@ -108,11 +108,8 @@ def evaluate_run(final_dir: Path, rows: dict[str, list[dict]], base_records: lis
         recs = [r for r in trained["records"] if r["domain"] == domain]
         base = [r for r in base_records if r["domain"] == domain]
         out["methods"]["trained_token"][domain] = signal_block(recs, "p_confident", beta, token_figures=figures)
-        out["methods"]["untrained_token"][domain] = signal_block(base, "p_confident", beta, token_figures={
-            "token_accuracy": float(np.mean([r["token_correct"] for r in base])),
-            "token_rate": float(np.mean([r["token"] is not None for r in base])),
-            "wrong_domain_token_rate": float(np.mean([r["token"] is not None and r["token"] not in r["domain_tokens"]
-                                                      for r in base]))})
+        out["methods"]["untrained_token"][domain] = signal_block(base, "p_confident", beta,
+                                                                 token_figures=summarize_domain(base, beta=beta))
         out["methods"]["answer_probability"][domain] = signal_block(recs, "p_answer", beta)
         out["records"][domain] = {"trained": recs, "untrained": base}
         out["methods"]["trained_token"][domain]["answer_accuracy_change"] = (
@@ -216,11 +213,7 @@ def _base_model():
 def prepare(study: Study) -> None:
     """Write the rows, tag the training part with the base model, evaluate the base model (with the
     tokens added, as an adapter's disable_adapter() gives it) on the evaluation part once."""
-    import torch
-
-    from conftok.evaluate import evaluate
     from conftok.tagging import tag_to_file
-    from conftok.tokens import add_confidence_tokens
 
     parts = study.make_rows()
     for part, by_dataset in parts.items():
@@ -235,15 +228,8 @@ def prepare(study: Study) -> None:
                              batch_size=study.eval_batch, max_new_tokens=study.max_new_tokens)
     timings["tag_s"] = round(time.perf_counter() - t, 1)
     print(f"tagged {summary['tagged']} rows in {timings['tag_s']} s: {summary['domains']}", flush=True)
-    add_confidence_tokens(tokenizer, model, tokens=domains.tokens)
-    t = time.perf_counter()
-    with torch.autocast(device().type, dtype=torch.bfloat16):
-        base = evaluate(model, tokenizer, parts["eval"], domains=domains, beta=study.beta, p="2",
-                        batch_size=study.eval_batch, max_new_tokens=study.max_new_tokens)
-    timings["base_eval_s"] = round(time.perf_counter() - t, 1)
-    write_json(study.work / "base_eval.json", {"records": base["records"], "domains": base["domains"],
-                                                "timings_s": timings, "tagging": summary})
-    print(f"base model on the evaluation part: {base['domains']}", flush=True)
+    write_json(study.work / "base_eval.json", {"timings_s": timings, "tagging": summary})
+    _evaluate_base_model(study, model, tokenizer)
 
 
 def probe(study: Study, level_key: str | None = None) -> dict[str, Any]:
@@ -319,15 +305,15 @@ def run(study: Study, name: str, overrides: dict[str, Any], command: str) -> dic
     return result
 
 
-def evaluate_base(study: Study) -> None:
-    """Evaluate the base model (tokens added, as disable_adapter() gives it) on the evaluation part again."""
+def _evaluate_base_model(study: Study, model, tokenizer) -> None:
+    """The base model with the tokens added (what an adapter's disable_adapter() gives) on the evaluation
+    part: the untrained-token baseline and the base model's own answers, once for all runs."""
     import torch
 
     from conftok.evaluate import evaluate
     from conftok.tokens import add_confidence_tokens
 
     domains = study.domains()
-    _, model, tokenizer = _base_model()
     add_confidence_tokens(tokenizer, model, tokens=domains.tokens)
     saved = json.loads((study.work / "base_eval.json").read_text())
     t = time.perf_counter()
@@ -338,6 +324,12 @@ def evaluate_base(study: Study) -> None:
     saved.update(records=base["records"], domains=base["domains"])
     write_json(study.work / "base_eval.json", saved)
     print(f"base model on the evaluation part: {base['domains']}", flush=True)
+
+
+def evaluate_base(study: Study) -> None:
+    """Evaluate the base model on the evaluation part again (after a change to the evaluation)."""
+    _, model, tokenizer = _base_model()
+    _evaluate_base_model(study, model, tokenizer)
 
 
 def reevaluate(study: Study, name: str) -> dict[str, Any]:
