@@ -21,7 +21,7 @@ from conftok.tokens import add_confidence_tokens
 def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_r: int, lora_alpha: int,
                 lora_dropout: float, target_modules: Sequence[str], gradient_checkpointing: bool | str,
                 dtype: torch.dtype, token_init: str, max_seq_length: int, seed: int, batch_size: int = 8,
-                seq_len: int | None = None):
+                seq_len: int | None = None, trust_remote_code: bool = False):
     import unsloth  # noqa: F401  (patches transformers/peft; must come first)
     from unsloth import FastLanguageModel
 
@@ -31,6 +31,7 @@ def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_
         dtype=dtype,
         load_in_4bit=quantization == "4bit",
         load_in_8bit=quantization == "8bit",
+        trust_remote_code=trust_remote_code,
     )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

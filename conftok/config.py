@@ -64,6 +64,10 @@ class TrainConfig:
     # Model building
     backend: str = _help("'hf' (transformers + PEFT), 'unsloth' or 'auto'.", default="auto")
     quantization: str = _help("'none', '8bit' or '4bit' (bitsandbytes).", default="none")
+    trust_remote_code: bool = _help(
+        "Run Python code that a model's Hub repo or directory ships (its config's auto_map) when loading the "
+        "model and tokenizer. Off: transformers' own classes only; a repo that needs its own code fails to load. "
+        "Turn it on only for a repo whose code you have read.", default=False)
     target_modules: tuple[str, ...] = _help("LoRA target modules.", default=DEFAULT_TARGET_MODULES)
     gradient_checkpointing: bool | str = _help(
         "Recompute activations in backward: less memory, ~1/3 more compute. 'auto': off when the step fits in "

@@ -64,7 +64,8 @@ def prepare_demo(workdir: str | os.PathLike, *, n_train: int = 64, n_val: int = 
 
         tokenizer = load_tokenizer(model_dir)
         # bf16 as in training and validation (and ~10x faster than fp32 on these CPUs).
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, use_safetensors=True,
+                                                     trust_remote_code=False).eval()
         rows = {"boolq": load_rows(paths["boolq_train"]), "medqa": load_rows(paths["medqa_train"])}
         started = time.perf_counter()
         _, summary = tag_to_file(model, tokenizer, rows, tagged, batch_size=batch_size, max_new_tokens=8,

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from conftok.modeling import METADATA_FILE, load_adapter
+from conftok.modeling import METADATA_FILE, PICKLE_PATTERNS, load_adapter
 from conftok.smollm import _make_readable  # the usual umask modes (mkdtemp makes 0o700)
 from conftok.tokens import end_of_turn_token_id, token_ids
 
@@ -54,7 +54,7 @@ EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "bf16",
                   base_model: "str | os.PathLike | torch.nn.Module | None" = None,
                   device: "str | torch.device" = "cpu", overwrite: bool = False,
-                  max_shard_size: str = "5GB") -> Path:
+                  max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge a conftok adapter into its base model and write a standalone model directory.
 
     Args:
@@ -67,6 +67,8 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         device: where to merge (``cuda`` is faster for a 7B model; the result is the same).
         overwrite: replace an existing ``out_dir`` (only once the new one is complete).
         max_shard_size: safetensors shard size (``save_pretrained``).
+        trust_remote_code: run code shipped with the base model's repo when loading it (off:
+            transformers' own classes only).
 
     Returns:
         ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained`` and
@@ -81,7 +83,8 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise FileExistsError(f"{out_dir} already exists and is not empty: choose a new directory, "
                               "or pass overwrite=True (--overwrite) to replace it")
 
-    model, tokenizer, domains = load_adapter(adapter_dir, base_model=base_model, device=device, bf16=False)
+    model, tokenizer, domains = load_adapter(adapter_dir, base_model=base_model, device=device, bf16=False,
+                                             trust_remote_code=trust_remote_code)
     ids = token_ids(tokenizer, domains.tokens)
     merged = model.merge_and_unload()
     leftovers = [name for name, _ in merged.named_modules() if "lora_" in name or "token_adapter" in name]
@@ -99,7 +102,7 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     try:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        pickled = sorted(p.name for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        pickled = sorted(p.name for p in tmp.rglob("*") if any(p.match(pattern) for pattern in PICKLE_PATTERNS))
         if pickled or not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"export must be safetensors only; wrote {sorted(p.name for p in tmp.iterdir())}")
         meta = {"domains": domains.to_list(), "token_ids": ids, "dtype": dtype,

@@ -24,7 +24,8 @@ from conftok.lora_targets import present_target_modules, trainable_token_indices
 from conftok.memory import auto_gradient_checkpointing
 from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
 
-__all__ = ["BACKENDS", "QUANTIZATIONS", "DEFAULT_TARGET_MODULES", "METADATA_FILE", "build_model",
+__all__ = ["BACKENDS", "QUANTIZATIONS", "DEFAULT_TARGET_MODULES", "METADATA_FILE", "ADAPTER_WEIGHTS_FILE",
+           "PICKLE_PATTERNS", "build_model",
            "enable_gradient_checkpointing",
            "load_tokenizer", "resolve_backend", "save_adapter", "load_adapter", "model_device"]
 
@@ -34,6 +35,9 @@ BACKENDS = ("auto", "hf", "unsloth")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METADATA_FILE = "conftok.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# Files a pickle-based loader would read (torch.save archives, pickles): never downloaded, never read.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
 
 def _unsloth_available() -> bool:
@@ -76,11 +80,14 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
-    """A tokenizer that pads on the left with a pad token (eos when it has none)."""
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """A tokenizer that pads on the left with a pad token (eos when it has none).
+
+    ``trust_remote_code`` is passed on explicitly: a repo's own tokenizer code runs only when asked for.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -107,6 +114,7 @@ def build_model(
     batch_size: int = 8,
     seq_len: int | None = None,
     attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
 ):
     """Load a causal LM, add the domains' confidence tokens and wrap it with LoRA.
 
@@ -123,6 +131,8 @@ def build_model(
             batches of ``batch_size`` rows of ``seq_len`` tokens (default ``max_seq_length``).
         attn_implementation: passed to ``from_pretrained`` (``flash_attention_2`` for padding-free
             batches); None: transformers' default. A model object keeps its own.
+        trust_remote_code: run code shipped with the model (its config's ``auto_map``); off, only
+            transformers' own classes load. Weights are read from safetensors only (no pickle).
 
     Returns:
         ``(peft_model, tokenizer)``; the tokenizer pads on the left.
@@ -165,13 +175,16 @@ def build_model(
                 lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                 gradient_checkpointing=gradient_checkpointing, dtype=dtype, token_init=token_init,
                 max_seq_length=max_seq_length, seed=seed, batch_size=batch_size, seq_len=seq_len or max_seq_length,
+                trust_remote_code=trust_remote_code,
             )
         from transformers import AutoModelForCausalLM
 
-        tokenizer = tokenizer or load_tokenizer(model_name)
+        tokenizer = tokenizer or load_tokenizer(model_name, trust_remote_code=trust_remote_code)
         extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        # use_safetensors: a repo with only pytorch_model.bin (a pickle) fails here instead of being unpickled.
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_name), dtype=dtype, quantization_config=quant_config, **extra,
+            str(model_name), dtype=dtype, quantization_config=quant_config, use_safetensors=True,
+            trust_remote_code=trust_remote_code, **extra,
             device_map={"": device.index or 0} if quant_config is not None and device.type == "cuda" else None,
         )
     tokenizer.padding_side = "left"
@@ -256,12 +269,16 @@ def save_adapter(model, tokenizer, out_dir: str | os.PathLike, *, domains=None,
 
 
 def load_adapter(adapter_dir: str | os.PathLike, *, base_model: "str | torch.nn.Module | None" = None,
-                 device: "str | torch.device | None" = None, bf16: bool = False, is_trainable: bool = False):
+                 device: "str | torch.device | None" = None, bf16: bool = False, is_trainable: bool = False,
+                 trust_remote_code: bool = False):
     """Load a saved adapter (a directory or a Hub repo id) onto a fresh base model:
     ``(model, tokenizer, domains)``.
 
     ``base_model`` defaults to the adapter's ``base_model_name_or_path``; pass a model object to
-    reuse one. The tokenizer (with the confidence tokens) comes from ``adapter_dir``.
+    reuse one. The tokenizer (with the confidence tokens) comes from ``adapter_dir``. Nothing is
+    unpickled: the adapter must be ``adapter_model.safetensors`` (PEFT would fall back to a pickled
+    ``adapter_model.bin``; that is refused here), and the base model's weights safetensors too.
+    ``trust_remote_code`` applies to the base model and the tokenizer.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -270,14 +287,18 @@ def load_adapter(adapter_dir: str | os.PathLike, *, base_model: "str | torch.nn.
     if not adapter_dir.exists() and str(adapter_dir).count("/") == 1:  # a Hub repo id
         from huggingface_hub import snapshot_download
 
-        adapter_dir = Path(snapshot_download(str(adapter_dir)))
+        adapter_dir = Path(snapshot_download(str(adapter_dir), ignore_patterns=list(PICKLE_PATTERNS)))
     meta_path = adapter_dir / METADATA_FILE
     if not (adapter_dir / "adapter_config.json").is_file() or not meta_path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a conftok adapter (needs adapter_config.json and "
                                 f"{METADATA_FILE}, written by save_adapter)")
+    if not (adapter_dir / ADAPTER_WEIGHTS_FILE).is_file():
+        found = sorted(p.name for p in adapter_dir.iterdir() if p.name.startswith("adapter_model"))
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS_FILE} (found {found or 'no adapter weights'}); "
+                                "adapters are read from safetensors only, never from a pickle such as adapter_model.bin")
     meta = json.loads(meta_path.read_text())
     domains = resolve_domains(meta["domains"])
-    tokenizer = load_tokenizer(adapter_dir)
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -286,7 +307,8 @@ def load_adapter(adapter_dir: str | os.PathLike, *, base_model: "str | torch.nn.
     else:
         name = base_model or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     ids = token_ids(tokenizer, domains.tokens)
     if ids != {k: int(v) for k, v in meta["token_ids"].items()}:
         raise ValueError(f"{adapter_dir}: tokenizer token ids {ids} differ from {METADATA_FILE} {meta['token_ids']}")

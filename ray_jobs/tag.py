@@ -40,7 +40,7 @@ class Tagger:
     """
 
     def __init__(self, model_name: str, *, domains: list[dict[str, Any]], bf16: bool, batch_size: int,
-                 max_new_tokens: int, torch_threads: int | None = None):
+                 max_new_tokens: int, torch_threads: int | None = None, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -50,9 +50,10 @@ class Tagger:
         if torch_threads:  # Ray sets OMP_NUM_THREADS from num_cpus, rounded down: one thread for 1.95 CPUs
             torch.set_num_threads(torch_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = load_tokenizer(model_name)
+        self.tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_name, dtype=torch.bfloat16 if bf16 else torch.float32).to(device).eval()
+            model_name, dtype=torch.bfloat16 if bf16 else torch.float32, use_safetensors=True,
+            trust_remote_code=trust_remote_code).to(device).eval()
         self.domains = resolve_domains(domains)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
@@ -75,7 +76,7 @@ class Tagger:
 
 def tag_with_ray_data(model_name: str, rows_by_dataset: dict[str, list[dict]], *, domains, num_gpus: int,
                       cpus_per_replica: float, bf16: bool = True, batch_size: int = 16,
-                      max_new_tokens: int = 16) -> tuple[list[dict], dict]:
+                      max_new_tokens: int = 16, trust_remote_code: bool = False) -> tuple[list[dict], dict]:
     """``(tagged_rows, summary)`` as :func:`conftok.tagging.tag_rows` gives them, computed by
     ``num_gpus`` one-GPU replicas (or one CPU replica when 0)."""
     import ray.data
@@ -89,7 +90,8 @@ def tag_with_ray_data(model_name: str, rows_by_dataset: dict[str, list[dict]], *
         Tagger,
         fn_constructor_kwargs={"model_name": model_name, "domains": domains.to_list(), "bf16": bf16,
                                "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                               "torch_threads": None if num_gpus else torch_threads(cpus_per_replica)},
+                               "torch_threads": None if num_gpus else torch_threads(cpus_per_replica),
+                               "trust_remote_code": trust_remote_code},
         batch_size=batch_size * BATCHES_PER_TASK, compute=ray.data.ActorPoolStrategy(size=max(1, num_gpus)),
         num_gpus=1 if num_gpus else 0, num_cpus=cpus_per_replica,
     ).take_all()
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Ray Data tagging: {sum(map(len, rows.values()))} rows, {replicas}", flush=True)
     tagged, summary = tag_with_ray_data(args.model_name, rows, domains=domains, num_gpus=num_gpus,
                                         cpus_per_replica=cpus, bf16=args.bf16, batch_size=args.batch_size,
-                                        max_new_tokens=args.max_new_tokens)
+                                        max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
     path = write_tagged(tagged, summary, args.out)
     for name, d in summary["domains"].items():
         print(f"{name}: {d['tagged']} tagged, accuracy {100 * d['accuracy']:.1f}% ({d['unparsed']} unparsed)")
@@ -177,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run code shipped with the model's repo (off: transformers' own classes only)")
     ray_group = parser.add_argument_group("Ray")
     ray_group.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     ray_group.add_argument("--num_gpus", type=_gpu_count, default=None,
