@@ -10,6 +10,9 @@ Two files beside the adapter:
 Each tensor's place in the JSON holds ``{"__tensor__": name}`` (its key in the safetensors
 file), so nothing is unpickled on load: a checkpoint from elsewhere cannot run code. The CUDA
 states matter for an exact resume on a GPU: LoRA dropout draws from the CUDA generator there.
+
+:func:`link_tree` gives a checkpoint's files a second name (``best_*/``, ``final/``, Ray's copy in
+its storage) without a second copy on disk.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import json
 import logging
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 
 __all__ = ["TRAINER_STATE_FILE", "TRAINER_TENSORS_FILE", "TRAINER_STATE_FILES", "save_trainer_state",
-           "load_trainer_state", "get_rng_state", "set_rng_state"]
+           "load_trainer_state", "get_rng_state", "set_rng_state", "link_tree"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,3 +152,37 @@ def load_trainer_state(path: str | os.PathLike, *, optimizer: torch.optim.Optimi
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
     return saved["state"]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem (EXDEV), or one without hard links: a real copy
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: str | os.PathLike, dst: str | os.PathLike, *, skip: Iterable[str] = ()) -> Path:
+    """Replace ``dst`` with the files of ``src`` (names in ``skip`` left out) as hard links, in one rename.
+
+    A link costs no space: the bytes stay on disk once, however many directories name them, and
+    go when the last name is deleted. Where a link cannot be made (``dst`` on another filesystem)
+    the file is copied. Sharing is safe because conftok never rewrites a file in place: every write
+    goes to a new file renamed over the old one (``save_adapter``, ``save_trainer_state``). A reader
+    who edits a file of such a directory in place edits it everywhere; copy the directory first
+    (``cp -r`` makes independent files).
+    """
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        os.rmdir(tmp)  # copytree creates it
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip), copy_function=_link_or_copy)
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

@@ -81,7 +81,10 @@ class TrainConfig:
     lr_scheduler: str = _help("transformers schedule after warmup.", default="linear")
     logging_steps: int = _help("Log train/* scalars every N optimizer steps.", default=10)
     max_steps: int | None = _help("Stop after N optimizer steps (None: num_epochs).", default=None)
-    save_total_limit: int | None = _help("Keep at most N checkpoint-* dirs (None: all).", default=None)
+    save_total_limit: int | None = _help(
+        "Keep the weights and trainer state of the last N checkpoint-* dirs (None: all); older ones keep only "
+        "validation.json. best_accuracy/, best_calibration/ and final/ are kept whatever N is. 1 is enough to "
+        "resume: a run resumes from its last checkpoint.", default=1)
     group_by_length: bool = _help(
         "Batch rows of similar length together (conftok.sampler.LengthGroupedBatchSampler; batch order "
         "still shuffled by seed and epoch): padding falls from ~40 to ~2 percent of batch positions with "

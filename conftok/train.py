@@ -9,11 +9,18 @@ steps with validation every ``eval_steps`` and at each epoch end. Each validatio
       checkpoint-N/            adapter, tokenizer, validation.json (metrics, reliability bins,
                                per-row records: answer, token, p_confident), trainer_state.json +
                                trainer_state.safetensors (optimizer, schedule, random states: no pickle)
-      best_accuracy/           best mean token accuracy so far
+      best_accuracy/           best mean token accuracy so far (adapter, tokenizer, validation.json)
       best_calibration/        lowest mean calibration error so far
       final/                   adapter after the last step, final_metrics.json
       reliability_epoch_N.json per-epoch metrics and reliability-diagram bins
       logs/                    TensorBoard: train/*, val/*
+
+What stays on disk: the last ``save_total_limit`` checkpoints (default 1: what a resume needs)
+whole; older ones keep only their validation.json (kB; the report's learning curves read it).
+``best_*/`` and ``final/`` are hard links to a checkpoint's files (``conftok.checkpoint.link_tree``),
+not copies: a best checkpoint costs no space while it is the last one, and its adapter alone
+(no optimizer state) once it is pruned; ``final/`` shares the last checkpoint's files (a run ends
+with a validation at its last step).
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,14 +42,16 @@ import torch
 from tqdm.auto import tqdm
 
 from conftok import metrics as M
-from conftok.checkpoint import TRAINER_STATE_FILE, TRAINER_STATE_FILES, load_trainer_state, save_trainer_state
+from conftok.checkpoint import (TRAINER_STATE_FILE, TRAINER_STATE_FILES, link_tree, load_trainer_state,
+                                save_trainer_state)
 from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
 from conftok.loss import attach_base_topk, padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
-from conftok.modeling import build_model, enable_gradient_checkpointing, model_device, resolve_backend, save_adapter
+from conftok.modeling import (ADAPTER_WEIGHTS_FILE, build_model, enable_gradient_checkpointing, model_device,
+                              resolve_backend, save_adapter)
 from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.tokens import token_ids
@@ -53,6 +61,7 @@ __all__ = ["train", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets"]
 logger = logging.getLogger(__name__)
 
 OnValidation = Callable[[dict[str, Any], Path], None]
+VALIDATION_FILE = "validation.json"
 
 
 @dataclass
@@ -98,18 +107,6 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, default=float))
     os.replace(tmp, path)
-
-
-def _copy_dir(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Replace ``dst`` with a copy of ``src`` in one rename (never half written)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.rmtree(tmp)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=None, tokenizer=None,
@@ -211,14 +208,16 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         ckpt = _save_checkpoint(out / f"checkpoint-{step}", model, tokenizer, optimizer, scheduler, state, cfg,
                                 domains, {"metrics": metrics, "domains": result["domains"],
                                           "reliability": result["reliability"], "records": result["records"]})
+        saved[step] = ckpt
         for what, name in improved:
-            _copy_dir(ckpt, out / name, skip=TRAINER_STATE_FILES)
+            link_tree(ckpt, out / name, skip=TRAINER_STATE_FILES)  # the adapter only: no optimizer state
             print(f"✓ New best {what}! Saving to {out / name}", flush=True)
         _prune_checkpoints(out, cfg.save_total_limit)
         if on_validation is not None:
             on_validation(metrics, ckpt)
         return {**result, "metrics": metrics}
 
+    saved: dict[int, Path] = {}  # step -> the checkpoint this process wrote then
     model.train()
     last_validated = state["global_step"] if resume_from is not None else -1
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="Training", disable=not cfg.progress)
@@ -308,8 +307,13 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     bar.close()
     writer.close()
 
-    final_dir = save_adapter(model, tokenizer, out / "final", domains=domains, token_init=cfg.token_init,
-                             extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
+    last = saved.get(state["global_step"])
+    if last is not None and (last / ADAPTER_WEIGHTS_FILE).is_file():
+        # The last validation's checkpoint holds these very weights (and the same conftok.json): link, don't copy.
+        final_dir = link_tree(last, out / "final", skip=(*TRAINER_STATE_FILES, VALIDATION_FILE))
+    else:  # resumed from a checkpoint of the last step: nothing was trained or saved here
+        final_dir = save_adapter(model, tokenizer, out / "final", domains=domains, token_init=cfg.token_init,
+                                 extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
     best = {"best_accuracy": state["best_accuracy"], "best_calibration": state["best_calibration"]}
     _write_json(final_dir / "final_metrics.json", {"history": state["history"], **best})
     return TrainResult(out, final_dir, state["global_step"], state["history"], best)
@@ -333,7 +337,7 @@ def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, 
     save_adapter(model, tokenizer, path, domains=domains, token_init=cfg.token_init,
                  extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
     save_trainer_state(path, optimizer=optimizer, scheduler=scheduler, state=state)
-    _write_json(path / "validation.json", validation)
+    _write_json(path / VALIDATION_FILE, validation)
     return path
 
 
@@ -352,8 +356,14 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
 
 
 def _prune_checkpoints(out: Path, keep: int | None) -> None:
+    """Strip every ``checkpoint-N/`` but the last ``keep`` whole ones down to its validation.json.
+
+    Files that ``best_*/`` (or Ray's storage) link to stay on disk under those names."""
     if keep is None:
         return
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    whole = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                    and any(f.name != VALIDATION_FILE for f in p.iterdir())), key=lambda p: int(p.name.split("-")[-1]))
+    for old in whole[:-keep]:
+        for item in old.iterdir():
+            if item.name != VALIDATION_FILE:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()

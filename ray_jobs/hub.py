@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,11 @@ def push_adapter(adapter_dir: str | Path, repo: str, *, metrics: dict[str, Any],
     from huggingface_hub import HfApi
 
     adapter_dir = Path(adapter_dir)
-    (adapter_dir / "README.md").write_text(model_card(adapter_dir, repo, metrics))
+    # A new file renamed over the old: final/'s files are hard links shared with a checkpoint
+    # (conftok.checkpoint.link_tree), and writing into one in place would change both.
+    tmp = adapter_dir / ".README.md.tmp"
+    tmp.write_text(model_card(adapter_dir, repo, metrics))
+    os.replace(tmp, adapter_dir / "README.md")
     api = HfApi()
     api.create_repo(repo, exist_ok=True, private=private)
     api.upload_folder(repo_id=repo, folder_path=str(adapter_dir), commit_message="conftok adapter")

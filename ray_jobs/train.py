@@ -8,7 +8,9 @@
 Every validation is reported with its checkpoint (``ray.train.report``); a worker that dies is
 restarted (``--max_failures``) and resumes from the last reported checkpoint. The seed's output
 tree (checkpoint-N/, best_accuracy/, best_calibration/, final/, logs/) is written under
-``--output_dir``; Ray keeps its copies of the checkpoints under ``--storage_path/NAME``.
+``--output_dir``; Ray keeps the last reported checkpoint under ``--storage_path/NAME``. On a local
+(or mounted) storage path Ray's checkpoint is hard links to the run's own files, not a copy: one
+checkpoint's bytes on disk for both trees. Remote storage (s3://) gets Ray's upload.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,12 @@ from typing import Any
 from conftok.config import TrainConfig
 
 # Fault injection for recovery tests: set both in the driver's environment and the worker exits
-# hard right after reporting the checkpoint of that step, once per marker file.
+# hard once Ray has taken the report of that step's checkpoint, once per marker file.
 FAULT_ENV = "CONFTOK_FAULT_AFTER_STEP"
 FAULT_MARKER_ENV = "CONFTOK_FAULT_MARKER"
+# The controller takes a report from the worker's queue when it polls the workers (every 2 s in
+# Ray 2.60): a worker that exits at once can take its last report, or two, with it.
+FAULT_GRACE_S = 6.0
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -42,11 +48,15 @@ def train_func(config: dict[str, Any]) -> None:
     fault_step = int(config.get("fault", {}).get("after_step", 0))
     fault_marker = Path(config.get("fault", {}).get("marker", "/nonexistent"))
 
+    storage = ray.train.get_context().get_storage()
+    upload = link_into_storage if storage.storage_filesystem.type_name == "local" else None  # None: Ray copies
+
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         ray.train.report(scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-                         checkpoint_dir_name=checkpoint_dir.name)
+                         checkpoint_dir_name=checkpoint_dir.name, checkpoint_upload_fn=upload)
         if fault_step and metrics["step"] >= fault_step and not fault_marker.exists():
             fault_marker.write_text(str(metrics["step"]))
+            time.sleep(FAULT_GRACE_S)
             os._exit(1)  # a dying worker, not a Python exception
 
     checkpoint = ray.train.get_checkpoint()
@@ -54,6 +64,20 @@ def train_func(config: dict[str, Any]) -> None:
         if resume_from:
             print(f"Resuming from Ray checkpoint {resume_from}", flush=True)
         train(cfg, on_validation=report, resume_from=resume_from)
+
+
+def link_into_storage(checkpoint, checkpoint_dir_name: str):
+    """Ray's checkpoint as hard links to the run's checkpoint files (``ray.train.report``'s
+    ``checkpoint_upload_fn``): Ray's copy and the run's tree share the bytes on disk, and each side
+    deletes its own names (Ray: ``num_to_keep``; the run: ``save_total_limit``). Files are copied
+    where the storage is another filesystem."""
+    import ray.train
+
+    from conftok.checkpoint import link_tree
+
+    storage = ray.train.get_context().get_storage()
+    target = link_tree(checkpoint.path, Path(storage.experiment_fs_path) / checkpoint_dir_name)
+    return ray.train.Checkpoint(path=str(target), filesystem=storage.storage_filesystem)
 
 
 def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: float, cpus_per_worker: float,
@@ -77,7 +101,8 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: f
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            # The last checkpoint is all a restarted worker needs; the run's tree keeps best_*/ and final/.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )
 
@@ -87,9 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     from ray_jobs.common import (ResourceError, autoscaling_gpus, check_resources, config_from_args,
                                  default_cpus_per_worker, init_ray)
 
-    cfg = config_from_args(args)
-    if "://" not in cfg.train_data and not Path(cfg.train_data).is_file():
-        print(f"error: --train_data {cfg.train_data}: file not found", file=sys.stderr)
+    from conftok.inputs import InputError
+    from conftok.preflight import check_train_inputs
+
+    try:  # every input checked before Ray starts or anything is written
+        cfg = config_from_args(args)
+        check_train_inputs(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = TrainConfig(**{**cfg.to_dict(), "train_data": str(Path(cfg.train_data).resolve())})
     resources = init_ray(args.address)

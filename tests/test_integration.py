@@ -68,7 +68,8 @@ def trained(tmp_path_factory, train_on_device):
     cfg = TrainConfig(model_name=str(root / "base"), train_data=train_path, output_dir=str(root / "run"),
                       backend="hf", num_epochs=3, batch_size=16, learning_rate=1e-2, warmup_ratio=0.1,
                       lora_r=8, lora_alpha=16, lora_dropout=0.1, eval_steps=15, bf16=False, gradient_checkpointing=False,
-                      calib_beta=4, eval_batch_size=8, max_new_tokens=4, logging_steps=1, progress=False)
+                      calib_beta=4, eval_batch_size=8, max_new_tokens=4, logging_steps=1, progress=False,
+                      save_total_limit=None)  # every checkpoint kept: the tests below resume from checkpoint-20
     seen = []
     result = train(cfg, val_sets=VAL, on_validation=lambda m, d: seen.append((m, d)))
     return {"root": root, "cfg": cfg, "result": result, "seen": seen, "test": test_path, "device": train_on_device}
@@ -184,6 +185,62 @@ class TestIntegration:
         assert len(saved["rng"]["python"][1]) == 625 and len(saved["rng"]["numpy"][1]) == 624
         if trained["device"].type == "cuda":  # one state per device, the model's among them
             assert tensors[f"trainer.rng.cuda.{trained['device'].index}"].dtype == torch.uint8
+
+    def test_retention_keeps_the_last_checkpoint_and_links_the_rest(self, tmp_path, train_on_device):
+        """The default save_total_limit=1 with validations at steps 2, 4 and 6: checkpoint-6 is whole,
+        checkpoint-2 and -4 keep only validation.json; best_*/ and final/ hold the adapter without
+        optimizer state, as hard links to a checkpoint's files (one copy on disk). A run stopped after
+        its validation at step 4 (an epoch's end) resumes from checkpoint-4, its only whole checkpoint,
+        and ends on the uninterrupted run's adapter."""
+        from safetensors.torch import load_file
+
+        class Stop(Exception):
+            pass
+
+        def stop_at(step):
+            def on_validation(metrics, ckpt):
+                if metrics["step"] == step:
+                    raise Stop
+            return on_validation
+
+        tokenizer = make_tokenizer()
+        # 4 steps an epoch: validations at 2 (eval_steps), 4 (the epoch's end) and 6 (max_steps).
+        cfg = TrainConfig(model_name="in-process", train_data=write_jsonl(tmp_path / "t.jsonl", feature_rows(16)),
+                          output_dir=str(tmp_path / "run"), backend="hf", batch_size=4, max_steps=6, eval_steps=2,
+                          learning_rate=1e-2, lora_r=4, lora_alpha=8, bf16=False, gradient_checkpointing=False,
+                          calib_beta=4, eval_batch_size=8, max_new_tokens=4, progress=False)
+        assert cfg.save_total_limit == 1
+        full = train(cfg, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL)
+        run = tmp_path / "run"
+        whole = {"adapter_model.safetensors", "validation.json", *TRAINER_STATE_FILES}
+        assert whole <= {p.name for p in (run / "checkpoint-6").iterdir()}
+        for step in (2, 4):
+            assert [p.name for p in (run / f"checkpoint-{step}").iterdir()] == ["validation.json"]
+        inodes = {}
+        for name in ("best_accuracy", "best_calibration", "final"):
+            files = {p.name for p in (run / name).iterdir()}
+            assert "adapter_model.safetensors" in files and not files & set(TRAINER_STATE_FILES), (name, files)
+            inodes[name] = (run / name / "adapter_model.safetensors").stat().st_ino
+        assert inodes["final"] == (run / "checkpoint-6" / "adapter_model.safetensors").stat().st_ino
+        best_steps = {json.loads((run / name / "validation.json").read_text())["metrics"]["step"]
+                      for name in ("best_accuracy", "best_calibration")}
+        assert len(set(inodes.values())) == len(best_steps | {6})  # one file per distinct step, however named
+        assert (run / "final" / "final_metrics.json").is_file() and not (run / "checkpoint-6" / "final_metrics.json").exists()
+
+        tokenizer = make_tokenizer()
+        stopped = TrainConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "stopped")})
+        with pytest.raises(Stop):
+            train(stopped, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL,
+                  on_validation=stop_at(4))
+        assert [p.name for p in (tmp_path / "stopped" / "checkpoint-2").iterdir()] == ["validation.json"]
+        tokenizer = make_tokenizer()
+        resumed = train(stopped, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL,
+                        resume_from=tmp_path / "stopped" / "checkpoint-4")
+        assert resumed.global_step == 6
+        assert [p.name for p in (tmp_path / "stopped" / "checkpoint-4").iterdir()] == ["validation.json"]
+        a = load_file(str(full.final_dir / "adapter_model.safetensors"))
+        b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
     def test_nan_loss_stops_with_the_step(self, tmp_path, train_on_device):
         tokenizer = make_tokenizer()

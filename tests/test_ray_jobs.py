@@ -18,7 +18,7 @@ from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
 
 pytest.importorskip("ray")
 
-from conftok.checkpoint import TRAINER_STATE_FILE  # noqa: E402
+from conftok.checkpoint import TRAINER_STATE_FILE, TRAINER_TENSORS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VAL_BOOLQ = [{"id": f"b{i}", "question": f"is code {w} red", "passage": "The barn is red.", "answer": i % 3 != 0}
@@ -48,6 +48,15 @@ def train_values(assets, **over):
             "logging_steps": 1, "progress": False, "lora_r": 4, "lora_alpha": 8, **over}
 
 
+def scalar_steps(events_file, tag):
+    """Steps of one TensorBoard scalar in one event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(events_file), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
@@ -74,11 +83,22 @@ class TestRayTrain:
         result = trainer.fit()
         assert result.error is None
         assert marker.read_text() == "4"  # the worker did die after reporting step 4
-        steps = [m["step"] for _, m in result.best_checkpoints]
-        assert steps == [2, 4, 6, 8], steps  # resumed after 4: nothing repeated from step 0
+        # Resumed after 4, nothing repeated: the restarted worker's TensorBoard file starts at step 5.
+        second = max((tmp_path / "run" / "logs").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+        assert min(scalar_steps(second, "train/loss")) == 5
         assert result.metrics["step"] == 8 and 0 <= result.metrics["val/accuracy"] <= 1
-        assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+        assert [m["step"] for _, m in result.best_checkpoints] == [8]  # Ray keeps the last checkpoint only
         assert (Path(result.checkpoint.path) / TRAINER_STATE_FILE).is_file()
+        # One copy on disk: Ray's checkpoint, the run's checkpoint-8 and final/ are links to the same files.
+        run, ray_run = tmp_path / "run", tmp_path / "ray" / "fault"
+        assert sorted(p.name for p in ray_run.glob("checkpoint-*")) == ["checkpoint-8"]
+        for name in ("adapter_model.safetensors", TRAINER_STATE_FILE, TRAINER_TENSORS_FILE):
+            assert os.path.samefile(ray_run / "checkpoint-8" / name, run / "checkpoint-8" / name), name
+        assert os.path.samefile(run / "final" / "adapter_model.safetensors", run / "checkpoint-8" / "adapter_model.safetensors")
+        for step in (2, 4, 6):
+            assert [p.name for p in (run / f"checkpoint-{step}").iterdir()] == ["validation.json"]
+        assert (run / "best_accuracy" / "adapter_model.safetensors").is_file()
+        assert not (run / "best_accuracy" / TRAINER_STATE_FILE).exists()
 
     def test_more_gpus_than_the_cluster_fails_at_once(self, local_ray):
         from ray_jobs.common import ResourceError, check_resources

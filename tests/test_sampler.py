@@ -151,7 +151,8 @@ def test_train_resumed_mid_epoch_sees_the_same_batches(tmp_path, capsys):
                       output_dir=str(tmp_path / "full"), backend="hf", num_epochs=2, batch_size=4,
                       gradient_accumulation_steps=2, learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                       eval_steps=4, bf16=False, gradient_checkpointing=False, calib_beta=2, eval_batch_size=4,
-                      max_new_tokens=2, logging_steps=1, progress=False, seed=7)
+                      max_new_tokens=2, logging_steps=1, progress=False, seed=7,
+                      save_total_limit=None)  # checkpoint-8 kept whole to resume from
     full = train(cfg, val_sets=VAL)
     assert "Length-grouped batches:" in capsys.readouterr().out
     resumed = train(TrainConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "resumed")}), val_sets=VAL,
