@@ -1,13 +1,13 @@
 """Tagged training data: ``{"question", "tagged_response", "dataset"}`` JSON lines.
 
 Every row is checked when the file is read; all bad rows are reported together, each as
-``FILE:LINE: field 'NAME': problem``. Labels are ``IGNORE_INDEX`` everywhere except the
+``FILE:LINE: field 'NAME': problem; what is allowed``. The file is UTF-8 without BOM; blank lines
+are skipped (they count in the line numbers); extra fields are allowed. Labels are ``IGNORE_INDEX`` everywhere except the
 confidence token, which is always the last position of an example.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from conftok.domains import TOKEN_PATTERN, DomainSet, resolve_domains
-from conftok.prompts import encode_example
+from conftok.inputs import MAX_REPORTED_PROBLEMS, InputError, line_problems, problems_message, read_json_lines
+from conftok.prompts import encode_answer, encode_example, encode_prompt
 from conftok.tokens import token_ids
 
 __all__ = ["IGNORE_INDEX", "DataError", "TaggedRow", "read_tagged_rows", "ConfidenceDataset",
@@ -26,10 +27,10 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("question", "tagged_response", "dataset")
-MAX_REPORTED_PROBLEMS = 20
+ROW_SHAPE = "each row is a JSON object with non-empty strings 'question', 'tagged_response' and 'dataset'"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file has bad rows; the message lists each as FILE:LINE: problem."""
 
 
@@ -48,11 +49,12 @@ def split_tagged_response(response: str, domains: DomainSet, dataset: str) -> tu
     domain = domains.for_dataset(dataset)
     found = TOKEN_PATTERN.findall(response)
     known = [t for t in found if domains.for_token(t) is not None]
+    expected = " or ".join(domain.tokens)
     if not known:
         extra = f" (found unknown token(s) {found})" if found else ""
-        raise ValueError(f"no confidence token; expected {' or '.join(domain.tokens)} at the end{extra}")
+        raise ValueError(f"no confidence token; expected {expected} at the end{extra}")
     if len(found) > 1:
-        raise ValueError(f"{len(found)} confidence tokens {found}; expected exactly one, at the end")
+        raise ValueError(f"{len(found)} confidence tokens {found}; expected exactly one, {expected}, at the end")
     token = found[0]
     if token not in domain.tokens:
         other = domains.for_token(token)
@@ -60,53 +62,42 @@ def split_tagged_response(response: str, domains: DomainSet, dataset: str) -> tu
                          f"is in domain {domain.name!r} ({' / '.join(domain.tokens)})")
     answer, _, after = response.rpartition(token)
     if after.strip():
-        raise ValueError(f"text after the confidence token: {after.strip()[:40]!r}")
+        raise ValueError(f"text after the confidence token: {after.strip()[:40]!r}; the token must end the response")
     answer = answer.strip()
     if not answer:
-        raise ValueError("no answer before the confidence token")
+        raise ValueError(f"no answer before the confidence token; expected 'ANSWER {token}'")
     return answer, token
 
 
 def read_tagged_rows(path: str | Path, domains: DomainSet | None = None) -> list[TaggedRow]:
-    """Read and check every row of a tagged JSONL file; raise :class:`DataError` listing bad rows."""
+    """Read and check every row of a tagged JSONL file; raise :class:`DataError` listing bad rows
+    (:class:`~conftok.inputs.InputFileMissing`, a FileNotFoundError, when there is no file)."""
     domains = resolve_domains(domains)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tagged data file not found: {path}")
-    rows, problems = [], []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(_parse_line(line, line_no, domains))
-            except ValueError as e:
-                problems.append(f"{path}:{line_no}: {e}")
+    values, problems = read_json_lines(path, "tagged JSON lines file")
+    rows = []
+    for line_no, obj in values:
+        try:
+            rows.append(_parse_row(obj, line_no, domains))
+        except ValueError as e:
+            problems.append((line_no, str(e)))
     if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = len(problems) - len(shown)
-        raise DataError(f"{len(problems)} bad row(s) in {path}:\n  " + "\n  ".join(shown)
-                        + (f"\n  ... and {more} more" if more else ""))
+        raise DataError(problems_message(path, line_problems(path, problems), "bad row(s)"))
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows (the file is empty or blank); {ROW_SHAPE}, one per line")
     return rows
 
 
-def _parse_line(line: str, line_no: int, domains: DomainSet) -> TaggedRow:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+def _parse_row(obj, line_no: int, domains: DomainSet) -> TaggedRow:
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}; {ROW_SHAPE}")
     for name in REQUIRED_FIELDS:
         value = obj.get(name)
         if value is None:
-            raise ValueError(f"field {name!r}: missing")
+            raise ValueError(f"field {name!r}: missing; {ROW_SHAPE}")
         if not isinstance(value, str):
-            raise ValueError(f"field {name!r}: expected a string, got {type(value).__name__}")
+            raise ValueError(f"field {name!r}: expected a string, got {type(value).__name__} {value!r}")
         if not value.strip():
-            raise ValueError(f"field {name!r}: empty")
+            raise ValueError(f"field {name!r}: empty; expected a non-empty string")
     dataset = obj["dataset"]
     try:
         domain = domains.for_dataset(dataset)
@@ -159,8 +150,17 @@ class ConfidenceDataset(torch.utils.data.Dataset):
             self.kept_rows.append(row)
         self.skipped = len(skipped)
         if not self.examples:
-            raise DataError(f"{self.path}: all {len(self.rows)} rows are longer than max_seq_length="
-                            f"{max_seq_length} even with the question cut; raise max_seq_length")
+            # What each row needs at the least: its answer and token after the prompt of an empty question.
+            empty_prompt = len(encode_prompt(tokenizer, ""))
+            needs = [(line, empty_prompt + len(encode_answer(tokenizer, row.answer)) + 1)
+                     for line, row in zip(skipped, self.rows)]
+            problems = line_problems(self.path, [
+                (line, f"field 'tagged_response': the answer and its token need {need} tokens with an empty "
+                       f"question, more than max_seq_length={max_seq_length}") for line, need in needs])
+            raise DataError(f"{self.path}: all {len(self.rows)} rows are longer than max_seq_length={max_seq_length} "
+                            f"even with the question cut; allowed: max_seq_length >= "
+                            f"{min(need for _, need in needs)} (the shortest row's need):\n  "
+                            + "\n  ".join(problems[:MAX_REPORTED_PROBLEMS]))
         if skipped:
             logger.warning("%s: skipped %d of %d rows that do not fit max_seq_length=%d (lines %s%s)",
                            self.path, len(skipped), len(self.rows), max_seq_length,
