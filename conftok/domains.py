@@ -23,13 +23,19 @@ Task kinds (``TASKS``):
 
 ``fields`` maps these names to another layout's column names, e.g.
 ``{"question": "query", "answer": "label"}``.
+
+Problems are reported all at once, with their place: ``domains.yaml:12: domains[2].confident_token:
+token <C_READ> is used by domains 'read' and 'law'; ...`` (:func:`load_domains_file`).
+``python -m conftok.domains FILE [--model_name M]`` checks a domain file, and with a model also that
+no token is already an entry of its tokenizer's vocabulary.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +49,13 @@ from conftok.answers import (
     parse_option_letter,
     parse_yes_no,
 )
+from conftok.inputs import InputError, KeyPath, format_key, format_problems, line_of, load_yaml, problems_message
 
 __all__ = [
     "DEFAULT_DOMAINS",
     "TASKS",
     "Domain",
+    "DomainError",
     "DomainSet",
     "resolve_domains",
     "load_domains_file",
@@ -55,6 +63,13 @@ __all__ = [
 
 # A confidence token looks like <C_NAME> or <U_NAME>; used to spot tokens the registry lacks.
 TOKEN_PATTERN = re.compile(r"<[CU]_[A-Za-z0-9_]+>")
+# The yes/no labels a raw row may hold besides true/false (the strings "true"/"false" are refused:
+# a boolean written as a string is a sign of a broken export, and bool("false") is True).
+YES_NO_STRINGS = ("yes", "no")
+
+
+class DomainError(InputError):
+    """A domain, a domain file or a domain set is invalid; the message lists every problem."""
 
 
 def _yes_no_question(row: Mapping[str, Any]) -> str:
@@ -147,23 +162,11 @@ class Domain:
     fields: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        problems = _domain_problems({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if problems:
+            raise DomainError(f"domain {self.name!r}: " + "; ".join(f"{key} {p}" if key else p for key, p in problems))
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "fields", dict(self.fields))
-        problems = []
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name or ""):
-            problems.append(f"name must be lower-case letters, digits or '_', got {self.name!r}")
-        if not self.datasets or not all(isinstance(d, str) and d for d in self.datasets):
-            problems.append(f"datasets must be a non-empty list of names, got {list(self.datasets)!r}")
-        for attr in ("confident_token", "unconfident_token"):
-            token = getattr(self, attr)
-            if not isinstance(token, str) or not re.fullmatch(r"<[^<>\s]+>", token):
-                problems.append(f"{attr} must look like <NAME> with no spaces, got {token!r}")
-        if self.confident_token == self.unconfident_token:
-            problems.append(f"confident and unconfident tokens must differ, both are {self.confident_token!r}")
-        if self.task not in TASKS:
-            problems.append(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
-        if problems:
-            raise ValueError(f"domain {self.name!r}: " + "; ".join(problems))
 
     @property
     def tokens(self) -> tuple[str, str]:
@@ -196,10 +199,149 @@ class Domain:
     def gold_answer(self, row: Mapping[str, Any]) -> str:
         return TASKS[self.task].gold_answer(self._canonical(row, ("answer",)))
 
+    def row_problems(self, row: Any) -> list[str]:
+        """What is wrong with one raw row for this domain's task (empty when nothing): each
+        ``field 'NAME': problem; what is allowed``, the field named by its column in the source.
+
+        A row holds ``question`` (a non-empty string) and by task: ``yes_no`` an ``answer`` that is
+        true/false, 1/0 or "yes"/"no" (a ``passage`` string is optional); ``multiple_choice``
+        ``options`` {letter: text} and an ``answer`` among the letters; ``number`` an integer ``answer``.
+        """
+        required = TASKS[self.task].required_fields
+        shape = f"a {self.task} row holds {', '.join(repr(self.fields.get(f, f)) for f in required)}"
+        if not isinstance(row, Mapping):
+            return [f"expected a JSON object, got {type(row).__name__}; {shape}"]
+        values = self._canonical(row)
+
+        def field_name(name: str) -> str:
+            column = self.fields.get(name, name)
+            return f"field {column!r}" + (f" ({name})" if column != name else "")
+
+        problems = [f"{field_name(name)}: missing; {shape}" for name in required if values.get(name) is None]
+        question = values.get("question")
+        if question is not None and not (isinstance(question, str) and question.strip()):
+            problems.append(f"{field_name('question')}: expected a non-empty string, got "
+                            f"{type(question).__name__} {question!r}")
+        passage = values.get("passage")
+        if self.task == "yes_no" and passage is not None and not isinstance(passage, str):
+            problems.append(f"{field_name('passage')}: expected a string, got {type(passage).__name__} {passage!r}")
+        options = values.get("options")
+        options_ok = True
+        if self.task == "multiple_choice" and options is not None:
+            options_ok = (isinstance(options, Mapping) and bool(options)
+                          and all(isinstance(k, str) and re.fullmatch(r"[A-Z]", k) for k in options)
+                          and all(isinstance(v, str) and v.strip() for v in options.values()))
+            if not options_ok:
+                problems.append(f"{field_name('options')}: expected an object of option letters to texts, "
+                                f'{{"A": "...", "B": "..."}} (upper-case letters, non-empty texts), got {options!r}')
+        answer = values.get("answer")
+        if answer is not None and options_ok:
+            problem = _answer_problem(self.task, answer, options)
+            if problem:
+                problems.append(f"{field_name('answer')}: {problem}")
+        return problems
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["datasets"] = list(self.datasets)
         return out
+
+
+def _answer_problem(task: str, answer: Any, options: Mapping[str, str] | None) -> str | None:
+    """Why a raw row's gold answer is not one the task allows (None when it is)."""
+    if task == "yes_no":
+        if isinstance(answer, bool) or (type(answer) is int and answer in (0, 1)):
+            return None
+        if isinstance(answer, str) and answer.strip().lower() in YES_NO_STRINGS:
+            return None
+        if isinstance(answer, str) and answer.strip().lower() in ("true", "false"):
+            return (f"{answer!r} is a boolean written as a string; write true or false without quotes "
+                    "(allowed: true, false, 1, 0, \"yes\", \"no\")")
+        return f"expected true, false, 1, 0, \"yes\" or \"no\", got {type(answer).__name__} {answer!r}"
+    if task == "multiple_choice":
+        if options is None:
+            return None  # the missing options are reported on their own
+        try:
+            normalize_option_label(answer, options)
+        except ValueError:
+            return f"{answer!r} is not among the options; allowed: one of the letters {', '.join(options)}"
+        return None
+    try:
+        TASKS[task].gold_answer({"answer": answer})
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _domain_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(key, problem)`` for each problem of one domain's values (a mapping of Domain's fields)."""
+    fields = dataclasses.fields(Domain)
+    allowed = [f.name for f in fields]
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    problems = [(key, f"unknown key; allowed: {allowed}") for key in values if key not in allowed]
+    missing = [key for key in required if key not in values]
+    if missing:
+        problems.append(("", f"missing key(s) {missing}; a domain needs {required}"))
+    name = values.get("name")
+    if "name" in values and not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)):
+        problems.append(("name", f"must be lower-case letters, digits or '_', starting with a letter, got {name!r}"))
+    datasets = values.get("datasets")
+    if "datasets" in values and not (isinstance(datasets, (list, tuple)) and datasets
+                                     and all(isinstance(d, str) and d for d in datasets)):
+        problems.append(("datasets", f"must be a non-empty list of data set names, got {datasets!r}"))
+    for key in ("confident_token", "unconfident_token"):
+        token = values.get(key)
+        if key in values and not (isinstance(token, str) and re.fullmatch(r"<[^<>\s]+>", token)):
+            problems.append((key, f"must look like <NAME> with no spaces, got {token!r}"))
+    if "confident_token" in values and values.get("confident_token") == values.get("unconfident_token"):
+        problems.append(("unconfident_token", f"must differ from confident_token, both are "
+                                              f"{values['confident_token']!r}"))
+    if "task" in values and values["task"] not in TASKS:
+        problems.append(("task", f"must be one of {sorted(TASKS)}, got {values['task']!r}"))
+    if values.get("validation") is not None and not (isinstance(values["validation"], str) and values["validation"]):
+        problems.append(("validation", f"must be a file or Hub data set name, got {values['validation']!r}"))
+    if "split" in values and not (isinstance(values["split"], str) and values["split"]):
+        problems.append(("split", f"must be a split name such as 'validation', got {values['split']!r}"))
+    fields_map = values.get("fields", {})
+    if not (isinstance(fields_map, Mapping) and all(isinstance(k, str) and isinstance(v, str) and v
+                                                    for k, v in fields_map.items())):
+        problems.append(("fields", f"must map canonical names to column names ({{question: query}}), got {fields_map!r}"))
+    return problems
+
+
+def _set_problems(domains: Sequence[Domain]) -> list[tuple[int, str, str]]:
+    """``(index, key, problem)`` for names, data sets and tokens that more than one domain claims."""
+    problems = []
+    if not domains:
+        problems.append((0, "", "no domains given; expected at least one"))
+    seen: dict[tuple[str, Any], Domain] = {}
+    for i, d in enumerate(domains):
+        claims = [("name", d.name)] + [("datasets", ds) for ds in d.datasets] + [
+            ("confident_token", d.confident_token), ("unconfident_token", d.unconfident_token)]
+        for key, value in claims:
+            what = {"name": "domain name", "datasets": "data set"}.get(key, "token")  # C and U tokens: one kind
+            other = seen.setdefault((what, value), d)
+            if other is d and key == "datasets" and d.datasets.count(value) > 1:
+                problems.append((i, key, f"data set {value!r} is listed twice"))
+            elif other is not d:
+                problems.append((i, key, f"{what} {value} is used by domains {other.name!r} and {d.name!r}; "
+                                         f"each {what} belongs to one domain"))
+    return problems
+
+
+def vocabulary_clash(tokenizer, token: str, owner: str = "the tokenizer") -> str | None:
+    """Why ``token`` cannot be a confidence token of ``tokenizer`` (None when it can): it is
+    already an entry of the vocabulary that is not a confidence token added earlier (those are
+    special tokens that absorb the space before them, ``conftok.tokens.add_confidence_tokens``).
+    Training would otherwise supervise the id of an existing token such as ``<|im_end|>``."""
+    vocab = tokenizer.get_vocab()
+    if token not in vocab:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(vocab[token])
+    if added is not None and added.special and added.lstrip:
+        return None
+    return (f"token {token} is already an entry of the vocabulary of {owner} (id {vocab[token]}); a confidence "
+            "token must be new to it: pick another name, such as <C_MYDOMAIN>")
 
 
 DEFAULT_DOMAINS: tuple[Domain, ...] = (
@@ -211,28 +353,38 @@ DEFAULT_DOMAINS: tuple[Domain, ...] = (
 class DomainSet:
     """An ordered, checked collection of domains with lookups by name, data set and token."""
 
-    def __init__(self, domains: Iterable[Domain]):
+    def __init__(self, domains: Iterable[Domain], source: "tuple[Path, dict[KeyPath, int], KeyPath] | None" = None):
         self.domains: tuple[Domain, ...] = tuple(domains)
-        problems = []
-        if not self.domains:
-            problems.append("no domains given")
-        self._by_name: dict[str, Domain] = {}
-        self._by_dataset: dict[str, Domain] = {}
-        self._by_token: dict[str, Domain] = {}
-        for d in self.domains:
-            if d.name in self._by_name:
-                problems.append(f"domain name {d.name!r} used twice")
-            self._by_name[d.name] = d
-            for ds in d.datasets:
-                if ds in self._by_dataset:
-                    problems.append(f"data set {ds!r} is in domains {self._by_dataset[ds].name!r} and {d.name!r}")
-                self._by_dataset[ds] = d
-            for t in d.tokens:
-                if t in self._by_token:
-                    problems.append(f"token {t} is used by domains {self._by_token[t].name!r} and {d.name!r}")
-                self._by_token[t] = d
+        # Where the domains were read from, for messages: (file, lines of its keys, key path of the list).
+        self.source = source
+        problems = _set_problems(self.domains)
         if problems:
-            raise ValueError("invalid domains: " + "; ".join(problems))
+            raise DomainError("invalid domains: " + "; ".join(f"{self.where(i, key)}: {p}" for i, key, p in problems))
+        self._by_name = {d.name: d for d in self.domains}
+        self._by_dataset = {ds: d for d in self.domains for ds in d.datasets}
+        self._by_token = {t: d for d in self.domains for t in d.tokens}
+
+    def where(self, index: int, key: str = "") -> str:
+        """``FILE:LINE: domains[1].confident_token`` where the domains came from a file, else ``domain #1.key``."""
+        if self.source is None:
+            return f"domain #{index}" + (f".{key}" if key else "")
+        path, lines, prefix = self.source
+        keys = (*prefix, index, key) if key else (*prefix, index)
+        line = line_of(lines, keys)
+        return f"{path}{f':{line}' if line else ''}: {format_key(keys)}"
+
+    def check_vocabulary(self, tokenizer, model_name: str = "the model") -> None:
+        """Raise :class:`DomainError` naming every token that is already an entry of ``tokenizer``'s
+        vocabulary (:func:`vocabulary_clash`), with its place in the domain file."""
+        problems = []
+        for i, d in enumerate(self.domains):
+            for key in ("confident_token", "unconfident_token"):
+                clash = vocabulary_clash(tokenizer, getattr(d, key), f"the tokenizer of {model_name}")
+                if clash:
+                    problems.append(f"{self.where(i, key)}: {clash}")
+        if problems:
+            raise DomainError(f"{len(problems)} confidence token(s) clash with the vocabulary of {model_name}:\n  "
+                              + "\n  ".join(problems))
 
     def __iter__(self):
         return iter(self.domains)
@@ -276,40 +428,74 @@ def resolve_domains(spec: "DomainSet | Sequence[Domain | Mapping[str, Any]] | st
         return spec
     if isinstance(spec, (str, Path)):
         return load_domains_file(spec)
-    domains = []
-    for i, item in enumerate(spec):
-        if isinstance(item, Domain):
-            domains.append(item)
-            continue
-        if not isinstance(item, Mapping):
-            raise TypeError(f"domain #{i} must be a Domain or a mapping, got {type(item).__name__}")
-        allowed = {f.name for f in dataclasses.fields(Domain)}
-        unknown = sorted(set(item) - allowed)
-        if unknown:
-            raise ValueError(f"domain #{i}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-        try:
-            domains.append(Domain(**item))
-        except TypeError as e:  # missing required keys
-            raise ValueError(f"domain #{i}: {e}") from None
+    domains, problems = _build_domains(spec)
+    if problems:
+        raise DomainError("invalid domains: " + "; ".join(
+            f"domain #{i}" + (f".{key}" if key else "") + f": {p}" for i, key, p in problems))
     return DomainSet(domains)
 
 
-def load_domains_file(path: str | Path) -> DomainSet:
-    """Read domains from a JSON or YAML file holding a list of domain mappings
-    (or ``{"domains": [...]}``)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+def _build_domains(items: Sequence[Any]) -> tuple[list[Domain], list[tuple[int, str, str]]]:
+    """Domains from Domain objects or mappings, and ``(index, key, problem)`` for every bad item."""
+    domains, problems = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, Domain):
+            domains.append(item)
+        elif not isinstance(item, Mapping):
+            problems.append((i, "", f"expected a mapping of domain fields, got {type(item).__name__} {item!r}"))
+        elif item_problems := _domain_problems(item):
+            problems += [(i, key, p) for key, p in item_problems]
+        else:
+            domains.append(Domain(**item))
+    return domains, problems
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+
+def load_domains_file(path: str | Path) -> DomainSet:
+    """Read domains from a JSON or YAML file holding a list of domain mappings (or ``{"domains":
+    [...]}``); raise :class:`DomainError` listing every problem at its line."""
+    path = Path(path)
+    data, lines = load_yaml(path, "domain file")
+    prefix: KeyPath = ()
     if isinstance(data, Mapping):
-        data = data.get("domains")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of domains (or a 'domains' key holding one)")
+        unknown = [(key,) for key in data if key != "domains"]
+        if unknown:
+            raise DomainError(problems_message(path, format_problems(
+                path, [(key, "unknown key; a domain file is a list of domains, or a mapping with the one key "
+                             "'domains' holding that list") for key in unknown], lines)))
+        data, prefix = data.get("domains"), ("domains",)
+    if not isinstance(data, list) or not data:
+        raise DomainError(f"{path}: expected a non-empty list of domains (or a 'domains' key holding one), "
+                          f"got {type(data).__name__}")
+    domains, problems = _build_domains(data)
+    if not problems:
+        problems = _set_problems(domains)
+    if problems:
+        raise DomainError(problems_message(path, format_problems(
+            path, [((*prefix, i, key) if key else (*prefix, i), p) for i, key, p in problems], lines)))
+    return DomainSet(domains, source=(path, lines, prefix))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m conftok.domains FILE [--model_name M]``: check a domain file (and its tokens against
+    a model's tokenizer); print its domains, or every problem and exit 2."""
+    parser = argparse.ArgumentParser(description="Check a domain file: every domain's fields, unique names, data "
+                                                 "sets and tokens, and with --model_name tokens new to its tokenizer.")
+    parser.add_argument("file", help="domain file (YAML or JSON)")
+    parser.add_argument("--model_name", default=None, help="check the tokens against this model's tokenizer")
+    args = parser.parse_args(argv)
     try:
-        return resolve_domains(data)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        domains = load_domains_file(args.file)
+        if args.model_name:
+            from transformers import AutoTokenizer
+
+            domains.check_vocabulary(AutoTokenizer.from_pretrained(args.model_name), args.model_name)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for d in domains:
+        print(f"{d.name}: {' / '.join(d.tokens)} for {', '.join(d.datasets)} ({d.task})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

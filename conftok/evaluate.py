@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 
 from conftok import metrics as M
 from conftok.calibration import auroc, brier_score, calibration_error, reliability_bins
+from conftok.data import DataError
 from conftok.domains import Domain, resolve_domains
+from conftok.inputs import line_problems, problems_message, read_json_lines, read_text, require_file
 from conftok.loss import confidence_logits, p_confident
 from conftok.prompts import encode_prompt
 from conftok.tokens import end_of_turn_token_id
@@ -46,37 +48,48 @@ class Generation:
     p_answer: float | None = None  # the model's probability of its answer's first token
 
 
-def load_rows(source: str | Path, split: str = "validation", limit: int | None = None) -> list[dict[str, Any]]:
+def load_rows(source: str | Path, split: str = "validation", limit: int | None = None,
+              domain: Domain | None = None) -> list[dict[str, Any]]:
     """Raw rows from a local ``.jsonl``/``.json``/``.parquet`` file, or a Hub data set name
-    through ``datasets.load_dataset(source, split=split)``."""
+    through ``datasets.load_dataset(source, split=split)``.
+
+    With ``domain``, every row is checked against that domain's task first
+    (:meth:`Domain.row_problems`). Problems raise :class:`~conftok.data.DataError` listing each as
+    ``FILE:LINE: field 'answer': problem`` (``SOURCE: row N: ...`` where rows have no line: JSON
+    arrays, parquet, the Hub). Local files are UTF-8 without BOM; blank lines are skipped.
+    """
     path = Path(source)
+    numbered: list[tuple[int, Any]]  # (line, or row number from 1, raw row)
+    problems: list[tuple[int, str]] = []
+    has_lines = False
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"validation file not found: {path}")
+        what = "validation rows file"
         if path.suffix == ".parquet":
             import datasets
 
-            rows = list(datasets.Dataset.from_parquet(str(path)))
+            numbered = list(enumerate(datasets.Dataset.from_parquet(str(require_file(path, what))), start=1))
+        elif path.suffix == ".json" and read_text(path, what).lstrip().startswith("["):
+            try:
+                numbered = list(enumerate(json.loads(read_text(path, what)), start=1))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         else:
-            rows = []
-            with path.open(encoding="utf-8") as f:
-                text = f.read()
-            if path.suffix == ".json" and text.lstrip().startswith("["):
-                rows = json.loads(text)
-            else:
-                for line_no, line in enumerate(text.splitlines(), start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+            numbered, problems = read_json_lines(path, what)
+            has_lines = True
     else:
         import datasets
 
-        rows = list(datasets.load_dataset(str(source), split=split))
-    if not rows:
-        raise ValueError(f"{source}: no rows")
+        numbered = list(enumerate(datasets.load_dataset(str(source), split=split), start=1))
+    if domain is not None:
+        problems += [(n, p) for n, row in numbered for p in domain.row_problems(row)]
+    if problems:
+        listed = (line_problems(source, problems) if has_lines
+                  else [f"{source}: row {n}: {p}" for n, p in sorted(problems, key=lambda p: p[0])])
+        raise DataError(problems_message(source, listed, "bad row(s)"))
+    if not numbered:
+        raise DataError(f"{source}: no rows (empty or blank); expected one JSON object per line"
+                        + (f", each a {domain.task} row of domain {domain.name!r}" if domain else ""))
+    rows = [row for _, row in numbered]
     return rows[:limit] if limit else rows
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AddedToken
 
-from conftok.domains import resolve_domains
+from conftok.domains import DomainError, resolve_domains, vocabulary_clash
 
 __all__ = ["END_OF_TURN_TOKENS", "add_confidence_tokens", "end_of_turn_token_id", "init_token_rows", "token_ids"]
 
@@ -48,7 +48,8 @@ def add_confidence_tokens(tokenizer, model, tokens: Sequence[str] | None = None,
     past its tokenizer, and new ids land there). Rows of newly added tokens are set, input and
     output alike, from the end-of-turn token's rows (``init="end_of_turn"``: C and U start equal,
     so p_confident starts at 0.5, and the token starts where the model would stop) or from the
-    mean of all rows (``init="mean"``). Calling it again adds and changes nothing.
+    mean of all rows (``init="mean"``). Calling it again adds and changes nothing. A token that is
+    already another entry of the vocabulary (``<|im_end|>``) raises :class:`~conftok.domains.DomainError`.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -68,6 +69,9 @@ def add_confidence_tokens(tokenizer, model, tokens: Sequence[str] | None = None,
         raise TypeError(f"tokens must be a list of token strings, got the string {tokens!r}")
     if not tokens:
         raise ValueError("no confidence tokens given")
+    clashes = [clash for t in dict.fromkeys(tokens) if (clash := vocabulary_clash(tokenizer, t))]
+    if clashes:
+        raise DomainError("; ".join(clashes))
     vocab = tokenizer.get_vocab()
     new = [t for t in dict.fromkeys(tokens) if t not in vocab]
     if new:
