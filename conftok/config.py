@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conftok.calibration import CALIBRATION_P_NORMS
+from conftok.inputs import InputError
 from conftok.loss import ANSWER_CE_ROWS
 from conftok.modeling import BACKENDS, DEFAULT_TARGET_MODULES, QUANTIZATIONS
 
@@ -17,7 +18,7 @@ __all__ = ["TrainConfig", "ConfigError"]
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """One or more config fields are invalid; the message lists each."""
 
 
@@ -129,12 +130,15 @@ class TrainConfig:
                 p.append(f"{name} must be a positive integer or None, got {value!r}")
         for name in ("learning_rate", "lora_alpha", "max_grad_norm"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 p.append(f"{name} must be a positive number, got {value!r}")
         for name in ("warmup_ratio", "lora_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
                 p.append(f"{name} must be in [0, 1), got {value!r}")
+        for f in dataclasses.fields(self):  # "false" in a YAML file or a dict is a string, and bool("false") is True
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                p.append(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             p.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         for name in ("score_lambda", "placement_weight", "kl_weight", "answer_ce_weight", "stored_kl_weight"):

@@ -17,12 +17,15 @@ A file::
     resources: {gpus_per_trial: 1, cpus_per_trial: 8, max_failures: 3}
     demo: {n_train: 64, n_val: 24}    # optional: build the embedded demo data and model first
 
-Every problem in a file is reported at once, with its key path.
+Every problem in a file is reported at once, each with its line and key path and what is allowed::
+
+    space.yaml:9: search.learning_rate.loguniform: empty range [0.001, 1e-05]: low > high; allowed: low < high
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,21 @@ from typing import Any
 import yaml
 
 from conftok.config import ConfigError, TrainConfig
+from conftok.inputs import InputError, format_problems, load_yaml, problems_message
 
 SEARCHABLE = {"lora_r": int, "lora_alpha": float, "learning_rate": float, "lora_dropout": float,
               "weight_decay": float, "warmup_ratio": float, "num_epochs": int, "batch_size": int}
 ALPHA_PER_RANK = "lora_alpha_per_rank"  # the sampled name of a lora_alpha searched as multiple_of_rank
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "multiple_of_rank")
+INT_DISTRIBUTIONS = ("choice", "randint")  # an integer field sampled from uniform would get floats
+FLOAT_DISTRIBUTIONS = ("choice", "uniform", "loguniform")
+# What TrainConfig allows for each searchable field: every choice and both ends of a range are checked.
+ALLOWED_VALUES = {
+    "lora_r": ("integers >= 1", lambda v: v >= 1), "num_epochs": ("integers >= 1", lambda v: v >= 1),
+    "batch_size": ("integers >= 1", lambda v: v >= 1), "lora_alpha": ("numbers > 0", lambda v: v > 0),
+    "learning_rate": ("numbers > 0", lambda v: v > 0), "weight_decay": ("numbers >= 0", lambda v: v >= 0),
+    "lora_dropout": ("numbers in [0, 1)", lambda v: 0 <= v < 1), "warmup_ratio": ("numbers in [0, 1)", lambda v: 0 <= v < 1),
+}
 TOP_KEYS = {"name", "train", "search", "objective", "scheduler", "num_trials", "seed", "resources", "demo",
             "description"}
 OBJECTIVE_KEYS = {"type", "lambda"}
@@ -44,7 +57,7 @@ DEMO_KEYS = {"n_train", "n_val", "seed"}
 EMBEDDED_MODEL = "embedded:smollm2"
 
 
-class SpaceError(ValueError):
+class SpaceError(InputError):
     """A search-space file has problems; the message lists each with its key path."""
 
 
@@ -96,114 +109,167 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check_search(search: Any, problems: list[str]) -> None:
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number_hint(value: Any) -> str:
+    """A hint for numbers YAML 1.1 reads as strings: ``1e-4`` (no dot) is the string '1e-4'."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return f" (YAML reads {value} as a string: write it with a dot and a signed exponent, such as 1.0e-4)"
+    return ""
+
+
+Problems = list[tuple[tuple[Any, ...], str]]  # (key path, problem)
+
+
+def _check_search(search: Any, p: Problems) -> None:
     if not isinstance(search, dict) or not search:
-        problems.append("search: must be a non-empty mapping of parameter -> {distribution: arguments}")
+        p.append((("search",), "must be a non-empty mapping of parameter -> {distribution: arguments}, "
+                               f"e.g. {{lora_r: {{choice: [8, 16]}}}}; got {search!r}"))
         return
     for key, spec in search.items():
-        where = f"search.{key}"
+        where = ("search", key)
         if key not in SEARCHABLE:
-            problems.append(f"{where}: unknown parameter; searchable: {sorted(SEARCHABLE)}")
+            p.append((where, f"unknown parameter; searchable: {sorted(SEARCHABLE)}"))
             continue
         if not isinstance(spec, dict) or len(spec) != 1:
-            problems.append(f"{where}: must be one {{distribution: arguments}} pair, got {spec!r}")
+            p.append((where, f"must be one {{distribution: arguments}} pair, got {spec!r}; distributions: "
+                             f"{list(DISTRIBUTIONS)}"))
             continue
         (kind, arg), = spec.items()
+        where = (*where, kind)
         if kind not in DISTRIBUTIONS:
-            problems.append(f"{where}: unknown distribution {kind!r}; allowed: {list(DISTRIBUTIONS)}")
+            p.append((where, f"unknown distribution {kind!r}; allowed: {list(DISTRIBUTIONS)}"))
             continue
+        allowed, is_allowed = ALLOWED_VALUES[key]
+        kinds = INT_DISTRIBUTIONS if SEARCHABLE[key] is int else FLOAT_DISTRIBUTIONS
         if kind == "multiple_of_rank" and key != "lora_alpha":
-            problems.append(f"{where}: multiple_of_rank is only for lora_alpha")
+            p.append((where, f"multiple_of_rank is only for lora_alpha; {key} takes {list(kinds)}"))
+            continue
+        if kind not in kinds and kind != "multiple_of_rank":
+            p.append((where, f"{key} takes integers: use one of {list(kinds)}, not {kind}"))
+            continue
         if kind in ("choice", "multiple_of_rank"):
             if not isinstance(arg, list) or not arg:
-                problems.append(f"{where}.{kind}: must be a non-empty list, got {arg!r}")
-            elif not all(_is_number(v) and v > 0 for v in arg):
-                problems.append(f"{where}.{kind}: every value must be a positive number, got {arg!r}")
-            elif SEARCHABLE[key] is int and kind == "choice" and not all(isinstance(v, int) for v in arg):
-                problems.append(f"{where}.{kind}: {key} takes integers, got {arg!r}")
+                p.append((where, f"must be a non-empty list of values, got {arg!r}{_number_hint(arg)}"))
+            elif kind == "multiple_of_rank" and not all(_is_number(v) and v > 0 for v in arg):
+                p.append((where, f"every multiple must be a positive number, got {arg!r}"))
+            elif kind == "choice" and not all((_is_int(v) if SEARCHABLE[key] is int else _is_number(v))
+                                              and is_allowed(v) for v in arg):
+                bad = next(v for v in arg if not ((_is_int(v) if SEARCHABLE[key] is int else _is_number(v))
+                                                  and is_allowed(v)))
+                p.append((where, f"{key} takes {allowed}, got {bad!r} in {arg!r}{_number_hint(bad)}"))
             continue
         if not (isinstance(arg, list) and len(arg) == 2 and all(_is_number(v) for v in arg)):
-            problems.append(f"{where}.{kind}: must be [low, high] numbers, got {arg!r}")
+            p.append((where, f"must be [low, high] numbers, got {arg!r}"
+                             f"{_number_hint(next((v for v in arg if isinstance(v, str)), None)) if isinstance(arg, list) else ''}"))
             continue
         low, high = arg
-        if not low < high:
-            problems.append(f"{where}.{kind}: empty range [{low}, {high}] (need low < high)")
+        if low > high:
+            p.append((where, f"empty range [{low}, {high}]: low > high; allowed: low < high"))
+        elif low == high:
+            p.append((where, f"empty range [{low}, {high}]: low = high; allowed: low < high (for one value use "
+                             f"choice: [{low}])"))
         if kind == "loguniform" and low <= 0:
-            problems.append(f"{where}.{kind}: loguniform needs low > 0, got {low}")
-        if kind == "randint" and not all(isinstance(v, int) for v in arg):
-            problems.append(f"{where}.{kind}: randint needs integers, got {arg!r}")
+            p.append((where, f"loguniform needs low > 0, got {low}"))
+        if kind == "randint" and not all(_is_int(v) for v in arg):
+            p.append((where, f"randint needs integer bounds, got {arg!r}"))
+        for bound in (low, high):
+            if not is_allowed(bound):
+                p.append((where, f"{key} takes {allowed}, but the range holds {bound!r}"))
+                break
 
 
-def _check_keys(where: str, value: Any, allowed: set[str], problems: list[str]) -> dict:
+def _check_keys(where: str, value: Any, allowed: set[str], p: Problems) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        problems.append(f"{where}: must be a mapping, got {type(value).__name__}")
+        p.append(((where,), f"must be a mapping with keys among {sorted(allowed)}, got {type(value).__name__}"))
         return {}
-    for key in sorted(set(value) - allowed):
-        problems.append(f"{where}.{key}: unknown key; allowed: {sorted(allowed)}")
+    for key in sorted(set(value) - allowed, key=str):
+        p.append(((where, key), f"unknown key; allowed: {sorted(allowed)}"))
     return value
 
 
+def _config_problems(train: dict[str, Any]) -> Problems:
+    """TrainConfig's own checks of the fixed fields (defaults for the searched ones), each at its key:
+    every line of a :class:`ConfigError` starts with the field's name."""
+    try:
+        TrainConfig(**train)
+    except ConfigError as e:
+        out = []
+        for line in str(e).splitlines()[1:]:
+            line = line.strip()
+            name = re.match(r"\w+", line).group(0) if re.match(r"\w+", line) else ""
+            out.append((("train", name) if name in train else ("train",),
+                        line + _number_hint(train.get(name))))
+        return out
+    return []
+
+
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and check a search-space file; raise :class:`SpaceError` listing every problem."""
+    """Read and check a search-space file; raise :class:`SpaceError` listing every problem as
+    ``FILE:LINE: key.path: problem; what is allowed``."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpaceError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: invalid YAML: {e}") from None
+        data, lines = load_yaml(path, "search-space file")
+    except InputError as e:
+        raise SpaceError(str(e)) from None
     if not isinstance(data, dict):
-        raise SpaceError(f"{path}: expected a mapping at the top level")
-    p: list[str] = []
-    for key in sorted(set(data) - TOP_KEYS):
-        p.append(f"{key}: unknown key; allowed: {sorted(TOP_KEYS)}")
+        raise SpaceError(f"{path}: expected a mapping at the top level (name, train, search, ...), "
+                         f"got {type(data).__name__}")
+    p: Problems = []
+    for key in sorted(set(data) - TOP_KEYS, key=str):
+        p.append(((key,), f"unknown key; allowed: {sorted(TOP_KEYS)}"))
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name or "/" in name:
-        p.append(f"name: must be a non-empty string without '/', got {name!r}")
+        p.append((("name",), f"must be a non-empty string without '/', got {name!r}"))
     train = _check_keys("train", data.get("train"), {f.name for f in dataclasses.fields(TrainConfig)}, p)
     search = data.get("search")
     _check_search(search, p)
     if isinstance(search, dict):
         for key in sorted(set(search) & set(train)):
-            p.append(f"search.{key}: also fixed in train.{key}; keep one")
+            p.append((("search", key), f"also fixed in train.{key}; keep one"))
     objective = _check_keys("objective", data.get("objective", {"type": "score"}), OBJECTIVE_KEYS, p)
     obj_type = objective.get("type", "score")
     if obj_type not in ("score", "pareto"):
-        p.append(f"objective.type: must be 'score' or 'pareto', got {obj_type!r}")
+        p.append((("objective", "type"), f"must be 'score' or 'pareto', got {obj_type!r}"))
     lam = objective.get("lambda", 1.0)
     if not _is_number(lam) or lam < 0:
-        p.append(f"objective.lambda: must be a number >= 0, got {lam!r}")
+        p.append((("objective", "lambda"), f"must be a number >= 0, got {lam!r}"))
     scheduler = _check_keys("scheduler", data.get("scheduler", {"type": "asha"}), SCHEDULER_KEYS, p)
     if scheduler.get("type", "asha") not in ("asha", "none"):
-        p.append(f"scheduler.type: must be 'asha' or 'none', got {scheduler.get('type')!r}")
+        p.append((("scheduler", "type"), f"must be 'asha' or 'none', got {scheduler.get('type')!r}"))
     for key in ("grace_period", "reduction_factor", "max_t"):
-        if key in scheduler and not (isinstance(scheduler[key], int) and scheduler[key] >= 1):
-            p.append(f"scheduler.{key}: must be an integer >= 1, got {scheduler[key]!r}")
+        if key in scheduler and not (_is_int(scheduler[key]) and scheduler[key] >= 1):
+            p.append((("scheduler", key), f"must be an integer >= 1, got {scheduler[key]!r}"))
     if obj_type == "pareto" and scheduler.get("type", "asha") == "asha":
-        p.append("scheduler.type: ASHA needs one scalar objective; use {type: none} with objective pareto")
-    for key, default in (("num_trials", 8), ("seed", 0)):
-        value = data.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "num_trials" else 0):
-            p.append(f"{key}: must be an integer >= {1 if key == 'num_trials' else 0}, got {value!r}")
+        p.append((("scheduler", "type"), "ASHA needs one scalar objective; use {type: none} with objective pareto"))
+    for key, least in (("num_trials", 1), ("seed", 0)):
+        value = data.get(key, least)
+        if not _is_int(value) or value < least:
+            p.append(((key,), f"must be an integer >= {least}, got {value!r}"))
     resources = _check_keys("resources", data.get("resources"), RESOURCE_KEYS, p)
     gpus = resources.get("gpus_per_trial", 1.0)
     if not (gpus == "auto" or (_is_number(gpus) and gpus >= 0)):
-        p.append(f"resources.gpus_per_trial: must be a number >= 0 or 'auto', got {gpus!r}")
-    for key in ("cpus_per_trial",):
-        if key in resources and not (_is_number(resources[key]) and resources[key] > 0):
-            p.append(f"resources.{key}: must be a number > 0, got {resources[key]!r}")
+        p.append((("resources", "gpus_per_trial"), f"must be a number >= 0 or 'auto', got {gpus!r}"))
+    if "cpus_per_trial" in resources and not (_is_number(resources["cpus_per_trial"]) and resources["cpus_per_trial"] > 0):
+        p.append((("resources", "cpus_per_trial"), f"must be a number > 0, got {resources['cpus_per_trial']!r}"))
+    if "max_failures" in resources and not (_is_int(resources["max_failures"]) and resources["max_failures"] >= 0):
+        p.append((("resources", "max_failures"), f"must be an integer >= 0, got {resources['max_failures']!r}"))
     demo = _check_keys("demo", data.get("demo"), DEMO_KEYS, p) if "demo" in data else None
-    if not p and train:
-        try:  # the fixed fields with defaults for the searched ones must make a valid config
-            TrainConfig(**{k: v for k, v in train.items()})
-        except ConfigError as e:
-            p += [f"train: {line.strip()}" for line in str(e).splitlines()[1:]]
-        except TypeError as e:
-            p.append(f"train: {e}")
+    for key, value in (demo or {}).items():
+        if not _is_int(value) or value < (0 if key == "seed" else 1):
+            p.append((("demo", key), f"must be an integer >= {0 if key == 'seed' else 1}, got {value!r}"))
+    if not p and train:  # the fixed fields with defaults for the searched ones must make a valid config
+        p += _config_problems(train)
     if p:
-        raise SpaceError(f"{path}: {len(p)} problem(s):\n  " + "\n  ".join(p))
+        raise SpaceError(problems_message(path, format_problems(path, p, lines)))
     return SearchSpace(
         name=name, train=dict(train), search=dict(search), objective=obj_type, score_lambda=float(lam),
         scheduler={"type": "asha", **scheduler}, num_trials=data.get("num_trials", 8), seed=data.get("seed", 0),
