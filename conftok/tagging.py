@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,16 @@ def tag_to_file(model, tokenizer, rows_by_dataset, out, **kwargs) -> tuple[Path,
     return write_tagged(tagged, summary, out), summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """``python -m conftok.tagging --model_name M --data boolq=train.jsonl medqa=train.jsonl --out tagged/m/m_all_tagged.jsonl``"""
     import argparse
 
     import torch
 
     from conftok.evaluate import load_rows
+    from conftok.inputs import InputError, positive_int
     from conftok.modeling import load_tokenizer
+    from conftok.preflight import check_validation_sources, parse_sources
 
     parser = argparse.ArgumentParser(description="Tag raw rows with a base model's own answers (<C_X> right, <U_X> wrong).")
     parser.add_argument("--model_name", required=True, help="Hub id or local directory")
@@ -128,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="raw rows per data set: local .jsonl/.parquet or a Hub name (split --split)")
     parser.add_argument("--out", required=True, help="tagged JSONL to write (a .summary.json goes beside it)")
     parser.add_argument("--split", default="train", help="split for Hub sources")
-    parser.add_argument("--limit", type=int, default=None, help="rows per data set")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--limit", type=positive_int, default=None, help="rows per data set")
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=16)
     parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
     parser.add_argument("--trust_remote_code", action="store_true",
@@ -138,23 +141,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    sources = {}
-    for item in args.data:
-        name, sep, source = item.partition("=")
-        if not sep:
-            parser.error(f"--data takes DATASET=SOURCE, got {item!r}")
-        sources[name] = load_rows(source, split=args.split, limit=args.limit)
+    try:  # every row and the tokens checked before the model is loaded or --out written
+        domains = resolve_domains(args.domains)
+        data = parse_sources(args.data)
+        rows = check_validation_sources(data, domains, "--data", args.split, args.limit)  # the local files'
+        rows.update({name: load_rows(source, split=args.split, limit=args.limit, domain=domains.for_dataset(name))
+                     for name, source in data.items() if name not in rows})  # Hub sources
+        sources = {name: rows[name] for name in data}
+        if Path(args.out).is_dir():
+            raise InputError(f"--out {args.out}: is a directory; expected the path of the tagged .jsonl file")
+        tokenizer = load_tokenizer(args.model_name, trust_remote_code=args.trust_remote_code)
+        domains.check_vocabulary(tokenizer, args.model_name)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(args.model_name, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name, dtype=torch.bfloat16 if args.bf16 else torch.float32, use_safetensors=True,
         trust_remote_code=args.trust_remote_code).to(device).eval()
-    path, summary = tag_to_file(model, tokenizer, sources, args.out, domains=args.domains, batch_size=args.batch_size,
+    path, summary = tag_to_file(model, tokenizer, sources, args.out, domains=domains, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens)
     for name, d in summary["domains"].items():
         print(f"{name}: {d['tagged']} tagged, accuracy {100 * d['accuracy']:.1f}% ({d['unparsed']} unparsed)")
     print(f"Wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

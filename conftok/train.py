@@ -86,8 +86,9 @@ def load_validation_sets(cfg: TrainConfig, domains) -> dict[str, list[dict]]:
         sources = {d.datasets[0]: d.validation for d in domains if d.validation}
     out = {}
     for dataset, source in sources.items():
-        domains.for_dataset(dataset)  # unknown names fail here, before any training
-        out[dataset] = load_rows(source, split=cfg.val_split, limit=cfg.val_max_samples)
+        # unknown names and bad rows (conftok.domains.Domain.row_problems) fail here, before any training
+        out[dataset] = load_rows(source, split=cfg.val_split, limit=cfg.val_max_samples,
+                                 domain=domains.for_dataset(dataset))
     if not out:
         raise ValueError("no validation sources: set val_sources or give the domains a 'validation' source")
     return out
@@ -124,8 +125,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         val_sets: raw validation rows per data set, instead of ``cfg.val_sources``.
     """
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.output_dir)  # made once the inputs are read: a bad input leaves nothing behind
     domains = resolve_domains(cfg.domains)
     # 'auto' checkpointing is decided once the rows are read (the longest sets the batch's shape): the hf
     # backend can turn it on after wrapping; unsloth sets it when it wraps, so it decides from max_seq_length.
@@ -176,6 +176,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
 
     from torch.utils.tensorboard import SummaryWriter
 
+    out.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out / "logs"), purge_step=state["global_step"] or None)
     print(f"Training on {len(dataset)} examples ({dataset.skipped} skipped as too long); {total_steps} optimizer "
           f"steps; token counts {dataset.token_counts()}; device {device}", flush=True)

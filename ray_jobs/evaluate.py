@@ -140,23 +140,37 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from conftok.evaluate import load_rows
+    from conftok.inputs import InputError
     from conftok.modeling import load_adapter
+    from conftok.preflight import adapter_domains, check_validation_sources, parse_sources
 
-    rows = {}
-    for item in args.data:
-        name, sep, source = item.partition("=")
-        if not sep:
-            print(f"error: --data takes DATASET=SOURCE, got {item!r}", file=sys.stderr)
-            return 2
-        rows[name] = load_rows(source, split=args.split, limit=args.limit)
+    out = Path(args.out or Path(args.adapter).resolve().parent / "evaluation")
+    try:  # the rows are checked against the adapter's domains before its model is loaded
+        sources = parse_sources(args.data)
+        local_domains = adapter_domains(args.adapter)  # None for a Hub adapter
+        rows = {} if local_domains is None else check_validation_sources(sources, local_domains, "--data",
+                                                                          args.split, args.limit)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out}: is a file; expected a folder for evaluation.json and the curves")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, domains = load_adapter(args.adapter, base_model=args.base_model, device=device, bf16=args.bf16,
                                              trust_remote_code=args.trust_remote_code)
+    try:  # Hub sources, and every source of a Hub adapter, whose domains are known only now
+        if local_domains is None:
+            rows = check_validation_sources(sources, domains, "--data", args.split, args.limit)
+        rows.update({name: load_rows(source, split=args.split, limit=args.limit, domain=domains.for_dataset(name))
+                     for name, source in sources.items() if name not in rows})
+        rows = {name: rows[name] for name in sources}  # in --data's order
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.bf16 and device == "cpu":
         model.to(torch.bfloat16)
     result = run_evaluation(model, tokenizer, domains, rows, beta=args.calib_beta, p=args.calib_p_norm,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    out = Path(args.out or Path(args.adapter).resolve().parent / "evaluation")
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot_curves(result, out)
     summary = {"adapter": str(args.adapter), "data": args.data, "calib_beta": args.calib_beta,
@@ -170,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from conftok.inputs import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="adapter directory (or Hub repo) from training")
@@ -177,11 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="raw rows per data set: .jsonl/.parquet or a Hub name (split --split)")
     parser.add_argument("--base_model", default=None, help="base model (default: the adapter's base)")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--limit", type=int, default=None, help="rows per data set")
-    parser.add_argument("--calib_beta", type=int, default=100)
+    parser.add_argument("--limit", type=positive_int, default=None, help="rows per data set")
+    parser.add_argument("--calib_beta", type=positive_int, default=100)
     parser.add_argument("--calib_p_norm", default="2", choices=["1", "2", "infty"])
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=16)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=None, help="output folder (default: ADAPTER/../evaluation)")
     parser.add_argument("--trust_remote_code", action="store_true",

@@ -134,7 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, default_cpus_per_worker, init_ray
 
-    space = load_space(args.space)
+    from conftok.inputs import InputError
+
+    try:  # the space and the inputs its trials share, checked before Ray starts or anything is written
+        space = load_space(args.space)
+        if space.demo is None and space.train.get("model_name") != EMBEDDED_MODEL:
+            from conftok.preflight import check_train_inputs
+
+            check_train_inputs(TrainConfig(**space.train))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.num_trials:
         space.num_trials = args.num_trials
     name = args.name or space.name
