@@ -147,27 +147,27 @@ def _check_search(search: Any, p: Problems) -> None:
             p.append((where, f"unknown distribution {kind!r}; allowed: {list(DISTRIBUTIONS)}"))
             continue
         allowed, is_allowed = ALLOWED_VALUES[key]
-        kinds = INT_DISTRIBUTIONS if SEARCHABLE[key] is int else FLOAT_DISTRIBUTIONS
+        integer = SEARCHABLE[key] is int
+        kinds = INT_DISTRIBUTIONS if integer else FLOAT_DISTRIBUTIONS
         if kind == "multiple_of_rank" and key != "lora_alpha":
             p.append((where, f"multiple_of_rank is only for lora_alpha; {key} takes {list(kinds)}"))
             continue
         if kind not in kinds and kind != "multiple_of_rank":
-            p.append((where, f"{key} takes integers: use one of {list(kinds)}, not {kind}"))
+            p.append((where, f"{key} takes {allowed}: use one of {list(kinds)}, not {kind}"))
             continue
         if kind in ("choice", "multiple_of_rank"):
+            fits = (lambda v: _is_number(v) and v > 0) if kind == "multiple_of_rank" else (
+                lambda v: (_is_int(v) if integer else _is_number(v)) and is_allowed(v))
+            bad = [v for v in arg if not fits(v)] if isinstance(arg, list) else []
             if not isinstance(arg, list) or not arg:
-                p.append((where, f"must be a non-empty list of values, got {arg!r}{_number_hint(arg)}"))
-            elif kind == "multiple_of_rank" and not all(_is_number(v) and v > 0 for v in arg):
-                p.append((where, f"every multiple must be a positive number, got {arg!r}"))
-            elif kind == "choice" and not all((_is_int(v) if SEARCHABLE[key] is int else _is_number(v))
-                                              and is_allowed(v) for v in arg):
-                bad = next(v for v in arg if not ((_is_int(v) if SEARCHABLE[key] is int else _is_number(v))
-                                                  and is_allowed(v)))
-                p.append((where, f"{key} takes {allowed}, got {bad!r} in {arg!r}{_number_hint(bad)}"))
+                p.append((where, f"must be a non-empty list of values, got {arg!r}"))
+            elif bad:
+                what = "positive numbers (multiples of lora_r)" if kind == "multiple_of_rank" else allowed
+                p.append((where, f"{key} takes {what}, got {bad[0]!r} in {arg!r}{_number_hint(bad[0])}"))
             continue
         if not (isinstance(arg, list) and len(arg) == 2 and all(_is_number(v) for v in arg)):
-            p.append((where, f"must be [low, high] numbers, got {arg!r}"
-                             f"{_number_hint(next((v for v in arg if isinstance(v, str)), None)) if isinstance(arg, list) else ''}"))
+            text = next((v for v in arg if isinstance(v, str)), None) if isinstance(arg, list) else None
+            p.append((where, f"must be [low, high] numbers, got {arg!r}{_number_hint(text)}"))
             continue
         low, high = arg
         if low > high:
