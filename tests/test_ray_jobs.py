@@ -94,7 +94,8 @@ class TestRayTrain:
         assert sorted(p.name for p in ray_run.glob("checkpoint-*")) == ["checkpoint-8"]
         for name in ("adapter_model.safetensors", TRAINER_STATE_FILE, TRAINER_TENSORS_FILE):
             assert os.path.samefile(ray_run / "checkpoint-8" / name, run / "checkpoint-8" / name), name
-        assert os.path.samefile(run / "final" / "adapter_model.safetensors", run / "checkpoint-8" / "adapter_model.safetensors")
+        adapter = "adapter_model.safetensors"
+        assert os.path.samefile(run / "final" / adapter, run / "checkpoint-8" / adapter)
         for step in (2, 4, 6):
             assert [p.name for p in (run / f"checkpoint-{step}").iterdir()] == ["validation.json"]
         assert (run / "best_accuracy" / "adapter_model.safetensors").is_file()
@@ -189,3 +190,85 @@ class TestRayTune:
         assert (exp / "results.csv").read_text().count("\n") == 3
         study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'study.db'}")
         assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+# A Hub token shaped like a real one, set in the jobs' environment (where huggingface_hub reads it).
+FAKE_HF_TOKEN = "hf_fakeLeakCheck7Qz9Xw2Vb4Nm6Lk8Jh0Gf3Ds5Ap1"
+
+
+def files_holding(secret: str, *roots) -> tuple[list[str], int]:
+    """(files whose bytes hold ``secret`` as UTF-8 or UTF-16, number of files read): every regular
+    file under ``roots`` (pickles, SQLite, TensorBoard events, logs), symlinks not followed."""
+    needles = (secret.encode(), secret.encode("utf-16-le"))
+    hits, read = [], 0
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path) or not os.path.isfile(path):  # sockets, links
+                    continue
+                with open(path, "rb") as f:
+                    data = f.read()
+                read += 1
+                if any(n in data for n in needles):
+                    hits.append(path)
+    return hits, read
+
+
+def job_env(ray_tmp: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_TOKEN")}
+    return {**env, "HF_TOKEN": FAKE_HF_TOKEN, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp}
+
+
+class TestNoLeaks:
+    """The Hub token in the environment reaches no file a job writes (its output, Ray's storage and
+    session logs), no printed line and no runtime_env. The search's half is in test_tune_resume.py,
+    which runs its interrupted and resumed search with the token set."""
+
+    def test_the_scan_finds_the_token(self, tmp_path):
+        (tmp_path / "a" / "b").mkdir(parents=True)
+        (tmp_path / "a" / "b" / "events.bin").write_bytes(b"\x00\x08" + FAKE_HF_TOKEN.encode() + b"\xff")
+        (tmp_path / "a" / "wide.txt").write_bytes(FAKE_HF_TOKEN.encode("utf-16-le"))
+        (tmp_path / "a" / "clean.json").write_text('{"hf_repo": null}')
+        (tmp_path / "link").symlink_to(tmp_path / "a" / "wide.txt")
+        hits, read = files_holding(FAKE_HF_TOKEN, tmp_path)
+        assert sorted(Path(h).name for h in hits) == ["events.bin", "wide.txt"] and read == 3
+
+    def test_init_ray_passes_no_secret_in_runtime_env(self, monkeypatch):
+        import ray
+
+        from ray_jobs.common import init_ray
+
+        seen = {}
+        monkeypatch.setenv("HF_TOKEN", FAKE_HF_TOKEN)
+        monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", FAKE_HF_TOKEN)
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+        init_ray()
+        env_vars = seen["runtime_env"]["env_vars"]
+        assert set(env_vars) == {"RAY_TRAIN_ENABLE_PRINT_PATCH", "HF_HUB_OFFLINE"}
+        assert FAKE_HF_TOKEN not in repr(seen)
+
+    def test_train_job_leaks_no_token(self, assets, tmp_path):
+        """``python -m ray_jobs.train`` with HF_TOKEN set: its run tree, Ray's storage, Ray's session
+        directory (driver and worker logs) and its output never hold the token."""
+        ray_tmp = tempfile.mkdtemp(prefix="/tmp/ctl")  # Ray's socket paths must stay short
+        run = tmp_path / "train" / "run"
+        cmd = [sys.executable, "-m", "ray_jobs.train", "--model_name", assets["model"], "--train_data", assets["train"],
+               "--output_dir", str(run), "--val_sources", *(f"{k}={v}" for k, v in assets["val"].items()),
+               "--backend", "hf", "--max_steps", "2", "--eval_steps", "1", "--batch_size", "16", "--no-bf16",
+               "--gradient_checkpointing", "false", "--calib_beta", "4", "--eval_batch_size", "8",
+               "--max_new_tokens", "4", "--logging_steps", "1", "--no-progress", "--lora_r", "4", "--lora_alpha", "8",
+               "--num_gpus", "0"]
+        try:
+            out = subprocess.run(cmd, cwd=ROOT, env=job_env(ray_tmp), capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+            hits, read = files_holding(FAKE_HF_TOKEN, tmp_path, ray_tmp)
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert not hits, hits
+        assert FAKE_HF_TOKEN not in out.stdout + out.stderr
+        written = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+        assert {"final/conftok.json", "checkpoint-2/trainer_state.json"} <= written  # what was scanned
+        assert any(p.startswith("logs/events.out.tfevents") for p in written) and read > 50

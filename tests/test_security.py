@@ -67,10 +67,10 @@ def pickle_loads_in(path: Path) -> list[str]:
     for call in _calls(tree):
         name = _dotted(call.func)
         where = f"{path.name}:{call.lineno}: {name or 'call'}"
-        if name.endswith("torch.load") or name == "load" and isinstance(call.func, ast.Name):
-            if not _is_true(_keyword(call, "weights_only")):
-                found.append(f"{where} without weights_only=True")
-        if name.split(".")[-1] == "load" and name.split(".")[0] in ("np", "numpy") and _is_true(_keyword(call, "allow_pickle")):
+        torch_load = name.endswith("torch.load") or name == "load"  # `load` alone: `from torch import load`
+        if torch_load and not _is_true(_keyword(call, "weights_only")):
+            found.append(f"{where} without weights_only=True")
+        if name in ("np.load", "numpy.load") and _is_true(_keyword(call, "allow_pickle")):
             found.append(f"{where}(allow_pickle=True)")
         if name.split(".")[-1] == "read_pickle":
             found.append(where)
@@ -163,7 +163,8 @@ class TestLoadPaths:
         marker, data = payload
         (adapter_dir / "adapter_model.safetensors").unlink()
         (adapter_dir / "adapter_model.bin").write_bytes(data)
-        with pytest.raises(FileNotFoundError, match=r"no adapter_model\.safetensors \(found \['adapter_model\.bin'\]\)"):
+        refused = r"no adapter_model\.safetensors \(found \['adapter_model\.bin'\]\)"
+        with pytest.raises(FileNotFoundError, match=refused):
             load_adapter(adapter_dir, device="cpu")
         assert not marker.exists()
 

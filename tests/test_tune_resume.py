@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,18 +10,21 @@ import tempfile
 import time
 
 import pytest
-from test_ray_jobs import ROOT, assets, write_space  # noqa: F401  (module fixture)
+from test_ray_jobs import (FAKE_HF_TOKEN, ROOT, assets, files_holding, job_env,  # noqa: F401  (module fixture)
+                           write_space)
 
 pytest.importorskip("ray")
 
 
 class TestTuneResume:
     def test_interrupted_search_resumes(self, assets, tmp_path):
-        """Kill a 3-trial search after its first trial finishes; --resume keeps it and runs the rest."""
+        """Kill a 3-trial search after its first trial finishes; --resume keeps it and runs the rest. The
+        Hub token in its environment reaches no file of the experiment or of Ray's session and no output."""
         space = write_space(tmp_path / "resume.yaml", assets, trials=3, max_steps=2, eval_steps=1)
         exp = tmp_path / "exp" / "resume"
         cmd = [sys.executable, "-m", "ray_jobs.tune", "--space", str(space), "--storage_path", str(tmp_path / "exp")]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": tempfile.mkdtemp(prefix="/tmp/ctr")}
+        ray_tmp = tempfile.mkdtemp(prefix="/tmp/ctr")  # Ray's socket paths must stay short
+        env = job_env(ray_tmp)  # HF_TOKEN set
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         deadline = time.time() + 300
@@ -54,3 +58,13 @@ class TestTuneResume:
 
         study = optuna.load_study(study_name="resume", storage=f"sqlite:///{exp / 'study.db'}")
         assert sum(t.state.name == "COMPLETE" for t in study.trials) >= 3
+
+        # No leak: results, report, study.db, config dumps, TensorBoard events, Ray's experiment state,
+        # params.json (the Tune parameter space), tuner.pkl, checkpoints, driver and worker logs.
+        hits, read = files_holding(FAKE_HF_TOKEN, tmp_path, ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert not hits, hits
+        assert FAKE_HF_TOKEN not in interrupted_output + out.stdout + out.stderr
+        names = {p.name for p in exp.rglob("*") if p.is_file()}
+        assert {"results.json", "report.html", "study.db", "params.json", "tuner.pkl", "conftok.json"} <= names
+        assert any(n.startswith("events.out.tfevents") for n in names) and read > 100
