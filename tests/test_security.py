@@ -218,7 +218,7 @@ class TestLoadPaths:
         cfg = TrainConfig(model_name="in-process", train_data=write_jsonl(tmp_path / "t.jsonl", feature_rows(16)),
                           output_dir=str(tmp_path / "run"), backend="hf", batch_size=4, max_steps=3, eval_steps=2,
                           bf16=False, gradient_checkpointing=False, calib_beta=2, eval_batch_size=4, max_new_tokens=2,
-                          progress=False, lora_r=4, lora_alpha=8)
+                          progress=False, lora_r=4, lora_alpha=8, save_total_limit=None)  # checkpoint-2 kept whole
         seen = []
         train(cfg, model=make_model(len(tokenizer)), tokenizer=tokenizer, val_sets=VAL,
               on_validation=lambda m, d: seen.append(m["step"]) if m["step"] < 2 else None)
@@ -308,7 +308,7 @@ class TestTrustRemoteCode:
             raise Loaded(trust_remote_code)
 
         # `conftok.evaluate` the attribute is the function; the modules come from importlib.
-        monkeypatch.setattr(importlib.import_module("conftok.evaluate"), "load_rows", lambda source, split, limit: [])
+        monkeypatch.setattr(importlib.import_module("conftok.evaluate"), "load_rows", lambda *args, **kwargs: [])
         monkeypatch.setattr(importlib.import_module("conftok.modeling"), "load_tokenizer", load_tokenizer)
         with pytest.raises(Loaded) as loaded:
             tagging.main(["--model_name", "m", "--data", "boolq=v.jsonl", "--out", "o", *flag])
