@@ -488,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_name:
             from transformers import AutoTokenizer
 
-            domains.check_vocabulary(AutoTokenizer.from_pretrained(args.model_name), args.model_name)
+            # Only the tokenizer's files are read: no repo code runs for a vocabulary check.
+            tokenizer = AutoTokenizer.from_pretrained(args.model_name, trust_remote_code=False)
+            domains.check_vocabulary(tokenizer, args.model_name)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
