@@ -18,7 +18,6 @@ from pathlib import Path
 from conftok.config import TrainConfig
 from conftok.data import ConfidenceDataset, read_tagged_rows
 from conftok.domains import DomainSet, resolve_domains
-from conftok.evaluate import load_rows
 from conftok.inputs import InputError, read_text
 
 __all__ = ["adapter_domains", "check_train_inputs", "check_validation_sources", "is_local_source", "parse_sources"]
@@ -53,6 +52,8 @@ def check_validation_sources(sources: dict[str, str], domains: DomainSet, flag: 
     """Check that every data set name is a known domain's and that every local source holds that
     domain's task's rows (:meth:`~conftok.domains.Domain.row_problems`); raise :class:`InputError`
     otherwise. Returns the rows read: those of the local sources."""
+    from conftok.evaluate import load_rows  # looked up at each call: tests stub it in conftok.evaluate
+
     unknown = [name for name in sources if name not in domains.dataset_names]
     if unknown:
         raise InputError(f"{flag}: unknown dataset(s) {unknown}; known: {sorted(domains.dataset_names)} "
