@@ -117,8 +117,9 @@ class ConfidenceDataset(torch.utils.data.Dataset):
     one length): chat prompt + answer + confidence token, labels ``IGNORE_INDEX`` everywhere but
     the last position (the token), ``answer_mask`` 1 on the answer's tokens (for the loss's
     placement and KL terms, which look at the positions that predict them). Questions are cut from
-    the start to fit ``max_seq_length``; rows that do not fit even then are skipped with one
-    warning; if none fit, :class:`DataError`.
+    the start to fit ``max_seq_length``; a row that does not fit even then (its answer and token
+    alone are too long) is a :class:`DataError` naming each such line and the length it needs: a
+    silently smaller training set is worse than a clear stop.
 
     Args:
         path: tagged JSONL file.
@@ -148,23 +149,18 @@ class ConfidenceDataset(torch.utils.data.Dataset):
             self.truncated += truncated
             self.examples.append((prompt_ids + answer_ids, ids[row.token], len(answer_ids)))
             self.kept_rows.append(row)
-        self.skipped = len(skipped)
-        if not self.examples:
+        if skipped:
             # What each row needs at the least: its answer and token after the prompt of an empty question.
             empty_prompt = len(encode_prompt(tokenizer, ""))
-            needs = [(line, empty_prompt + len(encode_answer(tokenizer, row.answer)) + 1)
-                     for line, row in zip(skipped, self.rows)]
+            by_line = {row.line: row for row in self.rows}
+            needs = [(line, empty_prompt + len(encode_answer(tokenizer, by_line[line].answer)) + 1) for line in skipped]
             problems = line_problems(self.path, [
                 (line, f"field 'tagged_response': the answer and its token need {need} tokens with an empty "
                        f"question, more than max_seq_length={max_seq_length}") for line, need in needs])
-            raise DataError(f"{self.path}: all {len(self.rows)} rows are longer than max_seq_length={max_seq_length} "
-                            f"even with the question cut; allowed: max_seq_length >= "
-                            f"{min(need for _, need in needs)} (the shortest row's need):\n  "
-                            + "\n  ".join(problems[:MAX_REPORTED_PROBLEMS]))
-        if skipped:
-            logger.warning("%s: skipped %d of %d rows that do not fit max_seq_length=%d (lines %s%s)",
-                           self.path, len(skipped), len(self.rows), max_seq_length,
-                           ", ".join(map(str, skipped[:10])), ", ..." if len(skipped) > 10 else "")
+            which = f"all {len(self.rows)} rows are" if not self.examples else f"{len(skipped)} of {len(self.rows)} rows are"
+            raise DataError(f"{self.path}: {which} longer than max_seq_length={max_seq_length} even with the question "
+                            f"cut; allowed: max_seq_length >= {max(need for _, need in needs)} (the longest such "
+                            "row's need), or remove those rows:\n  " + "\n  ".join(problems[:MAX_REPORTED_PROBLEMS]))
         if self.truncated:
             logger.info("%s: cut the question of %d rows to fit max_seq_length=%d",
                         self.path, self.truncated, max_seq_length)

@@ -178,8 +178,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
 
     out.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out / "logs"), purge_step=state["global_step"] or None)
-    print(f"Training on {len(dataset)} examples ({dataset.skipped} skipped as too long); {total_steps} optimizer "
-          f"steps; token counts {dataset.token_counts()}; device {device}", flush=True)
+    print(f"Training on {len(dataset)} examples ({dataset.truncated} with the question cut to fit); {total_steps} "
+          f"optimizer steps; token counts {dataset.token_counts()}; device {device}", flush=True)
     if cfg.group_by_length:
         first = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed, epoch=state["epoch"])
         print(f"Length-grouped batches: {padding_share(first, lengths):.1%} of batch positions are padding", flush=True)

@@ -1,5 +1,5 @@
 import json
-import logging
+import re
 
 import pytest
 import torch
@@ -79,14 +79,18 @@ class TestDataPipeline:
         text = tok.decode(ids)
         assert text.startswith("<|im_start|>user\n") and "Is it long?<|im_end|>" in text  # the end of the question stays
 
-    def test_rows_that_cannot_fit_are_skipped_with_one_warning(self, tok, tmp_path, caplog):
+    def test_a_row_that_cannot_fit_is_an_error_naming_its_line(self, tok, tmp_path):
+        """Even one row whose answer and token alone exceed max_seq_length stops the run: a silently
+        smaller training set is worse than a clear stop."""
         long_answer = {"question": "Q?", "tagged_response": "word " * 60 + "<C_READ>", "dataset": "boolq"}
-        path = write_jsonl(tmp_path / "d.jsonl", [GOOD, long_answer, long_answer])
-        with caplog.at_level(logging.WARNING):
-            ds = ConfidenceDataset(path, tok, max_seq_length=32)
-        assert len(ds) == 1 and ds.skipped == 2
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1 and "skipped 2 of 3" in warnings[0].getMessage() and "lines 2, 3" in warnings[0].getMessage()
+        path = write_jsonl(tmp_path / "d.jsonl", [GOOD, long_answer, GOOD, long_answer])
+        with pytest.raises(DataError) as e:
+            ConfidenceDataset(path, tok, max_seq_length=32)
+        message = str(e.value)
+        assert "2 of 4 rows are longer than max_seq_length=32" in message
+        assert "d.jsonl:2: field 'tagged_response'" in message and "d.jsonl:4: field 'tagged_response'" in message
+        assert "d.jsonl:1:" not in message and "d.jsonl:3:" not in message
+        assert re.search(r"allowed: max_seq_length >= \d+", message)
 
     def test_all_rows_dropped_is_an_error(self, tok, tmp_path):
         path = write_jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "tagged_response": "w " * 60 + "<C_READ>",
