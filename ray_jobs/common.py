@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -96,10 +97,48 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict[st
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # The dashboard also serves the State API that Ray Train's placement-group cleaner
-            # needs: without it a finished trial's CPUs are not freed and the next trial waits.
-            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+            start_local_ray(num_cpus=num_cpus, **kwargs)
     return ray.cluster_resources()
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """``ray.init`` of a new local cluster with its dashboard, named to the cluster's own workers.
+
+    The dashboard also serves the State API that Ray Train's placement-group cleaner needs: without
+    it a finished trial's CPUs are not freed and the next trial waits. The cleaner finds that API by
+    scanning the machine for Ray clusters; with a second one there (another user's or test run's,
+    or what a killed search left) it raises "Found multiple active Ray instances", and the next
+    trial's workers time out (60 s) and are asked for again, forever. So the dashboard's port is
+    chosen here and named in RAY_API_SERVER_ADDRESS to the processes ray.init starts (workers
+    inherit their environment); the caller's own environment is put back, runtime_env is untouched.
+    """
+    import ray
+
+    port = _free_port()
+    with _environ(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class ResourceError(RuntimeError):

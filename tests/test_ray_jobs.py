@@ -61,9 +61,10 @@ def scalar_steps(events_file, tag):
 def local_ray():
     import ray
 
+    from ray_jobs.common import start_local_ray  # its dashboard named to its workers: other clusters may run here
+
     temp = tempfile.mkdtemp(prefix="/tmp/ctr")  # Ray's socket paths must stay short
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp,
-             configure_logging=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, _temp_dir=temp, configure_logging=False, log_to_driver=False)
     yield ray.cluster_resources()
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
