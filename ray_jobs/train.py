@@ -6,8 +6,9 @@
     ray job submit --working-dir . -- python -m ray_jobs.train --model_name ... --train_data ...
 
 Every validation is reported with its checkpoint (``ray.train.report``); a worker that dies is
-restarted (``--max_failures``) and resumes from the last reported checkpoint. The seed's output
-tree (checkpoint-N/, best_accuracy/, best_calibration/, final/, logs/) is written under
+restarted (``--max_failures``) and resumes from the last reported checkpoint; a loss or gradient
+norm that is not finite ends the run at once (a restart from the same checkpoint meets it again).
+The seed's output tree (checkpoint-N/, best_accuracy/, best_calibration/, final/, logs/) is written under
 ``--output_dir``; Ray keeps the last reported checkpoint under ``--storage_path/NAME``. On a local
 (or mounted) storage path Ray's checkpoint is hard links to the run's own files, not a copy: one
 checkpoint's bytes on disk for both trees. Remote storage (s3://) gets Ray's upload.
@@ -16,6 +17,7 @@ checkpoint's bytes on disk for both trees. Remote storage (s3://) gets Ray's upl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -32,6 +34,20 @@ FAULT_MARKER_ENV = "CONFTOK_FAULT_MARKER"
 # The controller takes a report from the worker's queue when it polls the workers (every 2 s in
 # Ray 2.60): a worker that exits at once can take its last report, or two, with it.
 FAULT_GRACE_S = 6.0
+# Divergence injection for tests: the first trainer built while this file does not exist yet
+# creates it (writing the run's name) and trains at FAULT_DIVERGE_LR with no warmup: its first step
+# makes the weights huge and the next loss is NaN (conftok.train's check), as for any learning rate
+# far too high. One trial of a search, whichever is built first. Keep a validation from coming
+# between (eval_steps >= 2): on those weights it fails first, on NaN confidences (a ValueError).
+FAULT_DIVERGE_ENV = "CONFTOK_FAULT_DIVERGE_MARKER"
+FAULT_DIVERGE_LR = 1e30
+
+# conftok.train raises FloatingPointError on a loss or gradient norm that is not finite. Ray Train
+# retries any error of the training function (Train V2 has no non-retryable errors) from the last
+# checkpoint, max_failures times, where the same weights meet the same batches: the same error,
+# after a worker restart each (11-13 s here). The worker writes the error to OUTPUT_DIR/DIVERGED_FILE
+# and ends the run normally; the caller raises it (raise_if_diverged).
+DIVERGED_FILE = "diverged.json"
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -59,11 +75,25 @@ def train_func(config: dict[str, Any]) -> None:
             time.sleep(FAULT_GRACE_S)
             os._exit(1)  # a dying worker, not a Python exception
 
+    diverged = Path(cfg.output_dir) / DIVERGED_FILE
+    diverged.unlink(missing_ok=True)  # from an earlier run into this output_dir
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as resume_from:
         if resume_from:
             print(f"Resuming from Ray checkpoint {resume_from}", flush=True)
-        train(cfg, on_validation=report, resume_from=resume_from)
+        try:
+            train(cfg, on_validation=report, resume_from=resume_from)
+        except FloatingPointError as e:
+            diverged.parent.mkdir(parents=True, exist_ok=True)
+            diverged.write_text(json.dumps({"error": str(e)}))
+            print(f"Training stopped: {e}", flush=True)
+
+
+def raise_if_diverged(output_dir: str | Path) -> None:
+    """Raise the non-finite loss or gradient a run in ``output_dir`` stopped on (see DIVERGED_FILE)."""
+    path = Path(output_dir) / DIVERGED_FILE
+    if path.is_file():
+        raise FloatingPointError(json.loads(path.read_text())["error"])
 
 
 def link_into_storage(checkpoint, checkpoint_dir_name: str):
@@ -88,6 +118,8 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: f
 
     from ray_jobs.common import torch_threads
 
+    if os.environ.get(FAULT_DIVERGE_ENV) and _claim(os.environ[FAULT_DIVERGE_ENV], name):
+        cfg = TrainConfig(**{**cfg.to_dict(), "learning_rate": FAULT_DIVERGE_LR, "warmup_ratio": 0.0})
     loop_config = {"train": cfg.to_dict(), "torch_threads": torch_threads(cpus_per_worker)}
     if os.environ.get(FAULT_ENV):
         loop_config["fault"] = {"after_step": int(os.environ[FAULT_ENV]), "marker": os.environ[FAULT_MARKER_ENV]}
@@ -105,6 +137,17 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: f
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )
+
+
+def _claim(marker: str, name: str) -> bool:
+    """Create ``marker`` holding ``name``; False when it exists (another run claimed it)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(name)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.fit()
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    try:
+        raise_if_diverged(output_dir)
+    except FloatingPointError as e:
+        print(f"error: training stopped: {e}", file=sys.stderr)
         return 1
     print(f"Final metrics: {result.metrics}\nAdapter: {output_dir / 'final'}")
     if cfg.hf_repo:
