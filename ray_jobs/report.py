@@ -322,11 +322,12 @@ HEADERS = {"lora_r": "r", "lora_alpha": "alpha", "learning_rate": "lr", "accurac
 
 
 def trials_table(rows: list[dict[str, Any]], best_id: str | None, domains: list[str]) -> str:
-    """The table of trials: params, status, overall figures, per-domain figures, wall time."""
+    """The table of trials: params, status, overall figures, per-domain figures, wall time, and
+    why a trial failed when one did."""
     front = {r["trial"] for r in pareto_front([r for r in rows if is_finite(r.get("accuracy"))
                                                and is_finite(r.get("calibration_error"))])}
     head = [*PARAMS, "status", "accuracy", "calibration_error", "score"]
-    tail = ["step", "time_s"]
+    tail = ["step", "time_s"] + (["error"] if any(r.get("error") for r in rows) else [])
     # n (validation rows) goes in the domain's header: it is the same for every trial
     per_domain = {d: [m for m in M.DOMAIN_METRICS if m != "n" and any(M.domain_key(d, m) in r for r in rows)]
                   for d in domains}
@@ -352,7 +353,8 @@ def trials_table(rows: list[dict[str, Any]], best_id: str | None, domains: list[
                   else f"<td>{_fmt(r.get(c), c)}</td>" for c in head]
         cells += [f"<td>{_fmt(r.get(M.domain_key(d, m)), M.domain_key(d, m))}</td>"
                   for d, ms in per_domain.items() for m in ms]
-        cells += [f"<td>{_fmt(r.get(c), c)}</td>" for c in tail]
+        cells += [f"<td class=error>{_fmt(r.get(c), c)}</td>" if c == "error" else f"<td>{_fmt(r.get(c), c)}</td>"
+                  for c in tail]
         best = " class=best" if trial == best_id else ""
         body.append(f"<tr data-trial='{html.escape(trial)}'{best}>{''.join(cells)}</tr>")
     return (f"<div class=scroll><table id=trials><thead><tr>{top}</tr><tr>{sub}</tr></thead>"
@@ -456,7 +458,7 @@ th{background:#f0f0f0}th.group{text-align:center}th.id{text-align:left}
 td.id{text-align:left;font-family:monospace;white-space:nowrap}
 tr.best td{background:#fff6d5;font-weight:bold}.scroll{overflow-x:auto}
 .badge{font-size:10px;background:#d62728;color:#fff;border-radius:3px;padding:1px 4px}.badge.front{background:#1f77b4}
-td.status.ERROR{color:#b00}td.status.STOPPED{color:#a60}
+td.status.ERROR{color:#b00}td.status.STOPPED{color:#a60}td.error{text-align:left;color:#b00;min-width:30em}
 figure{margin:12px 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}
 .note{color:#8a5a00;background:#fff8e6;padding:6px 10px;border-left:3px solid #e0a000}"""
 

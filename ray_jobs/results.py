@@ -3,7 +3,11 @@
 Below both ``ray_jobs.tune`` (which fills the table and writes ``results.csv``/``results.json``)
 and ``ray_jobs.report`` (which draws it), so neither imports the other for these. Pure Python on
 plain row dicts, one per trial: ``{"trial", "lora_r", "lora_alpha", "learning_rate", "accuracy",
-"calibration_error", "score", "validations", "status", "step", "checkpoint", ...}``.
+"calibration_error", "score", "validations", "status", "error", "step", "checkpoint", ...}``.
+
+A trial in status ERROR (its loss diverged, its worker kept dying) is listed with its error but is
+never the best trial nor on the Pareto front: the figures it reported come from a run that did not
+finish, and Optuna counts it FAIL.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Example: accuracies/CEs (0.8, 0.10), (0.7, 0.05), (0.6, 0.20) -> the first two; the third is
     beaten by the first on both.
     """
-    ok = [r for r in rows if is_finite(r.get("accuracy")) and is_finite(r.get("calibration_error"))]
+    ok = [r for r in rows if r.get("status") != "ERROR" and is_finite(r.get("accuracy"))
+          and is_finite(r.get("calibration_error"))]
     return [r for r in ok if not any(
         o["accuracy"] >= r["accuracy"] and o["calibration_error"] <= r["calibration_error"]
         and (o["accuracy"] > r["accuracy"] or o["calibration_error"] < r["calibration_error"]) for o in ok)]
@@ -50,20 +55,28 @@ def best_adapter(trial_dir: Path, row: dict[str, Any]) -> Path:
 
 
 def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [r for r in rows if is_finite(r.get("score"))]
+    ok = [r for r in rows if r.get("status") != "ERROR" and is_finite(r.get("score"))]
     return max(ok, key=lambda r: r["score"]) if ok else None
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]], error_width: int = 160) -> str:
+    """The console table; an ``error`` column (cut at ``error_width`` characters) when a trial failed."""
     cols = ["trial", *TABLE_PARAMS, "accuracy", "calibration_error", "score", "validations", "status"]
+    if any(r.get("error") for r in rows):
+        cols.append("error")
+
     def cell(v):
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.4f}"
         return "-" if v is None else str(v)
-    body = [[cell(r.get(c)) for c in cols] for r in rows]
+    body = [[cell(r.get(c)) if c != "error" else _cut(r.get(c) or "-", error_width) for c in cols] for r in rows]
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def write_results(experiment_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:

@@ -33,21 +33,27 @@ DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo
 
 
 def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One Tune trial: a TorchTrainer named by the trial id, fitted to the end."""
+    """One Tune trial: a TorchTrainer named by the trial id, fitted to the end. Started again by
+    ``--resume``, a trial whose run had finished reports it again, and one that diverged raises again."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ray_jobs.train import build_trainer
+    from ray_jobs.recovery import replay_finished_run
+    from ray_jobs.train import build_trainer, raise_if_diverged
 
     trial_id = ray.tune.get_context().get_trial_id()
+    output_dir = Path(setup["trials_dir"]) / trial_id
+    if replay_finished_run(output_dir, f"{setup['train_storage']}/{trial_id}"):
+        return
+    raise_if_diverged(output_dir)  # the same weights and batches would diverge again
     space: SearchSpace = setup["space"]
-    values = {**space.sample_to_config(config), **setup["fixed"],
-              "output_dir": str(Path(setup["trials_dir"]) / trial_id), "progress": False}
+    values = {**space.sample_to_config(config), **setup["fixed"], "output_dir": str(output_dir), "progress": False}
     trainer = build_trainer(
         TrainConfig(**values), name=trial_id, storage_path=setup["train_storage"], num_gpus=setup["gpus_per_trial"],
         cpus_per_worker=setup["cpus_per_trial"], max_failures=setup["max_failures"], callbacks=[TuneReportCallback()],
     )
     trainer.fit()
+    raise_if_diverged(output_dir)  # the trial ends in ERROR with the loss's step, not retried
 
 
 def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, storage_path: str, concurrency: int,
@@ -57,18 +63,19 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from ray_jobs.recovery import ResumableOptunaSearch
 
     local_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'study.db'}")
     sampler = optuna.samplers.TPESampler(seed=space.seed)
     if space.objective == "pareto":
-        searcher = OptunaSearch(metric=[M.VAL_ACCURACY, M.VAL_CALIBRATION_ERROR], mode=["max", "min"],
+        searcher = ResumableOptunaSearch(metric=[M.VAL_ACCURACY, M.VAL_CALIBRATION_ERROR], mode=["max", "min"],
                                 sampler=sampler, storage=storage, study_name=space.name)
         tune_config = tune.TuneConfig(search_alg=searcher, num_samples=space.num_trials,
                                       max_concurrent_trials=concurrency)
     else:
-        searcher = OptunaSearch(metric=M.VAL_SCORE, mode="max", sampler=sampler, storage=storage,
+        searcher = ResumableOptunaSearch(metric=M.VAL_SCORE, mode="max", sampler=sampler, storage=storage,
                                 study_name=space.name)
         scheduler = None
         if space.scheduler.get("type", "asha") == "asha":
@@ -88,6 +95,8 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
 
 
 def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[dict[str, Any]]:
+    from ray_jobs.recovery import error_reason
+
     rows = []
     for result in result_grid:
         train = space.sample_to_config(result.config or {})
@@ -98,6 +107,7 @@ def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[d
             "accuracy": m.get(M.VAL_ACCURACY), "calibration_error": m.get(M.VAL_CALIBRATION_ERROR),
             "score": m.get(M.VAL_SCORE), "validations": m.get("training_iteration"), "step": m.get(M.STEP),
             "status": "ERROR" if result.error else ("TERMINATED" if _finished(m, trials_dir, trial_id) else "STOPPED"),
+            "error": error_reason(result.error),
             "checkpoint": m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None),
             "time_s": m.get("time_total_s"),
         })
@@ -201,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
                                "experiment": experiment_path, "local_dir": str(local_dir),
                                "wall_s": round(time.perf_counter() - started, 1)}
     print("\n" + format_table(rows))
+    from ray_jobs.recovery import fail_orphaned_trials
+
+    orphans = fail_orphaned_trials(local_dir / "study.db", space.name)
+    if orphans:
+        summary["optuna_orphans_failed"] = orphans
+        print(f"\nOptuna trial(s) {', '.join(f'#{n}' for n in orphans)} marked FAIL: asked for by a driver that was "
+              "killed before Tune saved them; no Tune trial ran them")
     if space.objective == "pareto":
         front = pareto_front(rows)
         summary["pareto_front"] = [r["trial"] for r in front]

@@ -1,0 +1,242 @@
+"""A search comes through its failures (its own Ray, in subprocesses, like a user at a terminal):
+the driver killed outright and resumed, and a trial whose loss goes NaN."""
+
+import collections
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_ray_jobs import ROOT, assets, write_space  # noqa: F401  (module fixture)
+
+pytest.importorskip("ray")
+
+
+def job_env(ray_tmp: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each job starts its own Ray
+    return {**env, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp, **extra}
+
+
+def tune_statuses(exp) -> dict[str, str]:
+    """Trial id -> status as Tune last saved it (the newest experiment_state-*.json)."""
+    states = sorted(glob.glob(str(exp / "experiment_state-*.json")))
+    if not states:
+        return {}
+    try:
+        data = json.loads(Path(states[-1]).read_text())
+    except (OSError, ValueError):  # caught while Tune rewrites it
+        return {}
+    return {t["trial_id"]: t["status"] for t in (json.loads(state) for state, _ in data["trial_data"])}
+
+
+def files_of(path) -> dict[str, int]:
+    """Every file under ``path`` with its modification time in ns."""
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+
+
+def processes_of(ray_tmp: str) -> list[int]:
+    """Our processes: those whose environment holds this test's RAY_TMPDIR (Ray's renamed ones too)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RAY_TMPDIR={ray_tmp}".encode() in f.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def clean_up(ray_tmp: str) -> None:
+    for pid in processes_of(ray_tmp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def load_trials(exp, name):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'study.db'}").trials
+
+
+class TestTuneFailures:
+    def test_killed_driver_resumes_without_running_finished_trials_again(self, assets, tmp_path):
+        """SIGKILL to the driver's process group once Tune has saved a finished trial; --resume
+        leaves that trial's files untouched, runs the rest, and study.db holds each trial once."""
+        space = write_space(tmp_path / "killed.yaml", assets, trials=3, max_steps=2, eval_steps=1)
+        exp = tmp_path / "exp" / "killed"
+        cmd = [sys.executable, "-m", "ray_jobs.tune", "--space", str(space), "--storage_path", str(tmp_path / "exp")]
+        ray_tmp = tempfile.mkdtemp(prefix="/tmp/ctk")  # Ray's socket paths must stay short
+        env = job_env(ray_tmp)
+        try:
+            with open(tmp_path / "killed.log", "w") as log:
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            deadline, first = time.time() + 300, None
+            while first is None and time.time() < deadline and proc.poll() is None:
+                saved = tune_statuses(exp)
+                first = next((p.parent.parent.name for p in exp.glob("trials/*/final/final_metrics.json")
+                              if saved.get(p.parent.parent.name) == "TERMINATED"), None)
+                time.sleep(0.5)
+            assert first, "no trial finished and saved by Tune\n" + (tmp_path / "killed.log").read_text()[-3000:]
+            before = files_of(exp / "trials" / first)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert not (exp / "results.json").exists()
+            deadline = time.time() + 30  # the local Ray it started goes down with it (measured: within 3 s)
+            while processes_of(ray_tmp) and time.time() < deadline:
+                time.sleep(1)
+            out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        finally:
+            clean_up(ray_tmp)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+        # The finished trial was neither trained nor replayed again: Tune had it as TERMINATED.
+        assert files_of(exp / "trials" / first) == before
+        assert f"Trial {first} finished before" not in out.stdout + out.stderr
+        results = json.loads((exp / "results.json").read_text())
+        trials = {t["trial"]: t for t in results["trials"]}
+        assert len(trials) == 3 and first in trials
+        assert all(t["status"] in ("TERMINATED", "STOPPED") and t["error"] is None for t in trials.values())
+        final = json.loads((exp / "trials" / first / "final" / "final_metrics.json").read_text())
+        assert trials[first]["score"] == pytest.approx(final["history"][-1]["val/score"])
+        assert all(trial in out.stdout for trial in trials)  # the printed table lists every trial
+
+        # study.db: one COMPLETE trial per Tune trial, with its score; a trial the killed driver had
+        # asked Optuna for but Tune had not saved is FAIL and named in results.json; none RUNNING.
+        by_state = collections.defaultdict(list)
+        for t in load_trials(exp, "killed"):
+            by_state[t.state.name].append(t)
+        assert set(by_state) <= {"COMPLETE", "FAIL"}, dict(by_state)
+        scores = sorted(t["score"] for t in trials.values())
+        assert sorted(t.value for t in by_state["COMPLETE"]) == pytest.approx(scores)
+        assert [t.number for t in by_state["FAIL"]] == results.get("optuna_orphans_failed", [])
+
+    def test_a_diverging_trial_fails_alone_with_its_reason(self, assets, tmp_path):
+        """One trial's loss goes NaN (a learning rate of 1e30 through the test hook): it ends in ERROR
+        at once, with the step, in results.json/.csv, the printed table and the report; the other
+        trial finishes and is the best; Optuna has it FAIL."""
+        from ray_jobs.train import FAULT_DIVERGE_ENV
+
+        # eval_steps 2: the NaN is met by the loss at step 2, not by a validation after step 1
+        space = write_space(tmp_path / "nan.yaml", assets, trials=2, max_steps=2, eval_steps=2)
+        exp = tmp_path / "exp" / "nan"
+        marker = tmp_path / "diverged_trial"
+        cmd = [sys.executable, "-m", "ray_jobs.tune", "--space", str(space), "--storage_path", str(tmp_path / "exp")]
+        ray_tmp = tempfile.mkdtemp(prefix="/tmp/ctn")
+        try:
+            out = subprocess.run(cmd, cwd=ROOT, env=job_env(ray_tmp, **{FAULT_DIVERGE_ENV: str(marker)}),
+                                 capture_output=True, text=True, timeout=600)
+            worker_logs = "".join(Path(f).read_text(errors="replace")
+                                  for f in glob.glob(f"{ray_tmp}/ray/session_latest/logs/worker-*.out"))
+        finally:
+            clean_up(ray_tmp)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        bad = marker.read_text()
+        reason = re.compile(r"FloatingPointError: loss is (nan|inf) at step 2 \(epoch 1, batch 2\)")
+
+        results = json.loads((exp / "results.json").read_text())
+        trials = {t["trial"]: t for t in results["trials"]}
+        assert len(trials) == 2 and bad in trials
+        assert trials[bad]["status"] == "ERROR" and reason.match(trials[bad]["error"]), trials[bad]
+        (good,) = [t for t in trials.values() if t["trial"] != bad]
+        assert good["status"] == "TERMINATED" and good["error"] is None and results["best_trial"] == good["trial"]
+        assert reason.search((exp / "results.csv").read_text())
+        table_line = next(line for line in out.stdout.splitlines() if line.startswith(bad))
+        assert "ERROR" in table_line and reason.search(table_line)
+        report = (exp / "report" / "report.html").read_text()
+        assert "<td class='status ERROR'>ERROR</td>" in report and reason.search(report)
+
+        # Ended at once: one run of the worker met the NaN (max_failures is 1: a retry would be a second).
+        assert worker_logs.count("Training stopped: loss is") == 1, worker_logs[-3000:]
+        states = collections.Counter(t.state.name for t in load_trials(exp, "nan"))
+        assert states == {"COMPLETE": 1, "FAIL": 1}
+
+
+class TestRecoveryPieces:
+    """The bookkeeping behind the two searches above, on a study in a temporary SQLite file."""
+
+    def searcher(self, db, cls=None):
+        import optuna
+        from ray import tune
+
+        from ray_jobs.recovery import ResumableOptunaSearch
+
+        searcher = (cls or ResumableOptunaSearch)(metric="score", mode="max", study_name="s",
+                                                  storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
+        searcher.set_search_properties(None, None, {"lr": tune.loguniform(1e-3, 1e-2)})
+        return searcher
+
+    def test_a_finished_trial_reports_again_after_a_restore(self, tmp_path):
+        """Saved after a trial's first result, told its end, then restored (a driver killed before Tune
+        saved again): the trial's repeated second result is dropped, where OptunaSearch raises."""
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        first = self.searcher(tmp_path / "study.db")
+        first.suggest("t1")
+        first.on_trial_result("t1", {"score": 0.1, "training_iteration": 1})
+        first.save(str(tmp_path / "searcher.pkl"))
+        first.on_trial_result("t1", {"score": 0.2, "training_iteration": 2})
+        first.on_trial_complete("t1", {"score": 0.2, "training_iteration": 2})
+        for cls, raises in ((OptunaSearch, True), (None, False)):
+            restored = self.searcher(tmp_path / "study.db", cls)
+            restored.restore(str(tmp_path / "searcher.pkl"))
+            restored.on_trial_result("t1", {"score": 0.1, "training_iteration": 1})  # already stored: Optuna skips it
+            if raises:
+                with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+                    restored.on_trial_result("t1", {"score": 0.2, "training_iteration": 2})
+            else:
+                restored.on_trial_result("t1", {"score": 0.2, "training_iteration": 2})
+                restored.on_trial_complete("t1", {"score": 0.2, "training_iteration": 2})  # logged by OptunaSearch
+        (trial,) = load_trials(tmp_path, "s")
+        assert trial.state.name == "COMPLETE" and trial.value == 0.2 and trial.intermediate_values == {1: 0.1, 2: 0.2}
+
+    def test_orphaned_running_trials_are_failed(self, tmp_path):
+        from ray_jobs.recovery import fail_orphaned_trials
+
+        searcher = self.searcher(tmp_path / "study.db")
+        for trial in ("done", "orphan"):
+            searcher.suggest(trial)
+        searcher.on_trial_complete("done", {"score": 0.5})
+        assert fail_orphaned_trials(tmp_path / "study.db", "s") == [1]
+        assert [t.state.name for t in load_trials(tmp_path, "s")] == ["COMPLETE", "FAIL"]
+        assert fail_orphaned_trials(tmp_path / "study.db", "s") == []
+
+    def test_error_reason_is_the_trials_exception_in_one_line(self):
+        from ray.exceptions import RayTaskError
+
+        from ray_jobs.recovery import error_reason
+
+        try:
+            raise FloatingPointError("loss is nan at step 2 (epoch 1, batch 2); try a lower learning_rate")
+        except FloatingPointError as e:
+            wrapped = RayTaskError("trial_fn", "Traceback (most recent call last):\nFloatingPointError: ...", e)
+        assert error_reason(wrapped) == ("FloatingPointError: loss is nan at step 2 (epoch 1, batch 2); "
+                                         "try a lower learning_rate")
+        assert error_reason(RuntimeError("worker died\n\nexit code 1")) == "RuntimeError: exit code 1"
+        assert error_reason(None) is None
+
+    def test_table_and_best_trial_with_a_failed_trial(self):
+        from ray_jobs.results import best_trial, format_table, pareto_front
+
+        ok = {"trial": "a", "accuracy": 0.5, "calibration_error": 0.2, "score": 0.3, "status": "TERMINATED",
+              "error": None}
+        failed = {"trial": "b", "accuracy": 0.9, "calibration_error": 0.1, "score": 0.8, "status": "ERROR",
+                  "error": "FloatingPointError: loss is nan at step 3"}
+        table = format_table([ok, failed])
+        assert table.splitlines()[0].split()[-1] == "error"
+        assert table.splitlines()[3].startswith("b ") and table.endswith("FloatingPointError: loss is nan at step 3")
+        assert best_trial([ok, failed]) is ok and pareto_front([ok, failed]) == [ok]  # its figures are not final
+        assert format_table([ok]).splitlines()[0].split()[-1] == "status"  # no error column when none failed
