@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 __all__ = ["TRAINER_STATE_FILE", "TRAINER_TENSORS_FILE", "TRAINER_STATE_FILES", "save_trainer_state",
-           "load_trainer_state", "get_rng_state", "set_rng_state", "link_tree"]
+           "load_trainer_state", "get_rng_state", "set_rng_state", "link_tree", "drop_trainer_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,14 @@ def load_trainer_state(path: str | os.PathLike, *, optimizer: torch.optim.Optimi
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
     return saved["state"]
+
+
+def drop_trainer_state(path: str | os.PathLike) -> None:
+    """Delete ``path``'s trainer state (the optimizer's moments: twice the adapter), keeping the rest.
+
+    For the last checkpoint of a finished run: nothing is left to resume."""
+    for name in (TRAINER_STATE_FILE, TRAINER_TENSORS_FILE):  # the JSON first: it names the tensors
+        (Path(path) / name).unlink(missing_ok=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

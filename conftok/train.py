@@ -17,10 +17,11 @@ steps with validation every ``eval_steps`` and at each epoch end. Each validatio
 
 What stays on disk: the last ``save_total_limit`` checkpoints (default 1: what a resume needs)
 whole; older ones keep only their validation.json (kB; the report's learning curves read it).
-``best_*/`` and ``final/`` are hard links to a checkpoint's files (``conftok.checkpoint.link_tree``),
-not copies: a best checkpoint costs no space while it is the last one, and its adapter alone
-(no optimizer state) once it is pruned; ``final/`` shares the last checkpoint's files (a run ends
-with a validation at its last step).
+A finished run has nothing left to resume: its last checkpoint then drops its trainer state too
+(``save_total_limit=None`` keeps everything). ``best_*/`` and ``final/`` are hard links to a
+checkpoint's files (``conftok.checkpoint.link_tree``), not copies: a best checkpoint costs no space
+while it is the last one, and its adapter alone (no optimizer state) once it is pruned; ``final/``
+shares the last checkpoint's files (a run ends with a validation at its last step).
 """
 
 from __future__ import annotations
@@ -42,16 +43,16 @@ import torch
 from tqdm.auto import tqdm
 
 from conftok import metrics as M
-from conftok.checkpoint import (TRAINER_STATE_FILE, TRAINER_STATE_FILES, link_tree, load_trainer_state,
-                                save_trainer_state)
+from conftok.checkpoint import (TRAINER_STATE_FILE, TRAINER_STATE_FILES, drop_trainer_state, link_tree,
+                                load_trainer_state, save_trainer_state)
 from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
 from conftok.loss import attach_base_topk, padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
-from conftok.modeling import (ADAPTER_WEIGHTS_FILE, build_model, enable_gradient_checkpointing, model_device,
-                              resolve_backend, save_adapter)
+from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model, enable_gradient_checkpointing,
+                              model_device, resolve_backend, save_adapter)
 from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.tokens import token_ids
@@ -62,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 OnValidation = Callable[[dict[str, Any], Path], None]
 VALIDATION_FILE = "validation.json"
+FINAL_METRICS_FILE = "final_metrics.json"
 
 
 @dataclass
@@ -121,11 +123,16 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         model, tokenizer: a base model object and its tokenizer to use instead of loading
             ``cfg.model_name`` (tests, notebooks).
         resume_from: a ``checkpoint-N`` directory; training continues after its step with its
-            optimizer, schedule, data order and best-so-far figures.
+            optimizer, schedule, data order and best-so-far figures. The last checkpoint of a run
+            that finished into ``cfg.output_dir`` (no trainer state left) returns that run at once.
         val_sets: raw validation rows per data set, instead of ``cfg.val_sources``.
     """
-    seed_everything(cfg.seed)
     out = Path(cfg.output_dir)  # made once the inputs are read: a bad input leaves nothing behind
+    if resume_from is not None and (finished := _finished_run(out, Path(resume_from))) is not None:
+        print(f"{resume_from} is the last checkpoint of the run finished in {finished.final_dir}: nothing to train",
+              flush=True)
+        return finished
+    seed_everything(cfg.seed)
     domains = resolve_domains(cfg.domains)
     # 'auto' checkpointing is decided once the rows are read (the longest sets the batch's shape): the hf
     # backend can turn it on after wrapping; unsloth sets it when it wraps, so it decides from max_seq_length.
@@ -316,8 +323,28 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         final_dir = save_adapter(model, tokenizer, out / "final", domains=domains, token_init=cfg.token_init,
                                  extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
     best = {"best_accuracy": state["best_accuracy"], "best_calibration": state["best_calibration"]}
-    _write_json(final_dir / "final_metrics.json", {"history": state["history"], **best})
+    _write_json(final_dir / FINAL_METRICS_FILE, {"history": state["history"], **best})
+    if cfg.save_total_limit is not None:  # finished: nothing left to resume (final/ keeps the adapter)
+        drop_trainer_state(out / f"checkpoint-{state['global_step']}")
     return TrainResult(out, final_dir, state["global_step"], state["history"], best)
+
+
+def _finished_run(out: Path, checkpoint: Path) -> TrainResult | None:
+    """The run finished in ``out`` whose last checkpoint is ``checkpoint`` (its trainer state
+    dropped, its step final/'s), or None."""
+    def global_step(directory: Path) -> int | None:
+        meta = directory / METADATA_FILE
+        return json.loads(meta.read_text()).get("global_step") if meta.is_file() else None
+
+    final = out / "final"
+    if (checkpoint / TRAINER_STATE_FILE).is_file() or not (final / FINAL_METRICS_FILE).is_file():
+        return None
+    step = global_step(final)
+    if step is None or global_step(checkpoint) != step:
+        return None
+    record = json.loads((final / FINAL_METRICS_FILE).read_text())
+    best = {k: record[k] for k in ("best_accuracy", "best_calibration")}
+    return TrainResult(out, final, step, record["history"], best)
 
 
 def _token_class_weights(dataset, ids: dict[str, int], model, device) -> torch.Tensor:

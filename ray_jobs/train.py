@@ -11,7 +11,8 @@ norm that is not finite ends the run at once (a restart from the same checkpoint
 The seed's output tree (checkpoint-N/, best_accuracy/, best_calibration/, final/, logs/) is written under
 ``--output_dir``; Ray keeps the last reported checkpoint under ``--storage_path/NAME``. On a local
 (or mounted) storage path Ray's checkpoint is hard links to the run's own files, not a copy: one
-checkpoint's bytes on disk for both trees. Remote storage (s3://) gets Ray's upload.
+checkpoint's bytes on disk for both trees; once the run is finished both drop the optimizer state.
+Remote storage (s3://) gets Ray's upload.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from conftok.checkpoint import drop_trainer_state
     from conftok.train import train
     from ray_jobs.common import scalar_metrics
 
@@ -87,6 +89,12 @@ def train_func(config: dict[str, Any]) -> None:
             diverged.parent.mkdir(parents=True, exist_ok=True)
             diverged.write_text(json.dumps({"error": str(e)}))
             print(f"Training stopped: {e}", flush=True)
+        else:
+            last = ray.train.get_checkpoint()
+            if upload is not None and cfg.save_total_limit is not None and last is not None:
+                # Finished: Ray's last checkpoint drops its optimizer state, as the run's own did
+                # (they share the files: neither name alone frees the bytes). s3:// keeps Ray's copy whole.
+                drop_trainer_state(last.path)
 
 
 def raise_if_diverged(output_dir: str | Path) -> None:

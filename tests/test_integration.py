@@ -187,11 +187,12 @@ class TestIntegration:
             assert tensors[f"trainer.rng.cuda.{trained['device'].index}"].dtype == torch.uint8
 
     def test_retention_keeps_the_last_checkpoint_and_links_the_rest(self, tmp_path, train_on_device):
-        """The default save_total_limit=1 with validations at steps 2, 4 and 6: checkpoint-6 is whole,
-        checkpoint-2 and -4 keep only validation.json; best_*/ and final/ hold the adapter without
-        optimizer state, as hard links to a checkpoint's files (one copy on disk). A run stopped after
-        its validation at step 4 (an epoch's end) resumes from checkpoint-4, its only whole checkpoint,
-        and ends on the uninterrupted run's adapter."""
+        """The default save_total_limit=1 with validations at steps 2, 4 and 6: checkpoint-2 and -4 keep
+        only validation.json; checkpoint-6 keeps its adapter but, the run finished, not its trainer
+        state; best_*/ and final/ hold the adapter without optimizer state, as hard links to a
+        checkpoint's files (one copy on disk). A run stopped after its validation at step 4 (an epoch's
+        end) has checkpoint-4 whole, resumes from it and ends on the uninterrupted run's adapter.
+        Resuming a finished run from its last checkpoint returns it at once."""
         from safetensors.torch import load_file
 
         class Stop(Exception):
@@ -212,8 +213,8 @@ class TestIntegration:
         assert cfg.save_total_limit == 1
         full = train(cfg, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL)
         run = tmp_path / "run"
-        whole = {"adapter_model.safetensors", "validation.json", *TRAINER_STATE_FILES}
-        assert whole <= {p.name for p in (run / "checkpoint-6").iterdir()}
+        last = {p.name for p in (run / "checkpoint-6").iterdir()}
+        assert {"adapter_model.safetensors", "validation.json"} <= last and not last & set(TRAINER_STATE_FILES)
         for step in (2, 4):
             assert [p.name for p in (run / f"checkpoint-{step}").iterdir()] == ["validation.json"]
         inodes = {}
@@ -234,6 +235,7 @@ class TestIntegration:
             train(stopped, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL,
                   on_validation=stop_at(4))
         assert [p.name for p in (tmp_path / "stopped" / "checkpoint-2").iterdir()] == ["validation.json"]
+        assert all((tmp_path / "stopped" / "checkpoint-4" / name).is_file() for name in TRAINER_STATE_FILES)
         tokenizer = make_tokenizer()
         resumed = train(stopped, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL,
                         resume_from=tmp_path / "stopped" / "checkpoint-4")
@@ -242,6 +244,11 @@ class TestIntegration:
         a = load_file(str(full.final_dir / "adapter_model.safetensors"))
         b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+        again = train(cfg, model=make_model(len(tokenizer), seed=0), tokenizer=make_tokenizer(), val_sets=VAL,
+                      resume_from=run / "checkpoint-6", on_validation=stop_at(6))  # would raise if it validated
+        assert again.global_step == 6 and again.final_dir == run / "final"
+        assert [m["step"] for m in again.history] == [2, 4, 6] and again.best == full.best
 
     def test_nan_loss_stops_with_the_step(self, tmp_path, train_on_device):
         tokenizer = make_tokenizer()

@@ -89,14 +89,17 @@ class TestRayTrain:
         assert min(scalar_steps(second, "train/loss")) == 5
         assert result.metrics["step"] == 8 and 0 <= result.metrics["val/accuracy"] <= 1
         assert [m["step"] for _, m in result.best_checkpoints] == [8]  # Ray keeps the last checkpoint only
-        assert (Path(result.checkpoint.path) / TRAINER_STATE_FILE).is_file()
-        # One copy on disk: Ray's checkpoint, the run's checkpoint-8 and final/ are links to the same files.
+        # One copy on disk: Ray's checkpoint, the run's checkpoint-8 and final/ are links to the same files,
+        # and the run being finished, neither checkpoint-8 keeps the optimizer state.
         run, ray_run = tmp_path / "run", tmp_path / "ray" / "fault"
+        assert Path(result.checkpoint.path) == ray_run / "checkpoint-8"
         assert sorted(p.name for p in ray_run.glob("checkpoint-*")) == ["checkpoint-8"]
-        for name in ("adapter_model.safetensors", TRAINER_STATE_FILE, TRAINER_TENSORS_FILE):
-            assert os.path.samefile(ray_run / "checkpoint-8" / name, run / "checkpoint-8" / name), name
         adapter = "adapter_model.safetensors"
+        for name in (adapter, "adapter_config.json", "tokenizer.json", "validation.json"):
+            assert os.path.samefile(ray_run / "checkpoint-8" / name, run / "checkpoint-8" / name), name
         assert os.path.samefile(run / "final" / adapter, run / "checkpoint-8" / adapter)
+        for checkpoint in (ray_run / "checkpoint-8", run / "checkpoint-8"):
+            assert not any((checkpoint / name).exists() for name in (TRAINER_STATE_FILE, TRAINER_TENSORS_FILE))
         for step in (2, 4, 6):
             assert [p.name for p in (run / f"checkpoint-{step}").iterdir()] == ["validation.json"]
         assert (run / "best_accuracy" / "adapter_model.safetensors").is_file()
