@@ -361,11 +361,25 @@ def _token_class_weights(dataset, ids: dict[str, int], model, device) -> torch.T
 
 
 def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, cfg, domains, validation) -> Path:
-    """Adapter + everything needed to resume, written atomically."""
-    save_adapter(model, tokenizer, path, domains=domains, token_init=cfg.token_init,
-                 extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
-    save_trainer_state(path, optimizer=optimizer, scheduler=scheduler, state=state)
-    _write_json(path / VALIDATION_FILE, validation)
+    """Adapter + everything needed to resume, written atomically: every file goes to a hidden
+    staging directory that becomes ``path`` in one rename, so a crash leaves no ``checkpoint-N``
+    without its trainer state (a resume would pick it and fail)."""
+    staging = path.with_name(f".{path.name}.staging-{os.getpid()}")
+    try:
+        save_adapter(model, tokenizer, staging, domains=domains, token_init=cfg.token_init,
+                     extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
+        save_trainer_state(staging, optimizer=optimizer, scheduler=scheduler, state=state)
+        _write_json(staging / VALIDATION_FILE, validation)
+        old = None
+        if path.exists():  # the same step written again (a resumed run): the new one replaces it
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(staging, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return path
 
 

@@ -260,3 +260,22 @@ class TestIntegration:
                           gradient_checkpointing=False, progress=False, batch_size=4)
         with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 \(epoch 1, batch 1\)"):
             train(cfg, model=model, tokenizer=tokenizer, val_sets=VAL)
+
+    def test_a_crash_while_saving_leaves_no_checkpoint(self, tmp_path, train_on_device, monkeypatch):
+        """A checkpoint is written whole or not at all: a failure after the adapter is written but
+        before the trainer state leaves no checkpoint-N (a resume would pick it and fail) and no
+        staging directory."""
+        train_module = importlib.import_module("conftok.train")  # `conftok.train` the attribute is the function
+
+        def fail(*args, **kwargs):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(train_module, "save_trainer_state", fail)
+        tokenizer = make_tokenizer()
+        model = make_model(len(tokenizer), device=train_on_device)
+        path = write_jsonl(tmp_path / "t.jsonl", feature_rows(8))
+        cfg = TrainConfig(model_name="in-process", train_data=path, output_dir=str(tmp_path / "run"), bf16=False,
+                          gradient_checkpointing=False, progress=False, batch_size=4, eval_steps=1, max_steps=1)
+        with pytest.raises(OSError, match="disk full"):
+            train(cfg, model=model, tokenizer=tokenizer, val_sets=VAL)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == []
