@@ -264,7 +264,7 @@ class TestNoLeaks:
                "--backend", "hf", "--max_steps", "2", "--eval_steps", "1", "--batch_size", "16", "--no-bf16",
                "--gradient_checkpointing", "false", "--calib_beta", "4", "--eval_batch_size", "8",
                "--max_new_tokens", "4", "--logging_steps", "1", "--no-progress", "--lora_r", "4", "--lora_alpha", "8",
-               "--num_gpus", "0"]
+               "--num_gpus", "0", "--save_total_limit", "none"]  # every file a run can write is kept to be scanned
         try:
             out = subprocess.run(cmd, cwd=ROOT, env=job_env(ray_tmp), capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -274,5 +274,5 @@ class TestNoLeaks:
         assert not hits, hits
         assert FAKE_HF_TOKEN not in out.stdout + out.stderr
         written = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
-        assert {"final/conftok.json", "checkpoint-2/trainer_state.json"} <= written  # what was scanned
+        assert {"final/conftok.json", "checkpoint-1/trainer_state.json", "checkpoint-2/trainer_state.json"} <= written
         assert any(p.startswith("logs/events.out.tfevents") for p in written) and read > 50
