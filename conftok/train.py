@@ -235,13 +235,17 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     confident_ids = sorted(ids[d.confident_token] for d in domains)
     token_weights = _token_class_weights(dataset, ids, model, device) if cfg.balance_token_classes else None
     for epoch in range(state["epoch"], num_epochs):
-        # Data order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        # Data order depends on (seed, epoch) only, so a resumed run sees the same batches. Both loaders
+        # get their own generator: without one, each new iterator draws its base seed from the global
+        # generator, one draw more in a run resumed mid-epoch than in the uninterrupted one, and
+        # LoRA dropout, drawing from the same generator, then differs.
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
         if cfg.group_by_length:
             sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
         else:
             loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                                                 generator=generator)
         skip = state["step_in_epoch"] * cfg.gradient_accumulation_steps if epoch == state["epoch"] else 0
         state["epoch"], state["step_in_epoch"] = epoch, state["step_in_epoch"] if skip else 0
         micro = 0

@@ -150,12 +150,12 @@ class TestIntegration:
 
         from conftok import checkpoint
 
-        def resume(name):
+        def resume(name, step=20):
             cfg = TrainConfig(**{**trained["cfg"].to_dict(), "output_dir": str(tmp_path / name)})
             seen = []
-            result = train(cfg, val_sets=VAL, resume_from=trained["root"] / "run" / "checkpoint-20",
+            result = train(cfg, val_sets=VAL, resume_from=trained["root"] / "run" / f"checkpoint-{step}",
                            on_validation=lambda m, d: seen.append(m["step"]))
-            assert seen == [30] and result.global_step == 30
+            assert seen == [s for s in (20, 30) if s > step] and result.global_step == 30
             return load_file(str(result.final_dir / "adapter_model.safetensors"))
 
         def max_difference(x, y):
@@ -164,6 +164,8 @@ class TestIntegration:
 
         uninterrupted = load_file(str(trained["result"].final_dir / "adapter_model.safetensors"))
         assert max_difference(uninterrupted, resume("resumed")) <= 1e-5
+        # Mid-epoch (10 steps an epoch): the length-grouped batches skip to batch 5 of epoch 2.
+        assert trained["cfg"].group_by_length and max_difference(uninterrupted, resume("mid_epoch", 15)) <= 1e-5
         monkeypatch.setattr(checkpoint, "set_rng_state", lambda state: None)
         assert max_difference(uninterrupted, resume("random_states_not_restored")) > 1e-5
 
