@@ -63,10 +63,13 @@ def trained(tmp_path_factory, train_on_device):
     base = make_model(len(tokenizer), seed=0)
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
-    train_path = write_jsonl(root / "train.jsonl", feature_rows(160, seed=1))
+    # 320 rows at batch 32 (10 steps an epoch): with the default guards a batch of 16 left the learned
+    # token at the mercy of the seed (held-out accuracy 0.58-1.0 over seeds 0-5 and 42); at 32 it is
+    # 0.95-1.0 for six of those seven seeds (0.60 for seed 5), 0.98 for the default seed.
+    train_path = write_jsonl(root / "train.jsonl", feature_rows(320, seed=1))
     test_path = write_jsonl(root / "test.jsonl", feature_rows(60, seed=2))
     cfg = TrainConfig(model_name=str(root / "base"), train_data=train_path, output_dir=str(root / "run"),
-                      backend="hf", num_epochs=3, batch_size=16, learning_rate=1e-2, warmup_ratio=0.1,
+                      backend="hf", num_epochs=3, batch_size=32, learning_rate=1e-2, warmup_ratio=0.1,
                       lora_r=8, lora_alpha=16, lora_dropout=0.1, eval_steps=15, bf16=False, gradient_checkpointing=False,
                       calib_beta=4, eval_batch_size=8, max_new_tokens=4, logging_steps=1, progress=False,
                       save_total_limit=None)  # every checkpoint kept: the tests below resume from checkpoint-20
