@@ -27,7 +27,7 @@ from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
 __all__ = ["BACKENDS", "QUANTIZATIONS", "DEFAULT_TARGET_MODULES", "METADATA_FILE", "ADAPTER_WEIGHTS_FILE",
            "PICKLE_PATTERNS", "build_model",
            "enable_gradient_checkpointing",
-           "load_tokenizer", "resolve_backend", "save_adapter", "load_adapter", "model_device"]
+           "load_tokenizer", "resolve_backend", "save_adapter", "load_adapter", "model_device", "replace_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,17 +255,23 @@ def save_adapter(model, tokenizer, out_dir: str | os.PathLike, *, domains=None,
         model.save_pretrained(tmp, save_embedding_layers=False, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _write_metadata(tmp, tokenizer, domains, {"token_init": token_init, **(extra or {})})
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def replace_directory(new: Path, out_dir: Path) -> None:
+    """Put the finished directory ``new`` at ``out_dir`` by renames: a reader sees the old directory
+    or the new one, never a mix (an existing ``out_dir`` is moved aside, then removed)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(new, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_adapter(adapter_dir: str | os.PathLike, *, base_model: "str | torch.nn.Module | None" = None,

@@ -52,7 +52,7 @@ from conftok.evaluate import evaluate, load_rows, print_validation_block
 from conftok.loss import attach_base_topk, padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
 from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model, enable_gradient_checkpointing,
-                              model_device, resolve_backend, save_adapter)
+                              model_device, replace_directory, resolve_backend, save_adapter)
 from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.tokens import token_ids
@@ -374,13 +374,7 @@ def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, 
                      extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
         save_trainer_state(staging, optimizer=optimizer, scheduler=scheduler, state=state)
         _write_json(staging / VALIDATION_FILE, validation)
-        old = None
-        if path.exists():  # the same step written again (a resumed run): the new one replaces it
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(staging, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(staging, path)  # the same step written again (a resumed run): the new one wins
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
