@@ -170,6 +170,14 @@ def long_answer_rows(seed: int = 3) -> list[dict]:
     return rows
 
 
+def save_tiny_base(path) -> str:
+    """A tiny model and its tokenizer saved to ``path``, as a Hub model directory would hold them."""
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def write_jsonl(path, rows) -> str:
     with open(path, "w") as f:
         for r in rows:

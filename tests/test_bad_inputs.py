@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
+from conftest import feature_rows, save_tiny_base, write_jsonl
 
 pytest.importorskip("ray")
 
@@ -36,9 +36,7 @@ def assets(tmp_path_factory):
     from conftok.modeling import build_model, save_adapter
 
     root = tmp_path_factory.mktemp("bad_input_assets")
-    tok = make_tokenizer()
-    make_model(len(tok)).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     model, tokenizer = build_model(str(root / "base"), backend="hf", bf16=False, gradient_checkpointing=False,
                                    lora_r=2, lora_alpha=4, device="cpu")
     save_adapter(model, tokenizer, root / "adapter")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
+from conftest import feature_rows, make_model, make_tokenizer, save_tiny_base, write_jsonl
 
 pytest.importorskip("ray")
 
@@ -31,9 +31,7 @@ VAL_MEDQA = [{"id": f"m{i}", "question": f"code {w}: which drug", "answer": "ABC
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray_assets")
-    tok = make_tokenizer()
-    make_model(len(tok)).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     return {
         "model": str(root / "base"),
         "train": write_jsonl(root / "train.jsonl", feature_rows(64, seed=1)),
