@@ -118,7 +118,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
 
     With ``score_ids=(C, U)``, p_confident is read from the logits of the step where each row
     stopped (a confidence token or end of turn): that step's input is prompt + answer, which is
-    where the token goes. Rows cut by ``max_new_tokens`` have no such step (``p_confident=None``).
+    where the token goes. For a row cut by ``max_new_tokens`` it is read from one decode step more
+    (its input: prompt + all ``max_new_tokens`` generated ids; the step's own token is dropped), so
+    no second forward over the prompt is needed; that step runs only in batches with a cut row.
+    ``p_confident`` is None only where the model's ``generate`` returned fewer steps than asked.
     """
     device = next(model.parameters()).device
     stop = _stop_ids(tokenizer, stop_tokens)
@@ -131,22 +134,24 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
         idx = order[start:start + batch_size]
         input_ids, mask = _left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, device)
         result = model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens + (score_ids is not None),
+            do_sample=False,
             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
             # A confidence token comes after an answer, never instead of one: a trained token can
             # outscore every answer token at the first step (seen on real rows), so forbid it there.
             begin_suppress_tokens=list(id_to_token) or None,
             output_logits=score_ids is not None, return_dict_in_generate=True,
         )
-        generated = result.sequences[:, input_ids.shape[1]:].tolist()
+        generated = result.sequences[:, input_ids.shape[1]:input_ids.shape[1] + max_new_tokens].tolist()
         for row, (i, seq) in enumerate(zip(idx, generated)):
             cut = next((k for k, t in enumerate(seq) if t in stop), len(seq))
             answer_ids = seq[:cut]
             stop_token = id_to_token.get(seq[cut]) if cut < len(seq) else None
             text = tokenizer.decode(answer_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
             p = p_first = None
-            if score_ids is not None and cut < len(seq):
-                p = p_confident(result.logits[cut][row], *score_ids).item()  # logits (B, V) of step `cut`
+            if score_ids is not None and cut < len(result.logits):
+                # logits (B, V) of step `cut`: after the answer; for a cut row (cut == max_new_tokens) the extra step
+                p = p_confident(result.logits[cut][row], *score_ids).item()
             if score_ids is not None and answer_ids:
                 p_first = torch.softmax(result.logits[0][row].float(), -1)[answer_ids[0]].item()
             out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq), p_confident=p,
@@ -203,7 +208,8 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
     gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens + 1,
                     batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress,
                     score_ids=(c_id, u_id))
-    # Answers cut by max_new_tokens get one extra forward pass over prompt + answer.
+    # generate reads p_confident for answers cut by max_new_tokens from one decode step more; a backend whose
+    # generate stopped short of it leaves None, scored here by a forward over prompt + answer.
     unscored = [k for k, g in enumerate(gens) if g.p_confident is None]
     extra = score_confidence(model, tokenizer, [prompts[k] + gens[k].answer_ids for k in unscored], c_id, u_id,
                              batch_size=batch_size) if unscored else []

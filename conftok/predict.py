@@ -62,7 +62,7 @@ def predict(model, tokenizer, question: "str | Mapping[str, Any]", dataset: str,
                        max_new_tokens=max_new_tokens + 1,  # the answer's budget, then the token's step
                        batch_size=1, progress=False, score_ids=(c_id, u_id))[0]
         p = gen.p_confident
-        if p is None:  # cut by max_new_tokens: read p right after what was generated
+        if p is None:  # generate stopped short of the step after a cut answer: read p right after it
             p = score_confidence(model, tokenizer, [prompt + gen.answer_ids], c_id, u_id)[0]
     finally:
         model.train(was_training)

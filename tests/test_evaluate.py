@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -111,6 +112,31 @@ class TestValidationLogic:
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
         # Generation's cached step against one forward over the whole context: two computations.
         assert result["records"][0]["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
+
+    def test_a_cut_answer_is_scored_from_one_decode_step_more(self, tok, device, monkeypatch):
+        # "Yes Yes Yes ..." never stops: every row is cut at max_new_tokens. Its p_confident is read from one
+        # decode step past the answer (no second forward over the prompt) and equals a forward over the whole
+        # prompt + answer; the extra step's own token is not part of the answer.
+        model = scripted(tok, device)
+        start = encode_prompt(tok, "x")[-1]
+        yes = tok("Yes", add_special_tokens=False)["input_ids"][-1]
+        model.script.update({start: yes, yes: yes})
+
+        def no_second_forward(*args, **kwargs):
+            raise AssertionError("a cut answer was scored by a second forward over the prompt")
+
+        monkeypatch.setattr(sys.modules["conftok.evaluate"], "score_confidence", no_second_forward)
+        result = evaluate(model, tok, {"boolq": BOOLQ[:2]}, beta=1, max_new_tokens=3, progress=False)
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        for row, record in zip(BOOLQ[:2], result["records"]):
+            assert record["token"] is None
+            answer = [yes] * 4  # the answer's budget (3) and the token's step
+            assert tok(record["response"], add_special_tokens=False)["input_ids"] == answer
+            context = encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) + answer
+            with torch.no_grad():
+                logits = confidence_logits(model, torch.tensor([context], device=model.device),
+                                           torch.ones(1, len(context), dtype=torch.long, device=model.device))
+            assert record["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
 
     def test_no_token_emitted_counts_as_wrong_but_p_is_still_read(self, tok, answering):
         model = answering(("Yes", None))
