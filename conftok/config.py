@@ -110,6 +110,10 @@ class TrainConfig:
         "log-probabilities, computed once before training (the default guard: keeps the answers at "
         "~1.01x a token-only step; 0: off; exclusive with kl_weight).", default=1.0)
     stored_kl_top_k: int = _help("Base log-probabilities kept per answer position for stored_kl_weight.", default=32)
+    reference_cache: str = _help(
+        "Directory that keeps stored_kl_weight's base top-k between runs on the same rows and base model (a "
+        "resumed run, the trials of a search: one base pass for all); 'auto': <output_dir>/cache (a search: "
+        "the trials' shared cache); '': off.", default="auto")
     balance_token_classes: bool = _help(
         "Weight the token loss per domain by inverse class frequency (C and U count equally).", default=False)
     score_lambda: float = _help("val/score = accuracy - lambda * calibration error.", default=1.0)

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from conftok.data import IGNORE_INDEX
 
 __all__ = ["padded_attention_guard", "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
-           "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "ANSWER_CE_ROWS"]
+           "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk",
+           "ANSWER_CE_ROWS"]
 
 ANSWER_CE_ROWS = ("all", "correct")
 
@@ -254,19 +255,30 @@ def attach_base_topk(dataset, model, k: int, *, batch_size: int = 16, progress: 
     Run once before training (a PEFT model's adapter is disabled here, dropout off). Costs one
     forward over the data set without gradients, and ``k`` ids (int32) and log-probabilities (fp16)
     per answer token in memory: 6k bytes a token, 192 bytes at k = 32.
+    :func:`conftok.reference_cache.attach_base_topk_cached` keeps them on disk between runs.
     """
+    dataset.base_topk = None  # so the items below are the plain ones
+    dataset.base_topk = rows_base_topk(dataset, model, k, range(len(dataset)), batch_size=batch_size,
+                                       progress=progress)
+
+
+@torch.no_grad()
+def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16,
+                   progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The base model's top-k ``(ids int32, logp fp16)``, each (answer length, k) on the CPU, for
+    ``rows`` (indices) of a :class:`conftok.data.ConfidenceDataset`, in the order given. Batches rows of similar length; a PEFT model's adapter is disabled, dropout off."""
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
 
     from conftok.data import ConfidenceCollator
 
-    dataset.base_topk = None  # so the items below are the plain ones
+    rows = list(rows)
     device = next(model.parameters()).device
     collate = ConfidenceCollator(0)
     disable = getattr(model, "disable_adapter", None)
-    out: list = [None] * len(dataset)
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i][0]))  # similar lengths batch together
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    order = sorted(rows, key=lambda i: len(dataset.examples[i][0]))  # similar lengths batch together
     was_training = model.training
     model.eval()  # no dropout: the reference is the base model's own distribution
     try:
@@ -277,8 +289,8 @@ def attach_base_topk(dataset, model, k: int, *, batch_size: int = 16, progress: 
                 ids, logp = base_topk(model, batch, k)  # (B, L, k), left-padded
                 for row, i in enumerate(idx):
                     n = dataset.examples[i][2]  # this row's answer length
-                    out[i] = (ids[row, ids.shape[1] - n:].to("cpu", torch.int32),
-                              logp[row, logp.shape[1] - n:].to("cpu", torch.float16))
+                    found[i] = (ids[row, ids.shape[1] - n:].to("cpu", torch.int32),
+                                logp[row, logp.shape[1] - n:].to("cpu", torch.float16))
     finally:
         model.train(was_training)
-    dataset.base_topk = out
+    return [found[i] for i in rows]

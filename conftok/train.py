@@ -43,17 +43,37 @@ import torch
 from tqdm.auto import tqdm
 
 from conftok import metrics as M
-from conftok.checkpoint import (TRAINER_STATE_FILE, TRAINER_STATE_FILES, drop_trainer_state, link_tree,
-                                load_trainer_state, save_trainer_state)
+from conftok.checkpoint import (
+    TRAINER_STATE_FILE,
+    TRAINER_STATE_FILES,
+    drop_trainer_state,
+    link_tree,
+    load_trainer_state,
+    save_trainer_state,
+)
 from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
-from conftok.loss import attach_base_topk, padded_attention_guard, training_loss
+from conftok.loss import padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
-from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model, enable_gradient_checkpointing,
-                              model_device, replace_directory, resolve_backend, save_adapter)
-from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
+from conftok.modeling import (
+    ADAPTER_WEIGHTS_FILE,
+    METADATA_FILE,
+    build_model,
+    enable_gradient_checkpointing,
+    model_device,
+    replace_directory,
+    resolve_backend,
+    save_adapter,
+)
+from conftok.packing import (
+    FLASH_ATTENTION,
+    PackedConfidenceCollator,
+    check_padding_free,
+    packed_training_loss,
+)
+from conftok.reference_cache import attach_base_topk_cached
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.tokens import token_ids
 
@@ -112,6 +132,23 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _reference_cache(cfg: TrainConfig, out: Path) -> Path | None:
+    """Where the stored KL reference is kept between runs (``cfg.reference_cache``), or None."""
+    if not cfg.reference_cache:
+        return None
+    return out / "cache" if cfg.reference_cache == "auto" else Path(cfg.reference_cache)
+
+
+def _model_description(cfg: TrainConfig, model, tokenizer, passed_model: bool) -> dict[str, Any]:
+    """What the base model's top-k depend on besides the rows: the reference cache's key."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    return {"model": getattr(config, "_name_or_path", None) if passed_model else cfg.model_name,
+            "class": type(base).__name__, "commit": getattr(config, "_commit_hash", None),
+            "quantization": cfg.quantization, "bf16": cfg.bf16, "dtype": str(getattr(base, "dtype", None)),
+            "token_init": cfg.token_init, "vocab": len(tokenizer)}
+
+
 def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=None, tokenizer=None,
           resume_from: str | os.PathLike | None = None, val_sets: dict[str, list[dict]] | None = None) -> TrainResult:
     """Train the confidence token with LoRA; see the module docstring for what is written.
@@ -141,6 +178,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         if model is None and resolve_backend(cfg.backend) != "hf":
             raise ValueError(f"padding_free=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
         check_padding_free()  # before loading anything
+    passed_model = model is not None
     model, tokenizer = build_model(
         model if model is not None else cfg.model_name, tokenizer=tokenizer, domains=domains,
         backend=cfg.backend, quantization=cfg.quantization, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -157,10 +195,13 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
-    if cfg.stored_kl_weight:
-        # The stored KL guard's reference: the base model's top-k at each answer position, computed once.
-        attach_base_topk(dataset, model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=cfg.progress)
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
+    if cfg.stored_kl_weight:
+        # The stored KL guard's reference: the base model's top-k at each answer position, computed once
+        # (and kept in the reference cache for a resumed run or the next trial of a search).
+        attach_base_topk_cached(dataset, model, cfg.stored_kl_top_k, cache_dir=_reference_cache(cfg, out),
+                                model_description=_model_description(cfg, model, tokenizer, passed_model),
+                                batch_size=cfg.eval_batch_size, progress=cfg.progress)
     collate = (PackedConfidenceCollator if cfg.padding_free else ConfidenceCollator)(tokenizer.pad_token_id)
     compute_loss = packed_training_loss if cfg.padding_free else training_loss
     lengths = dataset.lengths()

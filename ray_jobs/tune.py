@@ -48,6 +48,9 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
     raise_if_diverged(output_dir)  # the same weights and batches would diverge again
     space: SearchSpace = setup["space"]
     values = {**space.sample_to_config(config), **setup["fixed"], "output_dir": str(output_dir), "progress": False}
+    if values.get("reference_cache", "auto") == "auto":
+        # One stored KL reference for every trial: the same rows and base model (trials vary LoRA and the rate).
+        values["reference_cache"] = str(Path(setup["trials_dir"]) / "cache")
     trainer = build_trainer(
         TrainConfig(**values), name=trial_id, storage_path=setup["train_storage"], num_gpus=setup["gpus_per_trial"],
         cpus_per_worker=setup["cpus_per_trial"], max_failures=setup["max_failures"], callbacks=[TuneReportCallback()],

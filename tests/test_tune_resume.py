@@ -54,6 +54,9 @@ class TestTuneResume:
         trials = {t["trial"]: t for t in results["trials"]}
         assert len(trials) == 3 and finished_first in trials
         assert all(t["status"] != "ERROR" for t in trials.values())
+        # One stored KL reference for the search: the trials (and the resumed ones) share it.
+        assert len(list((exp / "trials" / "cache").glob("base_topk-*.safetensors"))) == 1
+        assert not list((exp / "trials").glob("*/cache"))
         import optuna
 
         study = optuna.load_study(study_name="resume", storage=f"sqlite:///{exp / 'study.db'}")
