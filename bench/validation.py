@@ -5,7 +5,7 @@
 The per-row loop is the seed's: one ``generate`` per row (no padding), then a separate forward over
 prompt + answer for the token's distribution (``benchlib.evaluate_per_row``). The batched path is
 ``conftok.evaluate.evaluate``: rows sorted by length, left-padded batches, p_confident read from the
-generation step where the row stopped (one extra forward only for rows cut by max_new_tokens).
+generation step where the row stopped (for a row cut by max_new_tokens, one decode step more).
 
 Model: SmolLM2-135M-Instruct through ``conftok.build_model`` (LoRA r=16, bf16 weights, bf16 autocast
 as ``conftok.train`` validates). A fresh adapter leaves the C and U rows equal to the end-of-turn
