@@ -158,6 +158,15 @@ def _claim(marker: str, name: str) -> bool:
     return True
 
 
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its paths taken from where the job was started (the Ray worker runs elsewhere):
+    ``train_data``, ``output_dir`` and a ``reference_cache`` directory (not ``auto`` or off)."""
+    paths = {key: str(Path(getattr(cfg, key)).resolve()) for key in ("train_data", "output_dir")}
+    if cfg.reference_cache not in ("", "auto"):
+        paths["reference_cache"] = str(Path(cfg.reference_cache).resolve())
+    return TrainConfig(**{**cfg.to_dict(), **paths})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ray_jobs.common import (ResourceError, autoscaling_gpus, check_resources, config_from_args,
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = TrainConfig(**{**cfg.to_dict(), "train_data": str(Path(cfg.train_data).resolve())})
+    cfg = with_absolute_paths(cfg)
     resources = init_ray(args.address)
     per_node_gpus, _ = autoscaling_gpus()
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if resources.get("GPU") or per_node_gpus else 0.0)
@@ -182,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except ResourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    output_dir = Path(cfg.output_dir).resolve()
-    cfg = TrainConfig(**{**cfg.to_dict(), "output_dir": str(output_dir)})
+    output_dir = Path(cfg.output_dir)
     name = args.name or output_dir.name
     storage = args.storage_path or str(output_dir.parent / "ray_results")
     print(f"Ray Train: 1 worker, {num_gpus:g} GPU, {cpus:g} CPU; run {name!r} in {storage}", flush=True)

@@ -140,6 +140,9 @@ def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:
         value = fixed.get(key, space.train.get(key))
         if value and not os.path.isabs(value) and Path(value).exists():
             fixed[key] = str(Path(value).resolve())
+    cache = fixed.get("reference_cache", space.train.get("reference_cache"))
+    if cache and cache != "auto" and not os.path.isabs(cache):  # made by the first trial, wherever it runs
+        fixed["reference_cache"] = str(Path(cache).resolve())
     return fixed
 
 

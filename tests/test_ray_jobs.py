@@ -274,3 +274,16 @@ class TestNoLeaks:
         written = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
         assert {"final/conftok.json", "checkpoint-1/trainer_state.json", "checkpoint-2/trainer_state.json"} <= written
         assert any(p.startswith("logs/events.out.tfevents") for p in written) and read > 50
+
+
+def test_paths_are_taken_from_where_the_job_was_started(tmp_path, monkeypatch):
+    """The Ray worker runs in another directory: relative paths are made absolute on the driver."""
+    from conftok.config import TrainConfig
+    from ray_jobs.train import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(TrainConfig(train_data="t.jsonl", output_dir="runs/a", reference_cache="shared/cache"))
+    assert (cfg.train_data, cfg.output_dir, cfg.reference_cache) == (
+        str(tmp_path / "t.jsonl"), str(tmp_path / "runs" / "a"), str(tmp_path / "shared" / "cache"))
+    for kept in ("auto", ""):
+        assert with_absolute_paths(TrainConfig(reference_cache=kept)).reference_cache == kept

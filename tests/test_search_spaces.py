@@ -42,6 +42,18 @@ class TestSearchSpaces:
             assert space.train["val_sources"] == {"boolq": "huyxdang/boolq-split", "medqa": "huyxdang/medqa-split"}
         assert load_space(ROOT / "search_spaces" / "mistral7b.yaml").objective == "pareto"
 
+    def test_relative_paths_are_taken_from_where_the_search_was_started(self, tmp_path, monkeypatch):
+        from ray_jobs.tune import prepare_fixed
+
+        text = (ROOT / "search_spaces" / "qwen7b.yaml").read_text()
+        space = yaml.safe_load(text)
+        space["train"].update(train_data="t.jsonl", reference_cache="shared/cache")
+        (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+        (tmp_path / "t.jsonl").write_text("")
+        monkeypatch.chdir(tmp_path)
+        fixed = prepare_fixed(load_space(tmp_path / "space.yaml"), tmp_path / "exp")
+        assert fixed == {"train_data": str(tmp_path / "t.jsonl"), "reference_cache": str(tmp_path / "shared" / "cache")}
+
     def test_every_problem_reported_at_once(self, tmp_path):
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({
