@@ -62,3 +62,15 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"defaults", "validation", "batched"}
     assert not result["targets_apply"]
     assert "| token_only | on | grouped |" in proc.stdout and "model FLOPs/step" in proc.stdout
+
+
+def test_decode_overhead_bench_runs_with_what_a_gpu_box_has(tmp_path):
+    out = tmp_path / "decode.json"
+    proc = run_without(MISSING_ON_GPU_BOX, ROOT / "bench" / "decode_overhead.py",
+                       ["--layers", "2", "--prompt", "8", "--new_tokens", "3", "--batch", "2", "--rounds", "1",
+                        "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert len(result["per_token_ms"]) == 6  # three variants at batch 1 and 2
+    assert all(v["ms"] > 0 and v["ratio_to_bare"] > 0 for v in result["per_token_ms"].values())
+    assert result["per_token_ms"]["bare model, batch 1"]["ratio_to_bare"] == 1.0
