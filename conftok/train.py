@@ -43,36 +43,17 @@ import torch
 from tqdm.auto import tqdm
 
 from conftok import metrics as M
-from conftok.checkpoint import (
-    TRAINER_STATE_FILE,
-    TRAINER_STATE_FILES,
-    drop_trainer_state,
-    link_tree,
-    load_trainer_state,
-    save_trainer_state,
-)
+from conftok.checkpoint import (TRAINER_STATE_FILE, TRAINER_STATE_FILES, drop_trainer_state, link_tree,
+                                load_trainer_state, save_trainer_state)
 from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
 from conftok.loss import padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
-from conftok.modeling import (
-    ADAPTER_WEIGHTS_FILE,
-    METADATA_FILE,
-    build_model,
-    enable_gradient_checkpointing,
-    model_device,
-    replace_directory,
-    resolve_backend,
-    save_adapter,
-)
-from conftok.packing import (
-    FLASH_ATTENTION,
-    PackedConfidenceCollator,
-    check_padding_free,
-    packed_training_loss,
-)
+from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model, enable_gradient_checkpointing,
+                              model_device, replace_directory, resolve_backend, save_adapter)
+from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
 from conftok.reference_cache import attach_base_topk_cached
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.tokens import token_ids
