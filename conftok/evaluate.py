@@ -260,6 +260,11 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
             recs = _evaluate_domain(model, tokenizer, domain, list(rows), stop_tokens=domains.tokens,
                                     batch_size=batch_size,
                                     max_new_tokens=max_new_tokens, progress=progress, dataset_name=dataset_name)
+            not_finite = [k for k, r in enumerate(recs) if not math.isfinite(r["p_confident"])]
+            if not_finite:  # the model's outputs are NaN/inf: its weights diverged, not the rows
+                raise FloatingPointError(
+                    f"p_confident is not finite on {len(not_finite)} of {len(recs)} {dataset_name} validation rows "
+                    f"(first: row {not_finite[0]}): the model's outputs are not finite")
             figures = summarize_domain(recs, beta=beta, p=p)
             per_domain[domain.name] = figures
             reliability[domain.name] = reliability_bins([r["p_confident"] for r in recs],

@@ -216,10 +216,15 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     def validate(epoch: float) -> dict[str, Any]:
         step = state["global_step"]
         print("\n" + "=" * 70 + f"\nVALIDATION - Epoch {epoch:.1f}\n" + "=" * 70, flush=True)
-        with amp():
-            result = evaluate(model, tokenizer, val_sets, domains=domains, beta=cfg.calib_beta, p=cfg.calib_p_norm,
-                              batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                              progress=cfg.progress, verbose=True)
+        try:
+            with amp():
+                result = evaluate(model, tokenizer, val_sets, domains=domains, beta=cfg.calib_beta,
+                                  p=cfg.calib_p_norm, batch_size=cfg.eval_batch_size,
+                                  max_new_tokens=cfg.max_new_tokens, progress=cfg.progress, verbose=True)
+        except FloatingPointError as e:  # a finite loss and gradient, then an update that overflowed the weights
+            raise FloatingPointError(
+                f"validation after step {step} (epoch {epoch:.1f}): {e}; the update of step {step} diverged. Try a "
+                f"lower learning_rate (now {cfg.learning_rate}) or a longer warmup") from None
         print_validation_block(result, epoch)
         metrics = {**result["metrics"], M.STEP: step, M.EPOCH: epoch}
         metrics[M.VAL_SCORE] = metrics[M.VAL_ACCURACY] - cfg.score_lambda * metrics[M.VAL_CALIBRATION_ERROR]

@@ -266,6 +266,19 @@ class TestIntegration:
         with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 \(epoch 1, batch 1\)"):
             train(cfg, model=model, tokenizer=tokenizer, val_sets=VAL)
 
+    def test_an_update_that_overflows_the_weights_stops_at_its_validation(self, tmp_path, train_on_device):
+        """A finite loss and gradient, then a step of size 1e30: the weights overflow and the validation
+        right after it reads NaN. That is a divergence with its step (a FloatingPointError, which the Ray
+        job records and does not retry), not a complaint about NaN confidences in the rows."""
+        tokenizer = make_tokenizer()
+        path = write_jsonl(tmp_path / "t.jsonl", feature_rows(8))
+        cfg = TrainConfig(model_name="in-process", train_data=path, output_dir=str(tmp_path / "run"), bf16=False,
+                          gradient_checkpointing=False, progress=False, batch_size=4, max_steps=2, eval_steps=1,
+                          learning_rate=1e30, warmup_ratio=0.0, lr_scheduler="constant_with_warmup", max_new_tokens=2)
+        with pytest.raises(FloatingPointError, match=r"validation after step 1 \(epoch 0\.5\): p_confident is not "
+                                                     r"finite on \d+ of \d+ boolq validation rows"):
+            train(cfg, model=make_model(len(tokenizer), device=train_on_device), tokenizer=tokenizer, val_sets=VAL)
+
     def test_a_crash_while_saving_leaves_no_checkpoint(self, tmp_path, train_on_device, monkeypatch):
         """A checkpoint is written whole or not at all: a failure after the adapter is written but
         before the trainer state leaves no checkpoint-N (a resume would pick it and fail) and no
