@@ -121,7 +121,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     where the token goes. For a row cut by ``max_new_tokens`` it is read from one decode step more
     (its input: prompt + all ``max_new_tokens`` generated ids; the step's own token is dropped), so
     no second forward over the prompt is needed; that step runs only in batches with a cut row.
-    ``p_confident`` is None only where the model's ``generate`` returned fewer steps than asked.
+    Where a model's ``generate`` returned fewer steps than asked, those rows are scored by a forward
+    over prompt + answer (:func:`score_confidence`): with ``score_ids`` every row has p_confident.
     """
     device = next(model.parameters()).device
     stop = _stop_ids(tokenizer, stop_tokens)
@@ -158,6 +159,12 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
                                 p_answer=p_first)
         bar.update(len(idx))
     bar.close()
+    unscored = [i for i, g in enumerate(out) if score_ids is not None and g.p_confident is None]
+    if unscored:
+        probs = score_confidence(model, tokenizer, [prompts[i] + out[i].answer_ids for i in unscored], *score_ids,
+                                 batch_size=batch_size)
+        for i, p in zip(unscored, probs):
+            out[i].p_confident = p
     return out  # type: ignore[return-value]
 
 
@@ -208,16 +215,8 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
     gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens + 1,
                     batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress,
                     score_ids=(c_id, u_id))
-    # generate reads p_confident for answers cut by max_new_tokens from one decode step more; a backend whose
-    # generate stopped short of it leaves None, scored here by a forward over prompt + answer.
-    unscored = [k for k, g in enumerate(gens) if g.p_confident is None]
-    extra = score_confidence(model, tokenizer, [prompts[k] + gens[k].answer_ids for k in unscored], c_id, u_id,
-                             batch_size=batch_size) if unscored else []
-    probs = [g.p_confident for g in gens]
-    for k, p in zip(unscored, extra):
-        probs[k] = p
     records = []
-    for row, gen, prob in zip(rows, gens, probs):
+    for row, gen in zip(rows, gens):
         answer = domain.parse_answer(gen.text, row)
         gold = domain.gold_answer(row)
         correct = answer is not None and answer == gold
@@ -225,7 +224,8 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
         records.append({
             "domain": domain.name, "dataset": dataset_name, "id": row.get("id"), "response": gen.text,
             "answer": answer, "gold": gold, "correct": bool(correct), "token": gen.stop_token,
-            "expected_token": expected, "token_correct": gen.stop_token == expected, "p_confident": float(prob),
+            "expected_token": expected, "token_correct": gen.stop_token == expected,
+            "p_confident": float(gen.p_confident),
             "domain_tokens": list(domain.tokens),
             "p_answer": gen.p_answer,
         })

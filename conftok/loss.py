@@ -266,7 +266,8 @@ def attach_base_topk(dataset, model, k: int, *, batch_size: int = 16, progress: 
 def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16,
                    progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The base model's top-k ``(ids int32, logp fp16)``, each (answer length, k) on the CPU, for
-    ``rows`` (indices) of a :class:`conftok.data.ConfidenceDataset`, in the order given. Batches rows of similar length; a PEFT model's adapter is disabled, dropout off."""
+    ``rows`` (indices) of a :class:`conftok.data.ConfidenceDataset`, in the order given. Batches
+    rows of similar length; a PEFT model's adapter is disabled, dropout off."""
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm

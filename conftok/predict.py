@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from conftok.domains import resolve_domains
-from conftok.evaluate import generate, score_confidence
+from conftok.evaluate import generate
 from conftok.prompts import encode_prompt
 
 __all__ = ["Prediction", "predict"]
@@ -61,9 +61,7 @@ def predict(model, tokenizer, question: "str | Mapping[str, Any]", dataset: str,
         gen = generate(model, tokenizer, [prompt], stop_tokens=resolve_domains(domains).tokens,
                        max_new_tokens=max_new_tokens + 1,  # the answer's budget, then the token's step
                        batch_size=1, progress=False, score_ids=(c_id, u_id))[0]
-        p = gen.p_confident
-        if p is None:  # generate stopped short of the step after a cut answer: read p right after it
-            p = score_confidence(model, tokenizer, [prompt + gen.answer_ids], c_id, u_id)[0]
+        p = gen.p_confident  # read after the answer, a cut one included
     finally:
         model.train(was_training)
     answer = domain.parse_answer(gen.text, row)

@@ -138,6 +138,24 @@ class TestValidationLogic:
                                            torch.ones(1, len(context), dtype=torch.long, device=model.device))
             assert record["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
 
+    def test_a_generate_that_stops_short_leaves_no_row_unscored(self, tok, device):
+        # A backend whose generate returns fewer steps than asked: the cut rows have no step after their
+        # answer, and generate scores them by a forward over prompt + answer instead.
+        model = scripted(tok, device)
+        start = encode_prompt(tok, "x")[-1]
+        yes = tok("Yes", add_special_tokens=False)["input_ids"][-1]
+        model.script.update({start: yes, yes: yes})
+        full_generate = model.generate
+        model.generate = lambda **kw: full_generate(**{**kw, "max_new_tokens": kw["max_new_tokens"] - 1})
+        result = evaluate(model, tok, {"boolq": BOOLQ[:2]}, beta=1, max_new_tokens=3, progress=False)
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        for row, record in zip(BOOLQ[:2], result["records"]):
+            context = encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) + [yes] * 4
+            with torch.no_grad():
+                logits = confidence_logits(model, torch.tensor([context], device=model.device),
+                                           torch.ones(1, len(context), dtype=torch.long, device=model.device))
+            assert record["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
+
     def test_no_token_emitted_counts_as_wrong_but_p_is_still_read(self, tok, answering):
         model = answering(("Yes", None))
         result = evaluate(model, tok, {"boolq": BOOLQ}, beta=3, progress=False)
