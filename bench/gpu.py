@@ -24,6 +24,11 @@ gives the one-line command for a lent GPU box and bench/device_prep.sh what trav
   warm-up step of each configuration is also counted by ``torch.utils.flop_counter`` as a check.
 - ``validate``: ``conftok.evaluate.evaluate`` at batch 16 and 64 against one ``generate`` per row
   then a separate forward for the token's distribution (the seed's way), outputs compared.
+- ``profile``: where validation and a training step spend their time. Validation at the largest
+  ``--val_batch_sizes`` under variants timed back to back (as ``conftok.train`` runs it, without
+  autocast, the adapter disabled, the adapter merged, twice the batch); a prefill and each decode step
+  of one batch timed by hand, with and without the adapter; and ``torch.profiler`` tables (the ops
+  with the most GPU and the most CPU time) for one ``generate`` and one training step per loss.
 - ``unsloth``: the defaults and token-only steps through ``backend='unsloth'`` in a child process
   (unsloth must be imported before transformers); skipped with the reason when not importable.
 
@@ -53,7 +58,7 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 from benchlib import (DEFAULT_DATA, compare_records, evaluate_per_row, machine_info, markdown_table,  # noqa: E402
                       read_raw_rows, write_json, write_tagged_rows)
 
-PHASES = ("matmul", "train", "validate", "unsloth")
+PHASES = ("matmul", "train", "validate", "profile", "unsloth")
 LOSSES = ("token_only", "defaults", "full_logits")
 # Further guards to time beside the defaults (--guards), as TrainConfig overrides: the candidates of
 # bench/run_studies.py, so the step cost of whichever becomes the default is measured here too.
@@ -465,6 +470,155 @@ def run_validate(model, tokenizer, args, device, amp, log) -> dict:
     return out
 
 
+def timed(device, fn) -> tuple[float, object]:
+    sync(device)
+    start = time.perf_counter()
+    value = fn()
+    sync(device)
+    return time.perf_counter() - start, value
+
+
+def profile_table(prof, sort_by: str, rows: int) -> list[dict]:
+    """The ``rows`` ops with the most ``sort_by`` time: name, calls, self CPU ms, self device ms."""
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_by), reverse=True)[:rows]
+    return [{"op": e.key[:70], "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "self_device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3} for e in events]
+
+
+def profiled(device, fn, rows: int = 18) -> dict:
+    """Wall time of ``fn`` under torch.profiler, the device's busy time (sum of kernels' self time) and
+    the top ops by device and by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall, _ = timed(device, fn)
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e6
+    return {"wall_s": wall, "device_busy_s": busy, "device_busy_share": busy / wall if wall else None,
+            "top_device": profile_table(prof, "self_device_time_total", rows) if device.type == "cuda" else [],
+            "top_cpu": profile_table(prof, "self_cpu_time_total", rows)}
+
+
+def manual_decode(model, tokenizer, prompts, new_tokens: int, device) -> dict:
+    """One batch by hand: the prefill (logits of the last position only), then ``new_tokens`` greedy
+    decode steps on the KV cache, each timed. What generate's own loop adds is the difference."""
+    import torch
+
+    from conftok.evaluate import _left_pad
+    from conftok.loss import position_ids_from_mask
+
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    with torch.no_grad():
+        prefill_s, out = timed(device, lambda: model(input_ids=ids, attention_mask=mask, use_cache=True,
+                                                     position_ids=position_ids_from_mask(mask), logits_to_keep=1))
+        cache, steps = out.past_key_values, []
+        positions = position_ids_from_mask(mask)[:, -1:]
+        for _ in range(new_tokens):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            positions = positions + 1
+            step_s, out = timed(device, lambda: model(input_ids=nxt, attention_mask=mask, past_key_values=cache,
+                                                      position_ids=positions, use_cache=True))
+            steps.append(step_s)
+    steps.sort()
+    return {"batch": len(prompts), "prompt_tokens": int(ids.shape[1]), "prefill_s": prefill_s,
+            "decode_step_s_median": steps[len(steps) // 2], "decode_step_s_max": steps[-1], "steps": len(steps)}
+
+
+def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, stored_kl_ready=False) -> dict:
+    """Where validation and a training step spend their time (module docstring, ``profile``)."""
+    import contextlib
+
+    import torch
+
+    from conftok.evaluate import evaluate, generate
+    from conftok.prompts import encode_prompt
+    from conftok.tokens import token_ids
+
+    domains = cfg_domains()
+    raw = read_raw_rows(args.data, max(1, args.val_rows // 2))
+    batch = max(args.val_batch_sizes)
+    rows = sum(map(len, raw.values()))
+    out: dict = {"rows": rows, "batch_size": batch, "validation": []}
+
+    def validate(batch_size, autocast=True, adapter=True):
+        ctx = amp() if autocast else contextlib.nullcontext()
+        off = model.disable_adapter() if not adapter else contextlib.nullcontext()
+        with ctx, off:
+            evaluate(model, tokenizer, raw, domains=domains, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
+                     progress=False)
+
+    model.eval()
+    variants = [("as conftok.train runs it (bf16 autocast)", lambda: validate(batch)),
+                ("no autocast", lambda: validate(batch, autocast=False)),
+                ("adapter disabled (the base model)", lambda: validate(batch, adapter=False)),
+                (f"batch {2 * batch}", lambda: validate(2 * batch))]
+    for name, fn in variants:
+        try:
+            seconds, _ = timed(device, fn)
+            out["validation"].append({"variant": name, "seconds": seconds, "samples_per_s": rows / seconds})
+            log(f"profile: validation, {name}: {rows / seconds:.1f} samples/s")
+        except Exception as e:  # keep the rest of the phase
+            traceback.print_exc()
+            out["validation"].append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+    name = "adapter merged into the weights"
+    try:
+        model.merge_adapter()
+        try:
+            seconds, _ = timed(device, lambda: validate(batch, adapter=True))
+        finally:
+            model.unmerge_adapter()
+        out["validation"].append({"variant": name, "seconds": seconds, "samples_per_s": rows / seconds})
+        log(f"profile: validation, {name}: {rows / seconds:.1f} samples/s")
+    except Exception as e:
+        traceback.print_exc()
+        out["validation"].append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+
+    prompts = []
+    for name, rows_ in raw.items():
+        domain = domains.for_dataset(name)
+        prompts += [encode_prompt(tokenizer, domain.build_question(r)) for r in rows_]
+    prompts = sorted(prompts, key=len)[:batch]
+    with amp():
+        out["decode"] = {"adapter": manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)}
+        with model.disable_adapter():
+            out["decode"]["base"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
+    for k, d in out["decode"].items():
+        log(f"profile: by hand, {k}: prefill of {d['batch']} x {d['prompt_tokens']} tokens {1e3 * d['prefill_s']:.1f} ms, "
+            f"a decode step {1e3 * d['decode_step_s_median']:.1f} ms (median)")
+
+    vocab = tokenizer.get_vocab()
+    c_id, u_id = (vocab[t] for t in next(iter(domains)).tokens)
+    with amp():
+        out["generate"] = profiled(device, lambda: generate(
+            model, tokenizer, prompts, stop_tokens=domains.tokens, max_new_tokens=args.max_new_tokens + 1,
+            batch_size=batch, progress=False, score_ids=(c_id, u_id)))
+    log(f"profile: one generate of {len(prompts)} rows: {out['generate']['wall_s']:.2f} s, device busy "
+        f"{out['generate']['device_busy_s']:.2f} s")
+    if train_batches:
+        from conftok.config import TrainConfig
+
+        ids = token_ids(tokenizer, domains.tokens)
+        ids_ = (sorted(ids.values()), sorted(ids[d.confident_token] for d in domains))
+        guard_kwargs = TrainConfig().loss_kwargs()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        model.train()
+        out["train"] = {}
+        for loss in ("token_only", "defaults"):
+            if loss == "defaults" and guard_kwargs.get("stored_kl_weight") and not stored_kl_ready:
+                continue
+            fn = make_loss_fn(loss, ids_, guard_kwargs)
+            train_step(model, optimizer, fn, train_batches[0], device, amp)  # this shape's first pass, untimed
+            out["train"][loss] = profiled(device, lambda: train_step(model, optimizer, fn, train_batches[1], device, amp))
+            log(f"profile: a {loss} step: {out['train'][loss]['wall_s']:.3f} s, device busy "
+                f"{out['train'][loss]['device_busy_s']:.3f} s")
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+    model.eval()
+    return out
+
+
 def run_unsloth(args, log) -> dict:
     if importlib.util.find_spec("unsloth") is None:
         return {"skipped": "unsloth is not installed (pip install 'conftok[gpu]')"}
@@ -608,6 +762,28 @@ def print_report(result: dict) -> None:
         rows = [[f"evaluate, batch {b['batch_size']}", b["samples_per_s"], b["seconds"]] for b in val["batched"]]
         rows.append(["per row (generate, then a forward)", val["per_row"]["samples_per_s"], val["per_row"]["seconds"]])
         print(markdown_table(["path", "samples/s", "seconds"], rows))
+    prof = result.get("profile")
+    if prof and "error" in prof:
+        print(f"\nProfile failed: {prof['error']}")
+    elif prof:
+        print(f"\nProfile: validation of {prof['rows']} rows, variants timed back to back\n")
+        print(markdown_table(["variant", "samples/s", "seconds", "error"],
+                             [[v["variant"], v.get("samples_per_s"), v.get("seconds"), v.get("error")]
+                              for v in prof["validation"]]))
+        print("\nOne batch by hand (prefill keeps the last position's logits; decode steps on the KV cache)\n")
+        print(markdown_table(["model", "batch", "prompt tokens", "prefill ms", "decode step ms (median)", "max"],
+                             [[k, d["batch"], d["prompt_tokens"], 1e3 * d["prefill_s"], 1e3 * d["decode_step_s_median"],
+                               1e3 * d["decode_step_s_max"]] for k, d in prof["decode"].items()]))
+        for what, p in [("one generate", prof["generate"])] + [(f"a {k} training step", v)
+                                                               for k, v in prof.get("train", {}).items()]:
+            share = f" ({p['device_busy_share']:.0%})" if p["device_busy_share"] is not None else ""
+            print(f"\nProfiled, {what}: wall {p['wall_s']:.3f} s, device busy {p['device_busy_s']:.3f} s{share}\n")
+            for key, label in (("top_device", "device"), ("top_cpu", "CPU")):
+                if p[key]:
+                    print(f"Ops with the most {label} time:\n")
+                    print(markdown_table(["op", "calls", "self CPU ms", "self device ms"],
+                                         [[r["op"], r["calls"], r["self_cpu_ms"], r["self_device_ms"]] for r in p[key]]))
+                    print()
     uns = result.get("unsloth")
     if uns is not None:
         if "skipped" in uns:
@@ -694,6 +870,21 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # keep the training figures and the report
                 traceback.print_exc()
                 result["validate"] = {"error": f"{type(e).__name__}: {e}"}
+            write_json(args.out, result)
+        if "profile" in args.phases:
+            train_batches = None
+            if "train" in args.phases:
+                from conftok.data import ConfidenceCollator
+
+                collate = ConfidenceCollator(tokenizer.pad_token_id)
+                train_batches = [collate([measured[i] for i in b]) for b in chosen["grouped"][:2]]
+                set_checkpointing(model, False)
+            try:
+                result["profile"] = run_profile(model, tokenizer, args, device, amp, log, train_batches,
+                                                stored_kl_ready="defaults" in args.losses)
+            except Exception as e:
+                traceback.print_exc()
+                result["profile"] = {"error": f"{type(e).__name__}: {e}"}
             write_json(args.out, result)
         del model, base
         gc.collect()
