@@ -287,7 +287,9 @@ def make_loss_fn(loss: str, token_ids_, guard_kwargs: dict):
 def set_checkpointing(model, on: bool) -> None:
     base = model.get_base_model()
     if on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from conftok.loss import CHECKPOINTING_KWARGS
+
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     else:
         base.gradient_checkpointing_disable()
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from conftok.data import IGNORE_INDEX
 
-__all__ = ["padded_attention_guard", "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
+__all__ = ["padded_attention_guard", "CHECKPOINTING_KWARGS", "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
            "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk",
            "ANSWER_CE_ROWS"]
 
@@ -58,8 +58,9 @@ def padded_attention_guard(attention_mask: torch.Tensor):
     the same 40 steps (bench/README.md). So batches with padding run the math kernel; batches without
     (most, with length-grouped batches) keep the fused ones. Costs one host sync a step (the mask
     check) and, on padded batches, attention memory O(B x heads x T^2). A no-op on the CPU, and for
-    attention implementations other than SDPA. Enter it around the backward too: gradient
-    checkpointing recomputes the forward there.
+    attention implementations other than SDPA. Gradient checkpointing recomputes the forward in
+    the backward: models checkpointed with :data:`CHECKPOINTING_KWARGS` (``build_model`` does)
+    recompute under the forward's kernels, so the backward need not be inside this guard.
     """
     from contextlib import nullcontext
 
@@ -68,6 +69,28 @@ def padded_attention_guard(attention_mask: torch.Tensor):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
+
+
+def _recompute_with_the_forwards_attention_kernels():
+    """``context_fn`` for ``torch.utils.checkpoint``: the recomputation runs under the SDPA kernels the
+    forward was allowed (read now, as the forward runs), whatever is in force at backward time."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flags = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+             SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+             SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+             SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled()}
+    return nullcontext(), sdpa_kernel([backend for backend, on in flags.items() if on])
+
+
+# gradient_checkpointing_kwargs for every model conftok checkpoints. Non-reentrant, and each layer's
+# recomputation uses the attention kernels of its forward: a padded batch's forward runs under
+# padded_attention_guard (SDPA's math kernel); a backward called outside that guard (a user's own
+# loop) would otherwise recompute with the fused kernels and torch.utils.checkpoint stops with
+# "Recomputed values ... have different metadata" (seen on an H200 with every such loop).
+CHECKPOINTING_KWARGS = {"use_reentrant": False, "context_fn": _recompute_with_the_forwards_attention_kernels}
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

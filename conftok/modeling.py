@@ -21,6 +21,7 @@ import torch
 
 from conftok.domains import DomainSet, resolve_domains
 from conftok.lora_targets import present_target_modules, trainable_token_indices
+from conftok.loss import CHECKPOINTING_KWARGS
 from conftok.memory import auto_gradient_checkpointing
 from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
 
@@ -208,11 +209,11 @@ def _wrap_lora(model, tokenizer, ids, *, quantized, lora_r, lora_alpha, lora_dro
     if quantized:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS,
         )
     elif gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs; input grads keep it robust anyway.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
         model.enable_input_require_grads()
     model.config.use_cache = False
     config = LoraConfig(
@@ -227,7 +228,7 @@ def enable_gradient_checkpointing(model) -> None:
     """Turn on gradient checkpointing in a model ``build_model`` wrapped without it (hf backend), as
     ``gradient_checkpointing=True`` would have: non-reentrant, with input gradients."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     base.enable_input_require_grads()
 
 

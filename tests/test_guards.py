@@ -179,10 +179,39 @@ def test_padded_attention_guard_only_acts_on_padded_cuda_batches():
         assert not isinstance(padded_attention_guard(torch.tensor([[0, 1], [1, 1]], device="cuda")), nullcontext)
 
 
+def test_checkpointed_backward_recomputes_with_the_forwards_attention_kernel(device):
+    """A forward under SDPA's math kernel, its backward outside that context: each checkpointed layer is
+    recomputed with the math kernel again (CHECKPOINTING_KWARGS), and the gradients are those of the
+    same step without checkpointing. Before, torch.utils.checkpoint stopped with "Recomputed values ...
+    have different metadata" (the CPU's flash kernel, like CUDA's fused ones, saves other tensors)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from conftok.modeling import build_model
+
+    grads = {}
+    for checkpointing in (True, False):
+        tok = make_tokenizer()
+        model, tok = build_model(make_model(len(tok), seed=3, device=device), tokenizer=tok, backend="hf", bf16=False,
+                                 lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=checkpointing,
+                                 device=device)
+        model.train()
+        ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        with sdpa_kernel([SDPBackend.MATH]):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                           use_cache=False).logits
+        logits[:, -1].float().logsumexp(-1).mean().backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.gpu
 def test_padded_bf16_batch_gives_finite_gradients_on_cuda(tmp_path, device):
     """Left-padded rows (fully masked padding queries) in bf16 with SDPA: forward and backward finite."""
-    if device != "cuda":
+    if torch.device(device).type != "cuda":
         pytest.skip("needs CUDA (make test-gpu)")
     from conftok.loss import padded_attention_guard
     from conftok.modeling import build_model
@@ -197,8 +226,7 @@ def test_padded_bf16_batch_gives_finite_gradients_on_cuda(tmp_path, device):
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16), padded_attention_guard(batch["attention_mask"]):
         terms = training_loss(model, batch, confidence_ids=sorted(ids.values()), placement_weight=1.0, kl_weight=1.0)
-    with padded_attention_guard(batch["attention_mask"]):
-        terms.loss.backward()
+    terms.loss.backward()  # outside the guard, as a user's own loop would: the recomputation keeps the math kernel
     assert torch.isfinite(terms.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
