@@ -13,7 +13,10 @@ prompt at batch 1 and ``--batch`` (left-padded as ``conftok.evaluate`` pads), fo
 - the bare model,
 - LoRA r=16 on all seven projections (PEFT, eval mode), and
 - the same with the four confidence tokens' rows trainable (``trainable_token_indices``, as
-  ``conftok.build_model`` wraps a model).
+  ``conftok.build_model`` wraps a model), and
+- that model with the LoRA update merged into copies of the weights for the ``generate``
+  (``conftok.merged.merged_lora``, what ``conftok.evaluate`` does by default; the merge itself is
+  inside the timed call).
 
 Variants run interleaved, one ``generate`` each per round after a warm-up, every step forced
 (``min_new_tokens``). Reported: the median milliseconds per generated token, and each variant's
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from conftok.lora_targets import trainable_token_indices
+    from conftok.merged import merged_lora
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             mask[row, :pad] = 0
         inputs[batch] = (ids.to(device), mask.to(device))
 
-    def run(m, batch):
+    merged_name = "the same, merged for generation (conftok.merged_lora, evaluate's default)"
+    models[merged_name] = models["LoRA + trainable token rows (conftok.build_model)"]
+
+    def run(m, batch, merge=False):
         ids, mask = inputs[batch]
 
         def step(_k):
-            with torch.no_grad():
+            with torch.no_grad(), merged_lora(m, True if merge else False):
                 m.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
                            min_new_tokens=args.new_tokens, pad_token_id=0)
         return step
@@ -101,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
               "per_token_ms": {}}
     rows = []
     for batch in (1, args.batch):
-        times = interleave({name: run(m, batch) for name, m in models.items()}, rounds=args.rounds, warmup=1,
+        times = interleave({name: run(m, batch, merge=name == merged_name) for name, m in models.items()},
+                           rounds=args.rounds, warmup=1,
                            sync=sync)
         bare = times["bare model"]
         for name, values in times.items():

@@ -27,6 +27,7 @@ from conftok.data import DataError
 from conftok.domains import Domain, resolve_domains
 from conftok.inputs import line_problems, problems_message, read_json_lines, read_text, require_file
 from conftok.loss import confidence_logits, p_confident
+from conftok.merged import merged_lora
 from conftok.prompts import encode_prompt
 from conftok.tokens import end_of_turn_token_id
 
@@ -234,7 +235,8 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
 
 def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], *, domains=None,
              beta: int = 100, p: str = "2", batch_size: int = 8, max_new_tokens: int = 16,
-             progress: bool = True, n_reliability_bins: int = 10, verbose: bool = False) -> dict[str, Any]:
+             progress: bool = True, n_reliability_bins: int = 10, verbose: bool = False,
+             merge: bool | str = "auto") -> dict[str, Any]:
     """Validate on raw rows per data set; returns metrics, per-domain figures, records and bins.
 
     Args:
@@ -242,6 +244,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
         max_new_tokens: the longest answer (tagging's budget); generation runs one step more, for the token.
         beta, p: calibration error bin size and norm (``calib_beta``, ``calib_p_norm``).
         verbose: print the seed's validation block per data set as it finishes.
+        merge: generate with the LoRA update folded into a copy of the weights (:func:`conftok.merged.merged_lora`;
+            ``"auto"``: where it fits in free memory). The model's own weights are untouched either way.
 
     Returns:
         ``{"metrics": {...flat, metric-name keys...}, "domains": {name: figures},
@@ -253,28 +257,29 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
     model.eval()
     per_domain, records, reliability = {}, [], {}
     try:
-        for dataset_name, rows in rows_by_dataset.items():
-            domain = domains.for_dataset(dataset_name)
-            if verbose:
-                print(f"\nValidating on {dataset_name}...", flush=True)
-            recs = _evaluate_domain(model, tokenizer, domain, list(rows), stop_tokens=domains.tokens,
-                                    batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, progress=progress, dataset_name=dataset_name)
-            not_finite = [k for k, r in enumerate(recs) if not math.isfinite(r["p_confident"])]
-            if not_finite:  # the model's outputs are NaN/inf: its weights diverged, not the rows
-                raise FloatingPointError(
-                    f"p_confident is not finite on {len(not_finite)} of {len(recs)} {dataset_name} validation rows "
-                    f"(first: row {not_finite[0]}): the model's outputs are not finite")
-            figures = summarize_domain(recs, beta=beta, p=p)
-            per_domain[domain.name] = figures
-            reliability[domain.name] = reliability_bins([r["p_confident"] for r in recs],
-                                                        [r["correct"] for r in recs], n_bins=n_reliability_bins)
-            records += recs
-            if verbose:
-                print(f"\n{dataset_name.upper()} Results:\n"
-                      f"  Validation Accuracy: {100 * figures['token_accuracy']:.2f}%\n"
-                      f"  Calibration Error: {figures['calibration_error']:.4f}\n"
-                      f"  Samples evaluated: {figures['n']}", flush=True)
+        with merged_lora(model, merge):
+            for dataset_name, rows in rows_by_dataset.items():
+                domain = domains.for_dataset(dataset_name)
+                if verbose:
+                    print(f"\nValidating on {dataset_name}...", flush=True)
+                recs = _evaluate_domain(model, tokenizer, domain, list(rows), stop_tokens=domains.tokens,
+                                        batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, progress=progress, dataset_name=dataset_name)
+                not_finite = [k for k, r in enumerate(recs) if not math.isfinite(r["p_confident"])]
+                if not_finite:  # the model's outputs are NaN/inf: its weights diverged, not the rows
+                    raise FloatingPointError(
+                        f"p_confident is not finite on {len(not_finite)} of {len(recs)} {dataset_name} validation rows "
+                        f"(first: row {not_finite[0]}): the model's outputs are not finite")
+                figures = summarize_domain(recs, beta=beta, p=p)
+                per_domain[domain.name] = figures
+                reliability[domain.name] = reliability_bins([r["p_confident"] for r in recs],
+                                                            [r["correct"] for r in recs], n_bins=n_reliability_bins)
+                records += recs
+                if verbose:
+                    print(f"\n{dataset_name.upper()} Results:\n"
+                          f"  Validation Accuracy: {100 * figures['token_accuracy']:.2f}%\n"
+                          f"  Calibration Error: {figures['calibration_error']:.4f}\n"
+                          f"  Samples evaluated: {figures['n']}", flush=True)
     finally:
         model.train(was_training)
     return {"metrics": flatten_metrics(per_domain), "domains": per_domain, "records": records,
