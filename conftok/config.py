@@ -59,7 +59,10 @@ class TrainConfig:
         default=None)
     val_split: str = _help("Split to read from Hub validation sources.", default="validation")
     val_max_samples: int | None = _help("Rows per data set used for validation (None: all).", default=500)
-    eval_batch_size: int = _help("Generation batch size in validation.", default=16)
+    eval_batch_size: int = _help(
+        "Generation batch size in validation (and the batch of the stored KL's base pass). Greedy decoding "
+        "is bound by launching kernels, not by the card, so larger batches cost little more a step: on an "
+        "H200 a 7B validated 20.9 rows/s at 64 against 9.9 at 16 (bench/results/gpu_h200.json).", default=64)
     max_new_tokens: int = _help("Longest generated answer in validation (tagging's budget too); the confidence "
                                 "token gets one step more.", default=16)
     # Model building

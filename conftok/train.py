@@ -51,8 +51,8 @@ from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
 from conftok.loss import padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
-from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model, enable_gradient_checkpointing,
-                              model_device, replace_directory, resolve_backend, save_adapter)
+from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, LoraInputsUncast, build_model,
+                              enable_gradient_checkpointing, model_device, replace_directory, resolve_backend, save_adapter)
 from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
 from conftok.reference_cache import attach_base_topk_cached
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
@@ -174,6 +174,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     device = model_device(model)
     use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    uncast = LoraInputsUncast(model) if use_bf16 else nullcontext()  # the step's forward: LoRA inputs stay bf16
 
     dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
@@ -283,7 +284,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             # Padded batches on CUDA: SDPA's math kernel for the forward and the backward (which recomputes
             # the forward under gradient checkpointing); the fused kernels' gradients go non-finite there.
             guard = padded_attention_guard(batch["attention_mask"])
-            with amp(), guard:
+            with amp(), guard, uncast:
                 terms = compute_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
                                       token_weights=token_weights, **cfg.loss_kwargs())
             loss = terms.loss

@@ -526,3 +526,43 @@ class TestUnslothBackend:
         result = run_python(UNSLOTH, str(tied), str(untied), str(tmp_path / "adapters"),
                             "bf16" if dtype == torch.bfloat16 else "fp32", timeout=600)
         check_unsloth_run(result, "cuda", dtype)
+
+
+def test_lora_inputs_uncast_gives_the_cast_paths_step_with_fewer_copies(device):
+    """Under bf16 autocast, a step with LoRA inputs left bf16 (train's forward) has the loss and
+    gradients of PEFT's cast-to-fp32 path, with fewer copies; the layers' flags come back after."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.copies += func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_)
+            return func(*args, **(kwargs or {}))
+
+    tok = make_tokenizer()
+    model, tok = modeling.build_model(make_model(len(tok), seed=2, device=device), tokenizer=tok, backend="hf",
+                                      bf16=True, lora_r=4, lora_alpha=8, lora_dropout=0.1,
+                                      gradient_checkpointing=False, device=device)
+    model.train()
+    ids = torch.randint(5, 100, (2, 10), generator=torch.Generator().manual_seed(0)).to(device)
+    results = {}
+    for uncast in (False, True):
+        torch.manual_seed(0)  # the same dropout masks
+        counter = CountCopies()
+        context = modeling.LoraInputsUncast(model) if uncast else torch.enable_grad()
+        with counter, torch.autocast(device.type, dtype=torch.bfloat16), context:
+            loss = model(input_ids=ids, logits_to_keep=1).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        results[uncast] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                           counter.copies)
+        model.zero_grad(set_to_none=True)
+    assert all(m.cast_input_dtype_enabled for m in modeling.LoraInputsUncast(model).layers)
+    (loss_cast, grads_cast, copies_cast), (loss_uncast, grads_uncast, copies_uncast) = results[False], results[True]
+    assert copies_uncast < copies_cast, (copies_uncast, copies_cast)
+    torch.testing.assert_close(loss_uncast, loss_cast, **tolerance(torch.bfloat16))
+    assert grads_uncast.keys() == grads_cast.keys()
+    for name, grad in grads_cast.items():
+        torch.testing.assert_close(grads_uncast[name], grad, **tolerance(torch.bfloat16), msg=name)
