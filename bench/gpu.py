@@ -25,10 +25,11 @@ gives the one-line command for a lent GPU box and bench/device_prep.sh what trav
 - ``validate``: ``conftok.evaluate.evaluate`` at batch 16 and 64 against one ``generate`` per row
   then a separate forward for the token's distribution (the seed's way), outputs compared.
 - ``profile``: where validation and a training step spend their time. Validation at the largest
-  ``--val_batch_sizes`` under variants timed back to back (as ``conftok.train`` runs it, without
-  autocast, the adapter disabled, the adapter merged, twice the batch); a prefill and each decode step
-  of one batch timed by hand, with and without the adapter; and ``torch.profiler`` tables (the ops
-  with the most GPU and the most CPU time) for one ``generate`` and one training step per loss.
+  ``--val_batch_sizes`` under variants timed back to back (as ``conftok.train`` runs it, with the LoRA
+  merged for generation; unmerged; without autocast; the adapter disabled; 2x and 4x the batch); a
+  prefill and each decode step of one batch timed by hand (unmerged, merged, the base model); and
+  ``torch.profiler`` tables (the ops with the most GPU and the most CPU time) for one ``generate`` (merged,
+  as evaluate runs it) and one training step per loss.
 - ``unsloth``: the defaults and token-only steps through ``backend='unsloth'`` in a child process
   (unsloth must be imported before transformers); skipped with the reason when not importable.
 
@@ -294,12 +295,18 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
+_UNCAST: dict = {}  # id(model) -> its LoraInputsUncast (the layers found once)
+
+
 def train_step(model, optimizer, loss_fn, batch, device, amp) -> None:
     """One step as conftok.train takes it: loss under autocast, its value read, backward, clip, AdamW."""
     import torch
 
+    from conftok.modeling import LoraInputsUncast
+
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with amp():
+    uncast = _UNCAST.get(id(model)) or _UNCAST.setdefault(id(model), LoraInputsUncast(model))
+    with amp(), uncast:  # as conftok.train's forward under bf16 autocast
         loss = loss_fn(model, batch)
     if not math.isfinite(loss.item()):  # train's per-step sync and NaN check
         raise FloatingPointError(f"loss {loss.item()}")
@@ -495,8 +502,10 @@ def profiled(device, fn, rows: int = 18) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         wall, _ = timed(device, fn)
-    events = prof.key_averages()
-    busy = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e6
+    from torch.autograd import DeviceType
+
+    # The kernels' own rows only: an op's row repeats its kernels' time (the first H200 run summed both).
+    busy = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
     return {"wall_s": wall, "device_busy_s": busy, "device_busy_share": busy / wall if wall else None,
             "top_device": profile_table(prof, "self_device_time_total", rows) if device.type == "cuda" else [],
             "top_cpu": profile_table(prof, "self_cpu_time_total", rows)}
@@ -535,6 +544,7 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
     import torch
 
     from conftok.evaluate import evaluate, generate
+    from conftok.merged import merged_lora
     from conftok.prompts import encode_prompt
     from conftok.tokens import token_ids
 
@@ -544,18 +554,20 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
     rows = sum(map(len, raw.values()))
     out: dict = {"rows": rows, "batch_size": batch, "validation": []}
 
-    def validate(batch_size, autocast=True, adapter=True):
+    def validate(batch_size, autocast=True, adapter=True, merge="auto"):
         ctx = amp() if autocast else contextlib.nullcontext()
         off = model.disable_adapter() if not adapter else contextlib.nullcontext()
         with ctx, off:
             evaluate(model, tokenizer, raw, domains=domains, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                     progress=False)
+                     progress=False, merge=merge)
 
     model.eval()
-    variants = [("as conftok.train runs it (bf16 autocast)", lambda: validate(batch)),
+    variants = [("as conftok.train runs it (bf16 autocast, LoRA merged for generation)", lambda: validate(batch)),
+                ("LoRA unmerged (merge=False; before 2026-11-28)", lambda: validate(batch, merge=False)),
                 ("no autocast", lambda: validate(batch, autocast=False)),
                 ("adapter disabled (the base model)", lambda: validate(batch, adapter=False)),
-                (f"batch {2 * batch}", lambda: validate(2 * batch))]
+                (f"batch {2 * batch}", lambda: validate(2 * batch)),
+                (f"batch {4 * batch}", lambda: validate(4 * batch))]
     for name, fn in variants:
         try:
             seconds, _ = timed(device, fn)
@@ -564,19 +576,6 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
         except Exception as e:  # keep the rest of the phase
             traceback.print_exc()
             out["validation"].append({"variant": name, "error": f"{type(e).__name__}: {e}"})
-    name = "adapter merged into the weights"
-    try:
-        model.merge_adapter()
-        try:
-            seconds, _ = timed(device, lambda: validate(batch, adapter=True))
-        finally:
-            model.unmerge_adapter()
-        out["validation"].append({"variant": name, "seconds": seconds, "samples_per_s": rows / seconds})
-        log(f"profile: validation, {name}: {rows / seconds:.1f} samples/s")
-    except Exception as e:
-        traceback.print_exc()
-        out["validation"].append({"variant": name, "error": f"{type(e).__name__}: {e}"})
-
     prompts = []
     for name, rows_ in raw.items():
         domain = domains.for_dataset(name)
@@ -584,6 +583,8 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
     prompts = sorted(prompts, key=len)[:batch]
     with amp():
         out["decode"] = {"adapter": manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)}
+        with merged_lora(model, True):
+            out["decode"]["adapter merged"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
         with model.disable_adapter():
             out["decode"]["base"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
     for k, d in out["decode"].items():
@@ -592,7 +593,7 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
 
     vocab = tokenizer.get_vocab()
     c_id, u_id = (vocab[t] for t in next(iter(domains)).tokens)
-    with amp():
+    with amp(), merged_lora(model, "auto"):
         out["generate"] = profiled(device, lambda: generate(
             model, tokenizer, prompts, stop_tokens=domains.tokens, max_new_tokens=args.max_new_tokens + 1,
             batch_size=batch, progress=False, score_ids=(c_id, u_id)))

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from conftok.data import ConfidenceCollator, ConfidenceDataset
     from conftok.domains import resolve_domains
     from conftok.loss import attach_base_topk, training_loss
+    from conftok.modeling import LoraInputsUncast
     from conftok.memory import auto_gradient_checkpointing
     from conftok.modeling import build_model, enable_gradient_checkpointing
     from conftok.sampler import LengthGroupedBatchSampler
@@ -197,13 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         confidence_ids = sorted(token_ids(tokenizer, domains.tokens).values())
         amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
 
+        uncast = {}
+
         def conftok_step(model, batches, loss_kwargs):
+            uncast.setdefault(id(model), LoraInputsUncast(model))
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
             def run(k):
                 batch = {key: v.to(device) for key, v in batches[k].items()}
-                with amp():
+                with amp(), uncast[id(model)]:  # as conftok.train's forward
                     loss = training_loss(model, batch, confidence_ids=confidence_ids, **loss_kwargs).loss
                 loss.item()  # conftok.train reads it each step (NaN check, logs)
                 loss.backward()

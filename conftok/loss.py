@@ -34,6 +34,7 @@ loop sets C and U of each domain to n / (2 n_class), the inverse of their freque
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import NamedTuple, Sequence
 
 import torch
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from conftok.data import IGNORE_INDEX
 
-__all__ = ["padded_attention_guard", "CHECKPOINTING_KWARGS", "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
+__all__ = ["padded_attention_guard", "CHECKPOINTING_KWARGS", "LoraInputsUncast", "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
            "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk",
            "ANSWER_CE_ROWS"]
 
@@ -62,7 +63,6 @@ def padded_attention_guard(attention_mask: torch.Tensor):
     the backward: models checkpointed with :data:`CHECKPOINTING_KWARGS` (``build_model`` does)
     recompute under the forward's kernels, so the backward need not be inside this guard.
     """
-    from contextlib import nullcontext
 
     if not attention_mask.is_cuda or bool(attention_mask.all()):
         return nullcontext()
@@ -71,26 +71,70 @@ def padded_attention_guard(attention_mask: torch.Tensor):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _recompute_with_the_forwards_attention_kernels():
-    """``context_fn`` for ``torch.utils.checkpoint``: the recomputation runs under the SDPA kernels the
-    forward was allowed (read now, as the forward runs), whatever is in force at backward time."""
-    from contextlib import nullcontext
+class LoraInputsUncast:
+    """A context for the forward under bf16 autocast: each LoRA projection takes its input as it comes.
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    PEFT casts a LoRA layer's input to its (fp32) LoRA weights' dtype; under autocast the product
+    casts it back to bf16. That is two copies of the activation per projection and two more in the
+    backward, 784 kernels a step for a 28-layer model with seven projections; without them a step of
+    a 28-layer model ran 11% fewer operations on the CPU (bench/README.md). The products are bf16 either
+    way: the loss is the cast path's. Outside autocast a bf16 input would meet fp32 LoRA weights: use
+    it only inside ``torch.autocast``. The layers are found once; entering and leaving sets one flag on
+    each. A checkpointed layer (:data:`CHECKPOINTING_KWARGS`) is recomputed under the contexts its
+    forward ran in, so the backward need not be inside it.
+    """
+
+    active: list["LoraInputsUncast"] = []  # entered and not yet left, innermost last
+
+    def __init__(self, model):
+        self.layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        self._saved: list[list[bool]] = []
+
+    def __enter__(self):
+        self._saved.append([m.cast_input_dtype_enabled for m in self.layers])
+        for m in self.layers:
+            m.cast_input_dtype_enabled = False
+        LoraInputsUncast.active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        LoraInputsUncast.active.reverse()
+        LoraInputsUncast.active.remove(self)  # the innermost entry of this one
+        LoraInputsUncast.active.reverse()
+        for m, value in zip(self.layers, self._saved.pop()):
+            m.cast_input_dtype_enabled = value
+
+
+@contextmanager
+def _as_in_the_forward(backends, uncasts):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backends), ExitStack() as stack:
+        for uncast in uncasts:
+            stack.enter_context(uncast)
+        yield
+
+
+def _recompute_as_the_forward():
+    """``context_fn`` for ``torch.utils.checkpoint``: the recomputation runs under what the forward ran
+    under (read now, as the forward runs): the SDPA kernels it was allowed and any
+    :class:`LoraInputsUncast`, whatever is in force at backward time."""
+    from torch.nn.attention import SDPBackend
 
     flags = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
              SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
              SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
              SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled()}
-    return nullcontext(), sdpa_kernel([backend for backend, on in flags.items() if on])
+    return nullcontext(), _as_in_the_forward([b for b, on in flags.items() if on], list(LoraInputsUncast.active))
 
 
-# gradient_checkpointing_kwargs for every model conftok checkpoints. Non-reentrant, and each layer's
-# recomputation uses the attention kernels of its forward: a padded batch's forward runs under
+# gradient_checkpointing_kwargs for every model conftok checkpoints. Non-reentrant, and each layer is
+# recomputed as its forward ran (_recompute_as_the_forward). A padded batch's forward runs under
 # padded_attention_guard (SDPA's math kernel); a backward called outside that guard (a user's own
-# loop) would otherwise recompute with the fused kernels and torch.utils.checkpoint stops with
-# "Recomputed values ... have different metadata" (seen on an H200 with every such loop).
-CHECKPOINTING_KWARGS = {"use_reentrant": False, "context_fn": _recompute_with_the_forwards_attention_kernels}
+# loop) would otherwise recompute with the fused kernels, and torch.utils.checkpoint stops with
+# "Recomputed values ... have different metadata" (seen on an H200 with every such loop). Likewise a
+# forward under LoraInputsUncast.
+CHECKPOINTING_KWARGS = {"use_reentrant": False, "context_fn": _recompute_as_the_forward}
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -291,7 +335,6 @@ def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16,
     """The base model's top-k ``(ids int32, logp fp16)``, each (answer length, k) on the CPU, for
     ``rows`` (indices) of a :class:`conftok.data.ConfidenceDataset`, in the order given. Batches
     rows of similar length; a PEFT model's adapter is disabled, dropout off."""
-    from contextlib import nullcontext
 
     from tqdm.auto import tqdm
 

@@ -21,7 +21,7 @@ import torch
 
 from conftok.domains import DomainSet, resolve_domains
 from conftok.lora_targets import present_target_modules, trainable_token_indices
-from conftok.loss import CHECKPOINTING_KWARGS
+from conftok.loss import CHECKPOINTING_KWARGS, LoraInputsUncast
 from conftok.memory import auto_gradient_checkpointing
 from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
 
@@ -222,33 +222,6 @@ def _wrap_lora(model, tokenizer, ids, *, quantized, lora_r, lora_alpha, lora_dro
         trainable_token_indices=trainable_token_indices(model, ids),
     )
     return get_peft_model(model, config), tokenizer
-
-
-class LoraInputsUncast:
-    """A context for the forward under bf16 autocast: each LoRA projection takes its input as it comes.
-
-    PEFT casts a LoRA layer's input to its (fp32) LoRA weights' dtype; under autocast the product
-    casts it back to bf16. That is two copies of the activation per projection and two more in the
-    backward, 784 kernels a step for a 28-layer model with seven projections; without them a step of
-    a 28-layer model launched 11% fewer operations on the CPU (bench/README.md). The products are bf16
-    either way, so the numbers are those of the cast path. Outside autocast a bf16 input would meet fp32
-    LoRA weights: use it only inside ``torch.autocast``. The layers are found once; entering and leaving
-    sets one flag on each.
-    """
-
-    def __init__(self, model):
-        self.layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
-        self.saved: list[bool] = []
-
-    def __enter__(self):
-        self.saved = [m.cast_input_dtype_enabled for m in self.layers]
-        for m in self.layers:
-            m.cast_input_dtype_enabled = False
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m, value in zip(self.layers, self.saved):
-            m.cast_input_dtype_enabled = value
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -168,6 +168,21 @@ def test_train_runs_with_each_guard(tmp_path):
         assert result.global_step == 3 and (result.final_dir / "adapter_model.safetensors").is_file()
 
 
+def test_train_in_bf16_with_checkpointing_and_the_defaults(tmp_path):
+    """train() as a GPU user runs it: bf16 autocast (LoRA inputs uncast), gradient checkpointing, the
+    default guards, left-padded batches; every step finite, the adapter written."""
+    from conftok import TrainConfig, train
+
+    tok = make_tokenizer()
+    data = write_jsonl(tmp_path / "train.jsonl", feature_rows(16, seed=2))
+    val = write_jsonl(tmp_path / "val.jsonl", [{"question": "code alpha alpha", "answer": True}] * 4)
+    cfg = TrainConfig(model_name="tiny", train_data=data, output_dir=str(tmp_path / "out"), backend="hf", max_steps=3,
+                      batch_size=8, eval_steps=2, val_sources={"boolq": val}, bf16=True, gradient_checkpointing=True,
+                      group_by_length=False, progress=False, lora_r=4, lora_alpha=8, stored_kl_top_k=8)
+    result = train(cfg, model=make_model(len(tok)), tokenizer=make_tokenizer())
+    assert result.global_step == 3 and (result.final_dir / "adapter_model.safetensors").is_file()
+
+
 def test_padded_attention_guard_only_acts_on_padded_cuda_batches():
     from contextlib import nullcontext
 

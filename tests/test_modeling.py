@@ -528,9 +528,12 @@ class TestUnslothBackend:
         check_unsloth_run(result, "cuda", dtype)
 
 
-def test_lora_inputs_uncast_gives_the_cast_paths_step_with_fewer_copies(device):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_inputs_uncast_gives_the_cast_paths_step_with_fewer_copies(device, checkpointing):
     """Under bf16 autocast, a step with LoRA inputs left bf16 (train's forward) has the loss and
-    gradients of PEFT's cast-to-fp32 path, with fewer copies; the layers' flags come back after."""
+    gradients of PEFT's cast-to-fp32 path, with fewer copies; the layers' flags come back after. With
+    gradient checkpointing the backward, outside the context, recomputes each layer uncast as its
+    forward ran (else torch.utils.checkpoint stops: the recomputed tensors differ)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountCopies(TorchDispatchMode):
@@ -545,7 +548,7 @@ def test_lora_inputs_uncast_gives_the_cast_paths_step_with_fewer_copies(device):
     tok = make_tokenizer()
     model, tok = modeling.build_model(make_model(len(tok), seed=2, device=device), tokenizer=tok, backend="hf",
                                       bf16=True, lora_r=4, lora_alpha=8, lora_dropout=0.1,
-                                      gradient_checkpointing=False, device=device)
+                                      gradient_checkpointing=checkpointing, device=device)
     model.train()
     ids = torch.randint(5, 100, (2, 10), generator=torch.Generator().manual_seed(0)).to(device)
     results = {}
