@@ -39,7 +39,7 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     result = json.loads(out.read_text())
-    assert result["smoke"] and result["phases"] == ["matmul", "train", "validate", "unsloth"]
+    assert result["smoke"] and result["phases"] == ["matmul", "train", "validate", "profile", "unsloth"]
     assert result["matmul"]["tflops"] > 0
     configs = {(r["loss"], r["checkpointing"], r["batching"]) for r in result["train"]}
     assert configs == {(loss, ckpt, batching) for loss in ("token_only", "defaults", "full_logits")
@@ -58,6 +58,15 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     val = result["validate"]
     assert [b["batch_size"] for b in val["batched"]] == [4, 8] and val["rows"] == 4
     assert val["per_row"]["samples_per_s"] > 0 and val["agreement"]["rows"] == 2
+    prof = result["profile"]
+    assert "error" not in prof, prof
+    assert [v["variant"].split(" (")[0] for v in prof["validation"]] == [
+        "as conftok.train runs it", "LoRA unmerged", "no autocast", "adapter disabled", "batch 16", "batch 32"]
+    assert all(v["samples_per_s"] > 0 for v in prof["validation"])
+    assert set(prof["decode"]) == {"adapter", "adapter merged", "base"}
+    assert all(d["prefill_s"] > 0 and d["decode_step_s_median"] > 0 for d in prof["decode"].values())
+    assert prof["generate"]["wall_s"] > 0 and prof["generate"]["top_cpu"]
+    assert set(prof["train"]) == {"token_only", "defaults"}
     assert result["unsloth"] == {"skipped": "unsloth is not installed (pip install 'conftok[gpu]')"}
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"defaults", "validation", "batched"}
     assert not result["targets_apply"]
@@ -71,6 +80,6 @@ def test_decode_overhead_bench_runs_with_what_a_gpu_box_has(tmp_path):
                         "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert len(result["per_token_ms"]) == 6  # three variants at batch 1 and 2
+    assert len(result["per_token_ms"]) == 8  # four variants (bare, LoRA, + token rows, merged) at batch 1 and 2
     assert all(v["ms"] > 0 and v["ratio_to_bare"] > 0 for v in result["per_token_ms"].values())
     assert result["per_token_ms"]["bare model, batch 1"]["ratio_to_bare"] == 1.0
