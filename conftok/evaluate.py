@@ -145,19 +145,28 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
             output_logits=score_ids is not None, return_dict_in_generate=True,
         )
         generated = result.sequences[:, input_ids.shape[1]:input_ids.shape[1] + max_new_tokens].tolist()
-        for row, (i, seq) in enumerate(zip(idx, generated)):
-            cut = next((k for k, t in enumerate(seq) if t in stop), len(seq))
+        cuts = [next((k for k, t in enumerate(seq) if t in stop), len(seq)) for seq in generated]
+        p_rows: list[float | None] = [None] * len(idx)
+        p_first: list[float | None] = [None] * len(idx)
+        if score_ids is not None:  # the batch's rows at once: a few kernels and one host sync, not several per row
+            scored = [row for row, cut in enumerate(cuts) if cut < len(result.logits)]
+            if scored:  # logits (V) of step `cut`: after the answer; for a cut row (cut == max_new_tokens) the extra step
+                at_cut = torch.stack([result.logits[cuts[row]][row] for row in scored])
+                for row, p in zip(scored, p_confident(at_cut, *score_ids).tolist()):
+                    p_rows[row] = p
+            answered = [row for row, cut in enumerate(cuts) if cut > 0]
+            if answered:  # p of each answer's first token at the first step
+                first = result.logits[0][answered].float()
+                ids = torch.tensor([generated[row][0] for row in answered], device=first.device)[:, None]
+                probs = (first.gather(1, ids).squeeze(1) - first.logsumexp(-1)).exp().tolist()
+                for row, p in zip(answered, probs):
+                    p_first[row] = p
+        for row, (i, seq, cut) in enumerate(zip(idx, generated, cuts)):
             answer_ids = seq[:cut]
             stop_token = id_to_token.get(seq[cut]) if cut < len(seq) else None
             text = tokenizer.decode(answer_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-            p = p_first = None
-            if score_ids is not None and cut < len(result.logits):
-                # logits (B, V) of step `cut`: after the answer; for a cut row (cut == max_new_tokens) the extra step
-                p = p_confident(result.logits[cut][row], *score_ids).item()
-            if score_ids is not None and answer_ids:
-                p_first = torch.softmax(result.logits[0][row].float(), -1)[answer_ids[0]].item()
-            out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq), p_confident=p,
-                                p_answer=p_first)
+            out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq), p_confident=p_rows[row],
+                                p_answer=p_first[row])
         bar.update(len(idx))
     bar.close()
     unscored = [i for i, g in enumerate(out) if score_ids is not None and g.p_confident is None]

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftok import metrics as M
 from conftok.calibration import calibration_error
 from conftok.domains import resolve_domains
-from conftok.evaluate import evaluate, load_rows, summarize_domain
+from conftok.evaluate import evaluate, generate, load_rows, summarize_domain
 from conftok.loss import confidence_logits, p_confident
 from conftok.prompts import encode_prompt
 from conftok.tagging import tag_rows, write_tagged
@@ -112,6 +112,23 @@ class TestValidationLogic:
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
         # Generation's cached step against one forward over the whole context: two computations.
         assert result["records"][0]["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
+
+    def test_p_answer_is_the_first_answer_tokens_probability_after_the_prompt(self, tok, device):
+        # An unscripted random model: unsaturated probabilities that differ from row to row, in one padded batch.
+        model = scripted(tok, device)
+        prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=3,
+                        progress=False, score_ids=(c, u))
+        seen = []
+        for prompt, gen in zip(prompts, gens):
+            assert gen.answer_ids
+            with torch.no_grad():
+                logits = confidence_logits(model, torch.tensor([prompt], device=model.device),
+                                           torch.ones(1, len(prompt), dtype=torch.long, device=model.device))
+            seen.append(torch.softmax(logits[0].float(), -1)[gen.answer_ids[0]].item())
+            assert gen.p_answer == approx(seen[-1], model.dtype)
+        assert max(seen) < 0.5 and len({round(p, 6) for p in seen}) == len(seen)
 
     def test_a_cut_answer_is_scored_from_one_decode_step_more(self, tok, device, monkeypatch):
         # "Yes Yes Yes ..." never stops: every row is cut at max_new_tokens. Its p_confident is read from one
