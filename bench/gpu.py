@@ -529,8 +529,8 @@ def manual_decode(model, tokenizer, prompts, new_tokens: int, device) -> dict:
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             positions = positions + 1
-            step_s, out = timed(device, lambda: model(input_ids=nxt, attention_mask=mask, past_key_values=cache,
-                                                      position_ids=positions, use_cache=True))
+            step_s, out = timed(device, lambda nxt=nxt, mask=mask, positions=positions: model(
+                input_ids=nxt, attention_mask=mask, past_key_values=cache, position_ids=positions, use_cache=True))
             steps.append(step_s)
     steps.sort()
     return {"batch": len(prompts), "prompt_tokens": int(ids.shape[1]), "prefill_s": prefill_s,
@@ -613,7 +613,8 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
                 continue
             fn = make_loss_fn(loss, ids_, guard_kwargs)
             train_step(model, optimizer, fn, train_batches[0], device, amp)  # this shape's first pass, untimed
-            out["train"][loss] = profiled(device, lambda: train_step(model, optimizer, fn, train_batches[1], device, amp))
+            out["train"][loss] = profiled(device, lambda fn=fn: train_step(model, optimizer, fn, train_batches[1], device,
+                                                                           amp))
             log(f"profile: a {loss} step: {out['train'][loss]['wall_s']:.3f} s, device busy "
                 f"{out['train'][loss]['device_busy_s']:.3f} s")
         optimizer.zero_grad(set_to_none=True)

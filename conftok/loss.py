@@ -42,8 +42,8 @@ import torch.nn.functional as F
 
 from conftok.data import IGNORE_INDEX
 
-__all__ = ["padded_attention_guard", "CHECKPOINTING_KWARGS", "LoraInputsUncast", "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss",
-           "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk",
+__all__ = ["padded_attention_guard", "CHECKPOINTING_KWARGS", "LoraInputsUncast", "position_ids_from_mask",
+           "confidence_logits", "confidence_token_loss", "masked_lm_loss", "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk",
            "ANSWER_CE_ROWS"]
 
 ANSWER_CE_ROWS = ("all", "correct")
@@ -63,7 +63,6 @@ def padded_attention_guard(attention_mask: torch.Tensor):
     the backward: models checkpointed with :data:`CHECKPOINTING_KWARGS` (``build_model`` does)
     recompute under the forward's kernels, so the backward need not be inside this guard.
     """
-
     if not attention_mask.is_cuda or bool(attention_mask.all()):
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -77,7 +76,7 @@ class LoraInputsUncast:
     PEFT casts a LoRA layer's input to its (fp32) LoRA weights' dtype; under autocast the product
     casts it back to bf16. That is two copies of the activation per projection and two more in the
     backward, 784 kernels a step for a 28-layer model with seven projections; without them a step of
-    a 28-layer model ran 11% fewer operations on the CPU (bench/README.md). The products are bf16 either
+    a 28-layer model ran 10.6% fewer operations on the CPU (bench/README.md). The products are bf16 either
     way: the loss is the cast path's. Outside autocast a bf16 input would meet fp32 LoRA weights: use
     it only inside ``torch.autocast``. The layers are found once; entering and leaving sets one flag on
     each. A checkpointed layer (:data:`CHECKPOINTING_KWARGS`) is recomputed under the contexts its
@@ -98,9 +97,8 @@ class LoraInputsUncast:
         return self
 
     def __exit__(self, *exc) -> None:
-        LoraInputsUncast.active.reverse()
-        LoraInputsUncast.active.remove(self)  # the innermost entry of this one
-        LoraInputsUncast.active.reverse()
+        active = LoraInputsUncast.active
+        del active[len(active) - 1 - active[::-1].index(self)]  # this one's innermost entry
         for m, value in zip(self.layers, self._saved.pop()):
             m.cast_input_dtype_enabled = value
 
@@ -335,7 +333,6 @@ def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16,
     """The base model's top-k ``(ids int32, logp fp16)``, each (answer length, k) on the CPU, for
     ``rows`` (indices) of a :class:`conftok.data.ConfidenceDataset`, in the order given. Batches
     rows of similar length; a PEFT model's adapter is disabled, dropout off."""
-
     from tqdm.auto import tqdm
 
     from conftok.data import ConfidenceCollator

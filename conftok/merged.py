@@ -4,7 +4,7 @@ An unmerged LoRA projection launches a cast, two small products, a scaling and a
 frozen product, for each of the seven projections of every layer. Greedy decoding is bound by those
 launches, not by arithmetic: on an H200 a decode step of the 7B-shaped model at batch 64 took 163 ms
 with the adapter against 47 ms without it, and validation ran 23.9 samples/s unmerged against 33.8
-with the adapter merged (bench/README.md, "bench/gpu.py on an H200").
+with the adapter merged (bench/README.md, "First H200 run").
 
 PEFT's own ``merge_adapter()`` / ``unmerge_adapter()`` add the update into the weights in place and
 subtract it again: in bf16, ``W + d - d`` is not ``W``, so each validation during training would move
@@ -19,8 +19,8 @@ weights, DoRA and other variants, a LoRA bias, unsloth's patched layers), it doe
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -42,7 +42,7 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, Linear)]
 
 
-def _why_not(model, layers) -> str | None:
+def _why_not(layers) -> str | None:
     """None if every LoRA layer can be merged by swapping its weight; else the reason."""
     if not layers:
         return "no PEFT LoRA layers"
@@ -76,7 +76,7 @@ def merged_lora(model, enabled: bool | str = "auto") -> Iterator[bool]:
     if enabled not in (True, False, "auto"):
         raise ValueError(f"merge must be True, False or 'auto', got {enabled!r}")
     layers = _lora_layers(model) if enabled else []
-    reason = "merging is off" if not enabled else _why_not(model, layers)
+    reason = "merging is off" if not enabled else _why_not(layers)
     if reason is None and enabled == "auto":
         device = layers[0].get_base_layer().weight.device
         need = sum(layer.get_base_layer().weight.nbytes for layer in layers)

@@ -45,7 +45,7 @@ def test_merged_forward_equals_the_adapters_and_gives_the_weights_back_bit_for_b
     before = snapshot(model)
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits
-        with torch.no_grad(), merged_lora(model, True) as merged:
+        with merged_lora(model, True) as merged:
             in_block = model(input_ids=ids).logits
         after = model(input_ids=ids).logits
     assert merged
@@ -60,9 +60,8 @@ def test_merged_forward_equals_the_adapters_and_gives_the_weights_back_bit_for_b
 def test_an_error_inside_the_block_still_restores_the_weights(device):
     model, _ = lora_model(device)
     before = snapshot(model)
-    with pytest.raises(RuntimeError, match="inside"):
-        with merged_lora(model, True):
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), merged_lora(model, True):
+        raise RuntimeError("inside")
     assert_untouched(model, before)
     assert not any(m.merged for m in merged_module._lora_layers(model))
 
@@ -100,9 +99,8 @@ def test_layers_it_cannot_merge_are_left_alone(device):
         assert not merged
     model.merge_adapter()  # PEFT's in-place merge already done
     try:
-        assert merged_module._why_not(model, merged_module._lora_layers(model)) == "the adapter is merged already"
+        assert merged_module._why_not(merged_module._lora_layers(model)) == "the adapter is merged already"
     finally:
         model.unmerge_adapter()
-    with pytest.raises(ValueError, match="merge must be"):
-        with merged_lora(model, "yes"):
-            pass
+    with pytest.raises(ValueError, match="merge must be"), merged_lora(model, "yes"):
+        pass
