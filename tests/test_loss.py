@@ -263,3 +263,26 @@ class TestAnswerTerms:
         terms.loss.backward()
         assert all(torch.isfinite(t) for t in (terms.loss, terms.placement, terms.kl))
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_budget_batches_cover_every_row_once_within_the_budget(seed):
+    from conftok.loss import token_budget_batches
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = sorted(torch.randint(20, 700, (int(torch.randint(1, 90, (1,), generator=gen)),), generator=gen).tolist())
+    batch = int(torch.randint(1, 65, (1,), generator=gen))
+    slices = token_budget_batches(lengths, batch)
+    assert [i for start, stop in slices for i in range(start, stop)] == list(range(len(lengths)))
+    budget = batch * sum(lengths) / len(lengths)
+    for start, stop in slices:
+        assert 1 <= stop - start <= batch
+        assert stop - start == 1 or (stop - start) * lengths[stop - 1] <= budget  # padded tokens: rows x the longest
+
+
+def test_token_budget_batches_keep_long_rows_from_padding_short_ones():
+    from conftok.loss import token_budget_batches
+
+    assert token_budget_batches([100] * 8 + [1000], 16) == [(0, 8), (8, 9)]  # 1,800 padded tokens, not 9,000
+    assert token_budget_batches([50] * 10, 4) == [(0, 4), (4, 8), (8, 10)]  # equal lengths: batch_size rows
+    assert token_budget_batches([], 4) == []
