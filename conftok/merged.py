@@ -9,11 +9,12 @@ with the adapter merged (bench/README.md, "First H200 run").
 PEFT's own ``merge_adapter()`` / ``unmerge_adapter()`` add the update into the weights in place and
 subtract it again: in bf16, ``W + d - d`` is not ``W``, so each validation during training would move
 the frozen base model a rounding step. :func:`merged_lora` instead puts a new tensor ``W + d``
-(summed in fp32, rounded once) in each projection's place and marks the layer merged, so PEFT's
-forward runs the base product alone; on exit the original ``W`` object goes back, bit for bit. The
-cost is a second copy of the projection weights (13 GB for a 7B model in bf16) while it lasts;
-where that does not fit in free memory, or where the layers are not plain PEFT LoRA (quantized
-weights, DoRA and other variants, a LoRA bias, unsloth's patched layers), it does nothing and says why.
+(summed in fp32, rounded once) in each projection's ``nn.Linear`` and puts that module in the LoRA
+layer's place, so a projection is one product with no PEFT wrapper around it; on exit the LoRA layer
+and the original ``W`` object go back, bit for bit. The cost is a second copy of the projection
+weights (13 GB for a 7B model in bf16) while it lasts; where that does not fit in free memory, or
+where the layers are not plain PEFT LoRA (quantized weights, DoRA and other variants, a LoRA bias,
+unsloth's patched layers), it does nothing and says why.
 """
 
 from __future__ import annotations
@@ -89,21 +90,23 @@ def merged_lora(model, enabled: bool | str = "auto") -> Iterator[bool]:
             logger.info("LoRA left unmerged for generation: %s", reason)
         yield False
         return
+    where = {id(module): (parent, name) for parent in model.modules() for name, module in parent.named_children()}
     swapped = []
     try:
         with torch.no_grad():
             for layer in layers:
+                parent, name = where[id(layer)]
                 base = layer.get_base_layer()
-                active = [a for a in layer.active_adapters if a in layer.lora_A]
                 merged = base.weight.to(torch.float32, copy=True)  # never the original, fp32 or not
-                for name in active:
-                    merged += layer.get_delta_weight(name).float()
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        merged += layer.get_delta_weight(adapter).float()
                 original = base.weight
                 base.weight = torch.nn.Parameter(merged.to(original.dtype), requires_grad=False)
-                swapped.append((layer, base, original, list(layer.merged_adapters)))
-                layer.merged_adapters = list(layer.merged_adapters) + active
+                swapped.append((parent, name, layer, base, original))
+                parent._modules[name] = base  # the plain Linear in the LoRA layer's place: no wrapper call at all
         yield True
     finally:
-        for layer, base, original, before in reversed(swapped):
+        for parent, name, layer, base, original in reversed(swapped):
+            parent._modules[name] = layer
             base.weight = original
-            layer.merged_adapters = before
