@@ -92,8 +92,10 @@ def merged_lora(model, enabled: bool | str = "auto") -> Iterator[bool]:
         return
     where = {id(module): (parent, name) for parent in model.modules() for name, module in parent.named_children()}
     swapped = []
+    device_type = layers[0].get_base_layer().weight.device.type
     try:
-        with torch.no_grad():
+        # B @ A in fp32 even when called under autocast (validation in train runs under bf16 autocast).
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
             for layer in layers:
                 parent, name = where[id(layer)]
                 base = layer.get_base_layer()

@@ -57,6 +57,16 @@ def test_merged_forward_equals_the_adapters_and_gives_the_weights_back_bit_for_b
     assert_untouched(model, before)
 
 
+def test_the_merge_is_computed_in_fp32_under_autocast(device):
+    """Validation runs under bf16 autocast; the merged weight is still W + B @ A summed in fp32."""
+    model, _ = lora_model(device)
+    layer = merged_module._lora_layers(model)[0]
+    base = layer.get_base_layer()
+    expected = base.weight.detach().float() + layer.get_delta_weight("default").float()
+    with torch.autocast(device.type, dtype=torch.bfloat16), merged_lora(model, True):
+        assert torch.equal(base.weight, expected.to(base.weight.dtype))
+
+
 def test_an_error_inside_the_block_still_restores_the_weights(device):
     model, _ = lora_model(device)
     before = snapshot(model)
