@@ -22,11 +22,12 @@ gives the one-line command for a lent GPU box and bench/device_prep.sh what trav
   is the mean of ``--steps`` steps after ``--warmup`` untimed ones (a process's first steps run
   about 2x slower). Model FLOPs per step follow the formula printed with the table; the first
   warm-up step of each configuration is also counted by ``torch.utils.flop_counter`` as a check.
-- ``validate``: ``conftok.evaluate.evaluate`` at batch 16 and 64 against one ``generate`` per row
+- ``validate``: ``conftok.evaluate.evaluate`` at batch 16, 64 and 256 against one ``generate`` per row
   then a separate forward for the token's distribution (the seed's way), outputs compared.
-- ``profile``: where validation and a training step spend their time. Validation at the largest
-  ``--val_batch_sizes`` under variants timed back to back (as ``conftok.train`` runs it, with the LoRA
-  merged for generation; unmerged; without autocast; the adapter disabled; 2x and 4x the batch); a
+- ``profile``: where validation and a training step spend their time. Validation at
+  ``TrainConfig().eval_batch_size`` under variants timed back to back (as ``conftok.train`` runs it,
+  with the LoRA merged for generation; unmerged; without autocast; the adapter disabled; 2x and 4x
+  the batch); a
   prefill and each decode step of one batch timed by hand (unmerged, merged, the base model); and
   ``torch.profiler`` tables (the ops with the most GPU and the most CPU time) for one ``generate`` (merged,
   as evaluate runs it) and one training step per loss.
@@ -103,16 +104,16 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration (default 3; 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 8; 2)")
     p.add_argument("--rows", type=int, default=None, help="training rows per data set (default all; 24)")
-    p.add_argument("--val_rows", type=int, default=None, help="rows for batched validation, half per domain (128; 8)")
+    p.add_argument("--val_rows", type=int, default=None, help="rows for batched validation, half per domain (256; 8)")
     p.add_argument("--per_row_rows", type=int, default=None, help="rows for the per-row loop, half per domain (16; 4)")
-    p.add_argument("--val_batch_sizes", type=int, nargs="+", default=None, help="(16 64; 4 8)")
+    p.add_argument("--val_batch_sizes", type=int, nargs="+", default=None, help="(16 64 256; 4 8)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="(16; 4)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--unsloth_child", default=None, help=argparse.SUPPRESS)  # internal: child process output file
     args = p.parse_args(argv)
     smoke = args.smoke
-    defaults = dict(batch_size=(4, 8), warmup=(1, 3), steps=(2, 8), rows=(24, None), val_rows=(8, 128),
-                    per_row_rows=(4, 16), val_batch_sizes=([4, 8], [16, 64]), max_new_tokens=(4, 16))
+    defaults = dict(batch_size=(4, 8), warmup=(1, 3), steps=(2, 8), rows=(24, None), val_rows=(8, 256),
+                    per_row_rows=(4, 16), val_batch_sizes=([4, 8], [16, 64, 256]), max_new_tokens=(4, 16))
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if smoke else full)
@@ -550,7 +551,9 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
 
     domains = cfg_domains()
     raw = read_raw_rows(args.data, max(1, args.val_rows // 2))
-    batch = max(args.val_batch_sizes)
+    from conftok.config import TrainConfig
+
+    batch = TrainConfig().eval_batch_size  # the variants around the default validation batch
     rows = sum(map(len, raw.values()))
     out: dict = {"rows": rows, "batch_size": batch, "validation": []}
 
@@ -600,8 +603,6 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
     log(f"profile: one generate of {len(prompts)} rows: {out['generate']['wall_s']:.2f} s, device busy "
         f"{out['generate']['device_busy_s']:.2f} s")
     if train_batches:
-        from conftok.config import TrainConfig
-
         ids = token_ids(tokenizer, domains.tokens)
         ids_ = (sorted(ids.values()), sorted(ids[d.confident_token] for d in domains))
         guard_kwargs = TrainConfig().loss_kwargs()

@@ -61,7 +61,7 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     prof = result["profile"]
     assert "error" not in prof, prof
     assert [v["variant"].split(" (")[0] for v in prof["validation"]] == [
-        "as conftok.train runs it", "LoRA unmerged", "no autocast", "adapter disabled", "batch 16", "batch 32"]
+        "as conftok.train runs it", "LoRA unmerged", "no autocast", "adapter disabled", "batch 128", "batch 256"]
     assert all(v["samples_per_s"] > 0 for v in prof["validation"])
     assert set(prof["decode"]) == {"adapter", "adapter merged", "base"}
     assert all(d["prefill_s"] > 0 and d["decode_step_s_median"] > 0 for d in prof["decode"].values())
