@@ -303,7 +303,7 @@ def train_step(model, optimizer, loss_fn, batch, device, amp) -> None:
     """One step as conftok.train takes it: loss under autocast, its value read, backward, clip, AdamW."""
     import torch
 
-    from conftok.modeling import LoraInputsUncast
+    from conftok.loss import LoraInputsUncast
 
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     uncast = _UNCAST.get(id(model)) or _UNCAST.setdefault(id(model), LoraInputsUncast(model))
@@ -544,6 +544,7 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
 
     import torch
 
+    from conftok.config import TrainConfig
     from conftok.evaluate import evaluate, generate
     from conftok.merged import merged_lora
     from conftok.prompts import encode_prompt
@@ -551,8 +552,6 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
 
     domains = cfg_domains()
     raw = read_raw_rows(args.data, max(1, args.val_rows // 2))
-    from conftok.config import TrainConfig
-
     batch = TrainConfig().eval_batch_size  # the variants around the default validation batch
     rows = sum(map(len, raw.values()))
     out: dict = {"rows": rows, "batch_size": batch, "validation": []}

@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from conftok.config import TrainConfig
     from conftok.data import ConfidenceCollator, ConfidenceDataset
     from conftok.domains import resolve_domains
-    from conftok.loss import attach_base_topk, training_loss
-    from conftok.modeling import LoraInputsUncast
+    from conftok.loss import LoraInputsUncast, attach_base_topk, training_loss
     from conftok.memory import auto_gradient_checkpointing
     from conftok.modeling import build_model, enable_gradient_checkpointing
     from conftok.sampler import LengthGroupedBatchSampler

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from conftok.data import IGNORE_INDEX
 
 __all__ = ["padded_attention_guard", "CHECKPOINTING_KWARGS", "LoraInputsUncast", "position_ids_from_mask",
-           "confidence_logits", "confidence_token_loss", "masked_lm_loss", "p_confident", "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk",
-           "ANSWER_CE_ROWS"]
+           "confidence_logits", "confidence_token_loss", "masked_lm_loss", "p_confident", "LossTerms", "training_loss",
+           "base_topk", "attach_base_topk", "rows_base_topk", "token_budget_batches", "ANSWER_CE_ROWS"]
 
 ANSWER_CE_ROWS = ("all", "correct")
 
@@ -327,7 +327,6 @@ def attach_base_topk(dataset, model, k: int, *, batch_size: int = 16, progress: 
                                        progress=progress)
 
 
-@torch.no_grad()
 def token_budget_batches(sorted_lengths: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
     """``(start, stop)`` slices of rows sorted by length: at most ``batch_size`` rows, and at most
     ``batch_size x`` their mean length in padded tokens. A few long rows then get batches of their own
@@ -345,6 +344,7 @@ def token_budget_batches(sorted_lengths: Sequence[int], batch_size: int) -> list
     return slices
 
 
+@torch.no_grad()
 def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16,
                    progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The base model's top-k ``(ids int32, logp fp16)``, each (answer length, k) on the CPU, for

@@ -57,6 +57,8 @@ def _why_not(layers) -> str | None:
             return f"{type(base).__name__} base layers (quantized or custom) are used unmerged"
         if layer.merged:
             return "the adapter is merged already"
+        if layer.disable_adapters:  # inside model.disable_adapter(): the base model is what is asked for
+            return "the adapter is disabled"
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         if any(a in getattr(layer, "lora_variant", {}) for a in active):
             return "a LoRA variant (DoRA, ...) merges differently"

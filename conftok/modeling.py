@@ -21,13 +21,13 @@ import torch
 
 from conftok.domains import DomainSet, resolve_domains
 from conftok.lora_targets import present_target_modules, trainable_token_indices
-from conftok.loss import CHECKPOINTING_KWARGS, LoraInputsUncast
+from conftok.loss import CHECKPOINTING_KWARGS
 from conftok.memory import auto_gradient_checkpointing
 from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
 
 __all__ = ["BACKENDS", "QUANTIZATIONS", "DEFAULT_TARGET_MODULES", "METADATA_FILE", "ADAPTER_WEIGHTS_FILE",
            "PICKLE_PATTERNS", "build_model",
-           "enable_gradient_checkpointing", "LoraInputsUncast",
+           "enable_gradient_checkpointing",
            "load_tokenizer", "resolve_backend", "save_adapter", "load_adapter", "model_device", "replace_directory"]
 
 logger = logging.getLogger(__name__)

@@ -49,9 +49,9 @@ from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
-from conftok.loss import padded_attention_guard, training_loss
+from conftok.loss import LoraInputsUncast, padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
-from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, LoraInputsUncast, build_model,
+from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model,
                               enable_gradient_checkpointing, model_device, replace_directory, resolve_backend, save_adapter)
 from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
 from conftok.reference_cache import attach_base_topk_cached
@@ -281,8 +281,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             if i < skip:
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            # Padded batches on CUDA: SDPA's math kernel for the forward and the backward (which recomputes
-            # the forward under gradient checkpointing); the fused kernels' gradients go non-finite there.
+            # Padded batches on CUDA: SDPA's math kernel; the fused kernels' gradients go non-finite there.
             guard = padded_attention_guard(batch["attention_mask"])
             with amp(), guard, uncast:
                 terms = compute_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
@@ -293,6 +292,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 raise FloatingPointError(
                     f"loss is {loss_value} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch {i + 1}); "
                     f"try a lower learning_rate (now {cfg.learning_rate}) or a longer warmup")
+            # build_model's checkpointing recomputes under the forward's kernels by itself (CHECKPOINTING_KWARGS);
+            # unsloth's own checkpointing does not, so its backward needs the guard here.
             with padded_attention_guard(batch["attention_mask"]):
                 (loss / cfg.gradient_accumulation_steps).backward()
             running_loss += loss_value

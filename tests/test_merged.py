@@ -67,6 +67,17 @@ def test_the_merge_is_computed_in_fp32_under_autocast(device):
         assert torch.equal(base.weight, expected.to(base.weight.dtype))
 
 
+def test_a_disabled_adapter_is_not_merged(device):
+    """Inside model.disable_adapter() the base model is asked for: merging would bring the adapter back."""
+    model, _ = lora_model(device)
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+        with merged_lora(model, True) as merged:
+            assert not merged
+            assert torch.equal(model(input_ids=ids).logits, base)
+
+
 def test_an_error_inside_the_block_still_restores_the_weights(device):
     model, _ = lora_model(device)
     before = snapshot(model)

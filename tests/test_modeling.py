@@ -21,7 +21,7 @@ from safetensors import safe_open
 from conftok import modeling
 from conftok.data import IGNORE_INDEX, ConfidenceCollator
 from conftok.domains import resolve_domains
-from conftok.loss import confidence_logits, confidence_token_loss, p_confident
+from conftok.loss import LoraInputsUncast, confidence_logits, confidence_token_loss, p_confident
 from conftok.modeling import (
     BACKENDS,
     DEFAULT_TARGET_MODULES,
@@ -555,14 +555,14 @@ def test_lora_inputs_uncast_gives_the_cast_paths_step_with_fewer_copies(device, 
     for uncast in (False, True):
         torch.manual_seed(0)  # the same dropout masks
         counter = CountCopies()
-        context = modeling.LoraInputsUncast(model) if uncast else torch.enable_grad()
+        context = LoraInputsUncast(model) if uncast else torch.enable_grad()
         with counter, torch.autocast(device.type, dtype=torch.bfloat16), context:
             loss = model(input_ids=ids, logits_to_keep=1).logits.float().logsumexp(-1).mean()
         loss.backward()
         results[uncast] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                            counter.copies)
         model.zero_grad(set_to_none=True)
-    assert all(m.cast_input_dtype_enabled for m in modeling.LoraInputsUncast(model).layers)
+    assert all(m.cast_input_dtype_enabled for m in LoraInputsUncast(model).layers)
     (loss_cast, grads_cast, copies_cast), (loss_uncast, grads_uncast, copies_uncast) = results[False], results[True]
     assert copies_uncast < copies_cast, (copies_uncast, copies_cast)
     torch.testing.assert_close(loss_uncast, loss_cast, **tolerance(torch.bfloat16))
