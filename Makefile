@@ -16,6 +16,9 @@ RAY_LAYER_TESTS := tests/test_ray_jobs.py tests/test_job_submit.py tests/test_tu
                    tests/test_tag.py tests/test_report.py tests/test_search_spaces.py
 CORE_TESTS := $(filter-out $(RAY_LAYER_TESTS),$(sort $(wildcard tests/test_*.py)))
 CONFTOK_TEST_DEVICE ?= cuda
+# Extra pytest arguments for test-gpu, e.g. PYTEST_ARGS='-n 8' where pytest-xdist is installed (the GPU
+# image has it): the tests are small and the box's host, not its GPU, sets their pace.
+PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
@@ -42,7 +45,7 @@ test: venv
 # datasets/unsloth/bitsandbytes skipped with the reason where those are missing. No network.
 test-gpu:
 	HF_HUB_OFFLINE=1 CONFTOK_TEST_DEVICE=$(CONFTOK_TEST_DEVICE) $(PYTHON) -m pytest -q -rs \
-		-m 'not hub and not slow and not realdata' $(CORE_TESTS)
+		-m 'not hub and not slow and not realdata' $(PYTEST_ARGS) $(CORE_TESTS)
 
 clean:
 	rm -rf $(VENV)

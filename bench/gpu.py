@@ -109,6 +109,8 @@ def parse_args(argv):
     p.add_argument("--val_batch_sizes", type=int, nargs="+", default=None, help="(16 64 256; 4 8)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="(16; 4)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer first (TrainConfig.torch_compile); rows say compiled")
     p.add_argument("--unsloth_child", default=None, help=argparse.SUPPRESS)  # internal: child process output file
     args = p.parse_args(argv)
     smoke = args.smoke
@@ -297,21 +299,28 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 _UNCAST: dict = {}  # id(model) -> its LoraInputsUncast (the layers found once)
+_COMPILED: dict = {}  # id(model) -> whether its decoder layers are compiled (read once, after --compile applied it)
 
 
 def train_step(model, optimizer, loss_fn, batch, device, amp) -> None:
     """One step as conftok.train takes it: loss under autocast, its value read, backward, clip, AdamW."""
     import torch
 
-    from conftok.loss import LoraInputsUncast
+    from conftok.compiling import layers_compiled
+    from conftok.loss import LoraInputsUncast, padded_attention_guard
 
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     uncast = _UNCAST.get(id(model)) or _UNCAST.setdefault(id(model), LoraInputsUncast(model))
-    with amp(), uncast:  # as conftok.train's forward under bf16 autocast
+    compiled = _COMPILED.get(id(model)) if id(model) in _COMPILED else _COMPILED.setdefault(id(model),
+                                                                                          layers_compiled(model))
+    # As conftok.train: bf16 autocast, LoRA inputs uncast, SDPA's math kernel for padded batches (every batch
+    # when the layers are compiled: they keep the kernel they were traced with).
+    with amp(), padded_attention_guard(batch["attention_mask"], always=compiled), uncast:
         loss = loss_fn(model, batch)
     if not math.isfinite(loss.item()):  # train's per-step sync and NaN check
         raise FloatingPointError(f"loss {loss.item()}")
-    loss.backward()
+    with padded_attention_guard(batch["attention_mask"], always=compiled):
+        loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -354,7 +363,9 @@ def warm_up_shapes(model, optimizer, ids_, guard_kwargs, batch_sets, device, amp
 
 
 def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matmul_tflops, log,
-              toggle_checkpointing: bool = True) -> list:
+              toggle_checkpointing: bool = True, on_row=None) -> list:
+    """Time each (checkpointing, batching, loss) configuration; ``on_row(rows)`` after each (the JSON is
+    rewritten then, so a run cut short by a time limit keeps the rows it measured)."""
     import torch
 
     from conftok.config import TrainConfig
@@ -378,9 +389,14 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
     collated = {batching: [collate([measured[i] for i in b]) for b in chosen[batching]] for batching in args.batching}
     if toggle_checkpointing:
         set_checkpointing(model, args.checkpointing[0] == "on")
+    compile_check = None
+    if getattr(args, "compile", False):
+        compile_check = compile_and_check(model, make_loss_fn("defaults", ids_, guard_kwargs),
+                                          collated[args.batching[0]][0], device, amp, log)
     start = time.perf_counter()
     warm_up_shapes(model, optimizer, ids_, guard_kwargs, list(collated.values()), device, amp, args.losses)
-    log(f"train: warm-up over every measured batch in {time.perf_counter() - start:.1f} s")
+    log(f"train: warm-up over every measured batch in {time.perf_counter() - start:.1f} s"
+        + (" (compiles each new shape)" if compile_check else ""))
     for ckpt in args.checkpointing:
         if toggle_checkpointing:
             set_checkpointing(model, ckpt == "on")
@@ -390,6 +406,7 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
             tokens = sum(int(b["attention_mask"].sum()) for b in timed)
             for loss in list(args.losses) + [f"guard:{g}" for g in args.guards]:
                 row = {"loss": loss, "checkpointing": ckpt, "batching": batching, "batch_size": args.batch_size,
+                       "compiled": compile_check is not None,
                        "steps": args.steps, "loss_kwargs": guard_kwargs if loss == "defaults" else
                        GUARD_VARIANTS[loss.removeprefix("guard:")] if loss.startswith("guard:") else
                        ({} if loss == "full_logits" else {"placement_weight": 0.0, "kl_weight": 0.0}),
@@ -412,6 +429,8 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     traceback.print_exc()
                     results.append(row)
                     log(f"  {row['error']}")
+                    if on_row:
+                        on_row(results)
                     continue
                 step_s = sum(times) / len(times)
                 flops = sum(model_flops(shape, b, loss, ckpt == "on", guard_kwargs) for b in timed) / len(timed)
@@ -422,12 +441,46 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                            matmul_share=flops / step_s / 1e12 / matmul_tflops if matmul_tflops else None,
                            counted_over_formula=counted / first if counted else None,
                            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+                if compile_check:
+                    row["compile_check"] = compile_check
                 results.append(row)
                 log(f"  {row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:,.0f} tokens/s, "
                     f"step {step_s:.3f} s" + (f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] else ""))
+                if on_row:
+                    on_row(results)
     optimizer.zero_grad(set_to_none=True)
     del optimizer
     return results
+
+
+def compile_and_check(model, loss_fn, batch, device, amp, log) -> dict:
+    """Compile the decoder layers (conftok.compiling) and compare the loss of one batch before and after.
+
+    Before the first optimizer step every LoRA B is zero, so dropout cannot move the loss: eager and
+    compiled must agree to bf16 rounding. Returns the two losses, their difference and the seconds the
+    first compiled forward took (the compile)."""
+    import torch
+
+    from conftok.compiling import compile_layers
+    from conftok.loss import padded_attention_guard
+
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def loss_now():
+        with amp(), padded_attention_guard(batch["attention_mask"], always=True):
+            return float(loss_fn(model, batch).detach())
+
+    eager = loss_now()
+    layers = compile_layers(model)
+    _COMPILED[id(model)] = True
+    start = time.perf_counter()
+    compiled = loss_now()
+    seconds = time.perf_counter() - start
+    out = {"layers": layers, "eager_loss": eager, "compiled_loss": compiled, "abs_diff": abs(eager - compiled),
+           "first_forward_s": seconds, "torch": torch.__version__}
+    log(f"compile: {layers} layers; first compiled forward {seconds:.1f} s; loss eager {eager:.5f}, "
+        f"compiled {compiled:.5f}")
+    return out
 
 
 def cfg_domains():
@@ -701,7 +754,8 @@ def check_targets(result: dict) -> list[dict]:
     defaults = [r for r in train if r["loss"] == "defaults" and r["batching"] == "grouped"]
     if defaults:
         best = max(defaults, key=lambda r: r["samples_per_s"])
-        where = f"defaults, grouped, checkpointing {best['checkpointing']}, batch {best['batch_size']}"
+        where = (f"defaults, grouped, checkpointing {best['checkpointing']}, batch {best['batch_size']}"
+                 + (", layers compiled" if best.get("compiled") else ""))
         rows.append({"target": f"defaults >= {TARGETS['defaults_samples_per_s']:g} samples/s at batch 8",
                      "value": best["samples_per_s"], "where": where,
                      "met": best["samples_per_s"] >= TARGETS["defaults_samples_per_s"]})
@@ -748,11 +802,16 @@ def print_report(result: dict) -> None:
             base = token_only.get((r["checkpointing"], r["batching"]))
             return r["step_s"] / base if base and r.get("step_s") else None
 
-        rows = [[r["loss"], r["checkpointing"], r["batching"], r.get("samples_per_s"), r.get("tokens_per_s"),
+        rows = [[r["loss"] + (" (compiled)" if r.get("compiled") else ""), r["checkpointing"], r["batching"], r.get("samples_per_s"), r.get("tokens_per_s"),
                  r.get("step_s"), ratio(r), r.get("model_tflop_per_step"), r.get("matmul_share"), r.get("peak_memory_gib"),
                  r["padding_share"], r.get("counted_over_formula"), r.get("error")] for r in result["train"]]
         print(markdown_table(["loss", "ckpt", "batches", "samples/s", "tokens/s", "step s", "x token-only", "TFLOP/step",
                               "share of matmul", "peak GiB", "padding", "counted/formula", "error"], rows))
+        check = next((r["compile_check"] for r in result["train"] if r.get("compile_check")), None)
+        if check:
+            print(f"\nCompiled decoder layers ({check['layers']}, torch {check['torch']}): first compiled forward "
+                  f"{check['first_forward_s']:.1f} s; defaults loss before any step, eager {check['eager_loss']:.5f} "
+                  f"against compiled {check['compiled_loss']:.5f} (|diff| {check['abs_diff']:.2g})")
         print(f"\n{FLOP_FORMULA}")
         pad = result["padding"]
         print(f"\nPadding share over an epoch at batch {pad['batch_size']} ({pad['rows']} rows, mean "
@@ -817,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from conftok.compiling import uncompiled_layers
     from conftok.modeling import build_model, load_tokenizer
     from conftok.sampler import padding_share
 
@@ -854,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = build_model(base, tokenizer=tokenizer, backend="hf", bf16=True, gradient_checkpointing=True,
                                        seed=args.seed, device=device, lora_r=16, lora_alpha=32)
         result["model_build_s"] = time.perf_counter() - start
+        result["compile"] = args.compile  # the layers are compiled in run_train, after an eager loss to compare
         result["parameters"] = sum(p.numel() for p in model.parameters())
         log(f"model: {result['parameters'] / 1e9:.2f} B parameters in {result['model_build_s']:.1f} s")
         if "train" in args.phases:
@@ -866,16 +927,20 @@ def main(argv: list[str] | None = None) -> int:
                                  "grouped_epoch": padding_share(epoch["grouped"], lengths)}
             log(f"rows: {len(lengths)} (mean {result['padding']['mean_tokens']:.0f} tokens)")
             result["train"] = run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matmul_tflops,
-                                        log)
+                                        log, on_row=lambda rows: write_json(args.out, {**result, "train": rows}))
             write_json(args.out, result)
         if "validate" in args.phases:
             try:
-                result["validate"] = run_validate(model, tokenizer, args, device, amp, log)
+                with uncompiled_layers(model):  # as conftok.train validates
+                    result["validate"] = run_validate(model, tokenizer, args, device, amp, log)
             except Exception as e:  # keep the training figures and the report
                 traceback.print_exc()
                 result["validate"] = {"error": f"{type(e).__name__}: {e}"}
             write_json(args.out, result)
-        if "profile" in args.phases:
+        if "profile" in args.phases and args.compile:
+            result["profile"] = {"error": "not run with --compile (it profiles the eager path)"}
+            log("profile: skipped with --compile")
+        elif "profile" in args.phases:
             train_batches = None
             if "train" in args.phases:
                 from conftok.data import ConfidenceCollator

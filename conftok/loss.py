@@ -49,7 +49,7 @@ __all__ = ["padded_attention_guard", "CHECKPOINTING_KWARGS", "LoraInputsUncast",
 ANSWER_CE_ROWS = ("all", "correct")
 
 
-def padded_attention_guard(attention_mask: torch.Tensor):
+def padded_attention_guard(attention_mask: torch.Tensor, *, always: bool = False):
     """A context for the forward AND backward of a left-padded batch on CUDA: SDPA's math kernel.
 
     A padding position's query attends to nothing (every key before it is padding too). On an H100
@@ -62,8 +62,11 @@ def padded_attention_guard(attention_mask: torch.Tensor):
     attention implementations other than SDPA. Gradient checkpointing recomputes the forward in
     the backward: models checkpointed with :data:`CHECKPOINTING_KWARGS` (``build_model`` does)
     recompute under the forward's kernels, so the backward need not be inside this guard.
+
+    ``always=True``: the math kernel for every CUDA batch, padded or not (no host sync). For compiled
+    layers (``conftok.compiling``), which keep the kernel they were traced with.
     """
-    if not attention_mask.is_cuda or bool(attention_mask.all()):
+    if not attention_mask.is_cuda or (not always and bool(attention_mask.all())):
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

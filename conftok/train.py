@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from conftok import metrics as M
 from conftok.checkpoint import (TRAINER_STATE_FILE, TRAINER_STATE_FILES, drop_trainer_state, link_tree,
                                 load_trainer_state, save_trainer_state)
+from conftok.compiling import compile_layers, compiler_available, uncompiled_layers
 from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
@@ -159,6 +160,12 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         if model is None and resolve_backend(cfg.backend) != "hf":
             raise ValueError(f"padding_free=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
         check_padding_free()  # before loading anything
+    if cfg.torch_compile:
+        if model is None and resolve_backend(cfg.backend) != "hf":
+            raise ValueError(f"torch_compile=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
+        ok, why = compiler_available()
+        if not ok:
+            raise RuntimeError(f"torch_compile=True: {why}")
     passed_model = model is not None
     model, tokenizer = build_model(
         model if model is not None else cfg.model_name, tokenizer=tokenizer, domains=domains,
@@ -189,6 +196,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     lengths = dataset.lengths()
     if auto_checkpointing and auto_gradient_checkpointing(model, batch_size=cfg.batch_size, seq_len=max(lengths)):
         enable_gradient_checkpointing(model)
+    if cfg.torch_compile:
+        print(f"torch.compile: {compile_layers(model)} decoder layers (the first step of each new length compiles)",
+              flush=True)
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -218,7 +228,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         step = state["global_step"]
         print("\n" + "=" * 70 + f"\nVALIDATION - Epoch {epoch:.1f}\n" + "=" * 70, flush=True)
         try:
-            with amp():
+            with amp(), uncompiled_layers(model):
                 result = evaluate(model, tokenizer, val_sets, domains=domains, beta=cfg.calib_beta,
                                   p=cfg.calib_p_norm, batch_size=cfg.eval_batch_size,
                                   max_new_tokens=cfg.max_new_tokens, progress=cfg.progress, verbose=True)
@@ -282,7 +292,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # Padded batches on CUDA: SDPA's math kernel; the fused kernels' gradients go non-finite there.
-            guard = padded_attention_guard(batch["attention_mask"])
+            # Compiled layers keep the kernel they were traced with: the math kernel for every batch then.
+            guard = padded_attention_guard(batch["attention_mask"], always=cfg.torch_compile)
             with amp(), guard, uncast:
                 terms = compute_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
                                       token_weights=token_weights, **cfg.loss_kwargs())
@@ -294,7 +305,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                     f"try a lower learning_rate (now {cfg.learning_rate}) or a longer warmup")
             # build_model's checkpointing recomputes under the forward's kernels by itself (CHECKPOINTING_KWARGS);
             # unsloth's own checkpointing does not, so its backward needs the guard here.
-            with padded_attention_guard(batch["attention_mask"]):
+            with padded_attention_guard(batch["attention_mask"], always=cfg.torch_compile):
                 (loss / cfg.gradient_accumulation_steps).backward()
             running_loss += loss_value
             running_terms += torch.stack([terms.token.detach(), terms.placement.detach(), terms.kl.detach(),

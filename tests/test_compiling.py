@@ -1,0 +1,133 @@
+"""Regional compilation (conftok.compiling, TrainConfig.torch_compile): each decoder layer compiled, the
+loss and gradients those of the eager model, validation uncompiled, the config's limits.
+
+Compiling costs tens of seconds on a 2-core CPU (inductor builds C++), so the checks share compiles:
+one model compiled per test, one or two shapes each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import feature_rows, make_model, make_tokenizer, to_device, write_jsonl
+from conftok.compiling import compile_layers, compiler_available, decoder_layers, layers_compiled, uncompiled_layers
+
+needs_compiler = pytest.mark.skipif(not compiler_available()[0], reason=compiler_available()[1] or "no compiler")
+
+
+def _lora_model(tok, device, seed=3, layers_dropout=0.0):
+    from conftok.modeling import build_model
+
+    model, tok = build_model(make_model(len(tok), seed=seed, device=device), tokenizer=tok, backend="hf", bf16=False,
+                             lora_r=4, lora_alpha=8, lora_dropout=layers_dropout, gradient_checkpointing=False,
+                             device=device)
+    return model, tok
+
+
+def _batch(tok, device, rows=4, seed=0):
+    from conftok.data import ConfidenceCollator, ConfidenceDataset
+    from conftok.domains import resolve_domains
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = ConfidenceDataset(write_jsonl(Path(tmp) / "t.jsonl", feature_rows(rows, seed=seed)), tok,
+                               domains=resolve_domains())
+        batch = ConfidenceCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
+    return to_device(batch, device)
+
+
+def _loss_and_grads(model, batch, ids):
+    from conftok.loss import training_loss
+
+    model.zero_grad(set_to_none=True)
+    terms = training_loss(model, batch, confidence_ids=sorted(ids.values()), placement_weight=1.0)
+    terms.loss.backward()
+    return terms.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_decoder_layers_finds_the_stack_under_peft(device):
+    tok = make_tokenizer()
+    model, _ = _lora_model(tok, device)
+    layers = decoder_layers(model)
+    assert layers is model.get_base_model().model.layers and len(layers) == 2
+    with pytest.raises(ValueError, match="no stack of decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
+    assert not layers_compiled(model) and not layers_compiled(torch.nn.Linear(2, 2))
+
+
+@needs_compiler
+def test_compiled_layers_give_the_eager_loss_and_gradients(device):
+    """The default guard's loss and every LoRA and token-row gradient, eager against compiled, on a
+    left-padded batch (fp32, dropout off); uncompiled_layers brings the eager forward back for the
+    block, also when it raises, and the compiled one after."""
+    from conftok.domains import resolve_domains
+    from conftok.tokens import add_confidence_tokens
+
+    tok = make_tokenizer()
+    model, tok = _lora_model(tok, device)
+    ids = add_confidence_tokens(tok, model, resolve_domains().tokens)
+    batch = _batch(tok, device)
+    assert (batch["attention_mask"] == 0).any()  # left padding: the masked-query rows are in the test
+    model.train()
+    eager_loss, eager_grads = _loss_and_grads(model, batch, ids)
+
+    assert compile_layers(model) == 2 and layers_compiled(model)
+    compiled_loss, compiled_grads = _loss_and_grads(model, batch, ids)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and any("lora_A" in n for n in compiled_grads)
+    for name, g in compiled_grads.items():
+        torch.testing.assert_close(g, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    compiled_impls = [layer._compiled_call_impl for layer in decoder_layers(model)]
+    with pytest.raises(KeyError):
+        with uncompiled_layers(model):
+            assert not layers_compiled(model)
+            raise KeyError("inside the block")
+    assert [layer._compiled_call_impl for layer in decoder_layers(model)] == compiled_impls
+    assert compile_layers(model) == 2  # again: the compiled layers are kept, not wrapped twice
+    assert [layer._compiled_call_impl for layer in decoder_layers(model)] == compiled_impls
+
+
+@needs_compiler
+def test_train_with_torch_compile(tmp_path):
+    """train(torch_compile=True): bf16 autocast, gradient checkpointing (each compiled layer recomputed in the
+    backward) and the default guards over batches of two lengths,
+    a validation in between (layers uncompiled for generation), every step finite, the adapter written,
+    and the layers compiled when it returns."""
+    from conftok import TrainConfig, train
+
+    tok = make_tokenizer()
+    data = write_jsonl(tmp_path / "train.jsonl", feature_rows(16, seed=2))
+    val = write_jsonl(tmp_path / "val.jsonl", [{"question": "code alpha alpha", "answer": True}] * 4)
+    cfg = TrainConfig(model_name="tiny", train_data=data, output_dir=str(tmp_path / "out"), backend="hf", max_steps=3,
+                      batch_size=8, eval_steps=2, val_sources={"boolq": val}, bf16=True, gradient_checkpointing=True,
+                      progress=False, lora_r=4, lora_alpha=8, stored_kl_top_k=8, torch_compile=True)
+    model = make_model(len(tok))
+    result = train(cfg, model=model, tokenizer=make_tokenizer())
+    assert result.global_step == 3 and (result.final_dir / "adapter_model.safetensors").is_file()
+    assert layers_compiled(model)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(backend="unsloth"), "torch_compile=True needs backend 'hf'"),
+    (dict(padding_free=True), "torch_compile=True and padding_free=True"),
+    (dict(quantization="4bit"), "torch_compile=True needs quantization 'none'"),
+])
+def test_torch_compile_config_limits(overrides, message):
+    from conftok.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(torch_compile=True, **overrides)
+
+
+def test_padded_attention_guard_always():
+    from contextlib import nullcontext
+
+    from conftok.loss import padded_attention_guard
+
+    assert isinstance(padded_attention_guard(torch.ones(2, 3, dtype=torch.long), always=True), nullcontext)  # CPU
+    if torch.cuda.is_available():
+        assert not isinstance(padded_attention_guard(torch.ones(2, 3, dtype=torch.long, device="cuda"), always=True),
+                              nullcontext)
