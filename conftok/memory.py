@@ -137,11 +137,14 @@ def _lora_params(model, lora_r: int, target_modules: Sequence[str]) -> int:
 
 
 def auto_gradient_checkpointing(model, *, batch_size: int, seq_len: int, lora_r: int | None = None,
-                                target_modules: Sequence[str] = (), margin: float = DEFAULT_MARGIN) -> bool:
+                                target_modules: Sequence[str] = (), margin: float = DEFAULT_MARGIN,
+                                math_attention: bool = False) -> bool:
     """Decide ``gradient_checkpointing="auto"`` for ``model`` (already on its device) and print why.
 
     ``model`` is a PEFT model (its trainable parameters are counted) or a base model about to be
     wrapped with LoRA of rank ``lora_r`` on ``target_modules`` (they are estimated).
+    ``math_attention``: attention keeps its (batch, heads, seq, seq) scores as eager attention does
+    (SDPA's math kernel: compiled layers, ``conftok.compiling``).
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     device = next(p.device for p in model.parameters())
@@ -164,7 +167,7 @@ def auto_gradient_checkpointing(model, *, batch_size: int, seq_len: int, lora_r:
     else:
         free = free_memory(device)
         dtype = getattr(model, "dtype", torch.float32)
-        eager = getattr(config, "_attn_implementation", None) == "eager"
+        eager = math_attention or getattr(config, "_attn_implementation", None) == "eager"
         use, reason = decide_gradient_checkpointing(
             frozen_params, hidden, layers, batch_size, seq_len, None if free is None else free + resident,
             margin=margin, where=where, bytes_per_param=frozen_bytes / max(frozen_params, 1),

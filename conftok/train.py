@@ -160,8 +160,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         if model is None and resolve_backend(cfg.backend) != "hf":
             raise ValueError(f"padding_free=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
         check_padding_free()  # before loading anything
-    if cfg.torch_compile:
-        if model is None and resolve_backend(cfg.backend) != "hf":
+    hf_backend = model is not None or resolve_backend(cfg.backend) == "hf"
+    if cfg.torch_compile is True:  # asked for: say now, before loading anything, if it cannot be done
+        if not hf_backend:
             raise ValueError(f"torch_compile=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
         ok, why = compiler_available()
         if not ok:
@@ -194,11 +195,14 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     collate = (PackedConfidenceCollator if cfg.padding_free else ConfidenceCollator)(tokenizer.pad_token_id)
     compute_loss = packed_training_loss if cfg.padding_free else training_loss
     lengths = dataset.lengths()
-    if auto_checkpointing and auto_gradient_checkpointing(model, batch_size=cfg.batch_size, seq_len=max(lengths)):
+    compiled, why = decide_torch_compile(cfg, device, hf_backend)
+    print(f"torch.compile {why}", flush=True)
+    # Compiled layers train under SDPA's math kernel, which keeps (batch, heads, T, T) scores: the estimate counts them.
+    if auto_checkpointing and auto_gradient_checkpointing(model, batch_size=cfg.batch_size, seq_len=max(lengths),
+                                                          math_attention=compiled):
         enable_gradient_checkpointing(model)
-    if cfg.torch_compile:
-        print(f"torch.compile: {compile_layers(model)} decoder layers (the first step of each new length compiles)",
-              flush=True)
+    if compiled:
+        compile_layers(model)
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -293,7 +297,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # Padded batches on CUDA: SDPA's math kernel; the fused kernels' gradients go non-finite there.
             # Compiled layers keep the kernel they were traced with: the math kernel for every batch then.
-            guard = padded_attention_guard(batch["attention_mask"], always=cfg.torch_compile)
+            guard = padded_attention_guard(batch["attention_mask"], always=compiled)
             with amp(), guard, uncast:
                 terms = compute_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
                                       token_weights=token_weights, **cfg.loss_kwargs())
@@ -305,7 +309,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                     f"try a lower learning_rate (now {cfg.learning_rate}) or a longer warmup")
             # build_model's checkpointing recomputes under the forward's kernels by itself (CHECKPOINTING_KWARGS);
             # unsloth's own checkpointing does not, so its backward needs the guard here.
-            with padded_attention_guard(batch["attention_mask"], always=cfg.torch_compile):
+            with padded_attention_guard(batch["attention_mask"], always=compiled):
                 (loss / cfg.gradient_accumulation_steps).backward()
             running_loss += loss_value
             running_terms += torch.stack([terms.token.detach(), terms.placement.detach(), terms.kl.detach(),
@@ -371,6 +375,29 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     if cfg.save_total_limit is not None:  # finished: nothing left to resume (final/ keeps the adapter)
         drop_trainer_state(out / f"checkpoint-{state['global_step']}")
     return TrainResult(out, final_dir, state["global_step"], state["history"], best)
+
+
+def decide_torch_compile(cfg: TrainConfig, device: torch.device, hf_backend: bool) -> tuple[bool, str]:
+    """``(compile the decoder layers, why)`` for ``cfg.torch_compile`` and a model on ``device``.
+
+    ``True`` compiles (its limits were checked before loading); ``'auto'`` compiles where it is measured to
+    pay: a model on CUDA, the hf backend, unquantized, padded batches, and triton importable."""
+    if cfg.torch_compile is True:
+        return True, "on (torch_compile=true): the decoder layers compile at the first step of each new length"
+    if cfg.torch_compile is False:
+        return False, "off (torch_compile=false)"
+    if device.type != "cuda":
+        return False, f"off (auto): the model is on {device.type}; auto compiles on CUDA only"
+    if not hf_backend:
+        return False, "off (auto): the unsloth backend compiles its own kernels"
+    if cfg.quantization != "none":
+        return False, f"off (auto): {cfg.quantization} quantization"
+    if cfg.padding_free:
+        return False, "off (auto): padding_free batches"
+    ok, why = compiler_available()
+    if not ok:
+        return False, f"off (auto): {why}"
+    return True, "on (auto): the decoder layers compile at the first step of each new length"
 
 
 def _finished_run(out: Path, checkpoint: Path) -> TrainResult | None:

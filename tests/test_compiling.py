@@ -131,3 +131,35 @@ def test_padded_attention_guard_always():
     if torch.cuda.is_available():
         assert not isinstance(padded_attention_guard(torch.ones(2, 3, dtype=torch.long, device="cuda"), always=True),
                               nullcontext)
+
+
+def test_torch_compile_must_be_true_false_or_auto():
+    from conftok.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="torch_compile must be true, false or 'auto', got 'yes'"):
+        TrainConfig(torch_compile="yes")
+    assert TrainConfig().torch_compile == "auto"
+    TrainConfig(torch_compile="auto", backend="unsloth", quantization="4bit")  # auto just stays off there
+
+
+@pytest.mark.parametrize("overrides, device, hf_backend, compiler, expected", [
+    (dict(), "cuda", True, (True, ""), (True, "on (auto)")),
+    (dict(), "cpu", True, (True, ""), (False, "the model is on cpu")),
+    (dict(), "cuda", False, (True, ""), (False, "unsloth backend")),
+    (dict(quantization="4bit"), "cuda", True, (True, ""), (False, "4bit quantization")),
+    (dict(padding_free=True), "cuda", True, (True, ""), (False, "padding_free")),
+    (dict(), "cuda", True, (False, "torch.compile on CUDA needs triton"), (False, "needs triton")),
+    (dict(torch_compile=False), "cuda", True, (True, ""), (False, "off (torch_compile=false)")),
+    (dict(torch_compile=True), "cpu", True, (True, ""), (True, "on (torch_compile=true)")),
+])
+def test_decide_torch_compile(monkeypatch, overrides, device, hf_backend, compiler, expected):
+    """'auto' compiles where it was measured to pay (a model on CUDA, hf, unquantized, padded batches,
+    triton there) and says why not elsewhere; true and false are kept."""
+    import importlib
+
+    from conftok.config import TrainConfig
+
+    train_module = importlib.import_module("conftok.train")  # conftok.train is also the function
+    monkeypatch.setattr(train_module, "compiler_available", lambda: compiler)
+    compiled, why = train_module.decide_torch_compile(TrainConfig(**overrides), torch.device(device), hf_backend)
+    assert compiled is expected[0] and expected[1] in why
