@@ -416,6 +416,7 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
+                graphs_before = dynamo_graphs() if compile_check else None
                 try:
                     times, counted = time_steps(model, optimizer, make_loss_fn(loss, ids_, guard_kwargs),
                                                 batches, args.warmup, device, amp)
@@ -443,14 +444,26 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
                 if compile_check:
                     row["compile_check"] = compile_check
+                    # Graphs compiled during this configuration's steps (warm-up included): more than 0 after the
+                    # shared warm-up means a recompile, and past torch._dynamo's recompile limit a layer runs eager.
+                    row["graphs_compiled"] = dynamo_graphs() - graphs_before
+                    row["dynamo_unique_graphs"] = dynamo_graphs()
                 results.append(row)
                 log(f"  {row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:,.0f} tokens/s, "
-                    f"step {step_s:.3f} s" + (f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] else ""))
+                    f"step {step_s:.3f} s" + (f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] else "")
+                    + (f", {row['graphs_compiled']} graphs compiled during it" if compile_check else ""))
                 if on_row:
                     on_row(results)
     optimizer.zero_grad(set_to_none=True)
     del optimizer
     return results
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (torch._dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def compile_and_check(model, loss_fn, batch, device, amp, log) -> dict:
@@ -462,12 +475,14 @@ def compile_and_check(model, loss_fn, batch, device, amp, log) -> dict:
     import torch
 
     from conftok.compiling import compile_layers
-    from conftok.loss import padded_attention_guard
+    from conftok.loss import LoraInputsUncast, padded_attention_guard
 
     batch = {k: v.to(device) for k, v in batch.items()}
 
-    def loss_now():
-        with amp(), padded_attention_guard(batch["attention_mask"], always=True):
+    uncast = _UNCAST.get(id(model)) or _UNCAST.setdefault(id(model), LoraInputsUncast(model))
+
+    def loss_now():  # as train_step runs the forward: the compiled graph traced here is the one training uses
+        with amp(), padded_attention_guard(batch["attention_mask"], always=True), uncast:
             return float(loss_fn(model, batch).detach())
 
     eager = loss_now()
