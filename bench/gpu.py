@@ -109,6 +109,9 @@ def parse_args(argv):
     p.add_argument("--val_batch_sizes", type=int, nargs="+", default=None, help="(16 64 256; 4 8)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="(16; 4)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--static_cache", action="store_true",
+                   help="profile: also validate with a static KV cache (evaluate(static_cache=True); on CUDA the decode "
+                        "step compiled and replayed as a CUDA graph), after an untimed run that compiles")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer first (TrainConfig.torch_compile); rows say compiled")
     p.add_argument("--unsloth_child", default=None, help=argparse.SUPPRESS)  # internal: child process output file
@@ -634,12 +637,12 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
     rows = sum(map(len, raw.values()))
     out: dict = {"rows": rows, "batch_size": batch, "validation": []}
 
-    def validate(batch_size, autocast=True, adapter=True, merge="auto"):
+    def validate(batch_size, autocast=True, adapter=True, merge="auto", static_cache=False):
         ctx = amp() if autocast else contextlib.nullcontext()
         off = model.disable_adapter() if not adapter else contextlib.nullcontext()
         with ctx, off:
             evaluate(model, tokenizer, raw, domains=domains, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                     progress=False, merge=merge)
+                     progress=False, merge=merge, static_cache=static_cache)
 
     model.eval()
     eager = uncompiled_layers(model)  # generation runs the layers uncompiled, as conftok.train validates
@@ -650,8 +653,14 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
                 ("adapter disabled (the base model)", lambda: validate(batch, adapter=False)),
                 (f"batch {2 * batch}", lambda: validate(2 * batch)),
                 (f"batch {4 * batch}", lambda: validate(4 * batch))]
+    if args.static_cache:  # evaluate(static_cache=True): on CUDA the decode step compiled once, replayed as a CUDA graph
+        variants += [(f"static KV cache, batch {b} (timed after an untimed run that compiles)",
+                      lambda b=b: validate(b, static_cache=True)) for b in (batch, 4 * batch)]
     for name, fn in variants:
         try:
+            if name.startswith("static KV cache"):
+                compile_s, _ = timed(device, fn)
+                log(f"profile: validation, {name}: first run {compile_s:.1f} s")
             seconds, _ = timed(device, fn)
             out["validation"].append({"variant": name, "seconds": seconds, "samples_per_s": rows / seconds})
             log(f"profile: validation, {name}: {rows / seconds:.1f} samples/s")

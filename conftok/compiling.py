@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["decoder_layers", "compile_layers", "layers_compiled", "uncompiled_layers", "compiler_available"]
+__all__ = ["RECOMPILE_LIMIT", "decoder_layers", "compile_layers", "layers_compiled", "uncompiled_layers", "compiler_available"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -41,11 +41,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+# Graphs torch.compile may build for one function before it runs it eagerly instead (torch's default: 8).
+# The layers' one forward gets a graph per variant: a padded batch or not (attention mask or none), the
+# first layer's input with or without gradients, the first length static and the next dynamic, ... A
+# layer past the limit would silently run eager.
+RECOMPILE_LIMIT = 64
+
+
 def compile_layers(model: nn.Module, *, dynamic: bool | None = None) -> int:
     """``torch.compile`` each decoder layer in place (``nn.Module.compile``); returns how many.
 
     Already compiled layers are left as they are. ``dynamic=None`` (torch's default) compiles the
-    first shape static and marks the dimensions that change as dynamic at the second."""
+    first shape static and marks the dimensions that change as dynamic at the second. Raises
+    torch._dynamo's recompile limit to :data:`RECOMPILE_LIMIT` (process-wide) where it is lower."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     layers = decoder_layers(model)
     for layer in layers:
         if layer._compiled_call_impl is None:

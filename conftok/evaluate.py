@@ -111,11 +111,29 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+# A static KV cache is sized to the longest prompt + the new tokens, rounded up to this: one cache shape
+# (one compiled decode step) serves every batch of a validation, and the next validation of the same rows.
+STATIC_CACHE_MULTIPLE = 256
+
+
+def static_cache_length(prompts: Sequence[Sequence[int]], new_tokens: int, multiple: int = STATIC_CACHE_MULTIPLE) -> int:
+    """The static cache's length for ``prompts``: the longest + ``new_tokens``, rounded up to ``multiple``."""
+    need = max(map(len, prompts)) + new_tokens
+    return -(-need // multiple) * multiple
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequence[str], max_new_tokens: int = 16,
              batch_size: int = 8, desc: str | None = None, progress: bool = True,
-             score_ids: tuple[int, int] | None = None) -> list[Generation]:
+             score_ids: tuple[int, int] | None = None, static_cache: bool = False) -> list[Generation]:
     """Greedy generation for prompt ids, in batches of similar length (less padding).
+
+    ``static_cache``: every batch decodes into a KV cache of one shape (``batch_size`` rows, a short
+    batch filled with copies of its last prompt whose outputs are dropped; :func:`static_cache_length`
+    positions). On CUDA transformers then compiles the decode step once and replays it as a CUDA graph
+    (``torch.compile`` mode ``reduce-overhead``): one launch a step instead of one per kernel, where a
+    decode step is bound by launching kernels. The first batch pays the compile. Elsewhere the static
+    cache decodes eagerly, with the same outputs.
 
     With ``score_ids=(C, U)``, p_confident is read from the logits of the step where each row
     stopped (a confidence token or end of turn): that step's input is prompt + answer, which is
@@ -131,20 +149,26 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     id_to_token = {vocab[t]: t for t in stop_tokens if t in vocab}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Generation | None] = [None] * len(prompts)
+    new_tokens = max_new_tokens + (score_ids is not None)
+    cache = dict(cache_implementation="static", max_cache_len=static_cache_length(prompts, new_tokens)) \
+        if static_cache and prompts else {}
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        input_ids, mask = _left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, device)
+        batch = [prompts[i] for i in idx]
+        if cache:  # one shape for every batch: fill a short one with copies of its last row
+            batch += [batch[-1]] * (batch_size - len(batch))
+        input_ids, mask = _left_pad(batch, tokenizer.pad_token_id, device)
         result = model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens + (score_ids is not None),
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
             do_sample=False,
             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
             # A confidence token comes after an answer, never instead of one: a trained token can
             # outscore every answer token at the first step (seen on real rows), so forbid it there.
             begin_suppress_tokens=list(id_to_token) or None,
-            output_logits=score_ids is not None, return_dict_in_generate=True,
+            output_logits=score_ids is not None, return_dict_in_generate=True, **cache,
         )
-        generated = result.sequences[:, input_ids.shape[1]:input_ids.shape[1] + max_new_tokens].tolist()
+        generated = result.sequences[:len(idx), input_ids.shape[1]:input_ids.shape[1] + max_new_tokens].tolist()
         cuts = [next((k for k, t in enumerate(seq) if t in stop), len(seq)) for seq in generated]
         p_rows: list[float | None] = [None] * len(idx)
         p_first: list[float | None] = [None] * len(idx)
@@ -216,7 +240,7 @@ def summarize_domain(records: list[dict[str, Any]], beta: int = 100, p: str = "2
 
 
 def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, batch_size, max_new_tokens,
-                     progress, dataset_name) -> list[dict[str, Any]]:
+                     progress, dataset_name, static_cache=False) -> list[dict[str, Any]]:
     questions = [domain.build_question(r) for r in rows]
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     c_id, u_id = (tokenizer.convert_tokens_to_ids(t) for t in domain.tokens)
@@ -224,7 +248,7 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
     # that tagging cut at max_new_tokens (and trained with its token after it) could never show its token.
     gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens + 1,
                     batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress,
-                    score_ids=(c_id, u_id))
+                    score_ids=(c_id, u_id), static_cache=static_cache)
     records = []
     for row, gen in zip(rows, gens):
         answer = domain.parse_answer(gen.text, row)
@@ -245,7 +269,7 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, bat
 def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], *, domains=None,
              beta: int = 100, p: str = "2", batch_size: int = 8, max_new_tokens: int = 16,
              progress: bool = True, n_reliability_bins: int = 10, verbose: bool = False,
-             merge: bool | str = "auto") -> dict[str, Any]:
+             merge: bool | str = "auto", static_cache: bool = False) -> dict[str, Any]:
     """Validate on raw rows per data set; returns metrics, per-domain figures, records and bins.
 
     Args:
@@ -255,6 +279,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
         verbose: print the seed's validation block per data set as it finishes.
         merge: generate with the LoRA update folded into a copy of the weights (:func:`conftok.merged.merged_lora`;
             ``"auto"``: where it fits in free memory). The model's own weights are untouched either way.
+        static_cache: decode into a KV cache of one shape; on CUDA a compiled decode step replayed as a
+            CUDA graph (:func:`generate`).
 
     Returns:
         ``{"metrics": {...flat, metric-name keys...}, "domains": {name: figures},
@@ -272,8 +298,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
                 if verbose:
                     print(f"\nValidating on {dataset_name}...", flush=True)
                 recs = _evaluate_domain(model, tokenizer, domain, list(rows), stop_tokens=domains.tokens,
-                                        batch_size=batch_size,
-                                        max_new_tokens=max_new_tokens, progress=progress, dataset_name=dataset_name)
+                                        batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                                        dataset_name=dataset_name, static_cache=static_cache)
                 not_finite = [k for k, r in enumerate(recs) if not math.isfinite(r["p_confident"])]
                 if not_finite:  # the model's outputs are NaN/inf: its weights diverged, not the rows
                     raise FloatingPointError(

@@ -130,6 +130,30 @@ class TestValidationLogic:
             assert gen.p_answer == approx(seen[-1], model.dtype)
         assert max(seen) < 0.5 and len({round(p, 6) for p in seen}) == len(seen)
 
+    def test_static_cache_gives_the_dynamic_caches_generations(self, tok, device):
+        """static_cache=True: one cache shape for every batch (a short batch filled with copies of its last
+        row, their outputs dropped); the answers, tokens, p_confident and p_answer are the dynamic cache's.
+        On CUDA transformers compiles its decode step (make test-gpu); here it decodes eagerly."""
+        from conftok.evaluate import static_cache_length
+
+        model = scripted(tok, device)
+        prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
+        assert len(prompts) % 2  # batches of 2: the last one is short and filled
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        kwargs = dict(stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=2, progress=False, score_ids=(c, u))
+        dynamic = generate(model, tok, prompts, **kwargs)
+        static = generate(model, tok, prompts, static_cache=True, **kwargs)
+        assert len(static) == len(prompts)
+        for a, b in zip(static, dynamic):
+            assert (a.text, a.answer_ids, a.stop_token, a.finished) == (b.text, b.answer_ids, b.stop_token, b.finished)
+            assert a.p_confident == approx(b.p_confident, model.dtype) and a.p_answer == approx(b.p_answer, model.dtype)
+        assert static_cache_length(prompts, 4) % 256 == 0 and static_cache_length(prompts, 4) >= max(map(len, prompts)) + 4
+        assert static_cache_length([[1] * 253], 3) == 256 and static_cache_length([[1] * 254], 3) == 512
+        records = [evaluate(model, tok, {"boolq": BOOLQ}, beta=1, batch_size=2, max_new_tokens=3, progress=False,
+                            static_cache=static)["records"] for static in (False, True)]
+        assert [r["response"] for r in records[0]] == [r["response"] for r in records[1]]
+        assert [r["p_confident"] for r in records[1]] == approx([r["p_confident"] for r in records[0]], model.dtype)
+
     def test_a_cut_answer_is_scored_from_one_decode_step_more(self, tok, device, monkeypatch):
         # "Yes Yes Yes ..." never stops: every row is cut at max_new_tokens. Its p_confident is read from one
         # decode step past the answer (no second forward over the prompt) and equals a forward over the whole
