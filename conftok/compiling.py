@@ -25,7 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["RECOMPILE_LIMIT", "decoder_layers", "compile_layers", "layers_compiled", "uncompiled_layers", "compiler_available"]
+__all__ = ["RECOMPILE_LIMIT", "decoder_layers", "compile_layers", "layers_compiled", "uncompiled_layers",
+           "compiler_available"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -66,8 +66,9 @@ class TrainConfig:
     eval_static_cache: bool = _help(
         "Validation decodes into a static KV cache of one shape (conftok.evaluate.generate): on CUDA transformers "
         "compiles the decode step once and replays it as a CUDA graph, where a decode step is otherwise bound by "
-        "launching its kernels (a 7B on an H200: 47 ms a base-model step at batch 64, where reading the weights takes "
-        "~3 ms; validation ran no faster at batch 256 than at 64). The first validation pays the compile. Not yet timed on a GPU (bench/gpu.py --static_cache).", default=False)
+        "launching its kernels (a 7B on an H200: 47 ms a base-model step at batch 64, where reading the weights "
+        "takes ~3 ms; validation ran no faster at batch 256 than at 64). The first validation pays the compile. "
+        "Not yet timed on a GPU (bench/gpu.py --static_cache).", default=False)
     max_new_tokens: int = _help("Longest generated answer in validation (tagging's budget too); the confidence "
                                 "token gets one step more.", default=16)
     # Model building
