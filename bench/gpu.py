@@ -302,20 +302,18 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 _UNCAST: dict = {}  # id(model) -> its LoraInputsUncast (the layers found once)
-_COMPILED: dict = {}  # id(model) -> whether its decoder layers are compiled (read once, after --compile applied it)
+_COMPILED: dict = {}  # id(model) -> True once compile_and_check compiled its decoder layers
 
 
 def train_step(model, optimizer, loss_fn, batch, device, amp) -> None:
     """One step as conftok.train takes it: loss under autocast, its value read, backward, clip, AdamW."""
     import torch
 
-    from conftok.compiling import layers_compiled
     from conftok.loss import LoraInputsUncast, padded_attention_guard
 
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     uncast = _UNCAST.get(id(model)) or _UNCAST.setdefault(id(model), LoraInputsUncast(model))
-    compiled = _COMPILED.get(id(model)) if id(model) in _COMPILED else _COMPILED.setdefault(id(model),
-                                                                                          layers_compiled(model))
+    compiled = _COMPILED.get(id(model), False)  # set by compile_and_check, the one place the bench compiles
     # As conftok.train: bf16 autocast, LoRA inputs uncast, SDPA's math kernel for padded batches (every batch
     # when the layers are compiled: they keep the kernel they were traced with).
     with amp(), padded_attention_guard(batch["attention_mask"], always=compiled), uncast:
@@ -645,52 +643,54 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
                      progress=False, merge=merge, static_cache=static_cache)
 
     model.eval()
-    eager = uncompiled_layers(model)  # generation runs the layers uncompiled, as conftok.train validates
-    eager.__enter__()
-    variants = [("as conftok.train runs it (bf16 autocast, LoRA merged for generation)", lambda: validate(batch)),
-                ("LoRA unmerged (merge=False; before 2026-11-28)", lambda: validate(batch, merge=False)),
-                ("no autocast", lambda: validate(batch, autocast=False)),
-                ("adapter disabled (the base model)", lambda: validate(batch, adapter=False)),
-                (f"batch {2 * batch}", lambda: validate(2 * batch)),
-                (f"batch {4 * batch}", lambda: validate(4 * batch))]
-    if args.static_cache:  # evaluate(static_cache=True): on CUDA the decode step compiled once, replayed as a CUDA graph
-        variants += [(f"static KV cache, batch {b} (timed after an untimed run that compiles)",
-                      lambda b=b: validate(b, static_cache=True)) for b in (batch, 4 * batch)]
-    for name, fn in variants:
-        try:
-            if name.startswith("static KV cache"):
-                compile_s, _ = timed(device, fn)
-                log(f"profile: validation, {name}: first run {compile_s:.1f} s")
-            seconds, _ = timed(device, fn)
-            out["validation"].append({"variant": name, "seconds": seconds, "samples_per_s": rows / seconds})
-            log(f"profile: validation, {name}: {rows / seconds:.1f} samples/s")
-        except Exception as e:  # keep the rest of the phase
-            traceback.print_exc()
-            out["validation"].append({"variant": name, "error": f"{type(e).__name__}: {e}"})
-    prompts = []
-    for name, rows_ in raw.items():
-        domain = domains.for_dataset(name)
-        prompts += [encode_prompt(tokenizer, domain.build_question(r)) for r in rows_]
-    prompts = sorted(prompts, key=len)[:batch]
-    with amp():
-        out["decode"] = {"adapter": manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)}
-        with merged_lora(model, True):
-            out["decode"]["adapter merged"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
-        with model.disable_adapter():
-            out["decode"]["base"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
-    for k, d in out["decode"].items():
-        log(f"profile: by hand, {k}: prefill of {d['batch']} x {d['prompt_tokens']} tokens {1e3 * d['prefill_s']:.1f} ms, "
-            f"a decode step {1e3 * d['decode_step_s_median']:.1f} ms (median)")
 
-    vocab = tokenizer.get_vocab()
-    c_id, u_id = (vocab[t] for t in next(iter(domains)).tokens)
-    with amp(), merged_lora(model, "auto"):
-        out["generate"] = profiled(device, lambda: generate(
-            model, tokenizer, prompts, stop_tokens=domains.tokens, max_new_tokens=args.max_new_tokens + 1,
-            batch_size=batch, progress=False, score_ids=(c_id, u_id)))
-    log(f"profile: one generate of {len(prompts)} rows: {out['generate']['wall_s']:.2f} s, device busy "
-        f"{out['generate']['device_busy_s']:.2f} s")
-    eager.__exit__(None, None, None)
+    def profile_generation():
+        variants = [("as conftok.train runs it (bf16 autocast, LoRA merged for generation)", lambda: validate(batch)),
+                    ("LoRA unmerged (merge=False; before 2026-11-28)", lambda: validate(batch, merge=False)),
+                    ("no autocast", lambda: validate(batch, autocast=False)),
+                    ("adapter disabled (the base model)", lambda: validate(batch, adapter=False)),
+                    (f"batch {2 * batch}", lambda: validate(2 * batch)),
+                    (f"batch {4 * batch}", lambda: validate(4 * batch))]
+        if args.static_cache:  # evaluate(static_cache=True): on CUDA the decode step compiled once, replayed as a CUDA graph
+            variants += [(f"static KV cache, batch {b} (timed after an untimed run that compiles)",
+                          lambda b=b: validate(b, static_cache=True)) for b in (batch, 4 * batch)]
+        for name, fn in variants:
+            try:
+                if name.startswith("static KV cache"):
+                    compile_s, _ = timed(device, fn)
+                    log(f"profile: validation, {name}: first run {compile_s:.1f} s")
+                seconds, _ = timed(device, fn)
+                out["validation"].append({"variant": name, "seconds": seconds, "samples_per_s": rows / seconds})
+                log(f"profile: validation, {name}: {rows / seconds:.1f} samples/s")
+            except Exception as e:  # keep the rest of the phase
+                traceback.print_exc()
+                out["validation"].append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+        prompts = []
+        for name, rows_ in raw.items():
+            domain = domains.for_dataset(name)
+            prompts += [encode_prompt(tokenizer, domain.build_question(r)) for r in rows_]
+        prompts = sorted(prompts, key=len)[:batch]
+        with amp():
+            out["decode"] = {"adapter": manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)}
+            with merged_lora(model, True):
+                out["decode"]["adapter merged"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
+            with model.disable_adapter():
+                out["decode"]["base"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
+        for k, d in out["decode"].items():
+            log(f"profile: by hand, {k}: prefill of {d['batch']} x {d['prompt_tokens']} tokens "
+                f"{1e3 * d['prefill_s']:.1f} ms, a decode step {1e3 * d['decode_step_s_median']:.1f} ms (median)")
+
+        vocab = tokenizer.get_vocab()
+        c_id, u_id = (vocab[t] for t in next(iter(domains)).tokens)
+        with amp(), merged_lora(model, "auto"):
+            out["generate"] = profiled(device, lambda: generate(
+                model, tokenizer, prompts, stop_tokens=domains.tokens, max_new_tokens=args.max_new_tokens + 1,
+                batch_size=batch, progress=False, score_ids=(c_id, u_id)))
+        log(f"profile: one generate of {len(prompts)} rows: {out['generate']['wall_s']:.2f} s, device busy "
+            f"{out['generate']['device_busy_s']:.2f} s")
+
+    with uncompiled_layers(model):  # generation runs the layers uncompiled, as conftok.train validates
+        profile_generation()
     if train_batches:
         ids = token_ids(tokenizer, domains.tokens)
         ids_ = (sorted(ids.values()), sorted(ids[d.confident_token] for d in domains))

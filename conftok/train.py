@@ -155,12 +155,12 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     domains = resolve_domains(cfg.domains)
     # 'auto' checkpointing is decided once the rows are read (the longest sets the batch's shape): the hf
     # backend can turn it on after wrapping; unsloth sets it when it wraps, so it decides from max_seq_length.
-    auto_checkpointing = cfg.gradient_checkpointing == "auto" and (model is not None or resolve_backend(cfg.backend) == "hf")
+    hf_backend = model is not None or resolve_backend(cfg.backend) == "hf"
+    auto_checkpointing = cfg.gradient_checkpointing == "auto" and hf_backend
     if cfg.padding_free:
-        if model is None and resolve_backend(cfg.backend) != "hf":
+        if not hf_backend:
             raise ValueError(f"padding_free=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
         check_padding_free()  # before loading anything
-    hf_backend = model is not None or resolve_backend(cfg.backend) == "hf"
     if cfg.torch_compile is True:  # asked for: say now, before loading anything, if it cannot be done
         if not hf_backend:
             raise ValueError(f"torch_compile=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
