@@ -18,10 +18,13 @@ gives the one-line command for a lent GPU box and bench/device_prep.sh what trav
   for three losses, token only (``placement_weight=0, kl_weight=0``), the defaults
   (``TrainConfig().loss_kwargs()``) and full-vocabulary logits with labels masked to the token
   (``masked_lm_loss``, what a stock causal-LM trainer computes), each with gradient checkpointing on
-  and off, on length-grouped batches (``LengthGroupedBatchSampler``) and on random ones. Each figure
-  is the mean of ``--steps`` steps after ``--warmup`` untimed ones (a process's first steps run
-  about 2x slower). Model FLOPs per step follow the formula printed with the table; the first
-  warm-up step of each configuration is also counted by ``torch.utils.flop_counter`` as a check.
+  and off, on length-grouped batches (``LengthGroupedBatchSampler``) and on random ones. The
+  configurations of one checkpointing setting are timed in ``--rounds`` rounds, interleaved, their
+  order rotated each round; each figure is the median of a configuration's round means (``--steps``
+  steps each, after ``--warmup`` untimed ones in the first round: a process's first steps run about
+  2x slower), and the spread between its rounds is reported beside it. Model FLOPs per step follow
+  the formula printed with the table; the first warm-up step of each configuration is also counted
+  by ``torch.utils.flop_counter`` as a check.
 - ``validate``: ``conftok.evaluate.evaluate`` at batch 16, 64 and 256 against one ``generate`` per row
   then a separate forward for the token's distribution (the seed's way), outputs compared.
 - ``profile``: where validation and a training step spend their time. Validation at
@@ -102,7 +105,10 @@ def parse_args(argv):
     p.add_argument("--batching", nargs="+", choices=("grouped", "random"), default=["grouped", "random"])
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default 8; 4 with --smoke)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration (default 3; 1)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 8; 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration and round (default 8; 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of timed steps, the configurations interleaved, order rotated; the median round counts "
+                        "and the spread between rounds is reported (default 3; 2)")
     p.add_argument("--rows", type=int, default=None, help="training rows per data set (default all; 24)")
     p.add_argument("--val_rows", type=int, default=None, help="rows for batched validation, half per domain (256; 8)")
     p.add_argument("--per_row_rows", type=int, default=None, help="rows for the per-row loop, half per domain (16; 4)")
@@ -117,7 +123,7 @@ def parse_args(argv):
     p.add_argument("--unsloth_child", default=None, help=argparse.SUPPRESS)  # internal: child process output file
     args = p.parse_args(argv)
     smoke = args.smoke
-    defaults = dict(batch_size=(4, 8), warmup=(1, 3), steps=(2, 8), rows=(24, None), val_rows=(8, 256),
+    defaults = dict(batch_size=(4, 8), warmup=(1, 3), steps=(2, 8), rounds=(2, 3), rows=(24, None), val_rows=(8, 256),
                     per_row_rows=(4, 16), val_batch_sizes=([4, 8], [16, 64, 256]), max_new_tokens=(4, 16))
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
@@ -125,8 +131,9 @@ def parse_args(argv):
     if args.out is None:
         args.out = str(BENCH / "results" / ("gpu_smoke.json" if smoke else "gpu.json"))
     args.phases = [ph for ph in (args.only or PHASES) if ph not in args.skip]
-    problems = [f"--{n} must be >= 1, got {getattr(args, n)}" for n in ("batch_size", "steps", "val_rows", "per_row_rows",
-                                                                        "max_new_tokens") if getattr(args, n) < 1]
+    problems = [f"--{n} must be >= 1, got {getattr(args, n)}"
+                for n in ("batch_size", "steps", "rounds", "val_rows", "per_row_rows", "max_new_tokens")
+                if getattr(args, n) < 1]
     if args.warmup < 1:
         problems.append(f"--warmup must be >= 1 (its first step is the FLOP count), got {args.warmup}")
     if problems:
@@ -327,13 +334,15 @@ def train_step(model, optimizer, loss_fn, batch, device, amp) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp) -> tuple[list[float], float | None]:
-    """Seconds of each timed step (after ``warmup``) and the FLOPs counted on the first warm-up step."""
+def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp,
+               count_flops: bool = True) -> tuple[list[float], float | None]:
+    """Seconds of each timed step (after ``warmup`` untimed ones) and, with ``count_flops``, the FLOPs
+    counted on the first step (which is then one of the untimed ones)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     times, counted = [], None
     for k, batch in enumerate(batches):
-        if k == 0:
+        if k == 0 and count_flops:
             with FlopCounterMode(display=False) as counter:
                 train_step(model, optimizer, loss_fn, batch, device, amp)
             counted = float(counter.get_total_flops())
@@ -345,6 +354,18 @@ def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp) -> tuple
         if k >= warmup:
             times.append(time.perf_counter() - start)
     return times, counted
+
+
+def round_figures(rounds: list[list[float]]) -> dict:
+    """A configuration's step time from its rounds (each the timed steps over the same batches): the median
+    of the rounds' mean step times, and their spread ((max - min) / median), which says how far apart two
+    timings of one version fell on this machine: differences between configurations smaller than it are noise."""
+    means = sorted(sum(r) / len(r) for r in rounds)
+    mid = len(means) // 2
+    median = means[mid] if len(means) % 2 else (means[mid - 1] + means[mid]) / 2
+    steps = [t for r in rounds for t in r]
+    return {"step_s": median, "round_step_s": [sum(r) / len(r) for r in rounds],
+            "round_spread": (means[-1] - means[0]) / median, "step_s_min": min(steps), "step_s_max": max(steps)}
 
 
 def warm_up_shapes(model, optimizer, ids_, guard_kwargs, batch_sets, device, amp, losses) -> None:
@@ -401,60 +422,86 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
     for ckpt in args.checkpointing:
         if toggle_checkpointing:
             set_checkpointing(model, ckpt == "on")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the other checkpointing setting's blocks; within one setting the pool stays warm
         for batching in args.batching:
             batches = collated[batching]
             timed = batches[args.warmup:]
             tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-            for loss in list(args.losses) + [f"guard:{g}" for g in args.guards]:
-                row = {"loss": loss, "checkpointing": ckpt, "batching": batching, "batch_size": args.batch_size,
-                       "compiled": compile_check is not None,
-                       "steps": args.steps, "loss_kwargs": guard_kwargs if loss == "defaults" else
-                       GUARD_VARIANTS[loss.removeprefix("guard:")] if loss.startswith("guard:") else
-                       ({} if loss == "full_logits" else {"placement_weight": 0.0, "kl_weight": 0.0}),
-                       "padding_share": padding_share(chosen[batching][args.warmup:], measured_lengths),
-                       "tokens_per_row": tokens / (args.steps * args.batch_size)}
-                log(f"train: {loss}, checkpointing {ckpt}, {batching} batches ...")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                graphs_before = dynamo_graphs() if compile_check else None
-                try:
-                    times, counted = time_steps(model, optimizer, make_loss_fn(loss, ids_, guard_kwargs),
-                                                batches, args.warmup, device, amp)
-                except Exception as e:  # one failed configuration must not cost the others (one GPU call a session)
-                    optimizer.zero_grad(set_to_none=True)
-                    gc.collect()
+            losses = list(args.losses) + [f"guard:{g}" for g in args.guards]
+            rows, rounds, graphs = {}, {loss: [] for loss in losses}, {loss: 0 for loss in losses}
+            for loss in losses:
+                rows[loss] = {"loss": loss, "checkpointing": ckpt, "batching": batching, "batch_size": args.batch_size,
+                              "compiled": compile_check is not None, "steps": args.steps, "rounds": args.rounds,
+                              "loss_kwargs": guard_kwargs if loss == "defaults" else
+                              GUARD_VARIANTS[loss.removeprefix("guard:")] if loss.startswith("guard:") else
+                              ({} if loss == "full_logits" else {"placement_weight": 0.0, "kl_weight": 0.0}),
+                              "padding_share": padding_share(chosen[batching][args.warmup:], measured_lengths),
+                              "tokens_per_row": tokens / (args.steps * args.batch_size)}
+            # Rounds: every configuration is timed once a round over the same batches, the order rotated each round,
+            # so drift of the machine and what one configuration leaves behind (allocator, caches) fall on all of them.
+            for rnd in range(args.rounds):
+                for loss in losses[rnd % len(losses):] + losses[:rnd % len(losses)]:
+                    row = rows[loss]
+                    if "error" in row:
+                        continue
+                    log(f"train: {loss}, checkpointing {ckpt}, {batching} batches, round {rnd + 1}/{args.rounds} ...")
                     if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
-                    row["error"] = f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"
-                    traceback.print_exc()
-                    results.append(row)
-                    log(f"  {row['error']}")
+                        torch.cuda.reset_peak_memory_stats()
+                    graphs_before = dynamo_graphs() if compile_check else None
+                    try:  # the first round takes the warm-up steps (the first counts FLOPs); later ones the timed batches
+                        times, counted = time_steps(model, optimizer, make_loss_fn(loss, ids_, guard_kwargs),
+                                                    batches if rnd == 0 else timed, args.warmup if rnd == 0 else 0,
+                                                    device, amp, count_flops=rnd == 0)
+                    except Exception as e:  # one failed configuration must not cost the others (one GPU call a session)
+                        optimizer.zero_grad(set_to_none=True)
+                        gc.collect()
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+                        row["error"] = f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"
+                        traceback.print_exc()
+                        log(f"  {row['error']}")
+                        continue
+                    rounds[loss].append(times)
+                    if counted is not None:
+                        row["counted_over_formula"] = counted / model_flops(shape, batches[0], loss, ckpt == "on",
+                                                                            guard_kwargs)
+                    if device.type == "cuda":
+                        row["peak_memory_gib"] = max(row.get("peak_memory_gib") or 0.0,
+                                                     torch.cuda.max_memory_allocated() / 2**30)
+                    if compile_check:
+                        # Graphs compiled during this configuration's steps (warm-up included): more than 0 after the
+                        # shared warm-up means a recompile, and past torch._dynamo's recompile limit a layer runs eager.
+                        graphs[loss] += dynamo_graphs() - graphs_before
+                        row.update(compile_check=compile_check, graphs_compiled=graphs[loss],
+                                   dynamo_unique_graphs=dynamo_graphs())
+                    step_s = sum(times) / len(times)
+                    log(f"  {args.batch_size / step_s:.2f} samples/s this round, step {step_s:.3f} s"
+                        + (f", peak {row['peak_memory_gib']:.1f} GiB" if row.get("peak_memory_gib") else "")
+                        + (f", {graphs[loss]} graphs compiled so far" if compile_check else ""))
+                    for other, done in rounds.items():
+                        if done:
+                            figures = round_figures(done)
+                            flops = sum(model_flops(shape, b, other, ckpt == "on", guard_kwargs) for b in timed) / len(timed)
+                            rows[other].update(figures, rounds_done=len(done),
+                                               samples_per_s=args.batch_size / figures["step_s"],
+                                               tokens_per_s=tokens / (args.steps * figures["step_s"]),
+                                               model_tflop_per_step=flops / 1e12,
+                                               model_tflops=flops / figures["step_s"] / 1e12,
+                                               matmul_share=(flops / figures["step_s"] / 1e12 / matmul_tflops
+                                                             if matmul_tflops else None))
+                            rows[other].setdefault("peak_memory_gib", None)
                     if on_row:
-                        on_row(results)
-                    continue
-                step_s = sum(times) / len(times)
-                flops = sum(model_flops(shape, b, loss, ckpt == "on", guard_kwargs) for b in timed) / len(timed)
-                first = model_flops(shape, batches[0], loss, ckpt == "on", guard_kwargs)
-                row.update(step_s=step_s, step_s_min=min(times), step_s_max=max(times),
-                           samples_per_s=args.batch_size / step_s, tokens_per_s=tokens / sum(times),
-                           model_tflop_per_step=flops / 1e12, model_tflops=flops / step_s / 1e12,
-                           matmul_share=flops / step_s / 1e12 / matmul_tflops if matmul_tflops else None,
-                           counted_over_formula=counted / first if counted else None,
-                           peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
-                if compile_check:
-                    row["compile_check"] = compile_check
-                    # Graphs compiled during this configuration's steps (warm-up included): more than 0 after the
-                    # shared warm-up means a recompile, and past torch._dynamo's recompile limit a layer runs eager.
-                    row["graphs_compiled"] = dynamo_graphs() - graphs_before
-                    row["dynamo_unique_graphs"] = dynamo_graphs()
-                results.append(row)
-                log(f"  {row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:,.0f} tokens/s, "
-                    f"step {step_s:.3f} s" + (f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] else "")
-                    + (f", {row['graphs_compiled']} graphs compiled during it" if compile_check else ""))
-                if on_row:
-                    on_row(results)
+                        on_row(results + list(rows.values()))
+            for loss in losses:
+                row = rows[loss]
+                if "error" not in row:
+                    log(f"train: {loss}, checkpointing {ckpt}, {batching}: {row['samples_per_s']:.2f} samples/s "
+                        f"(median of {row['rounds_done']} rounds, spread {row['round_spread']:.1%})")
+            results += list(rows.values())
+            if on_row:
+                on_row(results)
     optimizer.zero_grad(set_to_none=True)
     del optimizer
     return results
@@ -720,6 +767,7 @@ def run_unsloth(args, log) -> dict:
         out = Path(tmp) / "unsloth.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--unsloth_child", str(out), "--data", args.data,
                "--batch_size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--rounds", str(args.rounds),
                "--seed", str(args.seed)] + (["--smoke"] if args.smoke else []) + \
               (["--tokenizer", args.tokenizer] if args.tokenizer else []) + \
               (["--rows", str(args.rows)] if args.rows else [])
@@ -830,8 +878,11 @@ def print_report(result: dict) -> None:
         mm = result["matmul"]
         print(f"\nbf16 matmul {mm['n']}^3: {mm['tflops']:.3g} TFLOP/s")
     if result.get("train"):
-        print(f"\nTraining step, batch {result['config']['batch_size']}, mean of {result['config']['steps']} steps "
-              f"after {result['config']['warmup']} warm-up; defaults = {result['defaults_loss_kwargs']}\n")
+        cfg = result["config"]
+        print(f"\nTraining step, batch {cfg['batch_size']}: the median over {cfg.get('rounds', 1)} rounds (the "
+              f"configurations interleaved, their order rotated each round) of the mean of {cfg['steps']} steps, after "
+              f"{cfg['warmup']} warm-up in the first; spread = (slowest - fastest round) / median; "
+              f"defaults = {result['defaults_loss_kwargs']}\n")
         token_only = {(r["checkpointing"], r["batching"]): r.get("step_s") for r in result["train"]
                       if r["loss"] == "token_only"}
 
@@ -840,10 +891,12 @@ def print_report(result: dict) -> None:
             return r["step_s"] / base if base and r.get("step_s") else None
 
         rows = [[r["loss"] + (" (compiled)" if r.get("compiled") else ""), r["checkpointing"], r["batching"], r.get("samples_per_s"), r.get("tokens_per_s"),
-                 r.get("step_s"), ratio(r), r.get("model_tflop_per_step"), r.get("matmul_share"), r.get("peak_memory_gib"),
-                 r["padding_share"], r.get("counted_over_formula"), r.get("error")] for r in result["train"]]
-        print(markdown_table(["loss", "ckpt", "batches", "samples/s", "tokens/s", "step s", "x token-only", "TFLOP/step",
-                              "share of matmul", "peak GiB", "padding", "counted/formula", "error"], rows))
+                 r.get("step_s"), r.get("round_spread"), ratio(r), r.get("model_tflop_per_step"), r.get("matmul_share"),
+                 r.get("peak_memory_gib"), r["padding_share"], r.get("counted_over_formula"), r.get("graphs_compiled"),
+                 r.get("error")] for r in result["train"]]
+        print(markdown_table(["loss", "ckpt", "batches", "samples/s", "tokens/s", "step s", "spread", "x token-only",
+                              "TFLOP/step", "share of matmul", "peak GiB", "padding", "counted/formula",
+                              "graphs compiled", "error"], rows))
         check = next((r["compile_check"] for r in result["train"] if r.get("compile_check")), None)
         if check:
             print(f"\nCompiled decoder layers ({check['layers']}, torch {check['torch']}): first compiled forward "
@@ -928,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     shape = SMOKE_SHAPE.copy() if args.smoke else QWEN25_7B
     result = {"smoke": args.smoke, "machine": machine_info(), "phases": args.phases, "shape": shape,
-              "config": {k: getattr(args, k) for k in ("batch_size", "warmup", "steps", "rows", "val_rows", "per_row_rows",
+              "config": {k: getattr(args, k) for k in ("batch_size", "warmup", "steps", "rounds", "rows", "val_rows", "per_row_rows",
                                                         "val_batch_sizes", "max_new_tokens", "seed", "data")},
               "flop_formula": FLOP_FORMULA}
     from conftok.config import TrainConfig

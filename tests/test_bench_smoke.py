@@ -48,6 +48,9 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
         assert "error" not in row, row
         assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and row["model_tflop_per_step"] > 0
         assert 0 <= row["padding_share"] < 1 and row["counted_over_formula"] > 0
+        # --smoke times 2 rounds: the figure is their median, their spread beside it.
+        assert row["rounds_done"] == 2 and len(row["round_step_s"]) == 2 and row["round_spread"] >= 0
+        assert min(row["round_step_s"]) <= row["step_s"] <= max(row["round_step_s"])
     # The defaults' guard terms are read from TrainConfig, never hard-coded.
     from conftok.config import TrainConfig
 
@@ -71,6 +74,25 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"defaults", "validation", "batched"}
     assert not result["targets_apply"]
     assert "| token_only | on | grouped |" in proc.stdout and "model FLOPs/step" in proc.stdout
+
+
+def load_gpu_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_round_figures_take_the_median_round_and_the_spread_between_rounds():
+    round_figures = load_gpu_bench().round_figures
+    # Round means 2, 2 and 10: one slow round (a noisy neighbour) moves the median not at all.
+    figures = round_figures([[1.0, 3.0], [2.0, 2.0], [10.0, 10.0]])
+    assert figures["step_s"] == 2.0 and figures["round_step_s"] == [2.0, 2.0, 10.0]
+    assert figures["round_spread"] == 4.0 and (figures["step_s_min"], figures["step_s_max"]) == (1.0, 10.0)
+    # An even number of rounds: the mean of the middle two.
+    assert round_figures([[1.0], [3.0]])["step_s"] == 2.0 and round_figures([[1.0], [3.0]])["round_spread"] == 1.0
 
 
 def test_decode_overhead_bench_runs_with_what_a_gpu_box_has(tmp_path):
