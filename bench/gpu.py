@@ -449,7 +449,8 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     graphs_before = dynamo_graphs() if compile_check else None
-                    try:  # the first round takes the warm-up steps (the first counts FLOPs); later ones the timed batches
+                    # The first round takes the warm-up steps (the first counts FLOPs); later ones the timed batches.
+                    try:
                         times, counted = time_steps(model, optimizer, make_loss_fn(loss, ids_, guard_kwargs),
                                                     batches if rnd == 0 else timed, args.warmup if rnd == 0 else 0,
                                                     device, amp, count_flops=rnd == 0)
@@ -483,7 +484,8 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     for other, done in rounds.items():
                         if done:
                             figures = round_figures(done)
-                            flops = sum(model_flops(shape, b, other, ckpt == "on", guard_kwargs) for b in timed) / len(timed)
+                            flops = sum(model_flops(shape, b, other, ckpt == "on", guard_kwargs)
+                                        for b in timed) / len(timed)
                             rows[other].update(figures, rounds_done=len(done),
                                                samples_per_s=args.batch_size / figures["step_s"],
                                                tokens_per_s=tokens / (args.steps * figures["step_s"]),

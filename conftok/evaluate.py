@@ -125,7 +125,8 @@ def static_cache_length(prompts: Sequence[Sequence[int]], new_tokens: int, multi
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequence[str], max_new_tokens: int = 16,
              batch_size: int = 8, desc: str | None = None, progress: bool = True,
-             score_ids: tuple[int, int] | None = None, static_cache: bool = False) -> list[Generation]:
+             score_ids: tuple[int, int] | None = None, static_cache: bool = False,
+             cache_length: int | None = None) -> list[Generation]:
     """Greedy generation for prompt ids, in batches of similar length (less padding).
 
     ``static_cache``: every batch decodes into a KV cache of one shape (``batch_size`` rows, a short
@@ -133,7 +134,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     positions). On CUDA transformers then compiles the decode step once and replays it as a CUDA graph
     (``torch.compile`` mode ``reduce-overhead``): one launch a step instead of one per kernel, where a
     decode step is bound by launching kernels. The first batch pays the compile. Elsewhere the static
-    cache decodes eagerly, with the same outputs.
+    cache decodes eagerly, with the same outputs. ``cache_length``: at least this many positions (one
+    length for several calls, so one compiled step serves them all; :func:`evaluate` passes one for
+    every domain).
 
     With ``score_ids=(C, U)``, p_confident is read from the logits of the step where each row
     stopped (a confidence token or end of turn): that step's input is prompt + answer, which is
@@ -150,7 +153,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Generation | None] = [None] * len(prompts)
     new_tokens = max_new_tokens + (score_ids is not None)
-    cache = dict(cache_implementation="static", max_cache_len=static_cache_length(prompts, new_tokens)) \
+    cache = dict(cache_implementation="static",
+                 max_cache_len=max(cache_length or 0, static_cache_length(prompts, new_tokens))) \
         if static_cache and prompts else {}
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
@@ -239,16 +243,14 @@ def summarize_domain(records: list[dict[str, Any]], beta: int = 100, p: str = "2
     }
 
 
-def _evaluate_domain(model, tokenizer, domain: Domain, rows, *, stop_tokens, batch_size, max_new_tokens,
-                     progress, dataset_name, static_cache=False) -> list[dict[str, Any]]:
-    questions = [domain.build_question(r) for r in rows]
-    prompts = [encode_prompt(tokenizer, q) for q in questions]
+def _evaluate_domain(model, tokenizer, domain: Domain, rows, prompts, *, stop_tokens, batch_size, max_new_tokens,
+                     progress, dataset_name, static_cache=False, cache_length=None) -> list[dict[str, Any]]:
     c_id, u_id = (tokenizer.convert_tokens_to_ids(t) for t in domain.tokens)
     # max_new_tokens bounds the ANSWER, as in tagging; the token gets one step more. Otherwise an answer
     # that tagging cut at max_new_tokens (and trained with its token after it) could never show its token.
     gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens + 1,
                     batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress,
-                    score_ids=(c_id, u_id), static_cache=static_cache)
+                    score_ids=(c_id, u_id), static_cache=static_cache, cache_length=cache_length)
     records = []
     for row, gen in zip(rows, gens):
         answer = domain.parse_answer(gen.text, row)
@@ -279,8 +281,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
         verbose: print the seed's validation block per data set as it finishes.
         merge: generate with the LoRA update folded into a copy of the weights (:func:`conftok.merged.merged_lora`;
             ``"auto"``: where it fits in free memory). The model's own weights are untouched either way.
-        static_cache: decode into a KV cache of one shape; on CUDA a compiled decode step replayed as a
-            CUDA graph (:func:`generate`).
+        static_cache: decode into a KV cache of one shape, one length for every domain; on CUDA a compiled
+            decode step replayed as a CUDA graph (:func:`generate`).
 
     Returns:
         ``{"metrics": {...flat, metric-name keys...}, "domains": {name: figures},
@@ -288,18 +290,26 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
         are the mean over domains.
     """
     domains = resolve_domains(domains)
+    plan = []  # (data set, domain, rows, prompt ids)
+    for dataset_name, rows in rows_by_dataset.items():
+        domain, rows = domains.for_dataset(dataset_name), list(rows)
+        plan.append((dataset_name, domain, rows, [encode_prompt(tokenizer, domain.build_question(r)) for r in rows]))
+    # One static cache length for every domain (answer budget + the token's step + the scoring step), so one
+    # compiled decode step serves them all, and the next validation of the same rows.
+    every_prompt = [prompt for *_, prompts in plan for prompt in prompts]
+    cache_length = static_cache_length(every_prompt, max_new_tokens + 2) if static_cache and every_prompt else None
     was_training = model.training
     model.eval()
     per_domain, records, reliability = {}, [], {}
     try:
         with merged_lora(model, merge):
-            for dataset_name, rows in rows_by_dataset.items():
-                domain = domains.for_dataset(dataset_name)
+            for dataset_name, domain, rows, prompts in plan:
                 if verbose:
                     print(f"\nValidating on {dataset_name}...", flush=True)
-                recs = _evaluate_domain(model, tokenizer, domain, list(rows), stop_tokens=domains.tokens,
+                recs = _evaluate_domain(model, tokenizer, domain, rows, prompts, stop_tokens=domains.tokens,
                                         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
-                                        dataset_name=dataset_name, static_cache=static_cache)
+                                        dataset_name=dataset_name, static_cache=static_cache,
+                                        cache_length=cache_length)
                 not_finite = [k for k, r in enumerate(recs) if not math.isfinite(r["p_confident"])]
                 if not_finite:  # the model's outputs are NaN/inf: its weights diverged, not the rows
                     raise FloatingPointError(

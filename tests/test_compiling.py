@@ -167,3 +167,48 @@ def test_decide_torch_compile(monkeypatch, overrides, device, hf_backend, compil
     monkeypatch.setattr(train_module, "compiler_available", lambda: compiler)
     compiled, why = train_module.decide_torch_compile(TrainConfig(**overrides), torch.device(device), hf_backend)
     assert compiled is expected[0] and expected[1] in why
+
+
+@needs_compiler
+def test_validation_with_a_static_cache_compiles_one_decode_step(device):
+    """evaluate(static_cache=True) as it runs on CUDA, where transformers compiles the decode step (fullgraph,
+    CUDA graphs there), forced here on the CPU (CompileConfig._compile_all_devices): the LoRA merged into the
+    weights, two domains of different prompt lengths, validated twice. One compiled graph serves all of it (one
+    cache length for every domain; fullgraph raises on a graph break), and the records are the eager dynamic
+    cache's with the adapter unmerged (fp32)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from conftok.demo_data import make_boolq_rows, make_medqa_rows
+    from conftok.evaluate import evaluate, static_cache_length
+
+    tok = make_tokenizer()
+    model, tok = _lora_model(tok, device)
+    with torch.no_grad():  # a trained adapter: merged or not must matter
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(len(name)))
+    rows = {"boolq": make_boolq_rows(5, seed=2), "medqa": make_medqa_rows(5, seed=2)}
+    # The second domain's longest prompt past 256 tokens: alone, it would take a longer cache than the first's.
+    rows["medqa"][0]["question"] = " ".join([rows["medqa"][0]["question"]] * 8)
+    kwargs = dict(batch_size=2, max_new_tokens=4, progress=False, beta=1)
+    reference = evaluate(model, tok, rows, merge=False, **kwargs)["records"]
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers' own switch for compiling generate off CUDA (its tests use it)
+    model.get_base_model().generation_config.compile_config = config
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(2):
+        records = evaluate(model, tok, rows, merge=True, static_cache=True, **kwargs)["records"]
+        assert [r["response"] for r in records] == [r["response"] for r in reference]
+        assert [r["token"] for r in records] == [r["token"] for r in reference]
+        torch.testing.assert_close([r["p_confident"] for r in records], [r["p_confident"] for r in reference],
+                                   rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    from conftok.prompts import encode_prompt
+    from conftok.domains import resolve_domains
+
+    domains = resolve_domains()
+    lengths = {name: static_cache_length([encode_prompt(tok, domains.for_dataset(name).build_question(r))
+                                          for r in rs], 6) for name, rs in rows.items()}
+    assert len(set(lengths.values())) == 2, lengths  # alone, the domains would take caches of two lengths
