@@ -337,13 +337,20 @@ def train_step(model, optimizer, loss_fn, batch, device, amp) -> None:
 def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp,
                count_flops: bool = True) -> tuple[list[float], float | None]:
     """Seconds of each timed step (after ``warmup`` untimed ones) and, with ``count_flops``, the FLOPs
-    counted on the first step (which is then one of the untimed ones)."""
+    counted on the first step (which is then one of the untimed ones).
+
+    The FLOP count runs the decoder layers uncompiled: torch.compile'd code called under FlopCounterMode (a
+    TorchDispatchMode) is skipped by dynamo, and the skip is kept on the code object, so the layers would run
+    eagerly for the rest of the process, without a word (pytorch/pytorch#190286; seen on torch 2.13 here: no
+    compiled region ran in any later step)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from conftok.compiling import uncompiled_layers
 
     times, counted = [], None
     for k, batch in enumerate(batches):
         if k == 0 and count_flops:
-            with FlopCounterMode(display=False) as counter:
+            with uncompiled_layers(model), FlopCounterMode(display=False) as counter:
                 train_step(model, optimizer, loss_fn, batch, device, amp)
             counted = float(counter.get_total_flops())
             continue
@@ -448,12 +455,15 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     log(f"train: {loss}, checkpointing {ckpt}, {batching} batches, round {rnd + 1}/{args.rounds} ...")
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    graphs_before = dynamo_graphs() if compile_check else None
-                    # The first round takes the warm-up steps (the first counts FLOPs); later ones the timed batches.
+                    loss_fn, counted = make_loss_fn(loss, ids_, guard_kwargs), None
+                    # The first round takes the warm-up steps, the first of them counting FLOPs (the layers uncompiled
+                    # for it: time_steps); later rounds the timed batches only.
                     try:
-                        times, counted = time_steps(model, optimizer, make_loss_fn(loss, ids_, guard_kwargs),
-                                                    batches if rnd == 0 else timed, args.warmup if rnd == 0 else 0,
-                                                    device, amp, count_flops=rnd == 0)
+                        if rnd == 0:
+                            counted = time_steps(model, optimizer, loss_fn, batches[:1], 1, device, amp)[1]
+                        graphs_before = dynamo_graphs() if compile_check else None
+                        times = time_steps(model, optimizer, loss_fn, batches[1:] if rnd == 0 else timed,
+                                           args.warmup - 1 if rnd == 0 else 0, device, amp, count_flops=False)[0]
                     except Exception as e:  # one failed configuration must not cost the others (one GPU call a session)
                         optimizer.zero_grad(set_to_none=True)
                         gc.collect()
@@ -634,7 +644,10 @@ def profiled(device, fn, rows: int = 18) -> dict:
 
     # The kernels' own rows only: an op's row repeats its kernels' time (the first H200 run summed both).
     busy = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
+    # torch.compile'd code run (a compiled decoder layer's forward or its recomputation; not the backward graphs).
+    regions = sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
     return {"wall_s": wall, "device_busy_s": busy, "device_busy_share": busy / wall if wall else None,
+            "compiled_regions": regions,
             "top_device": profile_table(prof, "self_device_time_total", rows) if device.type == "cuda" else [],
             "top_cpu": profile_table(prof, "self_cpu_time_total", rows)}
 
@@ -747,15 +760,22 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         model.train()
         out["train"] = {}
-        for loss in ("token_only", "defaults"):
-            if loss == "defaults" and guard_kwargs.get("stored_kl_weight") and not stored_kl_ready:
-                continue
-            fn = make_loss_fn(loss, ids_, guard_kwargs)
-            train_step(model, optimizer, fn, train_batches[0], device, amp)  # this shape's first pass, untimed
-            out["train"][loss] = profiled(device, lambda fn=fn: train_step(model, optimizer, fn, train_batches[1], device,
-                                                                           amp))
-            log(f"profile: a {loss} step: {out['train'][loss]['wall_s']:.3f} s, device busy "
-                f"{out['train'][loss]['device_busy_s']:.3f} s")
+        # Checkpointing off, then on (each layer's forward again in the backward: with compiled layers, twice the
+        # compiled regions a step; fewer would mean a layer ran eagerly).
+        for checkpointing in (False, True):
+            set_checkpointing(model, checkpointing)
+            for loss in ("token_only", "defaults"):
+                if loss == "defaults" and guard_kwargs.get("stored_kl_weight") and not stored_kl_ready:
+                    continue
+                key = loss + (", checkpointing on" if checkpointing else "")
+                fn = make_loss_fn(loss, ids_, guard_kwargs)
+                train_step(model, optimizer, fn, train_batches[0], device, amp)  # this shape's first pass, untimed
+                out["train"][key] = profiled(device, lambda fn=fn: train_step(model, optimizer, fn, train_batches[1],
+                                                                              device, amp))
+                log(f"profile: a {key} step: {out['train'][key]['wall_s']:.3f} s, device busy "
+                    f"{out['train'][key]['device_busy_s']:.3f} s, {out['train'][key]['compiled_regions']} compiled "
+                    f"regions run")
+        set_checkpointing(model, False)
         optimizer.zero_grad(set_to_none=True)
         del optimizer
     model.eval()
@@ -932,7 +952,8 @@ def print_report(result: dict) -> None:
         for what, p in [("one generate", prof["generate"])] + [(f"a {k} training step", v)
                                                                for k, v in prof.get("train", {}).items()]:
             share = f" ({p['device_busy_share']:.0%})" if p["device_busy_share"] is not None else ""
-            print(f"\nProfiled, {what}: wall {p['wall_s']:.3f} s, device busy {p['device_busy_s']:.3f} s{share}\n")
+            regions = f", {p['compiled_regions']} compiled regions run" if p.get("compiled_regions") else ""
+            print(f"\nProfiled, {what}: wall {p['wall_s']:.3f} s, device busy {p['device_busy_s']:.3f} s{share}{regions}\n")
             for key, label in (("top_device", "device"), ("top_cpu", "CPU")):
                 if p[key]:
                     print(f"Ops with the most {label} time:\n")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftok.demo_data import make_boolq_rows, make_medqa_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +71,8 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     assert set(prof["decode"]) == {"adapter", "adapter merged", "base"}
     assert all(d["prefill_s"] > 0 and d["decode_step_s_median"] > 0 for d in prof["decode"].values())
     assert prof["generate"]["wall_s"] > 0 and prof["generate"]["top_cpu"]
-    assert set(prof["train"]) == {"token_only", "defaults"}
+    assert set(prof["train"]) == {"token_only", "defaults", "token_only, checkpointing on", "defaults, checkpointing on"}
+    assert all(v["compiled_regions"] == 0 for v in prof["train"].values())  # eager here: --compile is not given
     assert result["unsloth"] == {"skipped": "unsloth is not installed (pip install 'conftok[gpu]')"}
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"defaults", "validation", "batched"}
     assert not result["targets_apply"]
@@ -105,3 +108,38 @@ def test_decode_overhead_bench_runs_with_what_a_gpu_box_has(tmp_path):
     assert len(result["per_token_ms"]) == 8  # four variants (bare, LoRA, + token rows, merged) at batch 1 and 2
     assert all(v["ms"] > 0 and v["ratio_to_bare"] > 0 for v in result["per_token_ms"].values())
     assert result["per_token_ms"]["bare model, batch 1"]["ratio_to_bare"] == 1.0
+
+
+def test_counting_flops_leaves_the_compiled_layers_compiled(device, tmp_path):
+    """bench/gpu.py counts a configuration's FLOPs on its first step under FlopCounterMode. Compiled code run
+    under that mode is skipped by dynamo for good (pytorch/pytorch#190286): the layers would then run eagerly
+    in every later step. The count runs them uncompiled, and later steps run each layer's compiled region."""
+    import torch
+
+    from conftest import feature_rows, make_model, make_tokenizer, write_jsonl
+    from conftok.compiling import compile_layers, compiler_available
+    from conftok.data import ConfidenceCollator, ConfidenceDataset
+    from conftok.domains import resolve_domains
+    from conftok.modeling import build_model
+    from conftok.tokens import add_confidence_tokens
+
+    available, why = compiler_available()
+    if not available:
+        pytest.skip(why)
+    gpu = load_gpu_bench()
+    tok = make_tokenizer()
+    model, tok = build_model(make_model(len(tok), device=device), tokenizer=tok, backend="hf", bf16=False, lora_r=4,
+                             lora_alpha=8, gradient_checkpointing=False, device=device)
+    ids = add_confidence_tokens(tok, model, resolve_domains().tokens)
+    rows = ConfidenceDataset(write_jsonl(tmp_path / "rows.jsonl", feature_rows(4)), tok,
+                             domains=resolve_domains())
+    batch = ConfidenceCollator(tok.pad_token_id)([rows[i] for i in range(len(rows))])
+    loss_fn = gpu.make_loss_fn("token_only", (sorted(ids.values()), []), {})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    assert compile_layers(model) == 2
+    fp32 = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
+    times, counted = gpu.time_steps(model, optimizer, loss_fn, [batch, batch, batch], 1, device, fp32)
+    assert counted > 0 and len(times) == 2
+    step = gpu.profiled(device, lambda: gpu.train_step(model, optimizer, loss_fn, batch, device, fp32))
+    assert step["compiled_regions"] == 2  # one per decoder layer (0 when the FLOP count poisoned them)
