@@ -135,7 +135,7 @@ def parse_args(argv):
                 for n in ("batch_size", "steps", "rounds", "val_rows", "per_row_rows", "max_new_tokens")
                 if getattr(args, n) < 1]
     if args.warmup < 1:
-        problems.append(f"--warmup must be >= 1 (its first step is the FLOP count), got {args.warmup}")
+        problems.append(f"--warmup must be >= 1 (a first pass over a batch is not a timing), got {args.warmup}")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -376,18 +376,19 @@ def round_figures(rounds: list[list[float]]) -> dict:
 
 
 def warm_up_shapes(model, optimizer, ids_, guard_kwargs, batch_sets, device, amp, losses) -> None:
-    """One untimed step on every measured batch (token only), and one with full logits on the longest.
+    """One untimed step on every measured batch with token only (the defaults' forward takes the same inputs),
+    and with full logits (one token longer) where that loss is measured.
 
     A process's first pass over a new shape is slow (kernels loaded lazily, the allocator growing): on the
     H100 the first configuration timed, with only its own 3 warm-up steps, ran token-only steps in 0.78 s
-    where the placement guard, timed later, took 0.38 s. After this pass no configuration pays for it."""
-    token_only = make_loss_fn("token_only", ids_, guard_kwargs)
-    for batches in batch_sets:
-        for batch in batches:
-            train_step(model, optimizer, token_only, batch, device, amp)
-    if "full_logits" in losses:
-        longest = max((b for batches in batch_sets for b in batches), key=lambda b: b["input_ids"].numel())
-        train_step(model, optimizer, make_loss_fn("full_logits", ids_, guard_kwargs), longest, device, amp)
+    where the placement guard, timed later, took 0.38 s. Compiled layers also build a graph per variant
+    here (a padded batch or not, the first length static, then dynamic), not in a timed step."""
+    kinds = ["token_only"] + (["full_logits"] if "full_logits" in losses else [])
+    for kind in kinds:
+        loss_fn = make_loss_fn(kind, ids_, guard_kwargs)
+        for batches in batch_sets:
+            for batch in batches:
+                train_step(model, optimizer, loss_fn, batch, device, amp)
     sync(device)
 
 
@@ -456,14 +457,14 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     loss_fn, counted = make_loss_fn(loss, ids_, guard_kwargs), None
-                    # The first round takes the warm-up steps, the first of them counting FLOPs (the layers uncompiled
-                    # for it: time_steps); later rounds the timed batches only.
+                    # The first round counts FLOPs on one step (the layers uncompiled for it: time_steps), then takes
+                    # the warm-up steps; later rounds the timed batches only.
                     try:
-                        if rnd == 0:
+                        if rnd == 0:  # the FLOP count's step runs the layers uncompiled: not one of the warm-up steps
                             counted = time_steps(model, optimizer, loss_fn, batches[:1], 1, device, amp)[1]
                         graphs_before = dynamo_graphs() if compile_check else None
-                        times = time_steps(model, optimizer, loss_fn, batches[1:] if rnd == 0 else timed,
-                                           args.warmup - 1 if rnd == 0 else 0, device, amp, count_flops=False)[0]
+                        times = time_steps(model, optimizer, loss_fn, batches if rnd == 0 else timed,
+                                           args.warmup if rnd == 0 else 0, device, amp, count_flops=False)[0]
                     except Exception as e:  # one failed configuration must not cost the others (one GPU call a session)
                         optimizer.zero_grad(set_to_none=True)
                         gc.collect()
