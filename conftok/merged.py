@@ -15,6 +15,13 @@ and the original ``W`` object go back, bit for bit. The cost is a second copy of
 weights (13 GB for a 7B model in bf16) while it lasts; where that does not fit in free memory, or
 where the layers are not plain PEFT LoRA (quantized weights, DoRA and other variants, a LoRA bias,
 unsloth's patched layers), it does nothing and says why.
+
+The new tokens' rows (PEFT ``trainable_token_indices``) are folded in the same way. Unmerged, PEFT's
+``TrainableTokensLayer`` builds the whole embedding matrix anew at every forward (``W.index_copy`` of
+the new rows, after copying their indices to the device): for a 7B model with an untied head that is
+two 1.1 GB copies per decode step, the embedding's and lm_head's. Within the block each wrapped
+embedding and head is its own module again, holding one such copy made once; the rows are copied, not
+added, so the outputs are bit for bit PEFT's.
 """
 
 from __future__ import annotations
@@ -41,6 +48,26 @@ def _lora_layers(model) -> list:
     except ImportError:
         return []
     return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def _token_layers(model) -> list:
+    """PEFT's trainable-token layers (the new tokens' rows of the embedding and an untied lm_head) that can be
+    folded into a copy of their base weight: an adapter active, a plain ``nn.Embedding`` or ``nn.Linear``
+    base with a floating-point weight, not merged already."""
+    try:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    except ImportError:
+        return []
+    found = []
+    for m in model.modules():
+        if not isinstance(m, TrainableTokensLayer) or m.merged or m.disable_adapters:
+            continue
+        base = m.base_layer
+        weight = getattr(base, "weight", None)
+        if (isinstance(base, (torch.nn.Embedding, torch.nn.Linear)) and isinstance(weight, torch.Tensor)
+                and weight.is_floating_point() and any(a in m.token_indices for a in m.active_adapters)):
+            found.append(m)
+    return found
 
 
 def _why_not(layers) -> str | None:
@@ -80,9 +107,11 @@ def merged_lora(model, enabled: bool | str = "auto") -> Iterator[bool]:
         raise ValueError(f"merge must be True, False or 'auto', got {enabled!r}")
     layers = _lora_layers(model) if enabled else []
     reason = "merging is off" if not enabled else _why_not(layers)
+    tokens = _token_layers(model) if reason is None else []
     if reason is None and enabled == "auto":
         device = layers[0].get_base_layer().weight.device
-        need = sum(layer.get_base_layer().weight.nbytes for layer in layers)
+        need = sum(layer.get_base_layer().weight.nbytes for layer in layers) + \
+            sum(t.base_layer.weight.nbytes for t in tokens)
         free = free_memory(device)
         if free is None or need > MERGE_MEMORY_SHARE * free:
             reason = (f"the merged weights need {need / 2**30:.1f} GiB, "
@@ -109,6 +138,18 @@ def merged_lora(model, enabled: bool | str = "auto") -> Iterator[bool]:
                 base.weight = torch.nn.Parameter(merged.to(original.dtype), requires_grad=False)
                 swapped.append((parent, name, layer, base, original))
                 parent._modules[name] = base  # the plain Linear in the LoRA layer's place: no wrapper call at all
+            # The model's embed_tokens / lm_head is PEFT's wrapper around each token layer.
+            wrappers = {id(m.token_adapter): m for m in model.modules() if hasattr(m, "token_adapter")}
+            for token_layer in tokens:
+                wrapper = wrappers.get(id(token_layer), token_layer)
+                parent, name = where[id(wrapper)]
+                base = token_layer.base_layer
+                active = [a for a in token_layer.active_adapters if a in token_layer.token_indices]
+                merged = token_layer.get_merged_weights(active)  # W.index_copy(new rows): PEFT's own forward weight
+                original = base.weight
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+                swapped.append((parent, name, wrapper, base, original))
+                parent._modules[name] = base  # the plain embedding / head: no copy of the matrix per forward
         yield True
     finally:
         for parent, name, layer, base, original in reversed(swapped):

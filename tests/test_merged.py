@@ -125,3 +125,53 @@ def test_layers_it_cannot_merge_are_left_alone(device):
         model.unmerge_adapter()
     with pytest.raises(ValueError, match="merge must be"), merged_lora(model, "yes"):
         pass
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_new_token_rows_are_folded_in_once_and_the_outputs_are_peft_s_bit_for_bit(device, tie):
+    """PEFT's trainable-token layer rebuilds the whole embedding (and an untied head) at every forward; inside
+    the block each is a plain module holding one copy with the new rows. The rows are copied, not added, so with
+    the LoRA update zero (B = 0: W + 0 is W) the logits equal PEFT's exactly, also for inputs holding the new
+    tokens; on exit the wrappers and their weights come back."""
+    tok = make_tokenizer()
+    model, tok = build_model(make_model(len(tok), tie=tie, seed=5, device=device), tokenizer=tok, backend="hf",
+                             bf16=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False,
+                             device=device)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained rows: away from their initial values
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=gen).to(p.device))
+    # PEFT wraps the head too when it is tied (its rows are the embedding's).
+    assert [type(t.base_layer) for t in merged_module._token_layers(model)] == [torch.nn.Embedding, torch.nn.Linear]
+    new_ids = tok.convert_tokens_to_ids(["<C_READ>", "<U_MED>"])
+    ids = torch.tensor([[7, 8, new_ids[0], 9, new_ids[1], 10]], device=device)
+    inner = model.get_base_model()
+    wrapped = {"embed": inner.get_input_embeddings(), "head": inner.get_output_embeddings()}
+    before = snapshot(model)
+
+    def copies_in_a_forward():
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.n += func is torch.ops.aten.index_copy.default
+                return func(*args, **(kwargs or {}))
+
+        with Count():
+            logits = model(input_ids=ids).logits
+        return Count.n, logits
+
+    with torch.no_grad():
+        outside, unmerged = copies_in_a_forward()
+        with merged_lora(model, True) as merged:
+            assert merged
+            assert type(inner.get_input_embeddings()) is torch.nn.Embedding
+            inside, in_block = copies_in_a_forward()
+    assert outside >= 1 and inside == 0
+    assert torch.equal(in_block, unmerged)
+    assert inner.get_input_embeddings() is wrapped["embed"] and inner.get_output_embeddings() is wrapped["head"]
+    assert_untouched(model, before)
