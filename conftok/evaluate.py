@@ -122,6 +122,25 @@ def static_cache_length(prompts: Sequence[Sequence[int]], new_tokens: int, multi
     return -(-need // multiple) * multiple
 
 
+def static_cache_problem(model) -> str | None:
+    """Why a static KV cache cannot serve ``model`` here, or None.
+
+    A static cache holds keys and values in one dtype, taken from the first keys it stores. A float32 model
+    under bf16 autocast (a model object passed as it was, trained with ``bf16``) makes bf16 values but float32
+    keys (the rotary embedding multiplies the bf16 keys by float32 tables), and the cache then refuses the
+    values (``index_copy_``: Float and BFloat16). The dynamic cache keeps each in its own dtype."""
+    device = next(model.parameters()).device
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    compute = torch.get_autocast_dtype(device.type)
+    weights = next((p.dtype for n, p in model.named_parameters()
+                    if p.is_floating_point() and "lora_" not in n and "trainable_tokens" not in n), compute)
+    if weights != compute:
+        return (f"the model's weights are {str(weights).removeprefix('torch.')} under "
+                f"{str(compute).removeprefix('torch.')} autocast, so its keys and values differ in dtype")
+    return None
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequence[str], max_new_tokens: int = 16,
              batch_size: int = 8, desc: str | None = None, progress: bool = True,
@@ -134,7 +153,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     positions). On CUDA transformers then compiles the decode step once and replays it as a CUDA graph
     (``torch.compile`` mode ``reduce-overhead``): one launch a step instead of one per kernel, where a
     decode step is bound by launching kernels. The first batch pays the compile. Elsewhere the static
-    cache decodes eagerly, with the same outputs. ``cache_length``: at least this many positions (one
+    cache decodes eagerly, with the same outputs. Where it cannot serve the model (:func:`static_cache_problem`)
+    the dynamic cache is used and the reason logged. ``cache_length``: at least this many positions (one
     length for several calls, so one compiled step serves them all; :func:`evaluate` passes one for
     every domain).
 
@@ -147,6 +167,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     over prompt + answer (:func:`score_confidence`): with ``score_ids`` every row has p_confident.
     """
     device = next(model.parameters()).device
+    problem = static_cache_problem(model) if static_cache else None
+    if problem:
+        logger.info("static KV cache off (the dynamic cache instead): %s", problem)
+        static_cache = False
     stop = _stop_ids(tokenizer, stop_tokens)
     vocab = tokenizer.get_vocab()
     id_to_token = {vocab[t]: t for t in stop_tokens if t in vocab}

@@ -114,6 +114,35 @@ def test_train_with_torch_compile(tmp_path):
     assert layers_compiled(model)
 
 
+@needs_compiler
+def test_train_with_compiled_layers_and_a_compiled_decode_step(tmp_path):
+    """train(torch_compile=True, eval_static_cache=True) on a bf16 model, as on CUDA (the decode step's compile
+    forced on the CPU): the compiled layers train, each validation runs them uncompiled and generates through
+    transformers' one compiled decode step, and over three validations nothing compiles again (two layer
+    graphs, a padded and an unpadded batch's, and one decode graph)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from conftok import TrainConfig, train
+
+    tok = make_tokenizer()
+    data = write_jsonl(tmp_path / "train.jsonl", feature_rows(16, seed=2))
+    val = write_jsonl(tmp_path / "val.jsonl", [{"question": "code alpha alpha", "answer": True}] * 4)
+    cfg = TrainConfig(model_name="tiny", train_data=data, output_dir=str(tmp_path / "out"), backend="hf", max_steps=6,
+                      batch_size=8, eval_steps=2, val_sources={"boolq": val}, bf16=True, gradient_checkpointing=False,
+                      progress=False, lora_r=4, lora_alpha=8, stored_kl_top_k=8, torch_compile=True,
+                      eval_static_cache=True)
+    model = make_model(len(tok)).to(torch.bfloat16)
+    config = CompileConfig()
+    config._compile_all_devices = True
+    model.generation_config.compile_config = config
+    before = counters["stats"]["unique_graphs"]
+    result = train(cfg, model=model, tokenizer=make_tokenizer())
+    assert result.global_step == 6 and len(result.history) >= 3
+    assert layers_compiled(model)
+    assert counters["stats"]["unique_graphs"] - before == 3
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(backend="unsloth"), "torch_compile=True needs backend 'hf'"),
     (dict(padding_free=True), "torch_compile=True and padding_free=True"),

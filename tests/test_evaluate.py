@@ -154,6 +154,29 @@ class TestValidationLogic:
         assert [r["response"] for r in records[0]] == [r["response"] for r in records[1]]
         assert [r["p_confident"] for r in records[1]] == approx([r["p_confident"] for r in records[0]], model.dtype)
 
+    def test_a_float32_model_under_bf16_autocast_validates_with_the_dynamic_cache(self, tok, device, caplog):
+        """A model object passed as it was (float32) and trained with bf16 autocast: a static cache would take
+        float32 keys (rotary tables) and bf16 values and stop (index_copy_: Float and BFloat16). It falls back to
+        the dynamic cache and says why; the records are the dynamic cache's."""
+        import logging
+
+        model = scripted(tok, device)
+        assert next(model.parameters()).dtype == torch.float32
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            dynamic = evaluate(model, tok, {"boolq": BOOLQ}, beta=1, batch_size=2, max_new_tokens=3, progress=False)
+            with caplog.at_level(logging.INFO, logger="conftok.evaluate"):
+                static = evaluate(model, tok, {"boolq": BOOLQ}, beta=1, batch_size=2, max_new_tokens=3,
+                                  progress=False, static_cache=True)
+        assert "static KV cache off" in caplog.text and "float32 under bfloat16 autocast" in caplog.text
+        assert [r["response"] for r in static["records"]] == [r["response"] for r in dynamic["records"]]
+        assert [r["p_confident"] for r in static["records"]] == [r["p_confident"] for r in dynamic["records"]]
+        # The same model in bf16 weights takes the static cache (no reason to refuse it).
+        from conftok.evaluate import static_cache_problem
+
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            assert static_cache_problem(model.to(torch.bfloat16)) is None
+        assert static_cache_problem(model) is None  # no autocast: one dtype
+
     def test_a_cut_answer_is_scored_from_one_decode_step_more(self, tok, device, monkeypatch):
         # "Yes Yes Yes ..." never stops: every row is cut at max_new_tokens. Its p_confident is read from one
         # decode step past the answer (no second forward over the prompt) and equals a forward over the whole
