@@ -115,16 +115,33 @@ def test_train_with_torch_compile(tmp_path):
 
 
 @needs_compiler
-def test_train_with_compiled_layers_and_a_compiled_decode_step(tmp_path):
+def test_train_with_compiled_layers_and_a_compiled_decode_step(tmp_path, monkeypatch):
     """train(torch_compile=True, eval_static_cache=True) on a bf16 model, as on CUDA (the decode step's compile
     forced on the CPU): the compiled layers train, each validation runs them uncompiled and generates through
-    transformers' one compiled decode step, and over three validations nothing compiles again (two layer
-    graphs, a padded and an unpadded batch's, and one decode graph)."""
+    transformers' compiled decode step (a graph is built in the first), and after the first validation nothing
+    compiles again, in training or in the two validations after it."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
+    import importlib
+
+    from torch.profiler import ProfilerActivity, profile
+
     from conftok import TrainConfig, train
 
+    train_module = importlib.import_module("conftok.train")  # the module (conftok.train is also the function)
+    graphs_after, regions = [], []  # dynamo's graph count when each validation ends; compiled code run in each
+    evaluate = train_module.evaluate
+
+    def counting_evaluate(*args, **kwargs):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            result = evaluate(*args, **kwargs)
+        graphs_after.append(counters["stats"]["unique_graphs"])
+        # The layers run uncompiled in a validation: compiled code run there is the decode step.
+        regions.append(sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region")))
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate", counting_evaluate)
     tok = make_tokenizer()
     data = write_jsonl(tmp_path / "train.jsonl", feature_rows(16, seed=2))
     val = write_jsonl(tmp_path / "val.jsonl", [{"question": "code alpha alpha", "answer": True}] * 4)
@@ -136,11 +153,12 @@ def test_train_with_compiled_layers_and_a_compiled_decode_step(tmp_path):
     config = CompileConfig()
     config._compile_all_devices = True
     model.generation_config.compile_config = config
-    before = counters["stats"]["unique_graphs"]
     result = train(cfg, model=model, tokenizer=make_tokenizer())
-    assert result.global_step == 6 and len(result.history) >= 3
+    assert result.global_step == 6 and len(graphs_after) >= 3
+    assert all(n > 0 for n in regions), regions
     assert layers_compiled(model)
-    assert counters["stats"]["unique_graphs"] - before == 3
+    assert graphs_after[1:] == [graphs_after[0]] * (len(graphs_after) - 1)
+    assert counters["stats"]["unique_graphs"] == graphs_after[0]
 
 
 @pytest.mark.parametrize("overrides, message", [
