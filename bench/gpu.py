@@ -116,7 +116,7 @@ def parse_args(argv):
     p.add_argument("--max_new_tokens", type=int, default=None, help="(16; 4)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--static_cache", action="store_true",
-                   help="profile: also validate with a static KV cache (evaluate(static_cache=True); on CUDA the decode "
+                   help="validate and profile: also validate with a static KV cache (evaluate(static_cache=True); on CUDA the decode "
                         "step compiled and replayed as a CUDA graph), after an untimed run that compiles")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer first (TrainConfig.torch_compile); rows say compiled")
@@ -594,6 +594,19 @@ def run_validate(model, tokenizer, args, device, amp, log) -> dict:
             log(f"  batch {batch_size}: {out['rows'] / seconds:.1f} samples/s")
             if first_records is None:  # records come per data set, rows in the order given
                 first_records = [r for name in raw for r in [x for x in result["records"] if x["dataset"] == name][:sub]]
+            if args.static_cache:  # evaluate(static_cache=True): after an untimed run that compiles the decode step
+                first_s, _ = timed(device, lambda b=batch_size: evaluate(
+                    model, tokenizer, raw, domains=domains, batch_size=b, max_new_tokens=args.max_new_tokens,
+                    progress=False, static_cache=True))
+                seconds, static = timed(device, lambda b=batch_size: evaluate(
+                    model, tokenizer, raw, domains=domains, batch_size=b, max_new_tokens=args.max_new_tokens,
+                    progress=False, static_cache=True))
+                same = compare_records(result["records"], static["records"], P_TOLERANCE_BF16)
+                out["batched"].append({"batch_size": batch_size, "static_cache": True, "seconds": seconds,
+                                       "samples_per_s": out["rows"] / seconds, "first_run_s": first_s,
+                                       "agreement_with_dynamic_cache": same})
+                log(f"  batch {batch_size}, static KV cache: {out['rows'] / seconds:.1f} samples/s (first run "
+                    f"{first_s:.1f} s); {same['same_response']}/{same['rows']} responses as the dynamic cache's")
         sync(device)
         start = time.perf_counter()
         per_row = evaluate_per_row(model, tokenizer, subset, domains=domains, max_new_tokens=args.max_new_tokens)
@@ -882,7 +895,8 @@ def check_targets(result: dict) -> list[dict]:
     if val and "error" not in val:
         best = val["best_batched"]
         rows.append({"target": f"validation >= {TARGETS['validation_samples_per_s']:g} samples/s",
-                     "value": best["samples_per_s"], "where": f"batch {best['batch_size']}",
+                     "value": best["samples_per_s"],
+                     "where": f"batch {best['batch_size']}" + (", static KV cache" if best.get("static_cache") else ""),
                      "met": best["samples_per_s"] >= TARGETS["validation_samples_per_s"]})
         rows.append({"target": f"batched validation >= {TARGETS['batched_over_per_row']:g}x per-row",
                      "value": val["batched_over_per_row"], "where": f"batch {best['batch_size']} / one row",
@@ -937,7 +951,8 @@ def print_report(result: dict) -> None:
     elif val:
         print(f"\nValidation ({val['rows']} rows batched, {val['per_row_rows']} one at a time, "
               f"{val['max_new_tokens']} new tokens)\n")
-        rows = [[f"evaluate, batch {b['batch_size']}", b["samples_per_s"], b["seconds"]] for b in val["batched"]]
+        rows = [[f"evaluate, batch {b['batch_size']}" + (", static KV cache" if b.get("static_cache") else ""),
+                 b["samples_per_s"], b["seconds"]] for b in val["batched"]]
         rows.append(["per row (generate, then a forward)", val["per_row"]["samples_per_s"], val["per_row"]["seconds"]])
         print(markdown_table(["path", "samples/s", "seconds"], rows))
     prof = result.get("profile")
