@@ -68,6 +68,8 @@ class TrainConfig:
         "compiles the decode step once and replays it as a CUDA graph, where a decode step is otherwise bound by "
         "launching its kernels (a 7B on an H200: 47 ms a base-model step at batch 64, where reading the weights "
         "takes ~3 ms; validation ran no faster at batch 256 than at 64). The first validation pays the compile. "
+        "One cache length serves every domain, so one compiled step serves a whole validation and the next. A "
+        "float32 model under bf16 autocast keeps the dynamic cache (its keys and values differ in dtype), logged. "
         "Not yet timed on a GPU (bench/gpu.py --static_cache).", default=False)
     max_new_tokens: int = _help("Longest generated answer in validation (tagging's budget too); the confidence "
                                 "token gets one step more.", default=16)
