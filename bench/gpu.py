@@ -116,8 +116,8 @@ def parse_args(argv):
     p.add_argument("--max_new_tokens", type=int, default=None, help="(16; 4)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--static_cache", action="store_true",
-                   help="validate and profile: also validate with a static KV cache (evaluate(static_cache=True); on CUDA the decode "
-                        "step compiled and replayed as a CUDA graph), after an untimed run that compiles")
+                   help="validate and profile: also validate with a static KV cache (evaluate(static_cache=True); on "
+                        "CUDA the decode step compiled and replayed as a CUDA graph), after an untimed run that compiles")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer first (TrainConfig.torch_compile); rows say compiled")
     p.add_argument("--unsloth_child", default=None, help=argparse.SUPPRESS)  # internal: child process output file
@@ -457,10 +457,10 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     loss_fn, counted = make_loss_fn(loss, ids_, guard_kwargs), None
-                    # The first round counts FLOPs on one step (the layers uncompiled for it: time_steps), then takes
-                    # the warm-up steps; later rounds the timed batches only.
+                    # The first round counts FLOPs on one step (the layers uncompiled for it, so not one of the
+                    # warm-up steps: time_steps), then takes the warm-up steps; later rounds the timed batches only.
                     try:
-                        if rnd == 0:  # the FLOP count's step runs the layers uncompiled: not one of the warm-up steps
+                        if rnd == 0:
                             counted = time_steps(model, optimizer, loss_fn, batches[:1], 1, device, amp)[1]
                         graphs_before = dynamo_graphs() if compile_check else None
                         times = time_steps(model, optimizer, loss_fn, batches if rnd == 0 else timed,
@@ -492,19 +492,14 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     log(f"  {args.batch_size / step_s:.2f} samples/s this round, step {step_s:.3f} s"
                         + (f", peak {row['peak_memory_gib']:.1f} GiB" if row.get("peak_memory_gib") else "")
                         + (f", {graphs[loss]} graphs compiled so far" if compile_check else ""))
-                    for other, done in rounds.items():
-                        if done:
-                            figures = round_figures(done)
-                            flops = sum(model_flops(shape, b, other, ckpt == "on", guard_kwargs)
-                                        for b in timed) / len(timed)
-                            rows[other].update(figures, rounds_done=len(done),
-                                               samples_per_s=args.batch_size / figures["step_s"],
-                                               tokens_per_s=tokens / (args.steps * figures["step_s"]),
-                                               model_tflop_per_step=flops / 1e12,
-                                               model_tflops=flops / figures["step_s"] / 1e12,
-                                               matmul_share=(flops / figures["step_s"] / 1e12 / matmul_tflops
-                                                             if matmul_tflops else None))
-                            rows[other].setdefault("peak_memory_gib", None)
+                    figures = round_figures(rounds[loss])  # the rounds so far: a cut run keeps a figure
+                    flops = sum(model_flops(shape, b, loss, ckpt == "on", guard_kwargs) for b in timed) / len(timed)
+                    row.update(figures, rounds_done=len(rounds[loss]),
+                               samples_per_s=args.batch_size / figures["step_s"],
+                               tokens_per_s=tokens / (args.steps * figures["step_s"]),
+                               model_tflop_per_step=flops / 1e12, model_tflops=flops / figures["step_s"] / 1e12,
+                               matmul_share=flops / figures["step_s"] / 1e12 / matmul_tflops if matmul_tflops else None)
+                    row.setdefault("peak_memory_gib", None)
                     if on_row:
                         on_row(results + list(rows.values()))
             for loss in losses:
