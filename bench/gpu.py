@@ -476,6 +476,9 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                         log(f"  {row['error']}")
                         continue
                     rounds[loss].append(times)
+                    if compile_check and rnd == 0:  # one more untimed step: did this configuration run compiled?
+                        row["compiled_regions_per_step"] = compiled_regions(
+                            lambda: train_step(model, optimizer, loss_fn, timed[0], device, amp))
                     if counted is not None:
                         row["counted_over_formula"] = counted / model_flops(shape, batches[0], loss, ckpt == "on",
                                                                             guard_kwargs)
@@ -513,6 +516,16 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
     optimizer.zero_grad(set_to_none=True)
     del optimizer
     return results
+
+
+def compiled_regions(fn) -> int:
+    """How many torch.compile'd regions ``fn()`` ran (a compiled decoder layer's forward or its recomputation;
+    0 where every layer ran eagerly), read from a CPU-only profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
 
 
 def dynamo_graphs() -> int:
@@ -653,7 +666,7 @@ def profiled(device, fn, rows: int = 18) -> dict:
 
     # The kernels' own rows only: an op's row repeats its kernels' time (the first H200 run summed both).
     busy = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
-    # torch.compile'd code run (a compiled decoder layer's forward or its recomputation; not the backward graphs).
+    # torch.compile'd code run (as compiled_regions counts it; the backward graphs are not counted).
     regions = sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
     return {"wall_s": wall, "device_busy_s": busy, "device_busy_share": busy / wall if wall else None,
             "compiled_regions": regions,
@@ -927,10 +940,10 @@ def print_report(result: dict) -> None:
         rows = [[r["loss"] + (" (compiled)" if r.get("compiled") else ""), r["checkpointing"], r["batching"], r.get("samples_per_s"), r.get("tokens_per_s"),
                  r.get("step_s"), r.get("round_spread"), ratio(r), r.get("model_tflop_per_step"), r.get("matmul_share"),
                  r.get("peak_memory_gib"), r["padding_share"], r.get("counted_over_formula"), r.get("graphs_compiled"),
-                 r.get("error")] for r in result["train"]]
+                 r.get("compiled_regions_per_step"), r.get("error")] for r in result["train"]]
         print(markdown_table(["loss", "ckpt", "batches", "samples/s", "tokens/s", "step s", "spread", "x token-only",
                               "TFLOP/step", "share of matmul", "peak GiB", "padding", "counted/formula",
-                              "graphs compiled", "error"], rows))
+                              "graphs compiled", "compiled regions a step", "error"], rows))
         check = next((r["compile_check"] for r in result["train"] if r.get("compile_check")), None)
         if check:
             print(f"\nCompiled decoder layers ({check['layers']}, torch {check['torch']}): first compiled forward "

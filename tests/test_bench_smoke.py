@@ -147,3 +147,5 @@ def test_counting_flops_leaves_the_compiled_layers_compiled(device, tmp_path):
     assert counted > 0 and len(times) == 2
     step = gpu.profiled(device, lambda: gpu.train_step(model, optimizer, loss_fn, batch, device, fp32))
     assert step["compiled_regions"] == 2  # one per decoder layer (0 when the FLOP count poisoned them)
+    # What each compiled training row records (compiled_regions_per_step), the same count.
+    assert gpu.compiled_regions(lambda: gpu.train_step(model, optimizer, loss_fn, batch, device, fp32)) == 2
