@@ -518,14 +518,19 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
     return results
 
 
+def region_count(prof) -> int:
+    """torch.compile'd regions a profiled run entered (a compiled decoder layer's forward or its recomputation;
+    the backward graphs are not counted; 0 where every layer ran eagerly)."""
+    return sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
+
+
 def compiled_regions(fn) -> int:
-    """How many torch.compile'd regions ``fn()`` ran (a compiled decoder layer's forward or its recomputation;
-    0 where every layer ran eagerly), read from a CPU-only profiler."""
+    """:func:`region_count` of ``fn()``, read from a CPU-only profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
+    return region_count(prof)
 
 
 def dynamo_graphs() -> int:
@@ -666,10 +671,8 @@ def profiled(device, fn, rows: int = 18) -> dict:
 
     # The kernels' own rows only: an op's row repeats its kernels' time (the first H200 run summed both).
     busy = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
-    # torch.compile'd code run (as compiled_regions counts it; the backward graphs are not counted).
-    regions = sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
     return {"wall_s": wall, "device_busy_s": busy, "device_busy_share": busy / wall if wall else None,
-            "compiled_regions": regions,
+            "compiled_regions": region_count(prof),
             "top_device": profile_table(prof, "self_device_time_total", rows) if device.type == "cuda" else [],
             "top_cpu": profile_table(prof, "self_cpu_time_total", rows)}
 

@@ -320,8 +320,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
         plan.append((dataset_name, domain, rows, [encode_prompt(tokenizer, domain.build_question(r)) for r in rows]))
     # One static cache length for every domain (answer budget + the token's step + the scoring step), so one
     # compiled decode step serves them all, and the next validation of the same rows.
-    every_prompt = [prompt for *_, prompts in plan for prompt in prompts]
-    cache_length = static_cache_length(every_prompt, max_new_tokens + 2) if static_cache and every_prompt else None
+    every_prompt = [prompt for *_, prompts in plan for prompt in prompts] if static_cache else []
+    cache_length = static_cache_length(every_prompt, max_new_tokens + 2) if every_prompt else None
     was_training = model.training
     model.eval()
     per_domain, records, reliability = {}, [], {}
