@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from conftok.memory import free_memory
+from conftok.token_rows import trainable_token_layers
 
 __all__ = ["merged_lora", "MERGE_MEMORY_SHARE"]
 
@@ -48,26 +49,6 @@ def _lora_layers(model) -> list:
     except ImportError:
         return []
     return [m for m in model.modules() if isinstance(m, Linear)]
-
-
-def _token_layers(model) -> list:
-    """PEFT's trainable-token layers (the new tokens' rows of the embedding and an untied lm_head) that can be
-    folded into a copy of their base weight: an adapter active, a plain ``nn.Embedding`` or ``nn.Linear``
-    base with a floating-point weight, not merged already."""
-    try:
-        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-    except ImportError:
-        return []
-    found = []
-    for m in model.modules():
-        if not isinstance(m, TrainableTokensLayer) or m.merged or m.disable_adapters:
-            continue
-        base = m.base_layer
-        weight = getattr(base, "weight", None)
-        if (isinstance(base, (torch.nn.Embedding, torch.nn.Linear)) and isinstance(weight, torch.Tensor)
-                and weight.is_floating_point() and any(a in m.token_indices for a in m.active_adapters)):
-            found.append(m)
-    return found
 
 
 def _why_not(layers) -> str | None:
@@ -107,7 +88,7 @@ def merged_lora(model, enabled: bool | str = "auto") -> Iterator[bool]:
         raise ValueError(f"merge must be True, False or 'auto', got {enabled!r}")
     layers = _lora_layers(model) if enabled else []
     reason = "merging is off" if not enabled else _why_not(layers)
-    tokens = _token_layers(model) if reason is None else []
+    tokens = trainable_token_layers(model) if reason is None else []
     if reason is None and enabled == "auto":
         device = layers[0].get_base_layer().weight.device
         need = sum(layer.get_base_layer().weight.nbytes for layer in layers) + \

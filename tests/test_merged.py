@@ -10,6 +10,7 @@ from conftok import merged as merged_module
 from conftok.evaluate import evaluate
 from conftok.merged import merged_lora
 from conftok.modeling import build_model
+from conftok.token_rows import trainable_token_layers
 
 
 def lora_model(device, bf16=False):
@@ -144,7 +145,7 @@ def test_the_new_token_rows_are_folded_in_once_and_the_outputs_are_peft_s_bit_fo
             if "trainable_tokens_delta" in name:
                 p.add_(torch.randn(p.shape, generator=gen).to(p.device))
     # PEFT wraps the head too when it is tied (its rows are the embedding's).
-    assert [type(t.base_layer) for t in merged_module._token_layers(model)] == [torch.nn.Embedding, torch.nn.Linear]
+    assert [type(t.base_layer) for t in trainable_token_layers(model)] == [torch.nn.Embedding, torch.nn.Linear]
     new_ids = tok.convert_tokens_to_ids(["<C_READ>", "<U_MED>"])
     ids = torch.tensor([[7, 8, new_ids[0], 9, new_ids[1], 10]], device=device)
     inner = model.get_base_model()

@@ -1,0 +1,106 @@
+"""conftok.token_rows: the new tokens' rows computed alone give PEFT's outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer, tolerance
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftok.modeling import build_model
+from conftok.token_rows import TokenRowsOnly, trainable_token_layers
+
+
+class Ops(TorchDispatchMode):
+    """Counts the ops a block runs, and the tensors it makes from Python data (a copy to the device each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.lifted = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self.lifted += func is torch.ops.aten.lift_fresh.default and out.dim() > 0
+        return out
+
+
+def trained_model(device, tie: bool):
+    tok = make_tokenizer()
+    model, tok = build_model(make_model(len(tok), tie=tie, seed=5, device=device), tokenizer=tok, backend="hf",
+                             bf16=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False,
+                             device=device)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the rows and the LoRA update away from their initial values
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.device))
+    new_ids = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>", "<C_MED>", "<U_MED>"])
+    ids = torch.tensor([[7, 8, new_ids[0], 9, new_ids[3], 10], [new_ids[1], 11, 12, 13, new_ids[1], new_ids[2]]],
+                       device=device)
+    return model, ids, new_ids
+
+
+def forward_backward(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    (logits.float().square().mean() + logits[..., -4:].float().sum()).backward()  # the new columns weigh in too
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_outputs_and_gradients_are_peft_s_without_rebuilding_the_matrix(device, tie):
+    """The embedding's output is PEFT's bit for bit, so every logit but the new tokens' columns is too; those
+    columns and every gradient (the rows', LoRA's) agree to the dtype's tolerance. Inside the block no
+    ``index_copy`` of a whole matrix runs and no index list is copied to the device (after the first forward,
+    which copies each layer's indices once); outside it, PEFT's forward runs again."""
+    model, ids, new_ids = trained_model(device, tie)
+    model.train()
+    assert [type(t.base_layer) for t in trainable_token_layers(model)] == [torch.nn.Embedding, torch.nn.Linear]
+    rows = TokenRowsOnly(model)
+    assert len(rows.layers) == 2
+    embed = model.get_base_model().get_input_embeddings()
+
+    peft_logits, peft_grads = forward_backward(model, ids)
+    with torch.no_grad():
+        peft_embedded = embed(ids)
+    with rows:
+        forward_backward(model, ids)  # the first forward copies the indices to the device once
+        with Ops() as ops:
+            logits, grads = forward_backward(model, ids)
+        with torch.no_grad():
+            embedded = embed(ids)
+    assert ops.counts.get("aten.index_copy.default", 0) == 0 and ops.lifted == 0, (ops.counts, ops.lifted)
+    assert torch.equal(embedded, peft_embedded)
+    others = [i for i in range(logits.shape[-1]) if i not in new_ids]
+    assert torch.equal(logits[..., others], peft_logits[..., others])
+    torch.testing.assert_close(logits, peft_logits, **tolerance(torch.float32))
+    assert grads.keys() == peft_grads.keys() and any("trainable_tokens_delta" in n for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, peft_grads[name], **tolerance(torch.float32), msg=name)
+
+    with Ops() as outside:  # the block left: PEFT's forward, which rebuilds the matrix
+        forward_backward(model, ids)
+    assert outside.counts.get("aten.index_copy.default", 0) >= 1
+    assert all("forward" not in layer.__dict__ for layer in rows.layers)
+
+
+def test_a_disabled_adapter_runs_peft_s_own_forward_inside_the_block(device):
+    """``model.disable_adapter()`` (the live KL's base pass, the stored KL's reference) gives the base model's
+    rows inside the block as outside it; the block nests."""
+    model, ids, _ = trained_model(device, tie=False)
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        tuned = model(input_ids=ids).logits
+        rows = TokenRowsOnly(model)
+        with rows, rows:
+            with model.disable_adapter():
+                assert torch.equal(model(input_ids=ids).logits, base)
+            inner = model(input_ids=ids).logits
+        assert all("forward" not in layer.__dict__ for layer in rows.layers)
+    assert not torch.equal(base, tuned)
+    torch.testing.assert_close(inner, tuned, **tolerance(torch.float32))
