@@ -42,14 +42,14 @@ import torch.nn.functional as F
 
 from conftok.data import IGNORE_INDEX
 
-__all__ = ["padded_attention_guard", "CHECKPOINTING_KWARGS", "LoraInputsUncast", "position_ids_from_mask",
+__all__ = ["padded_attention_guard", "BatchFacts", "host_facts", "CHECKPOINTING_KWARGS", "LoraInputsUncast", "position_ids_from_mask",
            "confidence_logits", "confidence_token_loss", "masked_lm_loss", "p_confident", "LossTerms", "training_loss",
            "base_topk", "attach_base_topk", "rows_base_topk", "token_budget_batches", "ANSWER_CE_ROWS"]
 
 ANSWER_CE_ROWS = ("all", "correct")
 
 
-def padded_attention_guard(attention_mask: torch.Tensor, *, always: bool = False):
+def padded_attention_guard(attention_mask: torch.Tensor, *, always: bool = False, padded: bool | None = None):
     """A context for the forward AND backward of a left-padded batch on CUDA: SDPA's math kernel.
 
     A padding position's query attends to nothing (every key before it is padding too). On an H100
@@ -64,13 +64,41 @@ def padded_attention_guard(attention_mask: torch.Tensor, *, always: bool = False
     recompute under the forward's kernels, so the backward need not be inside this guard.
 
     ``always=True``: the math kernel for every CUDA batch, padded or not (no host sync). For compiled
-    layers (``conftok.compiling``), which keep the kernel they were traced with.
+    layers (``conftok.compiling``), which keep the kernel they were traced with. ``padded``: whether
+    the batch has padding, read from its host copy (:func:`host_facts`): no host sync either. Inside a
+    block where the math kernel is already the only one allowed, nothing is read.
     """
-    if not attention_mask.is_cuda or (not always and bool(attention_mask.all())):
+    if not attention_mask.is_cuda or _math_only():
+        return nullcontext()
+    if padded is None and not always:
+        padded = not bool(attention_mask.all())  # a CPU-GPU sync
+    if not (always or padded):
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
+
+
+def _math_only() -> bool:
+    b = torch.backends.cuda
+    return b.math_sdp_enabled() and not (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled())
+
+
+class BatchFacts(NamedTuple):
+    """What :func:`training_loss` would otherwise read from a batch on the device (a host sync each):
+    read once from the batch's host copy before it moves (:func:`host_facts`)."""
+    padded: bool  # any padding in the attention mask
+    answer_columns: int  # the longest answer's length (the answer_mask's positions that predict a token); 0 if none
+
+
+def host_facts(batch: dict[str, torch.Tensor], *, check_labels: bool = True) -> BatchFacts:
+    """:class:`BatchFacts` of a collated batch still on the CPU; checks its labels as :func:`training_loss` does
+    (``check_labels=False`` for a packed batch, whose labels are laid out otherwise)."""
+    if check_labels:
+        _check_last_position_only(batch["labels"])
+    answer_mask = batch.get("answer_mask")
+    columns = int(answer_mask[:, 1:].sum(-1).max()) if answer_mask is not None and answer_mask.numel() else 0
+    return BatchFacts(padded=not bool(batch["attention_mask"].all()), answer_columns=columns)
 
 
 class LoraInputsUncast:
@@ -143,9 +171,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def confidence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def confidence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                      padded: bool | None = None) -> torch.Tensor:
     """Logits (B, V) for the token that follows each row of a left-padded batch."""
-    with padded_attention_guard(attention_mask):
+    with padded_attention_guard(attention_mask, padded=padded):
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -154,6 +183,7 @@ def confidence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             use_cache=False,
         )
     return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
+
 
 
 def _check_last_position_only(labels: torch.Tensor) -> None:
@@ -183,16 +213,17 @@ class LossTerms(NamedTuple):
     answer_ce: torch.Tensor  # mean -log p(answer token) over the guarded rows' answer positions (0 if not computed)
 
 
-def _forward_last(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
-    with padded_attention_guard(attention_mask):
+def _forward_last(model, input_ids, attention_mask, keep: int, padded: bool | None = None) -> torch.Tensor:
+    with padded_attention_guard(attention_mask, padded=padded):
         return model(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep, use_cache=False).logits
 
 
-def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequence[int] = (),
-                  confident_ids: Sequence[int] = (), placement_weight: float = 0.0, kl_weight: float = 0.0,
-                  answer_ce_weight: float = 0.0, answer_ce_rows: str = "all", stored_kl_weight: float = 0.0,
-                  token_weights: torch.Tensor | None = None) -> LossTerms:
+def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequence[int] | torch.Tensor = (),
+                  confident_ids: Sequence[int] | torch.Tensor = (), placement_weight: float = 0.0,
+                  kl_weight: float = 0.0, answer_ce_weight: float = 0.0, answer_ce_rows: str = "all",
+                  stored_kl_weight: float = 0.0, token_weights: torch.Tensor | None = None,
+                  facts: BatchFacts | None = None) -> LossTerms:
     """The token's cross-entropy plus the optional guard terms (module docstring).
 
     ``loss = token + placement_weight * placement + kl_weight * kl + stored_kl_weight * kl(stored)
@@ -203,6 +234,10 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
     PEFT model); the stored KL term needs ``base_topk_ids``/``base_topk_logp`` in the batch
     (:func:`attach_base_topk` before training). ``confidence_ids``: every
     confidence token (placement); ``confident_ids``: the C tokens (``answer_ce_rows="correct"``).
+
+    Host syncs: none if ``facts`` (:func:`host_facts` of the batch's CPU copy) is given and the ids are
+    tensors on the batch's device; otherwise the labels' check, the padding check and the answers'
+    length each read the device, and id lists are copied to it.
     """
     weights = {"placement_weight": placement_weight, "kl_weight": kl_weight, "answer_ce_weight": answer_ce_weight,
                "stored_kl_weight": stored_kl_weight}
@@ -215,28 +250,29 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
         raise ValueError(f"answer_ce_rows must be one of {list(ANSWER_CE_ROWS)}, got {answer_ce_rows!r}")
     zero = torch.zeros((), device=batch["input_ids"].device)
     labels = batch["labels"]
-    if not any(weights.values()):
+    if facts is None:
         _check_last_position_only(labels)
-        logits = confidence_logits(model, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])
+    padded = None if facts is None else facts.padded
+    if not any(weights.values()):
+        logits = confidence_logits(model, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1], padded=padded)
         token = _token_ce(logits, labels[:, -1], token_weights)
         return LossTerms(token, token, zero, zero, logits, zero)
     if "answer_mask" not in batch:
         raise KeyError("guard terms need the batch's answer_mask (ConfidenceDataset + ConfidenceCollator)")
-    if placement_weight and not confidence_ids:
+    if placement_weight and not len(confidence_ids):
         raise ValueError("the placement term needs the confidence token ids")
-    if answer_ce_weight and answer_ce_rows == "correct" and not confident_ids:
+    if answer_ce_weight and answer_ce_rows == "correct" and not len(confident_ids):
         raise ValueError("answer_ce_rows='correct' needs the confident token ids (confident_ids)")
     if stored_kl_weight and "base_topk_ids" not in batch:
         raise KeyError("the stored KL term needs base_topk_ids/base_topk_logp in the batch "
                        "(conftok.loss.attach_base_topk before training)")
-    _check_last_position_only(labels)
     input_ids, attention_mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
     # Column t of the input without the token predicts token t+1: the answer's tokens are predicted by
     # the columns where answer_mask[:, 1:] is set, all within the last `longest` columns before the token's.
     predicts_answer = batch["answer_mask"][:, 1:].bool()
-    longest = int(predicts_answer.sum(-1).max())
+    longest = int(predicts_answer.sum(-1).max()) if facts is None else facts.answer_columns
     keep = longest + 1
-    logits = _forward_last(model, input_ids, attention_mask, keep)  # (B, keep, V)
+    logits = _forward_last(model, input_ids, attention_mask, keep, padded)  # (B, keep, V)
     token = _token_ce(logits[:, -1], labels[:, -1], token_weights)
     mask = predicts_answer[:, -keep:]  # (B, keep); the last column (the token's) is never set
     n = mask.sum().clamp(min=1)
@@ -244,12 +280,11 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
     placement = kl = answer_ce = zero
     if placement_weight:
         # -log(1 - sum_c p_c) = logsumexp(all) - logsumexp(all but the confidence tokens), in log space.
-        others = log_probs.clone()
-        others[..., list(confidence_ids)] = -torch.inf
+        others = log_probs.index_fill(-1, torch.as_tensor(confidence_ids, device=log_probs.device), -torch.inf)
         placement = -(torch.logsumexp(others, dim=-1) * mask).sum() / n
     if kl_weight:
         with torch.no_grad(), model.disable_adapter():
-            base = torch.log_softmax(_forward_last(model, input_ids, attention_mask, keep).float(), dim=-1)
+            base = torch.log_softmax(_forward_last(model, input_ids, attention_mask, keep, padded).float(), dim=-1)
         kl = ((base.exp() * (base - log_probs)).sum(-1) * mask).sum() / n
     if stored_kl_weight:
         kl = _stored_kl(log_probs[:, :-1], batch["base_topk_ids"], batch["base_topk_logp"], mask[:, :-1])
@@ -258,7 +293,7 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
         targets = batch["input_ids"][:, -keep:]  # (B, keep); the last one is the confidence token, never masked in
         rows = mask
         if answer_ce_rows == "correct":
-            rows = mask & torch.isin(labels[:, -1], torch.as_tensor(list(confident_ids), device=labels.device))[:, None]
+            rows = mask & torch.isin(labels[:, -1], torch.as_tensor(confident_ids, device=labels.device))[:, None]
         nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, keep)
         answer_ce = (nll * rows).sum() / rows.sum().clamp(min=1)
     loss = token + placement_weight * placement + (kl_weight or stored_kl_weight) * kl + answer_ce_weight * answer_ce

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,16 +50,17 @@ from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
-from conftok.loss import LoraInputsUncast, padded_attention_guard, training_loss
+from conftok.loss import LoraInputsUncast, LossTerms, host_facts, padded_attention_guard, training_loss
 from conftok.memory import auto_gradient_checkpointing
 from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model,
                               enable_gradient_checkpointing, model_device, replace_directory, resolve_backend, save_adapter)
 from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
 from conftok.reference_cache import attach_base_topk_cached
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
+from conftok.token_rows import TokenRowsOnly
 from conftok.tokens import token_ids
 
-__all__ = ["train", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets"]
+__all__ = ["train", "TrainStep", "StepReading", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,85 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
             (no_decay if "trainable_tokens" in name or "bias" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+
+
+class StepReading(NamedTuple):
+    """What :meth:`TrainStep.read` brings back from the device, in one transfer."""
+    losses: list[float]  # each micro-batch's loss, in order
+    terms: list[float]  # token, placement, KL, answer CE: each summed over the micro-batches
+    grad_norm: float  # the total gradient norm before clipping
+
+
+class TrainStep:
+    """An optimizer step as :func:`train` takes it, with one CPU-GPU sync.
+
+    ``add(batch)`` for each micro-batch (a collated batch on the CPU): its facts are read on the host
+    (:func:`conftok.loss.host_facts`), it moves to the device without waiting, and the loss runs under bf16
+    autocast with LoRA inputs uncast and the new tokens' rows computed alone
+    (:class:`conftok.token_rows.TokenRowsOnly`), then its backward. Nothing is read back. ``read()`` clips
+    the gradients and reads every micro-batch's loss and terms and the gradient norm in one transfer.
+    ``apply()`` runs the optimizer and clears the gradients. The caller checks the reading in between:
+    a non-finite loss or norm is never applied.
+
+    Why one sync: each read of the device (``.item()``, ``bool(t)``, a Python list copied to it) makes the
+    host wait until the card has run everything queued, so the host's work for what follows (launching
+    kernels, the next batch) no longer overlaps the card's. A step that read the loss after its forward,
+    the terms and the norm after its backward, and the padding, the labels' check, the answers' length, the
+    token indices (PEFT copies them at every forward of the embedding and the head) and the confidence ids
+    along the way, waited about ten times.
+    """
+
+    def __init__(self, model, optimizer, *, loss_kwargs: dict[str, Any], confidence_ids, confident_ids,
+                 token_weights: torch.Tensor | None = None, bf16: bool = True, compiled: bool = False,
+                 max_grad_norm: float = 1.0, accumulation: int = 1, packed: bool = False,
+                 compute_loss: Callable[..., LossTerms] | None = None):
+        self.model, self.optimizer = model, optimizer
+        self.device = model_device(model)
+        self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self.uncast = LoraInputsUncast(model) if bf16 else nullcontext()
+        self.rows = TokenRowsOnly(model)
+        self.compiled, self.packed = compiled, packed
+        # compute_loss: training_loss's signature and result (bench/gpu.py times a full-logits baseline through it)
+        self.compute_loss = compute_loss or (packed_training_loss if packed else training_loss)
+        self.max_grad_norm, self.accumulation = max_grad_norm, accumulation
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        ids = {"confidence_ids": confidence_ids, "confident_ids": confident_ids}
+        # The ids on the device once (a list would be copied to it, a sync, at every use).
+        self.loss_kwargs = {**loss_kwargs, "token_weights": token_weights,
+                            **{k: torch.tensor(sorted(v), dtype=torch.long, device=self.device) for k, v in ids.items()}}
+        self._pending: list[torch.Tensor] = []  # each micro-batch's (loss, token, placement, KL, answer CE)
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        facts = host_facts(batch, check_labels=not self.packed)  # read on the CPU copy: no sync
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        kwargs = self.loss_kwargs if self.packed else {**self.loss_kwargs, "facts": facts}
+        # Padded batches on CUDA: SDPA's math kernel; the fused kernels' gradients go non-finite there.
+        # Compiled layers keep the kernel they were traced with: the math kernel for every batch then.
+        with self.amp(), self._guard(batch, facts.padded), self.uncast, self.rows:
+            terms = self.compute_loss(self.model, batch, **kwargs)
+        # build_model's checkpointing recomputes under the forward's kernels by itself (CHECKPOINTING_KWARGS);
+        # unsloth's own checkpointing does not, so its backward needs the guard here.
+        with self._guard(batch, facts.padded):
+            (terms.loss / self.accumulation).backward()
+        self._pending.append(torch.stack([terms.loss, terms.token, terms.placement, terms.kl,
+                                          terms.answer_ce]).detach().float())
+
+    def _guard(self, batch, padded: bool):
+        return padded_attention_guard(batch["attention_mask"], always=self.compiled, padded=padded)
+
+    def read(self) -> StepReading:
+        if not self._pending:
+            raise RuntimeError("TrainStep.read() before any add(batch)")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        per_batch = torch.stack(self._pending)  # (micro-batches, 5)
+        self._pending = []
+        values = torch.cat([per_batch.flatten(), norm.detach().float().reshape(1)]).tolist()  # the step's one sync
+        rows = [values[k:k + 5] for k in range(0, len(values) - 1, 5)]
+        return StepReading([r[0] for r in rows], [sum(r[j] for r in rows) for j in range(1, 5)], values[-1])
+
+    def apply(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -182,7 +262,6 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     device = model_device(model)
     use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    uncast = LoraInputsUncast(model) if use_bf16 else nullcontext()  # the step's forward: LoRA inputs stay bf16
 
     dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
@@ -193,7 +272,6 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                                 model_description=_model_description(cfg, model, tokenizer, passed_model),
                                 batch_size=cfg.eval_batch_size, progress=cfg.progress)
     collate = (PackedConfidenceCollator if cfg.padding_free else ConfidenceCollator)(tokenizer.pad_token_id)
-    compute_loss = packed_training_loss if cfg.padding_free else training_loss
     lengths = dataset.lengths()
     compiled, why = decide_torch_compile(cfg, device, hf_backend)
     print(f"torch.compile {why}", flush=True)
@@ -272,11 +350,15 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     model.train()
     last_validated = state["global_step"] if resume_from is not None else -1
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="Training", disable=not cfg.progress)
-    running_loss, running_n, running_terms = 0.0, 0, torch.zeros(4)
+    running_loss, running_n, running_terms = 0.0, 0, [0.0] * 4
     ids = token_ids(tokenizer, domains.tokens)
-    confidence_ids = sorted(ids.values())
-    confident_ids = sorted(ids[d.confident_token] for d in domains)
-    token_weights = _token_class_weights(dataset, ids, model, device) if cfg.balance_token_classes else None
+    step_runner = TrainStep(model, optimizer, loss_kwargs=cfg.loss_kwargs(), confidence_ids=ids.values(),
+                            confident_ids=[ids[d.confident_token] for d in domains],
+                            token_weights=_token_class_weights(dataset, ids, model, device)
+                            if cfg.balance_token_classes else None,
+                            bf16=use_bf16, compiled=compiled, max_grad_norm=cfg.max_grad_norm,
+                            accumulation=cfg.gradient_accumulation_steps, packed=cfg.padding_free)
+    pin = device.type == "cuda"  # pinned batches: their copy to the GPU does not wait (TrainStep.add)
     for epoch in range(state["epoch"], num_epochs):
         # Data order depends on (seed, epoch) only, so a resumed run sees the same batches. Both loaders
         # get their own generator: without one, each new iterator draws its base seed from the global
@@ -285,51 +367,40 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         if cfg.group_by_length:
             sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator,
+                                                 pin_memory=pin)
         else:
             loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                                                 generator=generator)
+                                                 generator=generator, pin_memory=pin)
         skip = state["step_in_epoch"] * cfg.gradient_accumulation_steps if epoch == state["epoch"] else 0
         state["epoch"], state["step_in_epoch"] = epoch, state["step_in_epoch"] if skip else 0
         micro = 0
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            # Padded batches on CUDA: SDPA's math kernel; the fused kernels' gradients go non-finite there.
-            # Compiled layers keep the kernel they were traced with: the math kernel for every batch then.
-            guard = padded_attention_guard(batch["attention_mask"], always=compiled)
-            with amp(), guard, uncast:
-                terms = compute_loss(model, batch, confidence_ids=confidence_ids, confident_ids=confident_ids,
-                                      token_weights=token_weights, **cfg.loss_kwargs())
-            loss = terms.loss
-            loss_value = loss.item()  # CPU-GPU sync each micro-batch: needed for the NaN check and logs
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch {i + 1}); "
-                    f"try a lower learning_rate (now {cfg.learning_rate}) or a longer warmup")
-            # build_model's checkpointing recomputes under the forward's kernels by itself (CHECKPOINTING_KWARGS);
-            # unsloth's own checkpointing does not, so its backward needs the guard here.
-            with padded_attention_guard(batch["attention_mask"], always=compiled):
-                (loss / cfg.gradient_accumulation_steps).backward()
-            running_loss += loss_value
-            running_terms += torch.stack([terms.token.detach(), terms.placement.detach(), terms.kl.detach(),
-                                          terms.answer_ce.detach()]).float().cpu()
+            step_runner.add(batch)
             running_n += 1
             micro += 1
             last_batch = i + 1 == len(loader)
             if micro % cfg.gradient_accumulation_steps and not last_batch:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm).item()
+            reading = step_runner.read()
+            for k, loss_value in enumerate(reading.losses):
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"loss is {loss_value} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch "
+                        f"{i + 1 - (len(reading.losses) - 1 - k)}); try a lower learning_rate (now {cfg.learning_rate}) "
+                        f"or a longer warmup")
+            loss_value, grad_norm = reading.losses[-1], reading.grad_norm
             if not math.isfinite(grad_norm):  # a finite loss can still back-propagate NaN; never apply it
                 raise FloatingPointError(
                     f"gradient norm is {grad_norm} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch {i + 1}) "
                     f"with a finite loss ({loss_value:.4g}); the parameters were not updated. Try --no-bf16 or "
                     f"--gradient_checkpointing false, and report the model and attention implementation")
-            optimizer.step()
+            running_loss += sum(reading.losses)
+            running_terms = [a + b for a, b in zip(running_terms, reading.terms)]
+            step_runner.apply()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             state["global_step"] += 1
             state["step_in_epoch"] += 1
             step = state["global_step"]
@@ -338,11 +409,11 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             if step % cfg.logging_steps == 0 or step == total_steps:
                 writer.add_scalar(M.TRAIN_LOSS, running_loss / running_n, step)
                 names = (M.TRAIN_TOKEN_LOSS, M.TRAIN_PLACEMENT_LOSS, M.TRAIN_KL, M.TRAIN_ANSWER_CE)
-                for name, value in zip(names, running_terms / running_n):
-                    writer.add_scalar(name, value.item(), step)
+                for name, value in zip(names, running_terms):
+                    writer.add_scalar(name, value / running_n, step)
                 writer.add_scalar(M.TRAIN_LEARNING_RATE, scheduler.get_last_lr()[0], step)
                 writer.add_scalar(M.TRAIN_GRAD_NORM, grad_norm, step)
-                running_loss, running_n, running_terms = 0.0, 0, torch.zeros(4)
+                running_loss, running_n, running_terms = 0.0, 0, [0.0] * 4
             end_of_epoch = last_batch
             if step >= total_steps:
                 break

@@ -1,0 +1,174 @@
+"""conftok.train.TrainStep: a step as train() takes it, with one read of the device."""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+import warnings
+
+import pytest
+import torch
+from conftest import long_answer_rows, make_model, make_tokenizer, tolerance, write_jsonl
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftok.config import TrainConfig
+from conftok.data import ConfidenceCollator, ConfidenceDataset
+from conftok.domains import resolve_domains
+from conftok.loss import attach_base_topk, training_loss
+from conftok.modeling import build_model
+from conftok.tokens import token_ids
+
+train_module = importlib.import_module("conftok.train")  # `conftok.train` the attribute is the function
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts what would make the host wait for a GPU: reading a value back (``.item()``, ``bool(t)``,
+    ``int(t)``) and tensors made from Python data (then copied to the device), apart from the reads of
+    transformers' attention-mask builder (``mask_reads``). ``paused`` stops the count."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.lifted, self.mask_reads, self.paused = 0, 0, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused and func is torch.ops.aten._local_scalar_dense.default:
+            if any(f.filename.endswith("masking_utils.py") for f in traceback.extract_stack()):
+                self.mask_reads += 1
+            else:
+                self.reads += 1
+        if not self.paused:
+            self.lifted += func is torch.ops.aten.lift_fresh.default and out.dim() > 0
+        return out
+
+
+def setup(tmp_path, device, *, bf16: bool):
+    tok = make_tokenizer()
+    model, tok = build_model(make_model(len(tok), seed=7, device=device), tokenizer=tok, backend="hf", bf16=bf16,
+                             lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False, device=device)
+    ds = ConfidenceDataset(write_jsonl(tmp_path / "t.jsonl", long_answer_rows()), tok)
+    cfg = TrainConfig()  # the default loss: placement and the stored KL
+    attach_base_topk(ds, model, cfg.stored_kl_top_k, progress=False)
+    ids = token_ids(tok, resolve_domains().tokens)
+    domains = resolve_domains()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    step = train_module.TrainStep(model, optimizer, loss_kwargs=cfg.loss_kwargs(), confidence_ids=ids.values(),
+                                  confident_ids=[ids[d.confident_token] for d in domains], bf16=bf16,
+                                  accumulation=2)
+    collate = ConfidenceCollator(tok.pad_token_id)
+    batches = [collate([ds[i] for i in range(0, 3)]), collate([ds[i] for i in range(3, 6)])]
+    twins = [collate([ds[i], ds[i]]) for i in (1, 4)]  # one row twice: no padding
+    return model, step, batches, twins, cfg, ids
+
+
+def test_a_step_reads_the_device_once(tmp_path, device, monkeypatch):
+    """Two micro-batches with the guard terms and the clipping read nothing back and copy no Python list to the
+    device: the facts a loss needs (padding, the labels' check, the answers' length) are read from each batch's
+    host copy before it moves, and the ids and the new tokens' indices are on the device already. Left:
+    transformers' own check of the mask (or of the positions) as each forward starts, once without padding and
+    twice with it. ``read`` brings every loss, term and the norm back in one transfer, and they are the loss's
+    own values."""
+    model, step, batches, twins, cfg, ids = setup(tmp_path, device, bf16=False)
+    model.train()
+    for batch in batches:  # the first step: the new tokens' indices go to the device once
+        step.add(batch)
+    step.read()
+    step.optimizer.zero_grad(set_to_none=True)
+    real_facts = train_module.host_facts
+
+    def host_facts(batch, **kwargs):  # reads the batch's CPU copy: no device involved
+        counter.paused = True
+        try:
+            return real_facts(batch, **kwargs)
+        finally:
+            counter.paused = False
+
+    monkeypatch.setattr(train_module, "host_facts", host_facts)
+    found = {}
+    for name, micro in (("unpadded", twins), ("padded", batches)):
+        counter = DeviceReads()
+        with counter:
+            for batch in micro:
+                step.add(batch)
+            reading = step.read()
+        found[name] = (counter.reads, counter.lifted, counter.mask_reads)
+        step.optimizer.zero_grad(set_to_none=True)
+    assert found == {"unpadded": (0, 0, 2), "padded": (0, 0, 4)}
+    for batch in batches:  # the padded micro-batches again, for the values below
+        step.add(batch)
+    reading = step.read()
+
+    expected = []
+    with torch.no_grad():
+        for batch in batches:
+            on_device = {k: v.to(device) for k, v in batch.items()}
+            terms = training_loss(model, on_device, confidence_ids=sorted(ids.values()),
+                                  confident_ids=[ids[d.confident_token] for d in resolve_domains()],
+                                  **cfg.loss_kwargs())
+            expected.append([terms.loss.item(), terms.token.item(), terms.placement.item(), terms.kl.item()])
+    assert reading.losses == pytest.approx([e[0] for e in expected], rel=1e-5)
+    assert reading.terms[:3] == pytest.approx([sum(e[j] for e in expected) for j in (1, 2, 3)], rel=1e-5, abs=1e-7)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in step.params if p.grad is not None]))
+    assert reading.grad_norm > step.max_grad_norm  # the norm before clipping is read; the gradients are clipped
+    assert clipped.item() == pytest.approx(step.max_grad_norm, rel=1e-5)
+    step.apply()
+    assert all(p.grad is None for p in step.params)
+
+
+def test_the_loss_with_host_facts_is_the_loss_without(tmp_path, device):
+    """training_loss given the batch's host facts (and the ids as device tensors) computes what it computes
+    reading them from the device, with and without padding."""
+    from conftok.loss import host_facts
+
+    model, step, batches, twins, cfg, ids = setup(tmp_path, device, bf16=False)
+    model.eval()
+    for batch in batches + twins:
+        facts = host_facts(batch)
+        on_device = {k: v.to(device) for k, v in batch.items()}
+        kwargs = {**cfg.loss_kwargs(), "answer_ce_weight": 0.5}
+        with torch.no_grad():
+            plain = training_loss(model, on_device, confidence_ids=sorted(ids.values()),
+                                  confident_ids=[ids[d.confident_token] for d in resolve_domains()], **kwargs)
+            given = training_loss(model, on_device, facts=facts, **{**step.loss_kwargs, **kwargs})
+        for name, a, b in zip(plain._fields, plain, given):
+            torch.testing.assert_close(b, a, **tolerance(torch.float32), msg=name)
+    assert not host_facts(twins[0]).padded and host_facts(batches[0]).padded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_cuda_step_synchronizes_only_where_it_reads(tmp_path, cuda_device, compiled):
+    """On CUDA, torch's sync debug mode sees no synchronizing call in a step's micro-batches and optimizer update
+    but transformers' check of the mask as each forward starts: the host queues the rest of the step without
+    waiting for the card."""
+    from conftok.compiling import compile_layers, compiler_available
+
+    if compiled and not compiler_available()[0]:
+        pytest.skip(compiler_available()[1])
+    model, step, batches, twins, _, _ = setup(tmp_path, cuda_device, bf16=True)
+    if compiled:
+        compile_layers(model)
+        step.compiled = True
+    model.train()
+    syncs = {}
+    for name, micro in (("unpadded", twins), ("padded", batches)):
+        micro = [{k: v.pin_memory() for k, v in b.items()} for b in micro]  # as train's loader pins them
+        for _ in range(2):  # the compile, the indices' copy: before the count
+            for b in micro:
+                step.add(b)
+            step.read()
+            step.apply()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for b in micro:
+                    step.add(b)
+                torch.cuda.set_sync_debug_mode(0)
+                step.read()  # the one read, by design
+                torch.cuda.set_sync_debug_mode("warn")
+                step.apply()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs[name] = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert all(where.split(":")[0].endswith("masking_utils.py") for found in syncs.values() for where in found), syncs
