@@ -275,27 +275,37 @@ def sync(device) -> None:
         torch.cuda.synchronize()  # a CPU-GPU sync point: timers read only after the queued work ran
 
 
-def make_loss_fn(loss: str, token_ids_, guard_kwargs: dict):
-    """``loss_fn(model, batch) -> loss``; ``token_ids_`` = (all confidence token ids, the C tokens' ids)."""
-    from conftok.loss import masked_lm_loss, position_ids_from_mask, training_loss
+def make_loss_fn(loss: str, guard_kwargs: dict):
+    """``(compute_loss, loss_kwargs)`` of a measured loss, for :class:`conftok.train.TrainStep`."""
+    from conftok.loss import LossTerms, masked_lm_loss, position_ids_from_mask, training_loss
 
-    confidence_ids, confident_ids = token_ids_
     if loss == "token_only":
-        return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids, placement_weight=0.0,
-                                                  kl_weight=0.0).loss
+        return training_loss, {"placement_weight": 0.0, "kl_weight": 0.0}
     if loss == "defaults":
-        return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids,
-                                                  confident_ids=confident_ids, **guard_kwargs).loss
+        return training_loss, guard_kwargs
     if loss.startswith("guard:"):
-        variant = GUARD_VARIANTS[loss.removeprefix("guard:")]
-        return lambda model, batch: training_loss(model, batch, confidence_ids=confidence_ids,
-                                                  confident_ids=confident_ids, **variant).loss
+        return training_loss, GUARD_VARIANTS[loss.removeprefix("guard:")]
 
-    def full_logits(model, batch):
+    def full_logits(model, batch, **_):  # what TRL's completion-only loss computes: every position's logits
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits  # (B, T, V)
-        return masked_lm_loss(logits, batch["labels"])
-    return full_logits
+        loss = masked_lm_loss(logits, batch["labels"])
+        zero = loss.new_zeros(())
+        return LossTerms(loss, loss, zero, zero, logits[:, -1], zero)
+    return full_logits, {}
+
+
+def make_step(model, optimizer, loss: str, token_ids_, guard_kwargs: dict):
+    """The :class:`conftok.train.TrainStep` conftok.train would take for ``loss``: bf16 autocast, one sync a step,
+    SDPA's math kernel for every batch once the layers are compiled. ``token_ids_`` = (all confidence token ids,
+    the C tokens' ids)."""
+    from conftok.compiling import layers_compiled
+    from conftok.train import TrainStep
+
+    compute_loss, loss_kwargs = make_loss_fn(loss, guard_kwargs)
+    return TrainStep(model, optimizer, compute_loss=compute_loss, loss_kwargs=loss_kwargs,
+                     confidence_ids=token_ids_[0], confident_ids=token_ids_[1], bf16=True,
+                     compiled=layers_compiled(model), max_grad_norm=1.0)
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -308,34 +318,17 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-_UNCAST: dict = {}  # id(model) -> its LoraInputsUncast (the layers found once)
-_COMPILED: dict = {}  # id(model) -> True once compile_and_check compiled its decoder layers
+def train_step(step, batch) -> None:
+    """One step as conftok.train takes it (:class:`conftok.train.TrainStep`): forward and backward, one read
+    (losses, gradient norm), the NaN check, AdamW."""
+    step.add(batch)
+    reading = step.read()
+    if not all(math.isfinite(v) for v in [*reading.losses, reading.grad_norm]):
+        raise FloatingPointError(f"loss {reading.losses}, gradient norm {reading.grad_norm}")
+    step.apply()
 
 
-def train_step(model, optimizer, loss_fn, batch, device, amp) -> None:
-    """One step as conftok.train takes it: loss under autocast, its value read, backward, clip, AdamW."""
-    import torch
-
-    from conftok.loss import LoraInputsUncast, padded_attention_guard
-
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    uncast = _UNCAST.get(id(model)) or _UNCAST.setdefault(id(model), LoraInputsUncast(model))
-    compiled = _COMPILED.get(id(model), False)  # set by compile_and_check, the one place the bench compiles
-    # As conftok.train: bf16 autocast, LoRA inputs uncast, SDPA's math kernel for padded batches (every batch
-    # when the layers are compiled: they keep the kernel they were traced with).
-    with amp(), padded_attention_guard(batch["attention_mask"], always=compiled), uncast:
-        loss = loss_fn(model, batch)
-    if not math.isfinite(loss.item()):  # train's per-step sync and NaN check
-        raise FloatingPointError(f"loss {loss.item()}")
-    with padded_attention_guard(batch["attention_mask"], always=compiled):
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp,
-               count_flops: bool = True) -> tuple[list[float], float | None]:
+def time_steps(step, batches, warmup, device, count_flops: bool = True) -> tuple[list[float], float | None]:
     """Seconds of each timed step (after ``warmup`` untimed ones) and, with ``count_flops``, the FLOPs
     counted on the first step (which is then one of the untimed ones).
 
@@ -350,13 +343,13 @@ def time_steps(model, optimizer, loss_fn, batches, warmup, device, amp,
     times, counted = [], None
     for k, batch in enumerate(batches):
         if k == 0 and count_flops:
-            with uncompiled_layers(model), FlopCounterMode(display=False) as counter:
-                train_step(model, optimizer, loss_fn, batch, device, amp)
+            with uncompiled_layers(step.model), FlopCounterMode(display=False) as counter:
+                train_step(step, batch)
             counted = float(counter.get_total_flops())
             continue
         sync(device)
         start = time.perf_counter()
-        train_step(model, optimizer, loss_fn, batch, device, amp)
+        train_step(step, batch)
         sync(device)
         if k >= warmup:
             times.append(time.perf_counter() - start)
@@ -375,7 +368,7 @@ def round_figures(rounds: list[list[float]]) -> dict:
             "round_spread": (means[-1] - means[0]) / median, "step_s_min": min(steps), "step_s_max": max(steps)}
 
 
-def warm_up_shapes(model, optimizer, ids_, guard_kwargs, batch_sets, device, amp, losses) -> None:
+def warm_up_shapes(model, optimizer, ids_, guard_kwargs, batch_sets, device, losses) -> None:
     """One untimed step on every measured batch with token only (the defaults' forward takes the same inputs),
     and with full logits (one token longer) where that loss is measured.
 
@@ -385,10 +378,10 @@ def warm_up_shapes(model, optimizer, ids_, guard_kwargs, batch_sets, device, amp
     here (a padded batch or not, the first length static, then dynamic), not in a timed step."""
     kinds = ["token_only"] + (["full_logits"] if "full_logits" in losses else [])
     for kind in kinds:
-        loss_fn = make_loss_fn(kind, ids_, guard_kwargs)
+        step = make_step(model, optimizer, kind, ids_, guard_kwargs)
         for batches in batch_sets:
             for batch in batches:
-                train_step(model, optimizer, loss_fn, batch, device, amp)
+                train_step(step, batch)
     sync(device)
 
 
@@ -421,10 +414,11 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
         set_checkpointing(model, args.checkpointing[0] == "on")
     compile_check = None
     if getattr(args, "compile", False):
-        compile_check = compile_and_check(model, make_loss_fn("defaults", ids_, guard_kwargs),
-                                          collated[args.batching[0]][0], device, amp, log)
+        compile_check = compile_and_check(model, optimizer, ids_, guard_kwargs, collated[args.batching[0]][0], log)
     start = time.perf_counter()
-    warm_up_shapes(model, optimizer, ids_, guard_kwargs, list(collated.values()), device, amp, args.losses)
+    warm_up_shapes(model, optimizer, ids_, guard_kwargs, list(collated.values()), device, args.losses)
+    steps = {loss: make_step(model, optimizer, loss, ids_, guard_kwargs)
+             for loss in list(args.losses) + [f"guard:{g}" for g in args.guards]}
     log(f"train: warm-up over every measured batch in {time.perf_counter() - start:.1f} s"
         + (" (compiles each new shape)" if compile_check else ""))
     for ckpt in args.checkpointing:
@@ -456,15 +450,15 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     log(f"train: {loss}, checkpointing {ckpt}, {batching} batches, round {rnd + 1}/{args.rounds} ...")
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    loss_fn, counted = make_loss_fn(loss, ids_, guard_kwargs), None
+                    step, counted = steps[loss], None
                     # The first round counts FLOPs on one step (the layers uncompiled for it, so not one of the
                     # warm-up steps: time_steps), then takes the warm-up steps; later rounds the timed batches only.
                     try:
                         if rnd == 0:
-                            counted = time_steps(model, optimizer, loss_fn, batches[:1], 1, device, amp)[1]
+                            counted = time_steps(step, batches[:1], 1, device)[1]
                         graphs_before = dynamo_graphs() if compile_check else None
-                        times = time_steps(model, optimizer, loss_fn, batches if rnd == 0 else timed,
-                                           args.warmup if rnd == 0 else 0, device, amp, count_flops=False)[0]
+                        times = time_steps(step, batches if rnd == 0 else timed, args.warmup if rnd == 0 else 0, device,
+                                           count_flops=False)[0]
                     except Exception as e:  # one failed configuration must not cost the others (one GPU call a session)
                         optimizer.zero_grad(set_to_none=True)
                         gc.collect()
@@ -478,7 +472,7 @@ def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matm
                     rounds[loss].append(times)
                     if compile_check and rnd == 0:  # one more untimed step: did this configuration run compiled?
                         row["compiled_regions_per_step"] = compiled_regions(
-                            lambda: train_step(model, optimizer, loss_fn, timed[0], device, amp))
+                            lambda: train_step(step, timed[0]))
                     if counted is not None:
                         row["counted_over_formula"] = counted / model_flops(shape, batches[0], loss, ckpt == "on",
                                                                             guard_kwargs)
@@ -540,28 +534,25 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def compile_and_check(model, loss_fn, batch, device, amp, log) -> dict:
-    """Compile the decoder layers (conftok.compiling) and compare the loss of one batch before and after.
+def compile_and_check(model, optimizer, ids_, guard_kwargs, batch, log) -> dict:
+    """Compile the decoder layers (conftok.compiling) and compare the defaults' loss of one batch before and after.
 
     Before the first optimizer step every LoRA B is zero, so dropout cannot move the loss: eager and
     compiled must agree to bf16 rounding. Returns the two losses, their difference and the seconds the
-    first compiled forward took (the compile)."""
+    first compiled forward and backward took (the compile)."""
     import torch
 
     from conftok.compiling import compile_layers
-    from conftok.loss import LoraInputsUncast, padded_attention_guard
 
-    batch = {k: v.to(device) for k, v in batch.items()}
-
-    uncast = _UNCAST.get(id(model)) or _UNCAST.setdefault(id(model), LoraInputsUncast(model))
-
-    def loss_now():  # as train_step runs the forward: the compiled graph traced here is the one training uses
-        with amp(), padded_attention_guard(batch["attention_mask"], always=True), uncast:
-            return float(loss_fn(model, batch).detach())
+    def loss_now():  # as train_step runs it, the update left out: the graphs traced here are the ones training uses
+        step = make_step(model, optimizer, "defaults", ids_, guard_kwargs)
+        step.add(batch)
+        loss = step.read().losses[0]
+        optimizer.zero_grad(set_to_none=True)
+        return loss
 
     eager = loss_now()
     layers = compile_layers(model)
-    _COMPILED[id(model)] = True
     start = time.perf_counter()
     compiled = loss_now()
     seconds = time.perf_counter() - start
@@ -795,10 +786,9 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
                 if loss == "defaults" and guard_kwargs.get("stored_kl_weight") and not stored_kl_ready:
                     continue
                 key = loss + (", checkpointing on" if checkpointing else "")
-                fn = make_loss_fn(loss, ids_, guard_kwargs)
-                train_step(model, optimizer, fn, train_batches[0], device, amp)  # this shape's first pass, untimed
-                out["train"][key] = profiled(device, lambda fn=fn: train_step(model, optimizer, fn, train_batches[1],
-                                                                              device, amp))
+                step = make_step(model, optimizer, loss, ids_, guard_kwargs)
+                train_step(step, train_batches[0])  # this shape's first pass, untimed
+                out["train"][key] = profiled(device, lambda step=step: train_step(step, train_batches[1]))
                 log(f"profile: a {key} step: {out['train'][key]['wall_s']:.3f} s, device busy "
                     f"{out['train'][key]['device_busy_s']:.3f} s, {out['train'][key]['compiled_regions']} compiled "
                     f"regions run")

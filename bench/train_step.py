@@ -17,9 +17,9 @@ Two comparisons, both printed:
 - **Like for like**: TRL's own batches (its default random sampler), checkpointing on for all:
   ``TRL`` (``SFTTrainer.training_step`` on a batch from its collator, then clipping and its AdamW;
   the rows are prompt/completion conversations, ``completion_only_loss=True``: answer, token and end
-  of turn supervised), ``conftok`` on the same rows (``conftok.loss.training_loss`` with
-  ``TrainConfig().loss_kwargs()``, the default guards, then backward, clipping, AdamW as
-  ``conftok.train`` steps) and ``conftok token only``. Only the loss differs; the speed-up is the
+  of turn supervised), ``conftok`` on the same rows (``conftok.train.TrainStep``, the step
+  ``conftok.train`` takes, with ``TrainConfig().loss_kwargs()``, the default guards: loss, backward,
+  one read, clipping, AdamW) and ``conftok token only``. Only the loss differs; the speed-up is the
   median over steps of TRL's time over conftok's on the same batch.
 - **As shipped**: each tool with its own defaults for what it controls, on the same rows: TRL's
   random batches with checkpointing on, against ``conftok.train``'s length-grouped batches
@@ -131,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     from conftok.config import TrainConfig
     from conftok.data import ConfidenceCollator, ConfidenceDataset
     from conftok.domains import resolve_domains
-    from conftok.loss import LoraInputsUncast, attach_base_topk, training_loss
+    from conftok.loss import attach_base_topk
     from conftok.memory import auto_gradient_checkpointing
     from conftok.modeling import build_model, enable_gradient_checkpointing
     from conftok.sampler import LengthGroupedBatchSampler
     from conftok.smollm import ensure_smollm2
     from conftok.tokens import token_ids
+    from conftok.train import TrainStep
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,25 +195,20 @@ def main(argv: list[str] | None = None) -> int:
             "ours_grouped": [collate([dataset[i] for i in idx]) for idx in grouped_idx],
         }
 
-        confidence_ids = sorted(token_ids(tokenizer, domains.tokens).values())
+        ids = token_ids(tokenizer, domains.tokens)
+        confidence_ids, confident_ids = sorted(ids.values()), sorted(ids[d.confident_token] for d in domains)
         amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
 
-        uncast = {}
-
         def conftok_step(model, batches, loss_kwargs):
-            uncast.setdefault(id(model), LoraInputsUncast(model))
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+            step = TrainStep(model, optimizer, loss_kwargs=loss_kwargs, confidence_ids=confidence_ids,
+                             confident_ids=confident_ids, bf16=True, max_grad_norm=cfg.max_grad_norm)
 
-            def run(k):
-                batch = {key: v.to(device) for key, v in batches[k].items()}
-                with amp(), uncast[id(model)]:  # as conftok.train's forward
-                    loss = training_loss(model, batch, confidence_ids=confidence_ids, **loss_kwargs).loss
-                loss.item()  # conftok.train reads it each step (NaN check, logs)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            def run(k):  # as conftok.train steps: forward and backward, one read (losses, norm), AdamW
+                step.add(batches[k])
+                step.read()
+                step.apply()
             return run
 
         def trl_step(trainer, batches):

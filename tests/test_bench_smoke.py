@@ -138,14 +138,13 @@ def test_counting_flops_leaves_the_compiled_layers_compiled(device, tmp_path):
     rows = ConfidenceDataset(write_jsonl(tmp_path / "rows.jsonl", feature_rows(4)), tok,
                              domains=resolve_domains())
     batch = ConfidenceCollator(tok.pad_token_id)([rows[i] for i in range(len(rows))])
-    loss_fn = gpu.make_loss_fn("token_only", (sorted(ids.values()), []), {})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     assert compile_layers(model) == 2
-    fp32 = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
-    times, counted = gpu.time_steps(model, optimizer, loss_fn, [batch, batch, batch], 1, device, fp32)
+    step = gpu.make_step(model, optimizer, "token_only", (sorted(ids.values()), []), {})
+    times, counted = gpu.time_steps(step, [batch, batch, batch], 1, device)
     assert counted > 0 and len(times) == 2
-    step = gpu.profiled(device, lambda: gpu.train_step(model, optimizer, loss_fn, batch, device, fp32))
-    assert step["compiled_regions"] == 2  # one per decoder layer (0 when the FLOP count poisoned them)
+    profile = gpu.profiled(device, lambda: gpu.train_step(step, batch))
+    assert profile["compiled_regions"] == 2  # one per decoder layer (0 when the FLOP count poisoned them)
     # What each compiled training row records (compiled_regions_per_step), the same count.
-    assert gpu.compiled_regions(lambda: gpu.train_step(model, optimizer, loss_fn, batch, device, fp32)) == 2
+    assert gpu.compiled_regions(lambda: gpu.train_step(step, batch)) == 2
