@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from conftest import make_model, make_tokenizer, tolerance
@@ -12,18 +14,28 @@ from conftok.token_rows import TokenRowsOnly, trainable_token_layers
 
 
 class Ops(TorchDispatchMode):
-    """Counts the ops a block runs, and the tensors it makes from Python data (a copy to the device each)."""
+    """Counts the ops a block runs, the tensors it makes from Python data (a copy to the device each) and the
+    largest tensors an op makes and reads."""
 
     def __init__(self):
         super().__init__()
         self.counts: dict[str, int] = {}
         self.lifted = 0
+        self.largest = 0  # elements of the largest tensor an op made
+        self.largest_read = 0  # of the largest an op read (an expanded view counts all its elements)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func)
         self.counts[name] = self.counts.get(name, 0) + 1
         self.lifted += func is torch.ops.aten.lift_fresh.default and out.dim() > 0
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            for t in args:
+                if isinstance(t, torch.Tensor):
+                    self.largest_read = max(self.largest_read, t.numel())
         return out
 
 
@@ -40,7 +52,7 @@ def trained_model(device, tie: bool):
     new_ids = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>", "<C_MED>", "<U_MED>"])
     ids = torch.tensor([[7, 8, new_ids[0], 9, new_ids[3], 10], [new_ids[1], 11, 12, 13, new_ids[1], new_ids[2]]],
                        device=device)
-    return model, ids, new_ids
+    return model, tok, ids, new_ids
 
 
 def forward_backward(model, ids):
@@ -56,7 +68,7 @@ def test_outputs_and_gradients_are_peft_s_without_rebuilding_the_matrix(device, 
     columns and every gradient (the rows', LoRA's) agree to the dtype's tolerance. Inside the block no
     ``index_copy`` of a whole matrix runs and no index list is copied to the device (after the first forward,
     which copies each layer's indices once); outside it, PEFT's forward runs again."""
-    model, ids, new_ids = trained_model(device, tie)
+    model, _, ids, new_ids = trained_model(device, tie)
     model.train()
     assert [type(t.base_layer) for t in trainable_token_layers(model)] == [torch.nn.Embedding, torch.nn.Linear]
     rows = TokenRowsOnly(model)
@@ -90,7 +102,7 @@ def test_outputs_and_gradients_are_peft_s_without_rebuilding_the_matrix(device, 
 def test_a_disabled_adapter_runs_peft_s_own_forward_inside_the_block(device):
     """``model.disable_adapter()`` (the live KL's base pass, the stored KL's reference) gives the base model's
     rows inside the block as outside it; the block nests."""
-    model, ids, _ = trained_model(device, tie=False)
+    model, _, ids, _ = trained_model(device, tie=False)
     model.eval()
     with torch.no_grad():
         with model.disable_adapter():
@@ -104,3 +116,31 @@ def test_a_disabled_adapter_runs_peft_s_own_forward_inside_the_block(device):
         assert all("forward" not in layer.__dict__ for layer in rows.layers)
     assert not torch.equal(base, tuned)
     torch.testing.assert_close(inner, tuned, **tolerance(torch.float32))
+
+
+def test_a_training_step_makes_nothing_the_size_of_the_vocabulary_matrix(device, tmp_path):
+    """The loss keeps logits at the last positions (a non-contiguous slice of the hidden states, which needs a
+    gradient) and the head's weight needs none: the product must stay one 2-D product. torch's matmul runs that
+    3-D case as a batched product with the weight copied for every row (seen: 2.5 GB a step for a 7B head at
+    batch 8). In a whole step no op makes a tensor as large as the vocabulary matrix; PEFT's forward makes
+    several."""
+    from conftest import feature_rows, write_jsonl
+
+    from conftok.data import ConfidenceCollator, ConfidenceDataset
+    from conftok.loss import training_loss
+
+    model, tok, _, new_ids = trained_model(device, tie=False)
+    ds = ConfidenceDataset(write_jsonl(tmp_path / "t.jsonl", feature_rows(4)), tok)
+    batch = {k: v.to(device) for k, v in ConfidenceCollator(tok.pad_token_id)([ds[i] for i in range(4)]).items()}
+    model.train()
+    vocab_matrix = max(layer.base_layer.weight.numel() for layer in trainable_token_layers(model))
+    sizes = {}
+    for name, block in (("peft", lambda: nullcontext()), ("rows", lambda: TokenRowsOnly(model))):
+        with block():
+            training_loss(model, batch, confidence_ids=new_ids, placement_weight=1.0).loss.backward()
+            with Ops() as ops:
+                training_loss(model, batch, confidence_ids=new_ids, placement_weight=1.0).loss.backward()
+        sizes[name] = (ops.largest, ops.largest_read)
+        model.zero_grad(set_to_none=True)
+    assert sizes["peft"][0] >= vocab_matrix > sizes["rows"][0], (sizes, vocab_matrix)
+    assert sizes["rows"][1] <= vocab_matrix, (sizes, vocab_matrix)  # the matrix itself, not a copy per row
