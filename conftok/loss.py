@@ -57,8 +57,8 @@ def padded_attention_guard(attention_mask: torch.Tensor, *, always: bool = False
     gradients while the forward stays finite: SmolLM2 training turned NaN at the first batch whose
     padded rows were fully masked; eager attention, fp32, and the math kernel stayed finite over
     the same 40 steps (bench/README.md). So batches with padding run the math kernel; batches without
-    (most, with length-grouped batches) keep the fused ones. Costs one host sync a step (the mask
-    check) and, on padded batches, attention memory O(B x heads x T^2). A no-op on the CPU, and for
+    (most, with length-grouped batches) keep the fused ones. Costs a host sync (the mask check) unless
+    ``padded`` is given, and, on padded batches, attention memory O(B x heads x T^2). A no-op on the CPU, and for
     attention implementations other than SDPA. Gradient checkpointing recomputes the forward in
     the backward: models checkpointed with :data:`CHECKPOINTING_KWARGS` (``build_model`` does)
     recompute under the forward's kernels, so the backward need not be inside this guard.

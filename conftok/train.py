@@ -132,7 +132,9 @@ class TrainStep:
     kernels, the next batch) no longer overlaps the card's. A step that read the loss after its forward,
     the terms and the norm after its backward, and the padding, the labels' check, the answers' length, the
     token indices (PEFT copies them at every forward of the embedding and the head) and the confidence ids
-    along the way, waited about ten times.
+    along the way, waited about ten times. What is left besides the read: transformers' check of the
+    attention mask as each forward starts (once, twice for a padded batch), when little is queued.
+    ``tests/test_train_step.py`` counts them, and on CUDA runs the step under torch's sync debug mode.
     """
 
     def __init__(self, model, optimizer, *, loss_kwargs: dict[str, Any], confidence_ids, confident_ids,
