@@ -385,7 +385,7 @@ def warm_up_shapes(model, optimizer, ids_, guard_kwargs, batch_sets, device, los
     sync(device)
 
 
-def run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matmul_tflops, log,
+def run_train(model, tokenizer, args, shape, device, measured, chosen, matmul_tflops, log,
               toggle_checkpointing: bool = True, on_row=None) -> list:
     """Time each (checkpointing, batching, loss) configuration; ``on_row(rows)`` after each (the JSON is
     rewritten then, so a run cut short by a time limit keeps the rows it measured)."""
@@ -845,12 +845,11 @@ def unsloth_child(args) -> int:
             torch.cuda.empty_cache()
         model, tokenizer = build_model(tmp, backend="unsloth", bf16=True, gradient_checkpointing=True, seed=args.seed,
                                        max_seq_length=max_seq_length(args))
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     _, _, measured, chosen = build_training_batches(tokenizer, args.data, args.rows, args.batch_size, args.seed,
                                                           max_seq_length(args), cfg_domains(), args.warmup + args.steps)
     args.losses, args.checkpointing, args.batching = ["token_only", "defaults"], ["on"], ["grouped"]
     # use_gradient_checkpointing="unsloth" was set by build_model: left as unsloth made it.
-    rows = run_train(model, tokenizer, args, shape, device, amp, measured, chosen, None, print,
+    rows = run_train(model, tokenizer, args, shape, device, measured, chosen, None, print,
                      toggle_checkpointing=False)
     write_json(args.unsloth_child, {"backend": "unsloth", "train": rows})
     return 0
@@ -1058,7 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "random_epoch": padding_share(epoch["random"], lengths),
                                  "grouped_epoch": padding_share(epoch["grouped"], lengths)}
             log(f"rows: {len(lengths)} (mean {result['padding']['mean_tokens']:.0f} tokens)")
-            result["train"] = run_train(model, tokenizer, args, shape, device, amp, measured, chosen, matmul_tflops,
+            result["train"] = run_train(model, tokenizer, args, shape, device, measured, chosen, matmul_tflops,
                                         log, on_row=lambda rows: write_json(args.out, {**result, "train": rows}))
             write_json(args.out, result)
         if "validate" in args.phases:

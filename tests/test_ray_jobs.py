@@ -5,7 +5,6 @@ fail-fast GPU check."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import make_model
 
 from conftok.domains import DEFAULT_DOMAINS, Domain, resolve_domains
 from conftok.tokens import add_confidence_tokens, end_of_turn_token_id
