@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from conftok.data import IGNORE_INDEX
 
-__all__ = ["padded_attention_guard", "BatchFacts", "host_facts", "CHECKPOINTING_KWARGS", "LoraInputsUncast", "position_ids_from_mask",
-           "confidence_logits", "confidence_token_loss", "masked_lm_loss", "p_confident", "LossTerms", "training_loss",
-           "base_topk", "attach_base_topk", "rows_base_topk", "token_budget_batches", "ANSWER_CE_ROWS"]
+__all__ = ["padded_attention_guard", "BatchFacts", "host_facts", "CHECKPOINTING_KWARGS", "LoraInputsUncast",
+           "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss", "p_confident",
+           "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk", "token_budget_batches", "ANSWER_CE_ROWS"]
 
 ANSWER_CE_ROWS = ("all", "correct")
 
@@ -58,8 +58,8 @@ def padded_attention_guard(attention_mask: torch.Tensor, *, always: bool = False
     padded rows were fully masked; eager attention, fp32, and the math kernel stayed finite over
     the same 40 steps (bench/README.md). So batches with padding run the math kernel; batches without
     (most, with length-grouped batches) keep the fused ones. Costs a host sync (the mask check) unless
-    ``padded`` is given, and, on padded batches, attention memory O(B x heads x T^2). A no-op on the CPU, and for
-    attention implementations other than SDPA. Gradient checkpointing recomputes the forward in
+    ``padded`` is given, and, on padded batches, attention memory O(B x heads x T^2). A no-op on the
+    CPU, and for attention implementations other than SDPA. Gradient checkpointing recomputes the forward in
     the backward: models checkpointed with :data:`CHECKPOINTING_KWARGS` (``build_model`` does)
     recompute under the forward's kernels, so the backward need not be inside this guard.
 
@@ -81,7 +81,8 @@ def padded_attention_guard(attention_mask: torch.Tensor, *, always: bool = False
 
 def _math_only() -> bool:
     b = torch.backends.cuda
-    return b.math_sdp_enabled() and not (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled())
+    fused = b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled()
+    return b.math_sdp_enabled() and not fused
 
 
 class BatchFacts(NamedTuple):
@@ -183,7 +184,6 @@ def confidence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             use_cache=False,
         )
     return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
-
 
 
 def _check_last_position_only(labels: torch.Tensor) -> None:
