@@ -29,8 +29,8 @@ bench=("$PY" bench/gpu.py --tokenizer .device/tokenizer --data .device/data --ba
 case $call in
 1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia_smi.txt"
-    timeout 130 make test-gpu PYTHON="$PY" PYTEST_ARGS='-n 8' 2>&1 | tee "$OUT/test_gpu.log" | tail -5
-    timeout 170 "${bench[@]}" --out "$OUT/gpu.json" --only matmul train 2>&1 | tee "$OUT/gpu.log" | tail -14
+    timeout 150 make test-gpu PYTHON="$PY" PYTEST_ARGS='-n 8' 2>&1 | tee "$OUT/test_gpu.log" | tail -5
+    timeout 165 "${bench[@]}" --out "$OUT/gpu.json" --only matmul train 2>&1 | tee "$OUT/gpu.log" | tail -14
     ;;
 2)
     timeout 460 "${bench[@]}" --out "$OUT/gpu_compiled.json" --only matmul train validate profile --compile \

@@ -44,7 +44,8 @@ from conftok.data import IGNORE_INDEX
 
 __all__ = ["padded_attention_guard", "BatchFacts", "host_facts", "CHECKPOINTING_KWARGS", "LoraInputsUncast",
            "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss", "p_confident",
-           "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk", "token_budget_batches", "ANSWER_CE_ROWS"]
+           "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk", "token_budget_batches",
+           "ANSWER_CE_ROWS"]
 
 ANSWER_CE_ROWS = ("all", "correct")
 
