@@ -3,7 +3,8 @@
 # repository root, after bench/device_prep.sh filled .device/ here and the call carries it (carry: [".device"]):
 #
 #     bash bench/device_run.sh 1    # make test-gpu, then eager training (timeout_s 330)
-#     bash bench/device_run.sh 2    # compiled training, validation (static KV cache too), profile (timeout_s 480)
+#     bash bench/device_run.sh 2    # compiled training (the defaults against the step before TrainStep), validation
+#                                   # (static KV cache too), profile (timeout_s 480)
 #
 # Everything it writes goes under $OUT (the device tool brings it back): nvidia_smi.txt, test_gpu.log,
 # gpu.{json,log} (call 1), gpu_compiled.{json,log} (call 2). Each bench/gpu.py run rewrites its JSON after every
@@ -34,6 +35,6 @@ case $call in
     ;;
 2)
     timeout 460 "${bench[@]}" --out "$OUT/gpu_compiled.json" --only matmul train validate profile --compile \
-        --static_cache --val_batch_sizes 64 --per_row_rows 8 2>&1 | tee "$OUT/gpu_compiled.log" | tail -150
+        --losses token_only defaults defaults_before --static_cache --val_batch_sizes 64 --per_row_rows 8 2>&1 | tee "$OUT/gpu_compiled.log" | tail -150
     ;;
 esac

@@ -24,7 +24,9 @@ gives the one-line command for a lent GPU box and bench/device_prep.sh what trav
   steps each, after ``--warmup`` untimed ones in the first round: a process's first steps run about
   2x slower), and the spread between its rounds is reported beside it. Model FLOPs per step follow
   the formula printed with the table; the first warm-up step of each configuration is also counted
-  by ``torch.utils.flop_counter`` as a check.
+  by ``torch.utils.flop_counter`` as a check. ``--losses ... defaults_before`` adds the default loss
+  with the device reads of the step before ``conftok.train.TrainStep`` and PEFT's token rows, and
+  prints its step time over the defaults'.
 - ``validate``: ``conftok.evaluate.evaluate`` at batch 16, 64 and 256 against one ``generate`` per row
   then a separate forward for the token's distribution (the seed's way), outputs compared.
 - ``profile``: where validation and a training step spend their time. Validation at
@@ -43,6 +45,7 @@ Writes JSON (``--out``) and prints markdown tables, with each target and whether
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -64,7 +67,10 @@ from benchlib import (DEFAULT_DATA, compare_records, evaluate_per_row, machine_i
                       read_raw_rows, write_json, write_tagged_rows)
 
 PHASES = ("matmul", "train", "validate", "profile", "unsloth")
-LOSSES = ("token_only", "defaults", "full_logits")
+DEFAULT_LOSSES = ("token_only", "defaults", "full_logits")
+# defaults_before: the default loss with the device reads conftok.train's step made before TrainStep (make_step),
+# timed beside "defaults" to measure what one read a step and the new tokens' rows alone are worth on a GPU.
+LOSSES = DEFAULT_LOSSES + ("defaults_before",)
 # Further guards to time beside the defaults (--guards), as TrainConfig overrides: the candidates of
 # bench/run_studies.py, so the step cost of whichever becomes the default is measured here too.
 GUARD_VARIANTS = {
@@ -98,7 +104,7 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="JSON output (default bench/results/gpu.json, gpu_smoke.json with --smoke)")
     p.add_argument("--only", nargs="+", choices=PHASES, default=None, help="run these phases only")
     p.add_argument("--skip", nargs="+", choices=PHASES, default=[], help="leave these phases out")
-    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(DEFAULT_LOSSES))
     p.add_argument("--guards", nargs="*", choices=list(GUARD_VARIANTS), default=[],
                    help="also time these guards (rows named guard:NAME), each as a ratio to token-only")
     p.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
@@ -177,7 +183,7 @@ def loss_positions(loss: str, batch, guard_kwargs: dict) -> tuple[int, bool]:
     rows = batch["input_ids"].shape[0]
     if loss == "full_logits":
         return int(batch["attention_mask"].sum()), False
-    kwargs = guard_kwargs if loss == "defaults" else GUARD_VARIANTS.get(loss.removeprefix("guard:"), {})
+    kwargs = guard_kwargs if loss.startswith("defaults") else GUARD_VARIANTS.get(loss.removeprefix("guard:"), {})
     if any(v for k, v in kwargs.items() if k.endswith("_weight")):
         longest = int(batch["answer_mask"][:, 1:].sum(-1).max())
         return rows * (1 + longest), bool(kwargs.get("kl_weight"))
@@ -283,6 +289,15 @@ def make_loss_fn(loss: str, guard_kwargs: dict):
         return training_loss, {"placement_weight": 0.0, "kl_weight": 0.0}
     if loss == "defaults":
         return training_loss, guard_kwargs
+    if loss == "defaults_before":
+        def before(model, batch, facts=None, confidence_ids=(), **kwargs):
+            # facts dropped: the loss reads the padding, the labels and the answers' length on the device; the ids
+            # come as a list (a copy to the device); the loss is read after the forward.
+            terms = training_loss(model, batch, confidence_ids=confidence_ids.tolist(), **kwargs)
+            bool(batch["attention_mask"].all())  # train's own padding check before the forward
+            terms.loss.item()
+            return terms
+        return before, guard_kwargs
     if loss.startswith("guard:"):
         return training_loss, GUARD_VARIANTS[loss.removeprefix("guard:")]
 
@@ -303,9 +318,13 @@ def make_step(model, optimizer, loss: str, token_ids_, guard_kwargs: dict):
     from conftok.train import TrainStep
 
     compute_loss, loss_kwargs = make_loss_fn(loss, guard_kwargs)
-    return TrainStep(model, optimizer, compute_loss=compute_loss, loss_kwargs=loss_kwargs,
+    step = TrainStep(model, optimizer, compute_loss=compute_loss, loss_kwargs=loss_kwargs,
                      confidence_ids=token_ids_[0], confident_ids=token_ids_[1], bf16=True,
                      compiled=layers_compiled(model), max_grad_norm=1.0)
+    if loss == "defaults_before":  # PEFT's token rows: the whole matrices rebuilt, their indices copied each forward
+        step.rows = contextlib.nullcontext()
+        step.reads_as_before = True
+    return step
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -322,6 +341,8 @@ def train_step(step, batch) -> None:
     """One step as conftok.train takes it (:class:`conftok.train.TrainStep`): forward and backward, one read
     (losses, gradient norm), the NaN check, AdamW."""
     step.add(batch)
+    if getattr(step, "reads_as_before", False):
+        sync(step.device)  # defaults_before: the loss terms were read after the backward
     reading = step.read()
     if not all(math.isfinite(v) for v in [*reading.losses, reading.grad_norm]):
         raise FloatingPointError(f"loss {reading.losses}, gradient norm {reading.grad_norm}")
@@ -401,7 +422,7 @@ def run_train(model, tokenizer, args, shape, device, measured, chosen, matmul_tf
     domains = cfg_domains()
     ids = token_ids(tokenizer, domains.tokens)
     ids_ = (sorted(ids.values()), sorted(ids[d.confident_token] for d in domains))
-    if "defaults" in args.losses or "stored_kl" in args.guards:
+    if any(loss.startswith("defaults") for loss in args.losses) or "stored_kl" in args.guards:
         wants_stored = cfg if cfg.stored_kl_weight else TrainConfig(kl_weight=0.0, stored_kl_weight=1.0)
         prepare_guards(measured, model, wants_stored if "stored_kl" in args.guards else cfg, log)
     collate = ConfidenceCollator(tokenizer.pad_token_id)
@@ -435,7 +456,7 @@ def run_train(model, tokenizer, args, shape, device, measured, chosen, matmul_tf
             for loss in losses:
                 rows[loss] = {"loss": loss, "checkpointing": ckpt, "batching": batching, "batch_size": args.batch_size,
                               "compiled": compile_check is not None, "steps": args.steps, "rounds": args.rounds,
-                              "loss_kwargs": guard_kwargs if loss == "defaults" else
+                              "loss_kwargs": guard_kwargs if loss.startswith("defaults") else
                               GUARD_VARIANTS[loss.removeprefix("guard:")] if loss.startswith("guard:") else
                               ({} if loss == "full_logits" else {"placement_weight": 0.0, "kl_weight": 0.0}),
                               "padding_share": padding_share(chosen[batching][args.warmup:], measured_lengths),
@@ -696,7 +717,6 @@ def manual_decode(model, tokenizer, prompts, new_tokens: int, device) -> dict:
 
 def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, stored_kl_ready=False) -> dict:
     """Where validation and a training step spend their time (module docstring, ``profile``)."""
-    import contextlib
 
     import torch
 
@@ -936,6 +956,12 @@ def print_report(result: dict) -> None:
         print(markdown_table(["loss", "ckpt", "batches", "samples/s", "tokens/s", "step s", "spread", "x token-only",
                               "TFLOP/step", "share of matmul", "peak GiB", "padding", "counted/formula",
                               "graphs compiled", "compiled regions a step", "error"], rows))
+        steps = {(r["loss"], r["checkpointing"], r["batching"]): r.get("step_s") for r in result["train"]}
+        for (loss, ckpt, batching), before in steps.items():
+            now = steps.get(("defaults", ckpt, batching))
+            if loss == "defaults_before" and before and now:
+                print(f"\nThe defaults with the device reads of the step before TrainStep, checkpointing {ckpt}, "
+                      f"{batching} batches: {before / now:.3f}x the step as conftok.train takes it now")
         check = next((r["compile_check"] for r in result["train"] if r.get("compile_check")), None)
         if check:
             print(f"\nCompiled decoder layers ({check['layers']}, torch {check['torch']}): first compiled forward "
@@ -1078,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
                 set_checkpointing(model, False)
             try:
                 result["profile"] = run_profile(model, tokenizer, args, device, amp, log, train_batches,
-                                                stored_kl_ready="defaults" in args.losses)
+                                                stored_kl_ready=any(x.startswith("defaults") for x in args.losses))
             except Exception as e:
                 traceback.print_exc()
                 result["profile"] = {"error": f"{type(e).__name__}: {e}"}

@@ -148,3 +148,39 @@ def test_counting_flops_leaves_the_compiled_layers_compiled(device, tmp_path):
     assert profile["compiled_regions"] == 2  # one per decoder layer (0 when the FLOP count poisoned them)
     # What each compiled training row records (compiled_regions_per_step), the same count.
     assert gpu.compiled_regions(lambda: gpu.train_step(step, batch)) == 2
+
+
+def test_the_step_before_train_step_computes_the_same_loss(device, tmp_path):
+    """bench/gpu.py's ``defaults_before`` (the default loss with the device reads of the step before TrainStep and
+    PEFT's token rows) is timed beside ``defaults`` as its baseline: the same loss on the same batch."""
+    import torch
+
+    from conftest import feature_rows, make_model, make_tokenizer, tolerance, write_jsonl
+    from conftok.config import TrainConfig
+    from conftok.data import ConfidenceCollator, ConfidenceDataset
+    from conftok.domains import resolve_domains
+    from conftok.loss import attach_base_topk
+    from conftok.modeling import build_model
+    from conftok.tokens import token_ids
+
+    gpu = load_gpu_bench()
+    tok = make_tokenizer()
+    model, tok = build_model(make_model(len(tok), device=device), tokenizer=tok, backend="hf", bf16=False, lora_r=4,
+                             lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False, device=device)
+    domains = resolve_domains()
+    ids = token_ids(tok, domains.tokens)
+    rows = ConfidenceDataset(write_jsonl(tmp_path / "rows.jsonl", feature_rows(4)), tok, domains=domains)
+    cfg = TrainConfig()
+    attach_base_topk(rows, model, cfg.stored_kl_top_k, progress=False)
+    batch = ConfidenceCollator(tok.pad_token_id)([rows[i] for i in range(len(rows))])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    losses = {}
+    for loss in ("defaults", "defaults_before"):
+        step = gpu.make_step(model, optimizer, loss, (sorted(ids.values()), [ids[d.confident_token] for d in domains]),
+                             cfg.loss_kwargs())
+        step.add(batch)
+        losses[loss] = step.read().losses[0]
+        optimizer.zero_grad(set_to_none=True)
+    tol = tolerance(torch.bfloat16)  # both under bf16 autocast; the new tokens' logits come from different products
+    assert losses["defaults_before"] == pytest.approx(losses["defaults"], abs=tol["atol"], rel=tol["rtol"])
