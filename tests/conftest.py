@@ -110,6 +110,51 @@ def approx(expected, dtype: torch.dtype):
     return pytest.approx(expected, abs=tol["atol"], rel=tol["rtol"])
 
 
+class OpCounter:
+    """A ``TorchDispatchMode`` (as a context) that records the aten ops a block runs: how often each ran
+    (:meth:`count`), the tensors made from Python data (``lifted``: a copy to the device each on a GPU) and the
+    largest tensors an op made and read (``largest``, ``largest_read``; an expanded view counts all its
+    elements). Compiled code skips itself under such a mode (pytorch/pytorch#190286): count eager code only."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter._record(func, args, out)
+                return out
+
+        self._mode = Mode()
+        self.calls: dict = {}
+        self.lifted = self.largest = self.largest_read = 0
+
+    def _record(self, func, args, out) -> None:
+        self.calls[func] = self.calls.get(func, 0) + 1
+        self.lifted += func is torch.ops.aten.lift_fresh.default and out.dim() > 0
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            for t in args:
+                if isinstance(t, torch.Tensor):
+                    self.largest_read = max(self.largest_read, t.numel())
+
+    def count(self, *ops) -> int:
+        """Calls of these ops: overloads (``torch.ops.aten.index_copy.default``) or every overload of a packet
+        (``torch.ops.aten.copy_``)."""
+        return sum(n for func, n in self.calls.items() if func in ops or func.overloadpacket in ops)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 def to_device(batch: dict, device) -> dict:
     """A collated batch (CPU tensors) on ``device``."""
     return {k: v.to(device) for k, v in batch.items()}

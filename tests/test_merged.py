@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, tolerance
+from conftest import OpCounter, make_model, make_tokenizer, tolerance
 
 from conftok import merged as merged_module
 from conftok.evaluate import evaluate
@@ -153,18 +153,9 @@ def test_the_new_token_rows_are_folded_in_once_and_the_outputs_are_peft_s_bit_fo
     before = snapshot(model)
 
     def copies_in_a_forward():
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Count(TorchDispatchMode):
-            n = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                Count.n += func is torch.ops.aten.index_copy.default
-                return func(*args, **(kwargs or {}))
-
-        with Count():
+        with OpCounter() as ops:
             logits = model(input_ids=ids).logits
-        return Count.n, logits
+        return ops.count(torch.ops.aten.index_copy.default), logits
 
     with torch.no_grad():
         outside, unmerged = copies_in_a_forward()

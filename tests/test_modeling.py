@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import approx, make_model, make_tokenizer, to_device, tolerance
+from conftest import OpCounter, approx, make_model, make_tokenizer, to_device, tolerance
 from safetensors import safe_open
 
 from conftok import modeling
@@ -534,17 +534,6 @@ def test_lora_inputs_uncast_gives_the_cast_paths_step_with_fewer_copies(device, 
     gradients of PEFT's cast-to-fp32 path, with fewer copies; the layers' flags come back after. With
     gradient checkpointing the backward, outside the context, recomputes each layer uncast as its
     forward ran (else torch.utils.checkpoint stops: the recomputed tensors differ)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountCopies(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.copies = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.copies += func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_)
-            return func(*args, **(kwargs or {}))
-
     tok = make_tokenizer()
     model, tok = modeling.build_model(make_model(len(tok), seed=2, device=device), tokenizer=tok, backend="hf",
                                       bf16=True, lora_r=4, lora_alpha=8, lora_dropout=0.1,
@@ -554,13 +543,13 @@ def test_lora_inputs_uncast_gives_the_cast_paths_step_with_fewer_copies(device, 
     results = {}
     for uncast in (False, True):
         torch.manual_seed(0)  # the same dropout masks
-        counter = CountCopies()
+        counter = OpCounter()
         context = LoraInputsUncast(model) if uncast else torch.enable_grad()
         with counter, torch.autocast(device.type, dtype=torch.bfloat16), context:
             loss = model(input_ids=ids, logits_to_keep=1).logits.float().logsumexp(-1).mean()
         loss.backward()
         results[uncast] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                           counter.copies)
+                           counter.count(torch.ops.aten._to_copy, torch.ops.aten.copy_))
         model.zero_grad(set_to_none=True)
     assert all(m.cast_input_dtype_enabled for m in LoraInputsUncast(model).layers)
     (loss_cast, grads_cast, copies_cast), (loss_uncast, grads_uncast, copies_uncast) = results[False], results[True]

@@ -6,37 +6,10 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, tolerance
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import OpCounter, make_model, make_tokenizer, tolerance
 
 from conftok.modeling import build_model
 from conftok.token_rows import TokenRowsOnly, trainable_token_layers
-
-
-class Ops(TorchDispatchMode):
-    """Counts the ops a block runs, the tensors it makes from Python data (a copy to the device each) and the
-    largest tensors an op makes and reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-        self.lifted = 0
-        self.largest = 0  # elements of the largest tensor an op made
-        self.largest_read = 0  # of the largest an op read (an expanded view counts all its elements)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        self.lifted += func is torch.ops.aten.lift_fresh.default and out.dim() > 0
-        if not func.is_view:
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            for t in args:
-                if isinstance(t, torch.Tensor):
-                    self.largest_read = max(self.largest_read, t.numel())
-        return out
 
 
 def trained_model(device, tie: bool):
@@ -80,11 +53,11 @@ def test_outputs_and_gradients_are_peft_s_without_rebuilding_the_matrix(device, 
         peft_embedded = embed(ids)
     with rows:
         forward_backward(model, ids)  # the first forward copies the indices to the device once
-        with Ops() as ops:
+        with OpCounter() as ops:
             logits, grads = forward_backward(model, ids)
         with torch.no_grad():
             embedded = embed(ids)
-    assert ops.counts.get("aten.index_copy.default", 0) == 0 and ops.lifted == 0, (ops.counts, ops.lifted)
+    assert ops.count(torch.ops.aten.index_copy.default) == 0 and ops.lifted == 0, (ops.calls, ops.lifted)
     assert torch.equal(embedded, peft_embedded)
     others = [i for i in range(logits.shape[-1]) if i not in new_ids]
     assert torch.equal(logits[..., others], peft_logits[..., others])
@@ -93,9 +66,9 @@ def test_outputs_and_gradients_are_peft_s_without_rebuilding_the_matrix(device, 
     for name, g in grads.items():
         torch.testing.assert_close(g, peft_grads[name], **tolerance(torch.float32), msg=name)
 
-    with Ops() as outside:  # the block left: PEFT's forward, which rebuilds the matrix
+    with OpCounter() as outside:  # the block left: PEFT's forward, which rebuilds the matrix
         forward_backward(model, ids)
-    assert outside.counts.get("aten.index_copy.default", 0) >= 1
+    assert outside.count(torch.ops.aten.index_copy.default) >= 1
     assert all("forward" not in layer.__dict__ for layer in rows.layers)
 
 
@@ -138,7 +111,7 @@ def test_a_training_step_makes_nothing_the_size_of_the_vocabulary_matrix(device,
     for name, block in (("peft", lambda: nullcontext()), ("rows", lambda: TokenRowsOnly(model))):
         with block():
             training_loss(model, batch, confidence_ids=new_ids, placement_weight=1.0).loss.backward()
-            with Ops() as ops:
+            with OpCounter() as ops:
                 training_loss(model, batch, confidence_ids=new_ids, placement_weight=1.0).loss.backward()
         sizes[name] = (ops.largest, ops.largest_read)
         model.zero_grad(set_to_none=True)
