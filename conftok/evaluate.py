@@ -29,6 +29,7 @@ from conftok.inputs import line_problems, problems_message, read_json_lines, rea
 from conftok.loss import confidence_logits, p_confident
 from conftok.merged import merged_lora
 from conftok.prompts import encode_prompt
+from conftok.token_rows import TokenRowsOnly
 from conftok.tokens import end_of_turn_token_id
 
 __all__ = ["Generation", "load_rows", "generate", "evaluate", "summarize_domain", "print_validation_block"]
@@ -165,7 +166,20 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     no second forward over the prompt is needed; that step runs only in batches with a cut row.
     Where a model's ``generate`` returned fewer steps than asked, those rows are scored by a forward
     over prompt + answer (:func:`score_confidence`): with ``score_ids`` every row has p_confident.
+
+    The new tokens' rows of a PEFT model whose weights are not merged (:func:`conftok.merged.merged_lora`
+    folds them in) are computed alone (:class:`conftok.token_rows.TokenRowsOnly`), not rebuilt into a
+    whole embedding and head matrix at every decode step.
     """
+    with TokenRowsOnly(model):
+        return _generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, desc=desc, progress=progress, score_ids=score_ids,
+                         static_cache=static_cache, cache_length=cache_length)
+
+
+def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_size, desc, progress, score_ids,
+              static_cache, cache_length) -> list[Generation]:
+    """:func:`generate`'s work, inside its :class:`TokenRowsOnly` block."""
     device = next(model.parameters()).device
     problem = static_cache_problem(model) if static_cache else None
     if problem:

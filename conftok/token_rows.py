@@ -1,4 +1,4 @@
-"""The new tokens' rows in training: their few rows computed alone, not the whole matrix rebuilt.
+"""The new tokens' rows computed alone (training, unmerged generation), not the whole matrix rebuilt.
 
 ``conftok.build_model`` trains the confidence tokens' rows of the embedding (and of an untied
 lm_head) through PEFT's ``trainable_token_indices``. At every forward PEFT's ``TrainableTokensLayer``
@@ -9,10 +9,11 @@ For Qwen2.5-7B (vocabulary 152,064, hidden 3,584, untied) that is a 1.1 GB copy 
 gradient apiece for the embedding and the head at every step, and two CPU-GPU syncs (the index
 copies), one of them after the whole forward is queued: the host waits there for the card.
 
-:class:`TokenRowsOnly` is a context for the training forward in which each such layer computes the
-same function from the frozen matrix and the new rows: the embedding looks the ids up in ``W`` and
-puts a new token's row where its id occurs; the head multiplies by ``W`` and then by the new rows,
-written over their columns. The index is copied to the device once. The embedding's output is PEFT's
+:class:`TokenRowsOnly` is a context for the training forward, and for generation where the weights
+are not merged (``conftok.evaluate.generate``; unmerged, every decode step would rebuild both
+matrices), in which each such layer computes the same function from the frozen matrix and the new
+rows: the embedding looks the ids up in ``W`` and puts a new token's row where its id occurs; the
+head multiplies by ``W`` and then by the new rows, written over their columns. The index is copied to the device once. The embedding's output is PEFT's
 bit for bit; the head's other columns are too, and the new columns are the same dot products by a
 smaller product (equal up to the product's rounding). The parameters, their names and what
 ``save_pretrained`` writes are PEFT's: only the forward changes, inside the block.

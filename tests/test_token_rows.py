@@ -117,3 +117,33 @@ def test_a_training_step_makes_nothing_the_size_of_the_vocabulary_matrix(device,
         model.zero_grad(set_to_none=True)
     assert sizes["peft"][0] >= vocab_matrix > sizes["rows"][0], (sizes, vocab_matrix)
     assert sizes["rows"][1] <= vocab_matrix, (sizes, vocab_matrix)  # the matrix itself, not a copy per row
+
+
+def test_unmerged_generation_computes_the_rows_alone_with_peft_s_records(device, monkeypatch):
+    """Validation that does not merge (merge=False here; for users, quantized layers or too little free memory)
+    generates with the rows computed alone: no decode step rebuilds the embedding or head matrix, and the
+    records are those of PEFT's own forward."""
+    import importlib
+
+    from conftok.evaluate import evaluate
+
+    evaluate_module = importlib.import_module("conftok.evaluate")  # the module: conftok.evaluate is the function
+
+    model, tok, _, _ = trained_model(device, tie=False)
+    model.eval()
+    rows = {"boolq": [{"question": f"is {w} a word", "passage": f"{w} is a word.", "answer": k % 2 == 0}
+                      for k, w in enumerate(["apple", "stone", "river", "cloud", "tree", "sand"])]}
+    runs = {}
+    for name in ("peft", "rows"):
+        with monkeypatch.context() as patch:
+            if name == "peft":
+                patch.setattr(evaluate_module, "TokenRowsOnly", lambda model: nullcontext())
+            with OpCounter() as ops:
+                result = evaluate(model, tok, rows, merge=False, batch_size=4, max_new_tokens=6, progress=False)
+        runs[name] = (ops.count(torch.ops.aten.index_copy.default), result["records"])
+    assert runs["peft"][0] >= 2 * 7  # PEFT: the embedding and the head rebuilt at every forward (7 steps a batch)
+    assert runs["rows"][0] == 0
+    for a, b in zip(runs["peft"][1], runs["rows"][1], strict=True):
+        assert (a["response"], a["token"]) == (b["response"], b["token"])
+        assert b["p_confident"] == pytest.approx(a["p_confident"], abs=1e-5)
+    assert not any("forward" in layer.__dict__ for layer in trainable_token_layers(model))  # PEFT's forward back
