@@ -4,7 +4,7 @@
 #
 #     bash bench/device_run.sh 1    # make test-gpu, then eager training (timeout_s 330)
 #     bash bench/device_run.sh 2    # compiled training (the defaults against the step before TrainStep), validation
-#                                   # (static KV cache too), profile (timeout_s 480)
+#                                   # (batches by rows and by tokens, static KV cache too), profile (timeout_s 480)
 #
 # Everything it writes goes under $OUT (the device tool brings it back): nvidia_smi.txt, test_gpu.log,
 # gpu.{json,log} (call 1), gpu_compiled.{json,log} (call 2). Each bench/gpu.py run rewrites its JSON after every
@@ -35,6 +35,7 @@ case $call in
     ;;
 2)
     timeout 460 "${bench[@]}" --out "$OUT/gpu_compiled.json" --only matmul train validate profile --compile \
-        --losses token_only defaults defaults_before --static_cache --val_batch_sizes 64 --per_row_rows 8 2>&1 | tee "$OUT/gpu_compiled.log" | tail -150
+        --losses token_only defaults defaults_before --static_cache --val_batch_sizes 64 --val_batching rows tokens \
+        --per_row_rows 8 2>&1 | tee "$OUT/gpu_compiled.log" | tail -150
     ;;
 esac

@@ -119,6 +119,9 @@ def parse_args(argv):
     p.add_argument("--val_rows", type=int, default=None, help="rows for batched validation, half per domain (256; 8)")
     p.add_argument("--per_row_rows", type=int, default=None, help="rows for the per-row loop, half per domain (16; 4)")
     p.add_argument("--val_batch_sizes", type=int, nargs="+", default=None, help="(16 64 256; 4 8)")
+    p.add_argument("--val_batching", nargs="+", choices=["rows", "tokens"], default=["rows"],
+                   help="validate: evaluate's batching, each timed at every --val_batch_sizes (conftok.evaluate."
+                        "plan_batches: batch_size rows a batch, or batch_size rows of the longest prompt's positions)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="(16; 4)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--static_cache", action="store_true",
@@ -608,17 +611,19 @@ def run_validate(model, tokenizer, args, device, amp, log) -> dict:
                          max_new_tokens=args.max_new_tokens)
         first_records = None
         for batch_size in args.val_batch_sizes:
-            sync(device)
-            start = time.perf_counter()
-            result = evaluate(model, tokenizer, raw, domains=domains, batch_size=batch_size,
-                              max_new_tokens=args.max_new_tokens, progress=False)
-            sync(device)
-            seconds = time.perf_counter() - start
-            out["batched"].append({"batch_size": batch_size, "seconds": seconds,
-                                   "samples_per_s": out["rows"] / seconds})
-            log(f"  batch {batch_size}: {out['rows'] / seconds:.1f} samples/s")
-            if first_records is None:  # records come per data set, rows in the order given
-                first_records = [r for name in raw for r in [x for x in result["records"] if x["dataset"] == name][:sub]]
+            for batching in args.val_batching:
+                sync(device)
+                start = time.perf_counter()
+                result = evaluate(model, tokenizer, raw, domains=domains, batch_size=batch_size,
+                                  max_new_tokens=args.max_new_tokens, progress=False, batching=batching)
+                sync(device)
+                seconds = time.perf_counter() - start
+                out["batched"].append({"batch_size": batch_size, "batching": batching, "seconds": seconds,
+                                       "samples_per_s": out["rows"] / seconds})
+                log(f"  batch {batch_size}, {batching} batching: {out['rows'] / seconds:.1f} samples/s")
+                if first_records is None:  # records come per data set, rows in the order given
+                    first_records = [r for name in raw
+                                     for r in [x for x in result["records"] if x["dataset"] == name][:sub]]
             if args.static_cache:  # evaluate(static_cache=True): after an untimed run that compiles the decode step
                 first_s, _ = timed(device, lambda b=batch_size: evaluate(
                     model, tokenizer, raw, domains=domains, batch_size=b, max_new_tokens=args.max_new_tokens,
@@ -654,6 +659,12 @@ def run_validate(model, tokenizer, args, device, amp, log) -> dict:
     out["best_batched"] = best
     out["batched_over_per_row"] = best["samples_per_s"] / out["per_row"]["samples_per_s"]
     return out
+
+
+def val_path(row: dict) -> str:
+    """A batched validation row in words: its batch size, batching and cache."""
+    return (f"batch {row['batch_size']}" + (", token batches" if row.get("batching") == "tokens" else "")
+            + (", static KV cache" if row.get("static_cache") else ""))
 
 
 def timed(device, fn) -> tuple[float, object]:
@@ -916,7 +927,7 @@ def check_targets(result: dict) -> list[dict]:
         best = val["best_batched"]
         rows.append({"target": f"validation >= {TARGETS['validation_samples_per_s']:g} samples/s",
                      "value": best["samples_per_s"],
-                     "where": f"batch {best['batch_size']}" + (", static KV cache" if best.get("static_cache") else ""),
+                     "where": val_path(best),
                      "met": best["samples_per_s"] >= TARGETS["validation_samples_per_s"]})
         rows.append({"target": f"batched validation >= {TARGETS['batched_over_per_row']:g}x per-row",
                      "value": val["batched_over_per_row"], "where": f"batch {best['batch_size']} / one row",
@@ -977,8 +988,7 @@ def print_report(result: dict) -> None:
     elif val:
         print(f"\nValidation ({val['rows']} rows batched, {val['per_row_rows']} one at a time, "
               f"{val['max_new_tokens']} new tokens)\n")
-        rows = [[f"evaluate, batch {b['batch_size']}" + (", static KV cache" if b.get("static_cache") else ""),
-                 b["samples_per_s"], b["seconds"]] for b in val["batched"]]
+        rows = [[f"evaluate, {val_path(b)}", b["samples_per_s"], b["seconds"]] for b in val["batched"]]
         rows.append(["per row (generate, then a forward)", val["per_row"]["samples_per_s"], val["per_row"]["seconds"]])
         print(markdown_table(["path", "samples/s", "seconds"], rows))
     prof = result.get("profile")
@@ -1049,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = SMOKE_SHAPE.copy() if args.smoke else QWEN25_7B
     result = {"smoke": args.smoke, "machine": machine_info(), "phases": args.phases, "shape": shape,
               "config": {k: getattr(args, k) for k in ("batch_size", "warmup", "steps", "rounds", "rows", "val_rows", "per_row_rows",
-                                                        "val_batch_sizes", "max_new_tokens", "seed", "data")},
+                                                        "val_batch_sizes", "val_batching", "max_new_tokens", "seed", "data")},
               "flop_formula": FLOP_FORMULA}
     from conftok.config import TrainConfig
 

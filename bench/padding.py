@@ -13,6 +13,18 @@ padding share (padded positions / all positions, each batch padded to its longes
 - ``LengthGroupedBatchSampler`` batches (``group_by_length=True``, the default),
 
 each the mean over ``--epochs`` epochs. No model is run; a few seconds once the tokenizer is cached.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/padding.py --validation [--val_rows 128 0] [--val_batch_sizes 16 64 256]
+
+``--validation`` does the same for validation's prompts (``conftok.evaluate.plan_batches``, per data
+set, as ``evaluate`` batches them): for the first ``--val_rows`` rows of each data set (0: all), batches
+of ``batch_size`` rows (``"rows"``, the default) against ``"tokens"`` batches: the batches, the most rows
+in one, the positions the prefill computes and their padding share. It also prints an estimate, not a
+measurement: seconds = batches x ``--steps`` x a decode step + prefill positions x a position's cost, for
+each ``--decode_step_ms`` (a decode step bound by launching kernels costs the same at any batch size) at
+``--prefill_position_us``. The defaults are what the second H200 run gives for the 7B-shaped model
+(bench/README.md, "Validation batches"): 120 ms a step eager on that host, 47 on the first H200's, 6 for a
+step replayed as a CUDA graph (the weights read once), 25 us a prefill position.
 """
 
 from __future__ import annotations
@@ -64,11 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="TrainConfig's default seed")
     parser.add_argument("--max_seq_length", type=int, default=2048, help="TrainConfig's default")
     parser.add_argument("--group_factor", type=int, default=None, help="sampler's (default: its own)")
+    parser.add_argument("--validation", action="store_true", help="validation's batches instead (see above)")
+    parser.add_argument("--val_rows", type=int, nargs="+", default=[128, 0], help="rows per data set; 0: all")
+    parser.add_argument("--val_batch_sizes", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--steps", type=int, default=17, help="decode steps a batch (16 new tokens + the token's)")
+    parser.add_argument("--decode_step_ms", type=float, nargs="+", default=[120.0, 47.0, 6.0])
+    parser.add_argument("--prefill_position_us", type=float, default=25.0)
     args = parser.parse_args(argv)
     missing = [str(p) for p in SOURCES.values() if not p.is_file()]
     if missing:
         print(f"error: real rows not found: {missing}", file=sys.stderr)
         return 2
+    if args.validation:
+        return validation_batches(args)
 
     from conftok.data import ConfidenceDataset
     from conftok.domains import resolve_domains
@@ -105,6 +125,42 @@ def main(argv: list[str] | None = None) -> int:
         positions = {k: v // args.epochs for k, v in positions.items()}
         print(f"{batch_size:>5}  {mean['random']:>7.1%}  {mean['grouped']:>7.1%}  "
               f"{positions['random']:>15,} -> {positions['grouped']:>,} ({positions['grouped'] / positions['random']:.2f}x)")
+    return 0
+
+
+def validation_batches(args) -> int:
+    from conftok.domains import resolve_domains
+    from conftok.evaluate import BATCHINGS, plan_batches
+    from conftok.modeling import load_tokenizer
+    from conftok.prompts import encode_prompt
+    from conftok.smollm import ensure_smollm2
+
+    domains = resolve_domains(None)
+    tokenizer = load_tokenizer(ensure_smollm2())
+    prompt_lengths = {}
+    for dataset, path in SOURCES.items():
+        domain = domains.for_dataset(dataset)
+        rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+        prompt_lengths[dataset] = [len(encode_prompt(tokenizer, domain.build_question(row))) for row in rows]
+    steps = ", ".join(f"{ms:g} ms" for ms in args.decode_step_ms)
+    print(f"validation prompts (SmolLM2 tokenizer), per data set as evaluate batches them; estimated samples/s "
+          f"at a decode step of {steps}, {args.steps} steps a batch, {args.prefill_position_us:g} us a prefill position")
+    print(f"{'rows':>5} {'batch':>5} {'batching':>8} {'batches':>7} {'most rows':>9} {'positions':>10} {'padding':>7}  "
+          f"estimated samples/s")
+    for n in args.val_rows:
+        lengths = {d: (ls[:n] if n else ls) for d, ls in prompt_lengths.items()}
+        rows = sum(map(len, lengths.values()))
+        for batch_size in args.val_batch_sizes:
+            for batching in BATCHINGS:
+                plans = [(ls, plan_batches(ls, batch_size, batching)) for ls in lengths.values()]
+                batches = sum(len(plan) for _, plan in plans)
+                most = max(len(b) for _, plan in plans for b in plan)
+                positions = sum(len(b) * max(ls[i] for i in b) for ls, plan in plans for b in plan)
+                real = sum(sum(ls) for ls in lengths.values())
+                estimate = [rows / (batches * args.steps * ms / 1e3 + positions * args.prefill_position_us / 1e6)
+                            for ms in args.decode_step_ms]
+                print(f"{rows:>5} {batch_size:>5} {batching:>8} {batches:>7} {most:>9} {positions:>10,} "
+                      f"{1 - real / positions:>7.1%}  " + "  ".join(f"{e:6.1f}" for e in estimate))
     return 0
 
 

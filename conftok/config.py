@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conftok.calibration import CALIBRATION_P_NORMS
+from conftok.evaluate import BATCHINGS
 from conftok.inputs import InputError
 from conftok.loss import ANSWER_CE_ROWS
 from conftok.modeling import BACKENDS, DEFAULT_TARGET_MODULES, QUANTIZATIONS
@@ -71,6 +72,14 @@ class TrainConfig:
         "One cache length serves every domain, so one compiled step serves a whole validation and the next. A "
         "float32 model under bf16 autocast keeps the dynamic cache (its keys and values differ in dtype), logged. "
         "Not yet timed on a GPU (bench/gpu.py --static_cache).", default=False)
+    eval_batching: str = _help(
+        "How validation groups its length-sorted prompts (conftok.evaluate.plan_batches): 'rows', eval_batch_size "
+        "a batch; 'tokens', as many as fit eval_batch_size rows of the longest prompt (up to 4x the rows), in the "
+        "fewest batches and then the least padding. On 128 + 128 real rows at 64, 'rows' batches are 53% padding "
+        "(the longest prompts' batch), 'tokens' 35%; on all 3,542, 56 batches against 20 (bench/padding.py "
+        "--validation). Where decoding is bound by launching kernels each batch costs a decode step a token "
+        "whatever its rows. With eval_static_cache the batches are 'rows' (one shape). Not yet timed on a GPU.",
+        default="rows")
     max_new_tokens: int = _help("Longest generated answer in validation (tagging's budget too); the confidence "
                                 "token gets one step more.", default=16)
     # Model building
@@ -169,7 +178,7 @@ class TrainConfig:
                 p.append(f"{name} must be a number >= 0, got {value!r}")
         choices = {"calib_p_norm": CALIBRATION_P_NORMS, "backend": BACKENDS, "quantization": QUANTIZATIONS,
                    "token_init": ("end_of_turn", "mean"), "lr_scheduler": LR_SCHEDULERS,
-                   "answer_ce_rows": ANSWER_CE_ROWS}
+                   "answer_ce_rows": ANSWER_CE_ROWS, "eval_batching": BATCHINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 p.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

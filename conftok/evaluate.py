@@ -32,7 +32,8 @@ from conftok.prompts import encode_prompt
 from conftok.token_rows import TokenRowsOnly
 from conftok.tokens import end_of_turn_token_id
 
-__all__ = ["Generation", "load_rows", "generate", "evaluate", "summarize_domain", "print_validation_block"]
+__all__ = ["Generation", "load_rows", "generate", "evaluate", "plan_batches", "summarize_domain",
+           "print_validation_block", "BATCHINGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,56 @@ def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+# How generate groups its length-sorted prompts (plan_batches).
+BATCHINGS = ("rows", "tokens")
+# batching="tokens": a batch may hold up to this many times batch_size rows (the logits kept for scoring, one
+# (rows, vocabulary) float32 matrix a step, grow with the rows, not with the prompts' length).
+TOKEN_BATCH_ROWS = 4
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, batching: str = "rows") -> list[list[int]]:
+    """Batches of prompt indices, each a run of the prompts sorted by length (shortest first).
+
+    ``"rows"``: ``batch_size`` prompts a batch. Sorted prompts of similar length share a batch, but the
+    last batch holds the longest ones, whose lengths spread widely: on 128 real BoolQ and 128 MedQA
+    prompts at batch 64, 53% of the positions the batches' forward computes are padding, 80% of it
+    in the batch of the longest prompts (``bench/padding.py --validation``).
+
+    ``"tokens"``: every batch fits the budget of ``batch_size`` rows of the longest prompt (rows x its
+    longest prompt <= batch_size x the longest of all: what the widest ``"rows"`` batch already holds),
+    and holds at most :data:`TOKEN_BATCH_ROWS` x ``batch_size`` rows. Among such plans: the fewest
+    batches (where decoding is bound by launching kernels, as on a GPU, each batch costs one decode
+    step a token whatever its rows), and among those the fewest padded positions (dynamic programming
+    over the sorted lengths).
+    """
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {list(BATCHINGS)}, got {batching!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if batching == "rows" or not order:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    sizes = [lengths[i] for i in order]
+    budget, max_rows = batch_size * sizes[-1], TOKEN_BATCH_ROWS * batch_size
+    # best[j]: (batches, padded positions) of the best plan for the first j sorted prompts; start[j]: its last
+    # batch's first prompt. The last batch's longest prompt is its last one, so its cost is rows x sizes[j - 1].
+    best: list[tuple[int, int]] = [(0, 0)] + [(len(sizes) + 1, 0)] * len(sizes)
+    start = [0] * (len(sizes) + 1)
+    for j in range(1, len(sizes) + 1):
+        for i in range(j - 1, max(0, j - max_rows) - 1, -1):
+            rows = j - i
+            if rows > 1 and rows * sizes[j - 1] > budget:
+                break  # more rows only add to it
+            cost = (best[i][0] + 1, best[i][1] + rows * sizes[j - 1])
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    batches, j = [], len(sizes)
+    while j:
+        batches.append(order[start[j]:j])
+        j = start[j]
+    return batches[::-1]
+
+
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(map(len, seqs))
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
@@ -146,8 +197,13 @@ def static_cache_problem(model) -> str | None:
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequence[str], max_new_tokens: int = 16,
              batch_size: int = 8, desc: str | None = None, progress: bool = True,
              score_ids: tuple[int, int] | None = None, static_cache: bool = False,
-             cache_length: int | None = None) -> list[Generation]:
+             cache_length: int | None = None, batching: str = "rows") -> list[Generation]:
     """Greedy generation for prompt ids, in batches of similar length (less padding).
+
+    ``batching``: how the length-sorted prompts are grouped (:func:`plan_batches`): ``"rows"``,
+    ``batch_size`` a batch; ``"tokens"``, a budget of ``batch_size`` x the longest prompt's positions a
+    batch, in as few batches as fit it, with the least padding. A static cache takes one batch shape, so
+    with ``static_cache`` the batches are ``"rows"``.
 
     ``static_cache``: every batch decodes into a KV cache of one shape (``batch_size`` rows, a short
     batch filled with copies of its last prompt whose outputs are dropped; :func:`static_cache_length`
@@ -174,11 +230,11 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     with TokenRowsOnly(model):
         return _generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, desc=desc, progress=progress, score_ids=score_ids,
-                         static_cache=static_cache, cache_length=cache_length)
+                         static_cache=static_cache, cache_length=cache_length, batching=batching)
 
 
 def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_size, desc, progress, score_ids,
-              static_cache, cache_length) -> list[Generation]:
+              static_cache, cache_length, batching) -> list[Generation]:
     """:func:`generate`'s work, inside its :class:`TokenRowsOnly` block."""
     device = next(model.parameters()).device
     problem = static_cache_problem(model) if static_cache else None
@@ -188,15 +244,19 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
     stop = _stop_ids(tokenizer, stop_tokens)
     vocab = tokenizer.get_vocab()
     id_to_token = {vocab[t]: t for t in stop_tokens if t in vocab}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {list(BATCHINGS)}, got {batching!r}")
+    if static_cache and batching != "rows":
+        logger.info("batching=%r with a static KV cache: batches of batch_size rows (one cache shape)", batching)
+        batching = "rows"
+    batches = plan_batches([len(p) for p in prompts], batch_size, batching)
     out: list[Generation | None] = [None] * len(prompts)
     new_tokens = max_new_tokens + (score_ids is not None)
     cache = dict(cache_implementation="static",
                  max_cache_len=max(cache_length or 0, static_cache_length(prompts, new_tokens))) \
         if static_cache and prompts else {}
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in batches:
         batch = [prompts[i] for i in idx]
         if cache:  # one shape for every batch: fill a short one with copies of its last row
             batch += [batch[-1]] * (batch_size - len(batch))
@@ -282,13 +342,15 @@ def summarize_domain(records: list[dict[str, Any]], beta: int = 100, p: str = "2
 
 
 def _evaluate_domain(model, tokenizer, domain: Domain, rows, prompts, *, stop_tokens, batch_size, max_new_tokens,
-                     progress, dataset_name, static_cache=False, cache_length=None) -> list[dict[str, Any]]:
+                     progress, dataset_name, static_cache=False, cache_length=None,
+                     batching="rows") -> list[dict[str, Any]]:
     c_id, u_id = (tokenizer.convert_tokens_to_ids(t) for t in domain.tokens)
     # max_new_tokens bounds the ANSWER, as in tagging; the token gets one step more. Otherwise an answer
     # that tagging cut at max_new_tokens (and trained with its token after it) could never show its token.
     gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens + 1,
                     batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress,
-                    score_ids=(c_id, u_id), static_cache=static_cache, cache_length=cache_length)
+                    score_ids=(c_id, u_id), static_cache=static_cache, cache_length=cache_length,
+                    batching=batching)
     records = []
     for row, gen in zip(rows, gens):
         answer = domain.parse_answer(gen.text, row)
@@ -309,7 +371,7 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, prompts, *, stop_to
 def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], *, domains=None,
              beta: int = 100, p: str = "2", batch_size: int = 8, max_new_tokens: int = 16,
              progress: bool = True, n_reliability_bins: int = 10, verbose: bool = False,
-             merge: bool | str = "auto", static_cache: bool = False) -> dict[str, Any]:
+             merge: bool | str = "auto", static_cache: bool = False, batching: str = "rows") -> dict[str, Any]:
     """Validate on raw rows per data set; returns metrics, per-domain figures, records and bins.
 
     Args:
@@ -321,6 +383,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
             ``"auto"``: where it fits in free memory). The model's own weights are untouched either way.
         static_cache: decode into a KV cache of one shape, one length for every domain; on CUDA a compiled
             decode step replayed as a CUDA graph (:func:`generate`).
+        batching: ``"rows"`` (``batch_size`` rows a batch) or ``"tokens"`` (as many rows as fit ``batch_size``
+            rows of the longest prompt, fewest batches, least padding): :func:`plan_batches`.
 
     Returns:
         ``{"metrics": {...flat, metric-name keys...}, "domains": {name: figures},
@@ -347,7 +411,7 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
                 recs = _evaluate_domain(model, tokenizer, domain, rows, prompts, stop_tokens=domains.tokens,
                                         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
                                         dataset_name=dataset_name, static_cache=static_cache,
-                                        cache_length=cache_length)
+                                        cache_length=cache_length, batching=batching)
                 not_finite = [k for k, r in enumerate(recs) if not math.isfinite(r["p_confident"])]
                 if not_finite:  # the model's outputs are NaN/inf: its weights diverged, not the rows
                     raise FloatingPointError(

@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 result = evaluate(model, tokenizer, val_sets, domains=domains, beta=cfg.calib_beta,
                                   p=cfg.calib_p_norm, batch_size=cfg.eval_batch_size,
                                   max_new_tokens=cfg.max_new_tokens, progress=cfg.progress, verbose=True,
-                                  static_cache=cfg.eval_static_cache)
+                                  static_cache=cfg.eval_static_cache, batching=cfg.eval_batching)
         except FloatingPointError as e:  # a finite loss and gradient, then an update that overflowed the weights
             raise FloatingPointError(
                 f"validation after step {step} (epoch {epoch:.1f}): {e}; the update of step {step} diverged. Try a "

@@ -37,7 +37,8 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     out = tmp_path / "gpu.json"
     proc = run_without(MISSING_ON_GPU_BOX, ROOT / "bench" / "gpu.py",
                        ["--smoke", "--tokenizer", str(smollm2_dir), "--data", str(data), "--out", str(out),
-                        "--steps", "1", "--val_rows", "4", "--per_row_rows", "2", "--static_cache"])
+                        "--steps", "1", "--val_rows", "4", "--per_row_rows", "2", "--static_cache",
+                        "--val_batching", "rows", "tokens"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     result = json.loads(out.read_text())
@@ -61,9 +62,12 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     assert 0 <= result["padding"]["grouped_epoch"] <= result["padding"]["random_epoch"] < 1
 
     val = result["validate"]
-    # Each batch size with the dynamic cache, then the static one (its first run untimed: it compiles on CUDA).
-    assert [(b["batch_size"], b.get("static_cache", False)) for b in val["batched"]] == [
-        (4, False), (4, True), (8, False), (8, True)] and val["rows"] == 4
+    # Each batch size with the dynamic cache, by rows and by tokens, then the static one (its first run untimed: it
+    # compiles on CUDA).
+    assert [(b["batch_size"], b.get("batching"), b.get("static_cache", False)) for b in val["batched"]] == [
+        (4, "rows", False), (4, "tokens", False), (4, None, True),
+        (8, "rows", False), (8, "tokens", False), (8, None, True)] and val["rows"] == 4
+    assert "evaluate, batch 4, token batches" in proc.stdout
     assert all(b["agreement_with_dynamic_cache"]["rows"] == 4 for b in val["batched"] if b.get("static_cache"))
     assert val["per_row"]["samples_per_s"] > 0 and val["agreement"]["rows"] == 2
     prof = result["profile"]

@@ -154,6 +154,34 @@ class TestValidationLogic:
         assert [r["response"] for r in records[0]] == [r["response"] for r in records[1]]
         assert [r["p_confident"] for r in records[1]] == approx([r["p_confident"] for r in records[0]], model.dtype)
 
+    def test_token_batches_give_the_row_batches_generations(self, tok, device, caplog):
+        """batching="tokens" groups the rows otherwise (plan_batches); every row's answer, token, p_confident and
+        p_answer are what batches of batch_size rows give. With a static cache it keeps batches of batch_size
+        rows (one shape) and says so; an unknown batching is an error."""
+        import logging
+
+        from conftok.evaluate import plan_batches
+
+        model = scripted(tok, device)
+        rows = [dict(r, passage=r["passage"] * m) for m in (1, 1, 6) for r in BOOLQ]  # short ones and a long tail
+        prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in rows]
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        kwargs = dict(stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=2, progress=False, score_ids=(c, u))
+        assert plan_batches(list(map(len, prompts)), 2, "tokens") != plan_batches(list(map(len, prompts)), 2, "rows")
+        by_rows = generate(model, tok, prompts, **kwargs)
+        by_tokens = generate(model, tok, prompts, batching="tokens", **kwargs)
+        for a, b in zip(by_tokens, by_rows, strict=True):
+            assert (a.text, a.answer_ids, a.stop_token, a.finished) == (b.text, b.answer_ids, b.stop_token, b.finished)
+            assert a.p_confident == approx(b.p_confident, model.dtype) and a.p_answer == approx(b.p_answer, model.dtype)
+        records = [evaluate(model, tok, {"boolq": rows}, beta=1, batch_size=2, max_new_tokens=3, progress=False,
+                            batching=batching)["records"] for batching in ("rows", "tokens")]
+        assert [r["response"] for r in records[0]] == [r["response"] for r in records[1]]
+        with caplog.at_level(logging.INFO, logger="conftok.evaluate"):
+            static = generate(model, tok, prompts, batching="tokens", static_cache=True, **kwargs)
+        assert "one cache shape" in caplog.text and [g.text for g in static] == [g.text for g in by_rows]
+        with pytest.raises(ValueError, match="batching must be one of"):
+            generate(model, tok, prompts, batching="bytes", **kwargs)
+
     def test_a_float32_model_under_bf16_autocast_validates_with_the_dynamic_cache(self, tok, device, caplog):
         """A model object passed as it was (float32) and trained with bf16 autocast: a static cache would take
         float32 keys (rotary tables) and bf16 values and stop (index_copy_: Float and BFloat16). It falls back to
@@ -335,3 +363,68 @@ class TestTagging:
         assert complete_answer("No, Elena does not. She sold", finished=False) == "No, Elena does not."
         assert complete_answer("No, Elena does not still have", finished=False) == "No, Elena does not still have"
         assert complete_answer("Yes. Because it is.", finished=True) == "Yes. Because it is."
+
+
+class TestPlanBatches:
+    """conftok.evaluate.plan_batches: how generate groups its length-sorted prompts."""
+
+    @staticmethod
+    def brute_force(lengths, batch_size):
+        """The best "tokens" plan by trying every split of the sorted prompts: (batches, padded positions)."""
+        import itertools
+
+        from conftok.evaluate import TOKEN_BATCH_ROWS
+
+        sizes = sorted(lengths)
+        budget, best = batch_size * sizes[-1], None
+        for cuts in itertools.product([False, True], repeat=len(sizes) - 1):
+            bounds = [0] + [k + 1 for k, cut in enumerate(cuts) if cut] + [len(sizes)]
+            groups = [sizes[a:b] for a, b in zip(bounds, bounds[1:])]
+            if all(len(g) <= TOKEN_BATCH_ROWS * batch_size and (len(g) == 1 or len(g) * g[-1] <= budget)
+                   for g in groups):
+                cost = (len(groups), sum(len(g) * g[-1] for g in groups))
+                best = cost if best is None else min(best, cost)
+        return best
+
+    def test_rows_are_runs_of_batch_size_in_length_order(self):
+        from conftok.evaluate import plan_batches
+
+        lengths = [5, 1, 9, 3, 7, 2, 8]
+        assert plan_batches(lengths, 3) == [[1, 5, 3], [0, 4, 6], [2]]
+        assert plan_batches([], 4) == [] and plan_batches([], 4, "tokens") == []
+
+    @pytest.mark.parametrize("seed", range(40))
+    def test_tokens_is_the_fewest_batches_then_the_least_padding_within_the_budget(self, seed):
+        import random
+
+        from conftok.evaluate import TOKEN_BATCH_ROWS, plan_batches
+
+        rng = random.Random(seed)
+        lengths = [rng.choice([rng.randint(5, 40), rng.randint(40, 400)]) for _ in range(rng.randint(1, 11))]
+        batch_size = rng.randint(1, 4)
+        plan = plan_batches(lengths, batch_size, "tokens")
+        flat = [i for batch in plan for i in batch]
+        assert sorted(flat) == list(range(len(lengths)))  # every prompt once
+        assert [lengths[i] for i in flat] == sorted(lengths)  # runs of the length order
+        for batch in plan:
+            assert len(batch) <= TOKEN_BATCH_ROWS * batch_size
+            assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= batch_size * max(lengths)
+        cost = (len(plan), sum(len(b) * max(lengths[i] for i in b) for b in plan))
+        assert cost == self.brute_force(lengths, batch_size)
+        rows = plan_batches(lengths, batch_size)
+        assert cost <= (len(rows), sum(len(b) * max(lengths[i] for i in b) for b in rows))  # never worse
+
+    def test_short_prompts_share_a_batch_and_the_long_tail_gets_its_own(self):
+        from conftok.evaluate import plan_batches
+
+        lengths = [10] * 6 + [100, 100]
+        assert [len(b) for b in plan_batches(lengths, 2)] == [2, 2, 2, 2]  # the last holds 10 and 100: 180 padded
+        assert [sorted(lengths[i] for i in b) for b in plan_batches(lengths, 2, "tokens")] == [[10] * 6, [100, 100]]
+
+    def test_bad_arguments(self):
+        from conftok.evaluate import plan_batches
+
+        with pytest.raises(ValueError, match="batching must be one of"):
+            plan_batches([1, 2], 2, "padded")
+        with pytest.raises(ValueError, match="batch_size must be >= 1"):
+            plan_batches([1, 2], 0)

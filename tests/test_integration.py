@@ -255,6 +255,23 @@ class TestIntegration:
         assert again.global_step == 6 and again.final_dir == run / "final"
         assert [m["step"] for m in again.history] == [2, 4, 6] and again.best == full.best
 
+    def test_validation_batches_as_eval_batching_says(self, tmp_path, train_on_device, monkeypatch):
+        """TrainConfig.eval_batching reaches validation's plan_batches, with eval_batch_size."""
+        import importlib
+
+        evaluate_module = importlib.import_module("conftok.evaluate")
+        seen = []
+        real = evaluate_module.plan_batches
+        monkeypatch.setattr(evaluate_module, "plan_batches",
+                            lambda lengths, batch_size, batching: seen.append((batch_size, batching))
+                            or real(lengths, batch_size, batching))
+        tokenizer = make_tokenizer()
+        cfg = TrainConfig(model_name="in-process", train_data=write_jsonl(tmp_path / "t.jsonl", feature_rows(4)),
+                          output_dir=str(tmp_path / "run"), bf16=False, gradient_checkpointing=False, progress=False,
+                          batch_size=4, max_steps=1, eval_batch_size=3, max_new_tokens=2, eval_batching="tokens")
+        train(cfg, model=make_model(len(tokenizer), device=train_on_device), tokenizer=tokenizer, val_sets=VAL)
+        assert seen and set(seen) == {(3, "tokens")}
+
     def test_nan_loss_stops_with_the_step(self, tmp_path, train_on_device):
         tokenizer = make_tokenizer()
         model = make_model(len(tokenizer), device=train_on_device)

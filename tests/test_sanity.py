@@ -34,10 +34,10 @@ class TestSanityChecks:
     def test_config_reports_every_problem_at_once(self):
         with pytest.raises(ConfigError) as e:
             TrainConfig(batch_size=0, learning_rate=-1.0, calib_p_norm="3", backend="jax", warmup_ratio=1.5,
-                        eval_steps=0, quantization="2bit")
+                        eval_steps=0, quantization="2bit", eval_batching="bytes")
         msg = str(e.value)
         for field in ("batch_size", "learning_rate", "calib_p_norm", "backend", "warmup_ratio", "eval_steps",
-                      "quantization"):
+                      "quantization", "eval_batching"):
             assert field in msg, field
         assert "got 'jax'" in msg and "['1', '2', 'infty']" in msg
 
