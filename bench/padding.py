@@ -18,8 +18,9 @@ each the mean over ``--epochs`` epochs. No model is run; a few seconds once the 
 
 ``--validation`` does the same for validation's prompts (``conftok.evaluate.plan_batches``, per data
 set, as ``evaluate`` batches them): for the first ``--val_rows`` rows of each data set (0: all), batches
-of ``batch_size`` rows (``"rows"``, the default) against ``"tokens"`` batches: the batches, the most rows
-in one, the positions the prefill computes and their padding share. It also prints an estimate, not a
+of ``batch_size`` rows (``"rows"``, a GPU's default) against ``"tokens"`` and ``"padding"`` (a CPU's
+default) batches: the batches, the most rows in one, the positions the prefill computes and their
+padding share. It also prints an estimate, not a
 measurement: seconds = batches x ``--steps`` x a decode step + prefill positions x a position's cost, for
 each ``--decode_step_ms`` (a decode step bound by launching kernels costs the same at any batch size) at
 ``--prefill_position_us``. The defaults are what the second H200 run gives for the 7B-shaped model
@@ -152,7 +153,8 @@ def validation_batches(args) -> int:
         rows = sum(map(len, lengths.values()))
         for batch_size in args.val_batch_sizes:
             for batching in BATCHINGS:
-                plans = [(ls, plan_batches(ls, batch_size, batching)) for ls in lengths.values()]
+                plans = [(ls, plan_batches(ls, batch_size, batching, decode_steps=args.steps + 1))  # as generate
+                         for ls in lengths.values()]
                 batches = sum(len(plan) for _, plan in plans)
                 most = max(len(b) for _, plan in plans for b in plan)
                 positions = sum(len(b) * max(ls[i] for i in b) for ls, plan in plans for b in plan)

@@ -74,12 +74,12 @@ class TrainConfig:
         "Not yet timed on a GPU (bench/gpu.py --static_cache).", default=False)
     eval_batching: str = _help(
         "How validation groups its length-sorted prompts (conftok.evaluate.plan_batches): 'rows', eval_batch_size "
-        "a batch; 'tokens', as many as fit eval_batch_size rows of the longest prompt (up to 4x the rows), in the "
-        "fewest batches and then the least padding. On 128 + 128 real rows at 64, 'rows' batches are 53% padding "
-        "(the longest prompts' batch), 'tokens' 35%; on all 3,542, 56 batches against 20 (bench/padding.py "
-        "--validation). Where decoding is bound by launching kernels each batch costs a decode step a token "
-        "whatever its rows. With eval_static_cache the batches are 'rows' (one shape). Not yet timed on a GPU.",
-        default="rows")
+        "a batch; 'padding', at most eval_batch_size a batch, the fewest prefill positions plus each batch's decode "
+        "steps; 'tokens', as many as fit eval_batch_size rows of the longest prompt (up to 4x the rows), in the "
+        "fewest batches, then the least padding (for decoding bound by launching kernels; not yet timed on a GPU); "
+        "'auto': 'padding' on a CPU, 'rows' elsewhere. On 64 + 64 real rows at 64, 'rows' batches are 69% padding "
+        "and 'padding' 15%: 3.3x the samples/s on the CPU (bench/validation_batches.py). With eval_static_cache "
+        "the batches are 'rows' (one shape).", default="auto")
     max_new_tokens: int = _help("Longest generated answer in validation (tagging's budget too); the confidence "
                                 "token gets one step more.", default=16)
     # Model building
@@ -178,7 +178,7 @@ class TrainConfig:
                 p.append(f"{name} must be a number >= 0, got {value!r}")
         choices = {"calib_p_norm": CALIBRATION_P_NORMS, "backend": BACKENDS, "quantization": QUANTIZATIONS,
                    "token_init": ("end_of_turn", "mean"), "lr_scheduler": LR_SCHEDULERS,
-                   "answer_ce_rows": ANSWER_CE_ROWS, "eval_batching": BATCHINGS}
+                   "answer_ce_rows": ANSWER_CE_ROWS, "eval_batching": ("auto", *BATCHINGS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 p.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

@@ -32,8 +32,8 @@ from conftok.prompts import encode_prompt
 from conftok.token_rows import TokenRowsOnly
 from conftok.tokens import end_of_turn_token_id
 
-__all__ = ["Generation", "load_rows", "generate", "evaluate", "plan_batches", "summarize_domain",
-           "print_validation_block", "BATCHINGS"]
+__all__ = ["Generation", "load_rows", "generate", "evaluate", "plan_batches", "resolve_batching",
+           "summarize_domain", "print_validation_block", "BATCHINGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +103,29 @@ def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-# How generate groups its length-sorted prompts (plan_batches).
-BATCHINGS = ("rows", "tokens")
+# How generate groups its length-sorted prompts (plan_batches); "auto" picks one for the device.
+BATCHINGS = ("rows", "tokens", "padding")
 # batching="tokens": a batch may hold up to this many times batch_size rows (the logits kept for scoring, one
 # (rows, vocabulary) float32 matrix a step, grow with the rows, not with the prompts' length).
 TOKEN_BATCH_ROWS = 4
+# batching="padding": what a decode step costs beyond its rows, in prefill positions. SmolLM2-135M on the 2-core
+# CPU box, bf16 autocast: a step 45 ms + 5.3 ms a row, a prefill 1.1 ms a position (bench/README.md,
+# "Validation batches").
+DECODE_STEP_POSITIONS = 40
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, batching: str = "rows") -> list[list[int]]:
+def resolve_batching(batching: str, device: torch.device | str) -> str:
+    """``"auto"``: ``"padding"`` on a CPU (a prefill position costs as much as ~40 decode steps' overhead, so
+    padding sets the time), ``"rows"`` elsewhere; any other value is checked and returned."""
+    if batching == "auto":
+        return "padding" if torch.device(device).type == "cpu" else "rows"
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be 'auto' or one of {list(BATCHINGS)}, got {batching!r}")
+    return batching
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, batching: str = "rows",
+                 decode_steps: int = 16) -> list[list[int]]:
     """Batches of prompt indices, each a run of the prompts sorted by length (shortest first).
 
     ``"rows"``: ``batch_size`` prompts a batch. Sorted prompts of similar length share a batch, but the
@@ -118,12 +133,18 @@ def plan_batches(lengths: Sequence[int], batch_size: int, batching: str = "rows"
     prompts at batch 64, 53% of the positions the batches' forward computes are padding, 80% of it
     in the batch of the longest prompts (``bench/padding.py --validation``).
 
-    ``"tokens"``: every batch fits the budget of ``batch_size`` rows of the longest prompt (rows x its
-    longest prompt <= batch_size x the longest of all: what the widest ``"rows"`` batch already holds),
-    and holds at most :data:`TOKEN_BATCH_ROWS` x ``batch_size`` rows. Among such plans: the fewest
-    batches (where decoding is bound by launching kernels, as on a GPU, each batch costs one decode
-    step a token whatever its rows), and among those the fewest padded positions (dynamic programming
-    over the sorted lengths).
+    ``"tokens"``, for decoding bound by launching kernels (a GPU: each batch costs one decode step a
+    token whatever its rows): every batch fits the budget of ``batch_size`` rows of the longest prompt
+    (rows x its longest prompt <= batch_size x the longest of all: what the widest ``"rows"`` batch
+    already holds) and holds at most :data:`TOKEN_BATCH_ROWS` x ``batch_size`` rows. Among such plans:
+    the fewest batches, and among those the fewest padded positions.
+
+    ``"padding"``, for decoding bound by arithmetic (a CPU: the prefill's positions, padding included,
+    set the time): at most ``batch_size`` rows a batch, and the fewest positions the prefills compute
+    plus ``decode_steps`` x :data:`DECODE_STEP_POSITIONS` for each batch (a batch's decode steps cost
+    beyond its rows).
+
+    Both are found exactly, by dynamic programming over the sorted lengths.
     """
     if batching not in BATCHINGS:
         raise ValueError(f"batching must be one of {list(BATCHINGS)}, got {batching!r}")
@@ -133,17 +154,23 @@ def plan_batches(lengths: Sequence[int], batch_size: int, batching: str = "rows"
     if batching == "rows" or not order:
         return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     sizes = [lengths[i] for i in order]
-    budget, max_rows = batch_size * sizes[-1], TOKEN_BATCH_ROWS * batch_size
-    # best[j]: (batches, padded positions) of the best plan for the first j sorted prompts; start[j]: its last
-    # batch's first prompt. The last batch's longest prompt is its last one, so its cost is rows x sizes[j - 1].
-    best: list[tuple[int, int]] = [(0, 0)] + [(len(sizes) + 1, 0)] * len(sizes)
+    budget = batch_size * sizes[-1]
+    max_rows = TOKEN_BATCH_ROWS * batch_size if batching == "tokens" else batch_size
+    per_batch = decode_steps * DECODE_STEP_POSITIONS
+    # best[j]: the cost of the best plan for the first j sorted prompts, compared as a tuple: (batches, positions)
+    # for "tokens", (positions + per_batch x batches, 0) for "padding"; start[j]: its last batch's first prompt.
+    # The last batch's longest prompt is its last one, so it computes rows x sizes[j - 1] positions.
+    worst = (math.inf, math.inf)
+    best: list[tuple[float, float]] = [(0, 0)] + [worst] * len(sizes)
     start = [0] * (len(sizes) + 1)
     for j in range(1, len(sizes) + 1):
         for i in range(j - 1, max(0, j - max_rows) - 1, -1):
             rows = j - i
-            if rows > 1 and rows * sizes[j - 1] > budget:
+            positions = rows * sizes[j - 1]
+            if rows > 1 and positions > budget:
                 break  # more rows only add to it
-            cost = (best[i][0] + 1, best[i][1] + rows * sizes[j - 1])
+            cost = ((best[i][0] + 1, best[i][1] + positions) if batching == "tokens"
+                    else (best[i][0] + per_batch + positions, 0))
             if cost < best[j]:
                 best[j], start[j] = cost, i
     batches, j = [], len(sizes)
@@ -197,13 +224,15 @@ def static_cache_problem(model) -> str | None:
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequence[str], max_new_tokens: int = 16,
              batch_size: int = 8, desc: str | None = None, progress: bool = True,
              score_ids: tuple[int, int] | None = None, static_cache: bool = False,
-             cache_length: int | None = None, batching: str = "rows") -> list[Generation]:
+             cache_length: int | None = None, batching: str = "auto") -> list[Generation]:
     """Greedy generation for prompt ids, in batches of similar length (less padding).
 
     ``batching``: how the length-sorted prompts are grouped (:func:`plan_batches`): ``"rows"``,
     ``batch_size`` a batch; ``"tokens"``, a budget of ``batch_size`` x the longest prompt's positions a
-    batch, in as few batches as fit it, with the least padding. A static cache takes one batch shape, so
-    with ``static_cache`` the batches are ``"rows"``.
+    batch, in as few batches as fit it, with the least padding; ``"padding"``, at most ``batch_size`` a
+    batch, the least prefill positions plus each batch's decode steps; ``"auto"``
+    (:func:`resolve_batching`), ``"padding"`` on a CPU and ``"rows"`` elsewhere. A static cache takes one
+    batch shape, so with ``static_cache`` the batches are ``"rows"``.
 
     ``static_cache``: every batch decodes into a KV cache of one shape (``batch_size`` rows, a short
     batch filled with copies of its last prompt whose outputs are dropped; :func:`static_cache_length`
@@ -244,14 +273,14 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
     stop = _stop_ids(tokenizer, stop_tokens)
     vocab = tokenizer.get_vocab()
     id_to_token = {vocab[t]: t for t in stop_tokens if t in vocab}
-    if batching not in BATCHINGS:
-        raise ValueError(f"batching must be one of {list(BATCHINGS)}, got {batching!r}")
+    asked, batching = batching, resolve_batching(batching, device)
     if static_cache and batching != "rows":
-        logger.info("batching=%r with a static KV cache: batches of batch_size rows (one cache shape)", batching)
+        if asked != "auto":
+            logger.info("batching=%r with a static KV cache: batches of batch_size rows (one cache shape)", asked)
         batching = "rows"
-    batches = plan_batches([len(p) for p in prompts], batch_size, batching)
     out: list[Generation | None] = [None] * len(prompts)
     new_tokens = max_new_tokens + (score_ids is not None)
+    batches = plan_batches([len(p) for p in prompts], batch_size, batching, decode_steps=new_tokens)
     cache = dict(cache_implementation="static",
                  max_cache_len=max(cache_length or 0, static_cache_length(prompts, new_tokens))) \
         if static_cache and prompts else {}
@@ -343,7 +372,7 @@ def summarize_domain(records: list[dict[str, Any]], beta: int = 100, p: str = "2
 
 def _evaluate_domain(model, tokenizer, domain: Domain, rows, prompts, *, stop_tokens, batch_size, max_new_tokens,
                      progress, dataset_name, static_cache=False, cache_length=None,
-                     batching="rows") -> list[dict[str, Any]]:
+                     batching="auto") -> list[dict[str, Any]]:
     c_id, u_id = (tokenizer.convert_tokens_to_ids(t) for t in domain.tokens)
     # max_new_tokens bounds the ANSWER, as in tagging; the token gets one step more. Otherwise an answer
     # that tagging cut at max_new_tokens (and trained with its token after it) could never show its token.
@@ -371,7 +400,7 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, prompts, *, stop_to
 def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], *, domains=None,
              beta: int = 100, p: str = "2", batch_size: int = 8, max_new_tokens: int = 16,
              progress: bool = True, n_reliability_bins: int = 10, verbose: bool = False,
-             merge: bool | str = "auto", static_cache: bool = False, batching: str = "rows") -> dict[str, Any]:
+             merge: bool | str = "auto", static_cache: bool = False, batching: str = "auto") -> dict[str, Any]:
     """Validate on raw rows per data set; returns metrics, per-domain figures, records and bins.
 
     Args:
@@ -383,8 +412,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
             ``"auto"``: where it fits in free memory). The model's own weights are untouched either way.
         static_cache: decode into a KV cache of one shape, one length for every domain; on CUDA a compiled
             decode step replayed as a CUDA graph (:func:`generate`).
-        batching: ``"rows"`` (``batch_size`` rows a batch) or ``"tokens"`` (as many rows as fit ``batch_size``
-            rows of the longest prompt, fewest batches, least padding): :func:`plan_batches`.
+        batching: ``"rows"``, ``"tokens"``, ``"padding"`` or ``"auto"``: how the prompts are batched
+            (:func:`generate`, :func:`plan_batches`).
 
     Returns:
         ``{"metrics": {...flat, metric-name keys...}, "domains": {name: figures},

@@ -188,3 +188,26 @@ def test_the_step_before_train_step_computes_the_same_loss(device, tmp_path):
         optimizer.zero_grad(set_to_none=True)
     tol = tolerance(torch.bfloat16)  # both under bf16 autocast; the new tokens' logits come from different products
     assert losses["defaults_before"] == pytest.approx(losses["defaults"], abs=tol["atol"], rel=tol["rtol"])
+
+
+def test_validation_batches_bench_times_each_batching_and_compares_records(tmp_path, smollm2_dir):
+    """bench/validation_batches.py on 8 made-up rows: a plan, a rate and an agreement with "rows" per batching; in
+    fp32 the "padding" plan gives rows' records."""
+    data = tmp_path / "data"
+    boolq = [dict(r, passage=r["passage"] * (1 + 5 * (k % 2))) for k, r in enumerate(make_boolq_rows(4, seed=1))]
+    for name, rows in {"boolq": boolq, "medqa": make_medqa_rows(4, seed=1)}.items():
+        (data / name).mkdir(parents=True)
+        (data / name / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "vb.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "validation_batches.py"), "--rows", "8",
+                           "--batch_size", "4", "--max_new_tokens", "3", "--rounds", "1", "--no-bf16", "--data",
+                           str(data), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["rows"] == 8 and set(result["batchings"]) == {"rows", "padding", "tokens"}
+    for name, r in result["batchings"].items():
+        assert r["samples_per_s"]["median"] > 0 and 0 <= r["padding_share"] < 1 and r["batches"] >= 2, name
+        assert r["agreement_with_rows"]["equal"], (name, r["agreement_with_rows"])
+    assert result["batchings"]["padding"]["positions"] <= result["batchings"]["rows"]["positions"]
+    assert "| padding |" in proc.stdout

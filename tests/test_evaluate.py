@@ -155,9 +155,9 @@ class TestValidationLogic:
         assert [r["p_confident"] for r in records[1]] == approx([r["p_confident"] for r in records[0]], model.dtype)
 
     def test_token_batches_give_the_row_batches_generations(self, tok, device, caplog):
-        """batching="tokens" groups the rows otherwise (plan_batches); every row's answer, token, p_confident and
-        p_answer are what batches of batch_size rows give. With a static cache it keeps batches of batch_size
-        rows (one shape) and says so; an unknown batching is an error."""
+        """batching="tokens", "padding" and "auto" group the rows otherwise (plan_batches); every row's answer,
+        token, p_confident and p_answer are what batches of batch_size rows give. With a static cache "tokens"
+        keeps batches of batch_size rows (one shape) and says so; an unknown batching is an error."""
         import logging
 
         from conftok.evaluate import plan_batches
@@ -168,18 +168,21 @@ class TestValidationLogic:
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
         kwargs = dict(stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=2, progress=False, score_ids=(c, u))
         assert plan_batches(list(map(len, prompts)), 2, "tokens") != plan_batches(list(map(len, prompts)), 2, "rows")
-        by_rows = generate(model, tok, prompts, **kwargs)
-        by_tokens = generate(model, tok, prompts, batching="tokens", **kwargs)
-        for a, b in zip(by_tokens, by_rows, strict=True):
-            assert (a.text, a.answer_ids, a.stop_token, a.finished) == (b.text, b.answer_ids, b.stop_token, b.finished)
-            assert a.p_confident == approx(b.p_confident, model.dtype) and a.p_answer == approx(b.p_answer, model.dtype)
+        by_rows = generate(model, tok, prompts, batching="rows", **kwargs)
+        for batching in ("tokens", "padding", "auto"):
+            for a, b in zip(generate(model, tok, prompts, batching=batching, **kwargs), by_rows, strict=True):
+                assert (a.text, a.answer_ids, a.stop_token, a.finished) == (
+                    b.text, b.answer_ids, b.stop_token, b.finished)
+                assert a.p_confident == approx(b.p_confident, model.dtype)
+                assert a.p_answer == approx(b.p_answer, model.dtype)
         records = [evaluate(model, tok, {"boolq": rows}, beta=1, batch_size=2, max_new_tokens=3, progress=False,
-                            batching=batching)["records"] for batching in ("rows", "tokens")]
-        assert [r["response"] for r in records[0]] == [r["response"] for r in records[1]]
+                            batching=batching)["records"] for batching in ("rows", "tokens", "padding")]
+        assert [r["response"] for r in records[0]] == [r["response"] for r in records[1]] == [
+            r["response"] for r in records[2]]
         with caplog.at_level(logging.INFO, logger="conftok.evaluate"):
             static = generate(model, tok, prompts, batching="tokens", static_cache=True, **kwargs)
         assert "one cache shape" in caplog.text and [g.text for g in static] == [g.text for g in by_rows]
-        with pytest.raises(ValueError, match="batching must be one of"):
+        with pytest.raises(ValueError, match="batching must be 'auto' or one of"):
             generate(model, tok, prompts, batching="bytes", **kwargs)
 
     def test_a_float32_model_under_bf16_autocast_validates_with_the_dynamic_cache(self, tok, device, caplog):
@@ -369,50 +372,60 @@ class TestPlanBatches:
     """conftok.evaluate.plan_batches: how generate groups its length-sorted prompts."""
 
     @staticmethod
-    def brute_force(lengths, batch_size):
-        """The best "tokens" plan by trying every split of the sorted prompts: (batches, padded positions)."""
+    def brute_force(lengths, batch_size, batching, decode_steps):
+        """The best plan by trying every split of the sorted prompts: its cost, as plan_batches compares them."""
         import itertools
 
-        from conftok.evaluate import TOKEN_BATCH_ROWS
+        from conftok.evaluate import DECODE_STEP_POSITIONS, TOKEN_BATCH_ROWS
 
         sizes = sorted(lengths)
-        budget, best = batch_size * sizes[-1], None
+        max_rows = TOKEN_BATCH_ROWS * batch_size if batching == "tokens" else batch_size
+        best = None
         for cuts in itertools.product([False, True], repeat=len(sizes) - 1):
             bounds = [0] + [k + 1 for k, cut in enumerate(cuts) if cut] + [len(sizes)]
             groups = [sizes[a:b] for a, b in zip(bounds, bounds[1:])]
-            if all(len(g) <= TOKEN_BATCH_ROWS * batch_size and (len(g) == 1 or len(g) * g[-1] <= budget)
-                   for g in groups):
-                cost = (len(groups), sum(len(g) * g[-1] for g in groups))
+            if all(len(g) <= max_rows and (len(g) == 1 or len(g) * g[-1] <= batch_size * sizes[-1]) for g in groups):
+                cost = TestPlanBatches.cost(groups, batching, decode_steps * DECODE_STEP_POSITIONS)
                 best = cost if best is None else min(best, cost)
         return best
+
+    @staticmethod
+    def cost(groups, batching, per_batch):
+        positions = sum(len(g) * max(g) for g in groups)
+        return (len(groups), positions) if batching == "tokens" else (positions + per_batch * len(groups), 0)
 
     def test_rows_are_runs_of_batch_size_in_length_order(self):
         from conftok.evaluate import plan_batches
 
         lengths = [5, 1, 9, 3, 7, 2, 8]
         assert plan_batches(lengths, 3) == [[1, 5, 3], [0, 4, 6], [2]]
-        assert plan_batches([], 4) == [] and plan_batches([], 4, "tokens") == []
+        assert plan_batches([], 4) == [] and plan_batches([], 4, "tokens") == [] and plan_batches([], 4, "padding") == []
 
-    @pytest.mark.parametrize("seed", range(40))
-    def test_tokens_is_the_fewest_batches_then_the_least_padding_within_the_budget(self, seed):
+    @pytest.mark.parametrize("batching", ["tokens", "padding"])
+    @pytest.mark.parametrize("seed", range(30))
+    def test_the_plan_is_the_best_split_of_the_sorted_prompts(self, seed, batching):
+        """"tokens": the fewest batches within the budget, then the least padding; "padding": the least prefill
+        positions plus each batch's decode overhead, at most batch_size rows. Checked against every split."""
         import random
 
-        from conftok.evaluate import TOKEN_BATCH_ROWS, plan_batches
+        from conftok.evaluate import DECODE_STEP_POSITIONS, TOKEN_BATCH_ROWS, plan_batches
 
         rng = random.Random(seed)
         lengths = [rng.choice([rng.randint(5, 40), rng.randint(40, 400)]) for _ in range(rng.randint(1, 11))]
-        batch_size = rng.randint(1, 4)
-        plan = plan_batches(lengths, batch_size, "tokens")
+        batch_size, steps = rng.randint(1, 4), rng.choice([1, 2, 17])
+        plan = plan_batches(lengths, batch_size, batching, decode_steps=steps)
         flat = [i for batch in plan for i in batch]
         assert sorted(flat) == list(range(len(lengths)))  # every prompt once
         assert [lengths[i] for i in flat] == sorted(lengths)  # runs of the length order
+        max_rows = TOKEN_BATCH_ROWS * batch_size if batching == "tokens" else batch_size
         for batch in plan:
-            assert len(batch) <= TOKEN_BATCH_ROWS * batch_size
+            assert len(batch) <= max_rows
             assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= batch_size * max(lengths)
-        cost = (len(plan), sum(len(b) * max(lengths[i] for i in b) for b in plan))
-        assert cost == self.brute_force(lengths, batch_size)
-        rows = plan_batches(lengths, batch_size)
-        assert cost <= (len(rows), sum(len(b) * max(lengths[i] for i in b) for b in rows))  # never worse
+        groups = [[lengths[i] for i in b] for b in plan]
+        cost = self.cost(groups, batching, steps * DECODE_STEP_POSITIONS)
+        assert cost == self.brute_force(lengths, batch_size, batching, steps)
+        rows = [[lengths[i] for i in b] for b in plan_batches(lengths, batch_size)]
+        assert cost <= self.cost(rows, batching, steps * DECODE_STEP_POSITIONS)  # never worse than "rows"
 
     def test_short_prompts_share_a_batch_and_the_long_tail_gets_its_own(self):
         from conftok.evaluate import plan_batches
@@ -420,11 +433,26 @@ class TestPlanBatches:
         lengths = [10] * 6 + [100, 100]
         assert [len(b) for b in plan_batches(lengths, 2)] == [2, 2, 2, 2]  # the last holds 10 and 100: 180 padded
         assert [sorted(lengths[i] for i in b) for b in plan_batches(lengths, 2, "tokens")] == [[10] * 6, [100, 100]]
+        # "padding" keeps batch_size rows at most: 10 + 100 in one batch would pad 90 positions, more than a batch
+        # of one decode step costs (40 positions), less than 17 steps' (680).
+        assert [len(b) for b in plan_batches(lengths, 2, "padding", decode_steps=1)] == [2, 2, 2, 2]
+        tail = [10, 10, 12, 100]
+        assert [sorted(tail[i] for i in b) for b in plan_batches(tail, 2, "padding", decode_steps=1)] == [
+            [10, 10], [12], [100]]
+        assert [len(b) for b in plan_batches(tail, 2, "padding", decode_steps=17)] == [2, 2]
+
+    def test_auto_is_padding_on_a_cpu_and_rows_elsewhere(self):
+        from conftok.evaluate import resolve_batching
+
+        assert resolve_batching("auto", "cpu") == "padding" and resolve_batching("auto", torch.device("cuda", 0)) == "rows"
+        assert resolve_batching("auto", "meta") == "rows" and resolve_batching("tokens", "cpu") == "tokens"
+        with pytest.raises(ValueError, match="batching must be 'auto' or one of"):
+            resolve_batching("bytes", "cpu")
 
     def test_bad_arguments(self):
         from conftok.evaluate import plan_batches
 
         with pytest.raises(ValueError, match="batching must be one of"):
-            plan_batches([1, 2], 2, "padded")
+            plan_batches([1, 2], 2, "auto")  # resolved by generate, for its device
         with pytest.raises(ValueError, match="batch_size must be >= 1"):
             plan_batches([1, 2], 0)

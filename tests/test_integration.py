@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -256,21 +257,28 @@ class TestIntegration:
         assert [m["step"] for m in again.history] == [2, 4, 6] and again.best == full.best
 
     def test_validation_batches_as_eval_batching_says(self, tmp_path, train_on_device, monkeypatch):
-        """TrainConfig.eval_batching reaches validation's plan_batches, with eval_batch_size."""
+        """TrainConfig.eval_batching reaches validation's plan_batches, with eval_batch_size; its default, "auto",
+        is "padding" on a CPU."""
         import importlib
 
         evaluate_module = importlib.import_module("conftok.evaluate")
         seen = []
         real = evaluate_module.plan_batches
         monkeypatch.setattr(evaluate_module, "plan_batches",
-                            lambda lengths, batch_size, batching: seen.append((batch_size, batching))
-                            or real(lengths, batch_size, batching))
+                            lambda lengths, batch_size, batching, **kw: seen.append((batch_size, batching))
+                            or real(lengths, batch_size, batching, **kw))
         tokenizer = make_tokenizer()
         cfg = TrainConfig(model_name="in-process", train_data=write_jsonl(tmp_path / "t.jsonl", feature_rows(4)),
                           output_dir=str(tmp_path / "run"), bf16=False, gradient_checkpointing=False, progress=False,
                           batch_size=4, max_steps=1, eval_batch_size=3, max_new_tokens=2, eval_batching="tokens")
         train(cfg, model=make_model(len(tokenizer), device=train_on_device), tokenizer=tokenizer, val_sets=VAL)
         assert seen and set(seen) == {(3, "tokens")}
+        assert TrainConfig().eval_batching == "auto"
+        if train_on_device.type == "cpu":
+            seen.clear()
+            train(replace(cfg, eval_batching="auto", output_dir=str(tmp_path / "auto")),
+                  model=make_model(len(tokenizer), device=train_on_device), tokenizer=tokenizer, val_sets=VAL)
+            assert seen and set(seen) == {(3, "padding")}
 
     def test_nan_loss_stops_with_the_step(self, tmp_path, train_on_device):
         tokenizer = make_tokenizer()
