@@ -56,25 +56,24 @@ def perturb_token_rows(model, seed: int) -> int:
     return changed
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=48, help="rows in all, half BoolQ, half MedQA")
-    parser.add_argument("--rounds", type=int, default=3, help="chunks of rows, each timed on both paths")
-    parser.add_argument("--batch_size", type=int, default=16, help="evaluate's batch (TrainConfig's eval_batch_size)")
+def add_model_arguments(parser: argparse.ArgumentParser, out_name: str) -> None:
+    """The arguments :func:`smollm2_for_validation` and the rows need, and ``--out`` (``results/out_name``)."""
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="directory with boolq/ and medqa/ dev.jsonl")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(BENCH / "results" / "validation.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=str(BENCH / "results" / out_name))
 
+
+def smollm2_for_validation(args):
+    """SmolLM2-135M-Instruct through ``conftok.build_model``, its token rows perturbed, in eval mode; returns
+    ``(model, tokenizer, domains, amp)``, ``amp()`` the autocast validation runs under (bf16 or none)."""
     import contextlib
 
     import torch
 
     from conftok.domains import resolve_domains
-    from conftok.evaluate import evaluate
     from conftok.modeling import build_model
     from conftok.smollm import ensure_smollm2
 
@@ -87,6 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     device = next(model.parameters()).device
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    return model, tokenizer, domains, amp
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=48, help="rows in all, half BoolQ, half MedQA")
+    parser.add_argument("--rounds", type=int, default=3, help="chunks of rows, each timed on both paths")
+    parser.add_argument("--batch_size", type=int, default=16, help="evaluate's batch (TrainConfig's eval_batch_size)")
+    add_model_arguments(parser, "validation.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from conftok.evaluate import evaluate
+
+    model, tokenizer, domains, amp = smollm2_for_validation(args)
+    device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     half = args.rows // 2

@@ -26,8 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from benchlib import DEFAULT_DATA, compare_records, machine_info, markdown_table, median, read_raw_rows, write_json  # noqa: E402
-from validation import P_TOLERANCE, perturb_token_rows  # noqa: E402
+from benchlib import compare_records, machine_info, markdown_table, median, read_raw_rows, write_json  # noqa: E402
+from validation import P_TOLERANCE, add_model_arguments, smollm2_for_validation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,34 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batchings", nargs="+", default=["rows", "padding", "tokens"],
                         choices=["rows", "padding", "tokens"])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="directory with boolq/ and medqa/ dev.jsonl")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(BENCH / "results" / "validation_batches.json"))
+    add_model_arguments(parser, "validation_batches.json")
     args = parser.parse_args(argv)
     if "rows" not in args.batchings:
         parser.error("--batchings needs rows: the others are compared with it")
 
-    import contextlib
-
     import torch
 
-    from conftok.domains import resolve_domains
     from conftok.evaluate import evaluate, plan_batches
-    from conftok.modeling import build_model
     from conftok.prompts import encode_prompt
-    from conftok.smollm import ensure_smollm2
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    domains = resolve_domains(None)
-    model, tokenizer = build_model(str(ensure_smollm2()), domains=domains, backend="hf", bf16=args.bf16,
-                                   gradient_checkpointing=False, seed=args.seed)
-    perturb_token_rows(model, args.seed)
-    model.eval()
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    model, tokenizer, domains, amp = smollm2_for_validation(args)
 
     raw = read_raw_rows(args.data, args.rows // 2)
     n = sum(map(len, raw.values()))
