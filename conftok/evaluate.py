@@ -115,8 +115,8 @@ DECODE_STEP_POSITIONS = 40
 
 
 def resolve_batching(batching: str, device: torch.device | str) -> str:
-    """``"auto"``: ``"padding"`` on a CPU (a prefill position costs as much as ~40 decode steps' overhead, so
-    padding sets the time), ``"rows"`` elsewhere; any other value is checked and returned."""
+    """``"auto"``: ``"padding"`` on a CPU (a decode step's fixed cost is that of ~40 prefill positions, so the
+    prefills' padding sets the time), ``"rows"`` elsewhere; any other value is checked and returned."""
     if batching == "auto":
         return "padding" if torch.device(device).type == "cpu" else "rows"
     if batching not in BATCHINGS:

@@ -13,9 +13,10 @@ copies), one of them after the whole forward is queued: the host waits there for
 are not merged (``conftok.evaluate.generate``; unmerged, every decode step would rebuild both
 matrices), in which each such layer computes the same function from the frozen matrix and the new
 rows: the embedding looks the ids up in ``W`` and puts a new token's row where its id occurs; the
-head multiplies by ``W`` and then by the new rows, written over their columns. The index is copied to the device once. The embedding's output is PEFT's
-bit for bit; the head's other columns are too, and the new columns are the same dot products by a
-smaller product (equal up to the product's rounding). The parameters, their names and what
+head multiplies by ``W`` and then by the new rows, written over their columns. The index is copied
+to the device once. The embedding's output is PEFT's bit for bit; the head's other columns are too,
+and the new columns are the same dot products by a smaller product (equal up to the product's
+rounding). The parameters, their names and what
 ``save_pretrained`` writes are PEFT's: only the forward changes, inside the block.
 """
 
