@@ -119,9 +119,10 @@ def parse_args(argv):
     p.add_argument("--val_rows", type=int, default=None, help="rows for batched validation, half per domain (256; 8)")
     p.add_argument("--per_row_rows", type=int, default=None, help="rows for the per-row loop, half per domain (16; 4)")
     p.add_argument("--val_batch_sizes", type=int, nargs="+", default=None, help="(16 64 256; 4 8)")
-    p.add_argument("--val_batching", nargs="+", choices=["rows", "tokens"], default=["rows"],
+    p.add_argument("--val_batching", nargs="+", choices=["rows", "tokens", "padding", "auto"], default=["rows"],
                    help="validate: evaluate's batching, each timed at every --val_batch_sizes (conftok.evaluate."
-                        "plan_batches: batch_size rows a batch, or batch_size rows of the longest prompt's positions)")
+                        "plan_batches: batch_size rows a batch; batch_size rows of the longest prompt's positions; "
+                        "the fewest positions and decode steps; auto: padding on a CPU, rows on a GPU)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="(16; 4)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--static_cache", action="store_true",
@@ -663,7 +664,8 @@ def run_validate(model, tokenizer, args, device, amp, log) -> dict:
 
 def val_path(row: dict) -> str:
     """A batched validation row in words: its batch size, batching and cache."""
-    return (f"batch {row['batch_size']}" + (", token batches" if row.get("batching") == "tokens" else "")
+    batching = row.get("batching", "rows")
+    return (f"batch {row['batch_size']}" + (f", {batching} batching" if batching != "rows" else "")
             + (", static KV cache" if row.get("static_cache") else ""))
 
 

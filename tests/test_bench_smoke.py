@@ -67,7 +67,7 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     assert [(b["batch_size"], b.get("batching"), b.get("static_cache", False)) for b in val["batched"]] == [
         (4, "rows", False), (4, "tokens", False), (4, None, True),
         (8, "rows", False), (8, "tokens", False), (8, None, True)] and val["rows"] == 4
-    assert "evaluate, batch 4, token batches" in proc.stdout
+    assert "evaluate, batch 4, tokens batching" in proc.stdout
     assert all(b["agreement_with_dynamic_cache"]["rows"] == 4 for b in val["batched"] if b.get("static_cache"))
     assert val["per_row"]["samples_per_s"] > 0 and val["agreement"]["rows"] == 2
     prof = result["profile"]
