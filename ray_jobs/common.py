@@ -23,7 +23,8 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | No
     group = parser.add_argument_group("training (conftok.TrainConfig)")
     for f in dataclasses.fields(TrainConfig):
         default = getattr(defaults, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        # argparse expands %(default)s and the like in help texts: a literal % (a share) must be %%.
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
         hint = hints[f.name]
         if hint is bool:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
