@@ -158,6 +158,22 @@ def interleave(variants: Mapping[str, Callable[[int], Any]], rounds: int, warmup
     return times
 
 
+def validation_plan(lengths_by_set: Mapping[str, Sequence[int]], batch_size: int, batching: str,
+                    decode_steps: int) -> dict[str, Any]:
+    """``conftok.evaluate.plan_batches`` per data set, as ``evaluate`` batches them: the batches, the most rows
+    in one, the positions the prefills compute and their padding share."""
+    from conftok.evaluate import plan_batches
+
+    batches = most = positions = real = 0
+    for lengths in lengths_by_set.values():
+        plan = plan_batches(lengths, batch_size, batching, decode_steps=decode_steps)
+        batches += len(plan)
+        most = max([most] + [len(b) for b in plan])
+        positions += sum(len(b) * max(lengths[i] for i in b) for b in plan)
+        real += sum(lengths)
+    return {"batches": batches, "most_rows": most, "positions": positions, "padding_share": 1 - real / positions}
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

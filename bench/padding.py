@@ -20,10 +20,9 @@ each the mean over ``--epochs`` epochs. No model is run; a few seconds once the 
 set, as ``evaluate`` batches them): for the first ``--val_rows`` rows of each data set (0: all), batches
 of ``batch_size`` rows (``"rows"``, a GPU's default) against ``"tokens"`` and ``"padding"`` (a CPU's
 default) batches: the batches, the most rows in one, the positions the prefill computes and their
-padding share. It also prints an estimate, not a
-measurement: seconds = batches x ``--steps`` x a decode step + prefill positions x a position's cost, for
-each ``--decode_step_ms`` (a decode step bound by launching kernels costs the same at any batch size) at
-``--prefill_position_us``. The defaults are what the second H200 run gives for the 7B-shaped model
+padding share. It also prints an estimate, not a measurement: seconds = batches x ``--steps`` x a
+decode step + prefill positions x a position's cost, for each ``--decode_step_ms`` (a decode step
+bound by launching kernels costs the same at any batch size) at ``--prefill_position_us``. The defaults are what the second H200 run gives for the 7B-shaped model
 (bench/README.md, "Validation batches"): 120 ms a step eager on that host, 47 on the first H200's, 6 for a
 step replayed as a CUDA graph (the weights read once), 25 us a prefill position.
 """
@@ -130,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validation_batches(args) -> int:
+    from benchlib import validation_plan
     from conftok.domains import resolve_domains
-    from conftok.evaluate import BATCHINGS, plan_batches
+    from conftok.evaluate import BATCHINGS
     from conftok.modeling import load_tokenizer
     from conftok.prompts import encode_prompt
     from conftok.smollm import ensure_smollm2
@@ -153,16 +153,13 @@ def validation_batches(args) -> int:
         rows = sum(map(len, lengths.values()))
         for batch_size in args.val_batch_sizes:
             for batching in BATCHINGS:
-                plans = [(ls, plan_batches(ls, batch_size, batching, decode_steps=args.steps + 1))  # as generate
-                         for ls in lengths.values()]
-                batches = sum(len(plan) for _, plan in plans)
-                most = max(len(b) for _, plan in plans for b in plan)
-                positions = sum(len(b) * max(ls[i] for i in b) for ls, plan in plans for b in plan)
-                real = sum(sum(ls) for ls in lengths.values())
-                estimate = [rows / (batches * args.steps * ms / 1e3 + positions * args.prefill_position_us / 1e6)
+                plan = validation_plan(lengths, batch_size, batching, args.steps + 1)  # as generate plans them
+                estimate = [rows / (plan["batches"] * args.steps * ms / 1e3
+                                    + plan["positions"] * args.prefill_position_us / 1e6)
                             for ms in args.decode_step_ms]
-                print(f"{rows:>5} {batch_size:>5} {batching:>8} {batches:>7} {most:>9} {positions:>10,} "
-                      f"{1 - real / positions:>7.1%}  " + "  ".join(f"{e:6.1f}" for e in estimate))
+                print(f"{rows:>5} {batch_size:>5} {batching:>8} {plan['batches']:>7} {plan['most_rows']:>9} "
+                      f"{plan['positions']:>10,} {plan['padding_share']:>7.1%}  "
+                      + "  ".join(f"{e:6.1f}" for e in estimate))
     return 0
 
 

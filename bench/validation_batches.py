@@ -26,7 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from benchlib import compare_records, machine_info, markdown_table, median, read_raw_rows, write_json  # noqa: E402
+from benchlib import (compare_records, machine_info, markdown_table, median, read_raw_rows,  # noqa: E402
+                      validation_plan, write_json)
 from validation import P_TOLERANCE, add_model_arguments, smollm2_for_validation  # noqa: E402
 
 
@@ -44,25 +45,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from conftok.evaluate import evaluate, plan_batches
+    from conftok.evaluate import evaluate
     from conftok.prompts import encode_prompt
 
     model, tokenizer, domains, amp = smollm2_for_validation(args)
 
     raw = read_raw_rows(args.data, args.rows // 2)
     n = sum(map(len, raw.values()))
-    plans = {}
-    for batching in args.batchings:  # as generate plans them: per data set, the answer budget + the token + scoring
-        batches = positions = real = most = 0
-        for name, rows in raw.items():
-            lengths = [len(encode_prompt(tokenizer, domains.for_dataset(name).build_question(r))) for r in rows]
-            plan = plan_batches(lengths, args.batch_size, batching, decode_steps=args.max_new_tokens + 2)
-            batches += len(plan)
-            most = max([most] + [len(b) for b in plan])
-            positions += sum(len(b) * max(lengths[i] for i in b) for b in plan)
-            real += sum(lengths)
-        plans[batching] = {"batches": batches, "most_rows": most, "positions": positions,
-                           "padding_share": 1 - real / positions}
+    lengths = {name: [len(encode_prompt(tokenizer, domains.for_dataset(name).build_question(r))) for r in rows]
+               for name, rows in raw.items()}
+    # As generate plans them: per data set, the answer budget + the token's step + the scoring step.
+    plans = {b: validation_plan(lengths, args.batch_size, b, args.max_new_tokens + 2) for b in args.batchings}
 
     def run(batching):
         return evaluate(model, tokenizer, raw, domains=domains, batch_size=args.batch_size,
