@@ -54,16 +54,19 @@ class TokenRowsOnly:
     A layer whose state is not the plain one (adapter disabled, as in ``model.disable_adapter()``;
     merged; several adapters active; an embedding with ``max_norm``; a head with a bias) runs PEFT's
     own forward, inside the block too. Entering sets an instance ``forward`` on each layer found;
-    leaving removes it. Re-entrant.
+    leaving puts back what was there (nothing, or an enclosing block's). Re-entrant, and nests with other
+    instances.
     """
 
     def __init__(self, model):
         self.layers = [m for m in trainable_token_layers(model) if _supported(m)]
         self._depth = 0
         self._index: dict[int, torch.Tensor] = {}  # id(layer) -> its indices, on its weight's device
+        self._before: list = []  # each layer's instance forward before entering (another block's), or None
 
     def __enter__(self):
         if self._depth == 0:
+            self._before = [layer.__dict__.get("forward") for layer in self.layers]
             for layer in self.layers:
                 layer.forward = _RowsForward(layer, self._index)
         self._depth += 1
@@ -72,8 +75,11 @@ class TokenRowsOnly:
     def __exit__(self, *exc) -> None:
         self._depth -= 1
         if self._depth == 0:
-            for layer in self.layers:
-                layer.__dict__.pop("forward", None)
+            for layer, before in zip(self.layers, self._before):
+                if before is None:
+                    layer.__dict__.pop("forward", None)
+                else:  # inside another TokenRowsOnly block (generate called within one): leave its forward
+                    layer.forward = before
 
 
 def _supported(layer) -> bool:

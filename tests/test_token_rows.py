@@ -147,3 +147,18 @@ def test_unmerged_generation_computes_the_rows_alone_with_peft_s_records(device,
         assert (a["response"], a["token"]) == (b["response"], b["token"])
         assert b["p_confident"] == pytest.approx(a["p_confident"], abs=1e-5)
     assert not any("forward" in layer.__dict__ for layer in trainable_token_layers(model))  # PEFT's forward back
+
+
+def test_blocks_of_two_instances_nest(device):
+    """generate opens its own block; called inside another (a training step's), leaving it keeps the outer
+    block's forward on the layers, and leaving the outer one gives PEFT's back."""
+    model, _, ids, _ = trained_model(device, tie=False)
+    layers = trainable_token_layers(model)
+    outer, inner = TokenRowsOnly(model), TokenRowsOnly(model)
+    with outer:
+        mine = [layer.__dict__["forward"] for layer in layers]
+        with inner:
+            assert all(layer.__dict__["forward"] is not f for layer, f in zip(layers, mine))
+        assert [layer.__dict__["forward"] for layer in layers] == mine
+        model(input_ids=ids)
+    assert not any("forward" in layer.__dict__ for layer in layers)
