@@ -45,7 +45,7 @@ from conftok.data import IGNORE_INDEX
 __all__ = ["padded_attention_guard", "BatchFacts", "host_facts", "CHECKPOINTING_KWARGS", "LoraInputsUncast",
            "position_ids_from_mask", "confidence_logits", "confidence_token_loss", "masked_lm_loss", "p_confident",
            "LossTerms", "training_loss", "base_topk", "attach_base_topk", "rows_base_topk", "token_budget_batches",
-           "ANSWER_CE_ROWS"]
+           "ANSWER_CE_ROWS", "TermSizes", "term_sizes", "group_loss"]
 
 ANSWER_CE_ROWS = ("all", "correct")
 
@@ -299,6 +299,44 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
         answer_ce = (nll * rows).sum() / rows.sum().clamp(min=1)
     loss = token + placement_weight * placement + (kl_weight or stored_kl_weight) * kl + answer_ce_weight * answer_ce
     return LossTerms(loss, token, placement, kl, logits[:, -1], answer_ce)
+
+
+class TermSizes(NamedTuple):
+    """What each of :func:`training_loss`'s terms averages over in one batch (:func:`term_sizes`)."""
+    token: float  # the rows, or their summed class weights when the token's classes are weighted
+    answer: float  # the positions that predict an answer token (placement, live or stored KL)
+    answer_ce: float  # those of them in the rows answer_ce guards (all rows, or the confident ones)
+
+
+def term_sizes(batch: dict[str, torch.Tensor], *, token_weights: torch.Tensor | None = None,
+               confident_ids: Sequence[int] = (), answer_ce_rows: str = "all") -> TermSizes:
+    """:class:`TermSizes` of a collated batch, read from its host copy (no device involved).
+
+    Gradient accumulation weighs each micro-batch's mean terms by these (:func:`group_loss`), so that a
+    step's gradient is the mean over all its rows and answer positions, as one batch of them all would
+    give, and not a mean of the micro-batches' means (which weighs the rows of a small micro-batch, or
+    the answer positions of short answers, more)."""
+    targets = batch["labels"][:, -1]
+    token = float(token_weights.cpu()[targets].sum()) if token_weights is not None else float(len(targets))
+    answer_mask = batch.get("answer_mask")
+    if answer_mask is None:
+        return TermSizes(token, 0.0, 0.0)
+    predicts_answer = answer_mask[:, 1:].bool()
+    guarded = predicts_answer
+    if answer_ce_rows == "correct":
+        guarded = predicts_answer & torch.isin(targets, torch.as_tensor(list(confident_ids), dtype=targets.dtype))[:, None]
+    return TermSizes(token, float(predicts_answer.sum()), float(guarded.sum()))
+
+
+def group_loss(terms: LossTerms, shares: TermSizes, *, placement_weight: float = 0.0, kl_weight: float = 0.0,
+               answer_ce_weight: float = 0.0, stored_kl_weight: float = 0.0, **ignored) -> torch.Tensor:
+    """A micro-batch's part of its step's loss: each of ``terms`` (a micro-batch's means, :func:`training_loss`)
+    times its ``shares`` (the micro-batch's :func:`term_sizes` over the whole step's), weighted as
+    ``training_loss`` weighs them. Summed over a step's micro-batches, this is the loss of one batch of them
+    all; with every share 1 it is ``terms.loss``."""
+    return (terms.token * shares.token + placement_weight * terms.placement * shares.answer
+            + (kl_weight or stored_kl_weight) * terms.kl * shares.answer
+            + answer_ce_weight * terms.answer_ce * shares.answer_ce)
 
 
 def _token_ce(logits: torch.Tensor, target: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:

@@ -50,7 +50,8 @@ from conftok.config import TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
-from conftok.loss import LoraInputsUncast, LossTerms, host_facts, padded_attention_guard, training_loss
+from conftok.loss import (LoraInputsUncast, LossTerms, TermSizes, group_loss, host_facts, padded_attention_guard,
+                          term_sizes, training_loss)
 from conftok.memory import auto_gradient_checkpointing
 from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model,
                               enable_gradient_checkpointing, model_device, replace_directory, resolve_backend, save_adapter)
@@ -119,10 +120,15 @@ class StepReading(NamedTuple):
 class TrainStep:
     """An optimizer step as :func:`train` takes it, with one CPU-GPU sync.
 
-    ``add(batch)`` for each micro-batch (a collated batch on the CPU): its facts are read on the host
+    ``add(batch)`` for a step of one batch, ``add_group(batches)`` for a step of several micro-batches
+    (gradient accumulation; collated batches on the CPU). Each batch's facts are read on the host
     (:func:`conftok.loss.host_facts`), it moves to the device without waiting, and the loss runs under bf16
     autocast with LoRA inputs uncast and the new tokens' rows computed alone
-    (:class:`conftok.token_rows.TokenRowsOnly`), then its backward. Nothing is read back. ``read()`` clips
+    (:class:`conftok.token_rows.TokenRowsOnly`), then its backward. Nothing is read back. A group's gradient
+    is the one its micro-batches would give as one batch: each term is weighed by the micro-batch's share of
+    what the term averages over in the whole step (rows, answer positions: :func:`conftok.loss.term_sizes`),
+    so a small or short-answered micro-batch (the last of an epoch, a length group's) counts for what it
+    holds, not for a full micro-batch. ``read()`` clips
     the gradients and reads every micro-batch's loss and terms and the gradient norm in one transfer.
     ``apply()`` runs the optimizer and clears the gradients. The caller checks the reading in between:
     a non-finite loss or norm is never applied.
@@ -139,7 +145,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, *, loss_kwargs: dict[str, Any], confidence_ids, confident_ids,
                  token_weights: torch.Tensor | None = None, bf16: bool = True, compiled: bool = False,
-                 max_grad_norm: float = 1.0, accumulation: int = 1, packed: bool = False,
+                 max_grad_norm: float = 1.0, packed: bool = False,
                  compute_loss: Callable[..., LossTerms] | None = None):
         self.model, self.optimizer = model, optimizer
         self.device = model_device(model)
@@ -149,15 +155,41 @@ class TrainStep:
         self.compiled, self.packed = compiled, packed
         # compute_loss: training_loss's signature and result (bench/gpu.py times a full-logits baseline through it)
         self.compute_loss = compute_loss or (packed_training_loss if packed else training_loss)
-        self.max_grad_norm, self.accumulation = max_grad_norm, accumulation
+        self.max_grad_norm = max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
         ids = {"confidence_ids": confidence_ids, "confident_ids": confident_ids}
         # The ids on the device once (a list would be copied to it, a sync, at every use).
         self.loss_kwargs = {**loss_kwargs, "token_weights": token_weights,
                             **{k: torch.tensor(sorted(v), dtype=torch.long, device=self.device) for k, v in ids.items()}}
         self._pending: list[torch.Tensor] = []  # each micro-batch's (loss, token, placement, KL, answer CE)
+        # What a group's shares are counted from, on the host: the class weights, the confident ids, which rows
+        # answer_ce guards (a custom compute_loss is used for steps of one batch only: add_group checks).
+        self._sizes = {"token_weights": None if token_weights is None else token_weights.cpu(),
+                       "confident_ids": sorted(confident_ids), "answer_ce_rows": loss_kwargs.get("answer_ce_rows", "all")}
+        self._custom_loss = compute_loss is not None
 
     def add(self, batch: dict[str, torch.Tensor]) -> None:
+        """A step of one batch: its forward and backward."""
+        self.add_group([batch])
+
+    def add_group(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """A step of several micro-batches (gradient accumulation): each one's forward and backward, its terms
+        weighed by its share of the step's rows and answer positions (:func:`conftok.loss.group_loss`)."""
+        if self._pending:
+            raise RuntimeError("TrainStep.add_group() with a step pending: read() it first")
+        if not batches:
+            raise ValueError("TrainStep.add_group() needs at least one batch")
+        if len(batches) == 1:
+            self._add(batches[0], None)
+            return
+        if self._custom_loss:
+            raise ValueError("a custom compute_loss takes steps of one batch (add), not groups")
+        sizes = [term_sizes(batch, **self._sizes) for batch in batches]
+        totals = [sum(column) for column in zip(*sizes)]
+        for batch, size in zip(batches, sizes):
+            self._add(batch, TermSizes(*(part / total if total else 0.0 for part, total in zip(size, totals))))
+
+    def _add(self, batch: dict[str, torch.Tensor], shares: TermSizes | None) -> None:
         facts = host_facts(batch, check_labels=not self.packed)  # read on the CPU copy: no sync
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         kwargs = self.loss_kwargs if self.packed else {**self.loss_kwargs, "facts": facts}
@@ -168,7 +200,7 @@ class TrainStep:
         # build_model's checkpointing recomputes under the forward's kernels by itself (CHECKPOINTING_KWARGS);
         # unsloth's own checkpointing does not, so its backward needs the guard here.
         with self._guard(batch, facts.padded):
-            (terms.loss / self.accumulation).backward()
+            (terms.loss if shares is None else group_loss(terms, shares, **self.loss_kwargs)).backward()
         self._pending.append(torch.stack([terms.loss, terms.token, terms.placement, terms.kl,
                                           terms.answer_ce]).detach().float())
 
@@ -177,7 +209,7 @@ class TrainStep:
 
     def read(self) -> StepReading:
         if not self._pending:
-            raise RuntimeError("TrainStep.read() before any add(batch)")
+            raise RuntimeError("TrainStep.read() before any add(batch) or add_group(batches)")
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         per_batch = torch.stack(self._pending)  # (micro-batches, 5)
         self._pending = []
@@ -359,7 +391,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                             token_weights=_token_class_weights(dataset, ids, model, device)
                             if cfg.balance_token_classes else None,
                             bf16=use_bf16, compiled=compiled, max_grad_norm=cfg.max_grad_norm,
-                            accumulation=cfg.gradient_accumulation_steps, packed=cfg.padding_free)
+                            packed=cfg.padding_free)
     pin = device.type == "cuda"  # pinned batches: their copy to the GPU does not wait (TrainStep.add)
     for epoch in range(state["epoch"], num_epochs):
         # Data order depends on (seed, epoch) only, so a resumed run sees the same batches. Both loaders
@@ -376,16 +408,17 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                                                  generator=generator, pin_memory=pin)
         skip = state["step_in_epoch"] * cfg.gradient_accumulation_steps if epoch == state["epoch"] else 0
         state["epoch"], state["step_in_epoch"] = epoch, state["step_in_epoch"] if skip else 0
-        micro = 0
+        group = []  # one optimizer step's micro-batches; the last of an epoch may hold fewer
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
-            step_runner.add(batch)
-            running_n += 1
-            micro += 1
+            group.append(batch)
             last_batch = i + 1 == len(loader)
-            if micro % cfg.gradient_accumulation_steps and not last_batch:
+            if len(group) < cfg.gradient_accumulation_steps and not last_batch:
                 continue
+            step_runner.add_group(group)
+            running_n += len(group)
+            group = []
             reading = step_runner.read()
             for k, loss_value in enumerate(reading.losses):
                 if not math.isfinite(loss_value):

@@ -42,10 +42,14 @@ class DeviceReads(TorchDispatchMode):
         return out
 
 
-def setup(tmp_path, device, *, bf16: bool):
+def tiny_lora(device, *, bf16: bool):
     tok = make_tokenizer()
-    model, tok = build_model(make_model(len(tok), seed=7, device=device), tokenizer=tok, backend="hf", bf16=bf16,
-                             lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False, device=device)
+    return build_model(make_model(len(tok), seed=7, device=device), tokenizer=tok, backend="hf", bf16=bf16,
+                       lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False, device=device)
+
+
+def setup(tmp_path, device, *, bf16: bool):
+    model, tok = tiny_lora(device, bf16=bf16)
     ds = ConfidenceDataset(write_jsonl(tmp_path / "t.jsonl", long_answer_rows()), tok)
     cfg = TrainConfig()  # the default loss: placement and the stored KL
     attach_base_topk(ds, model, cfg.stored_kl_top_k, progress=False)
@@ -53,8 +57,7 @@ def setup(tmp_path, device, *, bf16: bool):
     domains = resolve_domains()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     step = train_module.TrainStep(model, optimizer, loss_kwargs=cfg.loss_kwargs(), confidence_ids=ids.values(),
-                                  confident_ids=[ids[d.confident_token] for d in domains], bf16=bf16,
-                                  accumulation=2)
+                                  confident_ids=[ids[d.confident_token] for d in domains], bf16=bf16)
     collate = ConfidenceCollator(tok.pad_token_id)
     batches = [collate([ds[i] for i in range(0, 3)]), collate([ds[i] for i in range(3, 6)])]
     twins = [collate([ds[i], ds[i]]) for i in (1, 4)]  # one row twice: no padding
@@ -70,8 +73,7 @@ def test_a_step_reads_the_device_once(tmp_path, device, monkeypatch):
     own values."""
     model, step, batches, twins, cfg, ids = setup(tmp_path, device, bf16=False)
     model.train()
-    for batch in batches:  # the first step: the new tokens' indices go to the device once
-        step.add(batch)
+    step.add_group(batches)  # the first step: the new tokens' indices go to the device once
     step.read()
     step.optimizer.zero_grad(set_to_none=True)
     real_facts = train_module.host_facts
@@ -83,19 +85,27 @@ def test_a_step_reads_the_device_once(tmp_path, device, monkeypatch):
         finally:
             counter.paused = False
 
+    real_sizes = train_module.term_sizes
+
+    def term_sizes(batch, **kwargs):  # the group's shares, from the host copies too
+        counter.paused = True
+        try:
+            return real_sizes(batch, **kwargs)
+        finally:
+            counter.paused = False
+
     monkeypatch.setattr(train_module, "host_facts", host_facts)
+    monkeypatch.setattr(train_module, "term_sizes", term_sizes)
     found = {}
     for name, micro in (("unpadded", twins), ("padded", batches)):
         counter = DeviceReads()
         with counter:
-            for batch in micro:
-                step.add(batch)
+            step.add_group(micro)
             reading = step.read()
         found[name] = (counter.reads, counter.lifted, counter.mask_reads)
         step.optimizer.zero_grad(set_to_none=True)
     assert found == {"unpadded": (0, 0, 2), "padded": (0, 0, 4)}
-    for batch in batches:  # the padded micro-batches again, for the values below
-        step.add(batch)
+    step.add_group(batches)  # the padded micro-batches again, for the values below
     reading = step.read()
 
     expected = []
@@ -135,6 +145,59 @@ def test_the_loss_with_host_facts_is_the_loss_without(tmp_path, device):
     assert not host_facts(twins[0]).padded and host_facts(batches[0]).padded
 
 
+ACCUMULATED_LOSSES = {
+    "the defaults (placement, stored KL)": {},
+    "live KL, answer CE on the confident rows, weighted classes": {
+        "stored_kl_weight": 0.0, "kl_weight": 1.0, "answer_ce_weight": 0.5, "answer_ce_rows": "correct"},
+}
+
+
+@pytest.mark.parametrize("loss", list(ACCUMULATED_LOSSES))
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tmp_path, device, loss):
+    """Six rows (answers of 1 to 7 tokens) as one batch, as micro-batches of 4 + 2 and of 1 + 5, and as the last
+    group of an epoch (one micro-batch where two would make a step): the same gradient each time. Weighing
+    each micro-batch's mean terms equally (the loss / accumulation) gave the single row of a 5 + 1 split
+    5/2 times its weight, and a lone last micro-batch half its gradient."""
+    model, tok = tiny_lora(device, bf16=False)
+    cfg, ids = TrainConfig(), token_ids(tok, resolve_domains().tokens)
+    ds = ConfidenceDataset(write_jsonl(tmp_path / "t.jsonl", long_answer_rows()), tok)
+    attach_base_topk(ds, model, cfg.stored_kl_top_k, progress=False)
+    with torch.no_grad():  # LoRA B away from 0: every LoRA matrix gets a gradient, and the KL terms one too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+    model.train()
+    kwargs = {**cfg.loss_kwargs(), **ACCUMULATED_LOSSES[loss]}
+    weights = None
+    if kwargs["answer_ce_rows"] == "correct":
+        weights = torch.ones(model.get_output_embeddings().weight.shape[0], device=device)
+        weights[sorted(ids.values())] = torch.tensor([0.5, 2.0, 1.5, 3.0], device=device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    step = train_module.TrainStep(model, optimizer, loss_kwargs=kwargs, confidence_ids=ids.values(),
+                                  confident_ids=[ids[d.confident_token] for d in resolve_domains()],
+                                  token_weights=weights, bf16=False, max_grad_norm=1e9)
+    collate = ConfidenceCollator(tok.pad_token_id)
+    rows = [ds[i] for i in range(len(ds))]
+
+    def gradient(groups):
+        step.add_group([collate(group) for group in groups])
+        step.read()
+        flat = torch.cat([p.grad.flatten() for p in step.params if p.grad is not None])
+        optimizer.zero_grad(set_to_none=True)
+        return flat
+
+    one = gradient([rows])
+    assert one.norm() > 0
+    for split in ([rows[:4], rows[4:]], [rows[:1], rows[1:]], [rows[2:3], rows[:2], rows[3:]]):
+        torch.testing.assert_close(gradient(split), one, **tolerance(torch.float32))
+    step.add(collate(rows))  # a step of one batch is the batch's own loss
+    assert step.read().grad_norm == pytest.approx(one.norm().item(), rel=1e-5)
+    optimizer.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="read"):
+        step.add(collate(rows))
+        step.add(collate(rows))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True])
 def test_a_cuda_step_synchronizes_only_where_it_reads(tmp_path, cuda_device, compiled):
@@ -154,16 +217,14 @@ def test_a_cuda_step_synchronizes_only_where_it_reads(tmp_path, cuda_device, com
     for name, micro in (("unpadded", twins), ("padded", batches)):
         micro = [{k: v.pin_memory() for k, v in b.items()} for b in micro]  # as train's loader pins them
         for _ in range(2):  # the compile, the indices' copy: before the count
-            for b in micro:
-                step.add(b)
+            step.add_group(micro)
             step.read()
             step.apply()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                for b in micro:
-                    step.add(b)
+                step.add_group(micro)
                 torch.cuda.set_sync_debug_mode(0)
                 step.read()  # the one read, by design
                 torch.cuda.set_sync_debug_mode("warn")
