@@ -15,7 +15,7 @@ import torch
 from conftok.domains import DomainSet
 from conftok.lora_targets import present_target_modules, trainable_token_indices
 from conftok.memory import auto_gradient_checkpointing
-from conftok.tokens import add_confidence_tokens
+from conftok.tokens import add_confidence_tokens, init_token_rows
 
 
 def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_r: int, lora_alpha: int,
@@ -36,7 +36,8 @@ def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    ids = list(add_confidence_tokens(tokenizer, model, domains.tokens, init=token_init).values())
+    ids = list(add_confidence_tokens(tokenizer, None, domains.tokens).values())
+    init_token_rows(model, tokenizer, ids, token_init)  # also when the tokenizer held the tokens already
     if gradient_checkpointing == "auto":
         gradient_checkpointing = auto_gradient_checkpointing(model, batch_size=batch_size,
                                                              seq_len=seq_len or max_seq_length, lora_r=lora_r,

@@ -191,7 +191,10 @@ def build_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    ids = add_confidence_tokens(tokenizer, model, domains.tokens, init=token_init)
+    # The rows are set on every base model prepared here, also when the tokenizer held the tokens already
+    # (reused from an earlier build): add_confidence_tokens sets only the rows of tokens it adds.
+    ids = add_confidence_tokens(tokenizer, None, domains.tokens)
+    init_token_rows(model, tokenizer, list(ids.values()), token_init)
     if quant_config is None:
         model.to(device)
     if gradient_checkpointing == "auto":

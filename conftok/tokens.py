@@ -48,7 +48,9 @@ def add_confidence_tokens(tokenizer, model, tokens: Sequence[str] | None = None,
     past its tokenizer, and new ids land there). Rows of newly added tokens are set, input and
     output alike, from the end-of-turn token's rows (``init="end_of_turn"``: C and U start equal,
     so p_confident starts at 0.5, and the token starts where the model would stop) or from the
-    mean of all rows (``init="mean"``). Calling it again adds and changes nothing. A token that is
+    mean of all rows (``init="mean"``). Calling it again adds and changes nothing: the rows of tokens the
+    tokenizer already held are left as the model has them (:func:`init_token_rows` sets them; ``build_model``
+    calls it on every base model it prepares). A token that is
     already another entry of the vocabulary (``<|im_end|>``) raises :class:`~conftok.domains.DomainError`.
 
     Args:

@@ -80,6 +80,21 @@ class TestSpecialTokens:
         assert again == first and len(tokenizer) == size
         assert torch.equal(tiny_model.get_input_embeddings().weight, snapshot)
 
+    def test_build_model_sets_the_rows_with_a_tokenizer_that_holds_the_tokens(self, tokenizer, device):
+        """A tokenizer reused from an earlier build (a notebook's second ``train(cfg, model=..., tokenizer=...)``)
+        already holds the tokens; the fresh base model's rows are still set, not left as whatever its spare rows
+        held (Qwen2.5 has spare rows past its tokenizer)."""
+        from conftok.modeling import build_model
+
+        eot = end_of_turn_token_id(tokenizer)
+        for seed in (1, 2):  # the second build gets the tokenizer the first one extended
+            base = make_model(len(tokenizer) + 16, seed=seed, device=device)
+            model, tokenizer = build_model(base, tokenizer=tokenizer, backend="hf", bf16=False, lora_r=4,
+                                           gradient_checkpointing=False, device=device)
+            emb = base.get_input_embeddings().weight
+            ids = [tokenizer.convert_tokens_to_ids(t) for t in TOKENS]
+            assert all(torch.equal(emb[i], emb[eot]) for i in ids), seed
+
     def test_never_shrinks_a_larger_matrix(self, tokenizer, device):
         rows = len(tokenizer) + 64  # Qwen2.5: more rows than tokens
         model = make_model(rows, device=device)
