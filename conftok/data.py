@@ -8,7 +8,9 @@ confidence token, which is always the last position of an example.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,17 @@ class TaggedRow:
     line: int
 
 
+@functools.lru_cache(maxsize=16)
+def _token_finder(tokens: tuple[str, ...]) -> re.Pattern:
+    """The domain set's own tokens (any form a domain may give them: ``<SURE_LAW>``) and anything shaped like a
+    confidence token (``<C_X>``, to name tokens the domains lack); longest first."""
+    return re.compile("|".join([*map(re.escape, sorted(tokens, key=len, reverse=True)), TOKEN_PATTERN.pattern]))
+
+
 def split_tagged_response(response: str, domains: DomainSet, dataset: str) -> tuple[str, str]:
     """Split ``"Yes <C_READ>"`` into ``("Yes", "<C_READ>")``; raise ValueError saying what is wrong."""
     domain = domains.for_dataset(dataset)
-    found = TOKEN_PATTERN.findall(response)
+    found = _token_finder(tuple(domains.tokens)).findall(response)
     known = [t for t in found if domains.for_token(t) is not None]
     expected = " or ".join(domain.tokens)
     if not known:

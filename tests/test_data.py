@@ -134,6 +134,25 @@ class TestDataPipeline:
         with pytest.raises(DataError, match="no rows"):
             read_tagged_rows(tmp_path / "empty.jsonl")
 
+    @pytest.mark.parametrize("confident, unconfident", [("<SURE_LAW>", "<UNSURE_LAW>"), ("<c_law>", "<u_law>"),
+                                                        ("<C_LAW-2>", "<U_LAW-2>")])
+    def test_custom_tokens_of_any_accepted_form(self, tmp_path, confident, unconfident):
+        """A domain's tokens need only look like <NAME>; tagged rows with them are read (they were refused as
+        "no confidence token" when only <C_X>/<U_X> shapes were looked for)."""
+        domains = resolve_domains([*resolve_domains(), {"name": "law", "datasets": ["lawqa"],
+                                   "confident_token": confident, "unconfident_token": unconfident,
+                                   "task": "multiple_choice"}])
+        t = make_tokenizer()
+        add_confidence_tokens(t, None, domains.tokens)
+        rows = [{"question": "Q", "tagged_response": f"B {unconfident}", "dataset": "lawqa"},
+                {"question": "Q", "tagged_response": f"C{confident}", "dataset": "lawqa"}]
+        ds = ConfidenceDataset(write_jsonl(tmp_path / "d.jsonl", rows), t, domains=domains)
+        assert [int(ds[i]["labels"][-1]) for i in range(2)] == t.convert_tokens_to_ids([unconfident, confident])
+        bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q", "tagged_response": f"B {confident} {unconfident}",
+                                                    "dataset": "lawqa"}])
+        with pytest.raises(DataError, match="2 confidence tokens"):
+            read_tagged_rows(bad, domains)
+
     def test_custom_domain_rows(self, tmp_path):
         domains = resolve_domains([*resolve_domains(), {"name": "law", "datasets": ["lawqa"],
                                    "confident_token": "<C_LAW>", "unconfident_token": "<U_LAW>",
