@@ -64,12 +64,14 @@ def encode_example(tokenizer, question: str, answer: str, token_id: int, max_len
     if len(prompt_ids) <= budget:
         return prompt_ids, answer_ids, False
     q_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
-    keep = len(q_ids) - (len(prompt_ids) - budget)
-    # Re-tokenizing a decoded slice can merge differently at the cut; shrink until it fits.
-    while keep > 0:
-        prompt_ids = encode_prompt(tokenizer, tokenizer.decode(q_ids[-keep:]))
+    keep = max(len(q_ids) - (len(prompt_ids) - budget), 0)
+    # Re-tokenizing a decoded slice can merge differently at the cut; shrink until it fits, down to no
+    # question at all (which fits exactly when the budget is the empty prompt's length).
+    while True:
+        prompt_ids = encode_prompt(tokenizer, tokenizer.decode(q_ids[len(q_ids) - keep:]))
         excess = len(prompt_ids) - budget
         if excess <= 0:
             return prompt_ids, answer_ids, True
-        keep -= excess
-    return None
+        if keep == 0:
+            return None
+        keep = max(keep - excess, 0)

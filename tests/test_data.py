@@ -79,6 +79,17 @@ class TestDataPipeline:
         text = tok.decode(ids)
         assert text.startswith("<|im_start|>user\n") and "Is it long?<|im_end|>" in text  # the end of the question stays
 
+    def test_truncation_down_to_no_question(self, tok):
+        """At a budget of exactly the empty question's prompt + answer + token the row fits with its question cut
+        to nothing; one token less and it does not (the error then names that length as the least allowed)."""
+        from conftok.prompts import encode_example
+
+        token = tok.convert_tokens_to_ids("<C_READ>")
+        least = sum(map(len, encode_example(tok, "", "Yes", token, 512)[:2])) + 1
+        prompt, answer, truncated = encode_example(tok, "Is the sky blue today?", "Yes", token, least)
+        assert truncated and prompt == encode_prompt(tok, "") and len(prompt) + len(answer) + 1 == least
+        assert encode_example(tok, "Is the sky blue today?", "Yes", token, least - 1) is None
+
     def test_a_row_that_cannot_fit_is_an_error_naming_its_line(self, tok, tmp_path):
         """Even one row whose answer and token alone exceed max_seq_length stops the run: a silently
         smaller training set is worse than a clear stop."""
