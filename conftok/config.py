@@ -14,9 +14,18 @@ from conftok.inputs import InputError
 from conftok.loss import ANSWER_CE_ROWS
 from conftok.modeling import BACKENDS, DEFAULT_TARGET_MODULES, QUANTIZATIONS
 
-__all__ = ["TrainConfig", "ConfigError"]
+__all__ = ["TrainConfig", "ConfigError", "RESUME_MAY_CHANGE"]
 
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+
+# Fields a run resumed from its checkpoint may change: where and how often it validates, writes and logs,
+# and how its steps are computed (numerics aside). Any other field shapes the run itself (the model, the
+# data and its order, the batches, the schedule, the loss): changing one would splice two runs into one.
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "hf_repo", "progress", "logging_steps", "save_total_limit", "eval_steps", "val_sources", "val_split",
+    "val_max_samples", "eval_batch_size", "eval_static_cache", "eval_batching", "max_new_tokens", "calib_beta",
+    "calib_p_norm", "score_lambda", "bf16", "gradient_checkpointing", "torch_compile", "padding_free",
+    "reference_cache", "trust_remote_code"})
 
 
 class ConfigError(InputError):
@@ -220,6 +229,25 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["target_modules"] = list(self.target_modules)
+        return out
+
+    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
+        """``"field: saved -> now"`` for each field outside :data:`RESUME_MAY_CHANGE` on which this config and
+        ``saved`` (the ``to_dict()`` of the config a checkpoint was written under) differ."""
+        import os
+
+        now = self.to_dict()
+        out = []
+        for name, value in now.items():
+            if name in RESUME_MAY_CHANGE or name not in saved:
+                continue
+            before = saved[name]
+            if name == "train_data" and isinstance(before, str):  # the same file, however it is named
+                before, value = os.path.realpath(before), os.path.realpath(value)
+            if isinstance(before, list) and isinstance(value, (list, tuple)):
+                value = list(value)
+            if before != value:
+                out.append(f"{name}: {before!r} -> {value!r}")
         return out
 
     @classmethod

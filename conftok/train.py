@@ -46,7 +46,7 @@ from conftok import metrics as M
 from conftok.checkpoint import (TRAINER_STATE_FILE, TRAINER_STATE_FILES, drop_trainer_state, link_tree,
                                 load_trainer_state, save_trainer_state)
 from conftok.compiling import compile_layers, compiler_available, uncompiled_layers
-from conftok.config import TrainConfig
+from conftok.config import ConfigError, TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.evaluate import evaluate, load_rows, print_validation_block
@@ -61,7 +61,8 @@ from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.token_rows import TokenRowsOnly
 from conftok.tokens import token_ids
 
-__all__ = ["train", "TrainStep", "StepReading", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets"]
+__all__ = ["train", "TrainStep", "StepReading", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets",
+           "check_resume_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +262,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         val_sets: raw validation rows per data set, instead of ``cfg.val_sources``.
     """
     out = Path(cfg.output_dir)  # made once the inputs are read: a bad input leaves nothing behind
+    if resume_from is not None:
+        check_resume_config(cfg, Path(resume_from))
     if resume_from is not None and (finished := _finished_run(out, Path(resume_from))) is not None:
         print(f"{resume_from} is the last checkpoint of the run finished in {finished.final_dir}: nothing to train",
               flush=True)
@@ -333,7 +336,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     from torch.utils.tensorboard import SummaryWriter
 
     out.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(out / "logs"), purge_step=state["global_step"] or None)
+    # Resumed after step K: the events an earlier process wrote after K go (it may have logged past its last
+    # checkpoint before it died); K's own, which this process does not write again, stay.
+    writer = SummaryWriter(str(out / "logs"), purge_step=state["global_step"] + 1 if resume_from is not None else None)
     print(f"Training on {len(dataset)} examples ({dataset.truncated} with the question cut to fit); {total_steps} "
           f"optimizer steps; token counts {dataset.token_counts()}; device {device}", flush=True)
     if cfg.group_by_length:
@@ -384,7 +389,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     model.train()
     last_validated = state["global_step"] if resume_from is not None else -1
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="Training", disable=not cfg.progress)
-    running_loss, running_n, running_terms = 0.0, 0, [0.0] * 4
+    # The logging window's sums since the last logged step (loss, micro-batches, each term), kept in the state: a
+    # resumed run logs the window that straddles the checkpoint as the uninterrupted run did.
+    window = state.setdefault("log_window", [0.0, 0, 0.0, 0.0, 0.0, 0.0])
     ids = token_ids(tokenizer, domains.tokens)
     step_runner = TrainStep(model, optimizer, loss_kwargs=cfg.loss_kwargs(), confidence_ids=ids.values(),
                             confident_ids=[ids[d.confident_token] for d in domains],
@@ -417,7 +424,6 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             if len(group) < cfg.gradient_accumulation_steps and not last_batch:
                 continue
             step_runner.add_group(group)
-            running_n += len(group)
             group = []
             reading = step_runner.read()
             for k, loss_value in enumerate(reading.losses):
@@ -432,8 +438,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                     f"gradient norm is {grad_norm} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch {i + 1}) "
                     f"with a finite loss ({loss_value:.4g}); the parameters were not updated. Try --no-bf16 or "
                     f"--gradient_checkpointing false, and report the model and attention implementation")
-            running_loss += sum(reading.losses)
-            running_terms = [a + b for a, b in zip(running_terms, reading.terms)]
+            window[:] = [window[0] + sum(reading.losses), window[1] + len(reading.losses),
+                         *(a + b for a, b in zip(window[2:], reading.terms))]
             step_runner.apply()
             scheduler.step()
             state["global_step"] += 1
@@ -442,13 +448,13 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % cfg.logging_steps == 0 or step == total_steps:
-                writer.add_scalar(M.TRAIN_LOSS, running_loss / running_n, step)
+                writer.add_scalar(M.TRAIN_LOSS, window[0] / window[1], step)
                 names = (M.TRAIN_TOKEN_LOSS, M.TRAIN_PLACEMENT_LOSS, M.TRAIN_KL, M.TRAIN_ANSWER_CE)
-                for name, value in zip(names, running_terms):
-                    writer.add_scalar(name, value / running_n, step)
+                for name, value in zip(names, window[2:]):
+                    writer.add_scalar(name, value / window[1], step)
                 writer.add_scalar(M.TRAIN_LEARNING_RATE, scheduler.get_last_lr()[0], step)
                 writer.add_scalar(M.TRAIN_GRAD_NORM, grad_norm, step)
-                running_loss, running_n, running_terms = 0.0, 0, [0.0] * 4
+                window[:] = [0.0, 0, 0.0, 0.0, 0.0, 0.0]
             end_of_epoch = last_batch
             if step >= total_steps:
                 break
@@ -505,6 +511,20 @@ def decide_torch_compile(cfg: TrainConfig, device: torch.device, hf_backend: boo
     if not ok:
         return False, f"off (auto): {why}"
     return True, "on (auto): the decoder layers compile at the first step of each new length"
+
+
+def check_resume_config(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Raise :class:`~conftok.config.ConfigError` when ``checkpoint`` was written under settings that shape a run
+    (:meth:`TrainConfig.resume_conflicts`) other than ``cfg``'s: resuming would go on with the old run's
+    optimizer, schedule and data order under the new settings, or return the old run's adapter if it had
+    finished, as if it were the new one. A checkpoint without its config (an older conftok) is not checked."""
+    meta = checkpoint / METADATA_FILE
+    saved = json.loads(meta.read_text()).get("config") if meta.is_file() else None
+    conflicts = cfg.resume_conflicts(saved) if isinstance(saved, dict) else []
+    if conflicts:
+        raise ConfigError(f"cannot resume from {checkpoint}: it was written by a run with other settings "
+                          f"({'; '.join(conflicts)}). Resume with the settings that run was started with, or start "
+                          "a new run in another output_dir")
 
 
 def _finished_run(out: Path, checkpoint: Path) -> TrainResult | None:

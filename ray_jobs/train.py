@@ -167,6 +167,26 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig(**{**cfg.to_dict(), **paths})
 
 
+def check_stored_run(cfg: TrainConfig, storage: str, name: str) -> None:
+    """Raise :class:`~conftok.config.ConfigError` when Ray's storage holds a run ``name`` (which Ray Train resumes
+    from its last checkpoint) written under settings that shape a run other than ``cfg``'s. Local storage only:
+    on s3:// the worker's own check (:func:`conftok.train.check_resume_config`) refuses it."""
+    from conftok.config import ConfigError
+    from conftok.train import check_resume_config
+
+    if "://" in storage:
+        return
+    run = Path(storage) / name
+    steps = {int(p.name.split("-")[1]): p for p in run.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
+    if not steps:
+        return
+    try:
+        check_resume_config(cfg, steps[max(steps)])
+    except ConfigError as e:
+        raise ConfigError(f"{e}. Ray would resume run {name!r} from {steps[max(steps)]}: give another --output_dir "
+                          f"or --name, or delete {run} to start over") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ray_jobs.common import (ResourceError, autoscaling_gpus, check_resources, config_from_args,
@@ -182,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = with_absolute_paths(cfg)
+    output_dir = Path(cfg.output_dir)
+    name = args.name or output_dir.name
+    storage = args.storage_path or str(output_dir.parent / "ray_results")
+    try:  # Ray resumes a run of this name it finds in storage: refuse one started under other settings
+        check_stored_run(cfg, storage, name)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     resources = init_ray(args.address)
     per_node_gpus, _ = autoscaling_gpus()
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if resources.get("GPU") or per_node_gpus else 0.0)
@@ -191,9 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     except ResourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    output_dir = Path(cfg.output_dir)
-    name = args.name or output_dir.name
-    storage = args.storage_path or str(output_dir.parent / "ray_results")
     print(f"Ray Train: 1 worker, {num_gpus:g} GPU, {cpus:g} CPU; run {name!r} in {storage}", flush=True)
     trainer = build_trainer(cfg, name=name, storage_path=storage, num_gpus=num_gpus, cpus_per_worker=cpus,
                             max_failures=args.max_failures)

@@ -15,6 +15,7 @@ import torch
 from conftest import feature_rows, make_model, make_tokenizer, to_device, write_jsonl
 
 from conftok import TrainConfig, train
+from conftok.config import ConfigError
 from conftok.checkpoint import TRAINER_STATE_FILE, TRAINER_STATE_FILES, TRAINER_TENSORS_FILE
 from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.loss import confidence_logits, p_confident
@@ -85,6 +86,14 @@ def _scalars(logdir, tag):
     acc = EventAccumulator(str(logdir))
     acc.Reload()
     return [e.value for e in acc.Scalars(tag)]
+
+
+def _steps_and_scalars(logdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 class TestIntegration:
@@ -247,6 +256,13 @@ class TestIntegration:
                         resume_from=tmp_path / "stopped" / "checkpoint-4")
         assert resumed.global_step == 6
         assert [p.name for p in (tmp_path / "stopped" / "checkpoint-4").iterdir()] == ["validation.json"]
+        # TensorBoard, resumed into the same logs: every step the uninterrupted run logged, with its values (the
+        # resumed process purges what came after step 4, not step 4's validation; the training loss's logging
+        # window, steps 1-6 here, straddles the checkpoint and comes back with it).
+        for tag in ("val/accuracy", "val/calibration_error", "train/loss", "train/placement_loss"):
+            there, here = _steps_and_scalars(run / "logs", tag), _steps_and_scalars(tmp_path / "stopped" / "logs", tag)
+            assert [s for s, _ in here] == [s for s, _ in there] and len(there) >= 1, tag
+            assert [v for _, v in here] == pytest.approx([v for _, v in there], rel=1e-5), tag
         a = load_file(str(full.final_dir / "adapter_model.safetensors"))
         b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
@@ -255,6 +271,17 @@ class TestIntegration:
                       resume_from=run / "checkpoint-6", on_validation=stop_at(6))  # would raise if it validated
         assert again.global_step == 6 and again.final_dir == run / "final"
         assert [m["step"] for m in again.history] == [2, 4, 6] and again.best == full.best
+
+        # Other settings that shape a run: refused before anything loads, for a finished run as for one to go on
+        # (it would return the old adapter, or splice the old optimizer and data order into the new run).
+        for checkpoint, changed in ((run / "checkpoint-6", {"learning_rate": cfg.learning_rate / 10}),
+                                    (tmp_path / "stopped" / "checkpoint-6", {"seed": cfg.seed + 1, "num_epochs": 9})):
+            other = TrainConfig(**{**cfg.to_dict(), **changed, "eval_steps": 3, "progress": False})
+            with pytest.raises(ConfigError, match="other settings") as e:
+                train(other, model=make_model(len(tokenizer), seed=0), tokenizer=make_tokenizer(), val_sets=VAL,
+                      resume_from=checkpoint)
+            assert all(f"{name}: {getattr(cfg, name)!r} -> {value!r}" in str(e.value) for name, value in changed.items())
+            assert "eval_steps" not in str(e.value)  # where and how often it validates may change
 
     def test_validation_batches_as_eval_batching_says(self, tmp_path, train_on_device, monkeypatch):
         """TrainConfig.eval_batching reaches validation's plan_batches, with eval_batch_size; its default, "auto",

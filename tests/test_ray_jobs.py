@@ -302,3 +302,29 @@ def test_every_job_prints_its_help(job, capsys):
     assert "usage:" in out
     if job == "train":  # one flag per TrainConfig field
         assert "--eval_batching" in out and "69% padding" in out
+
+
+def test_a_rerun_with_other_settings_is_refused_before_ray_starts(assets, tmp_path, monkeypatch, capsys):
+    """Ray Train resumes a run of the same name it finds in storage (the default name: the output_dir's). Run again
+    into the same --output_dir with another learning rate, the job stops before Ray starts (exit 2), naming the
+    setting and the way out, instead of resuming the old run's optimizer and data order (or returning its
+    adapter, had it finished) under the new flags. The same flags pass the check (a rerun resumes)."""
+    import ray_jobs.common
+    from ray_jobs.common import config_from_args
+    from ray_jobs.train import check_stored_run, main, parse_args, with_absolute_paths
+
+    monkeypatch.setattr(ray_jobs.common, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    argv = ["--model_name", assets["model"], "--train_data", assets["train"], "--output_dir", str(tmp_path / "run"),
+            "--backend", "hf", "--learning_rate", "5e-3", "--val_sources", *(f"{k}={v}" for k, v in assets["val"].items())]
+    cfg = with_absolute_paths(config_from_args(parse_args(argv)))
+    stored = tmp_path / "ray_results" / "run"
+    for step, config in ((2, {**cfg.to_dict(), "learning_rate": 1.0}), (4, {**cfg.to_dict(), "learning_rate": 1e-2})):
+        (stored / f"checkpoint-{step}").mkdir(parents=True)
+        (stored / f"checkpoint-{step}" / "conftok.json").write_text(json.dumps({"config": config}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate: 0.01 -> 0.005" in err and "checkpoint-4" in err  # the checkpoint Ray would resume
+    assert f"delete {stored}" in err and "--output_dir" in err
+    (stored / "checkpoint-4" / "conftok.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    check_stored_run(cfg, str(tmp_path / "ray_results"), "run")  # the same settings: Ray may resume it
+    check_stored_run(cfg, str(tmp_path / "elsewhere"), "run")  # nothing stored
