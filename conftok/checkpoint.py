@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 __all__ = ["TRAINER_STATE_FILE", "TRAINER_TENSORS_FILE", "TRAINER_STATE_FILES", "save_trainer_state",
-           "load_trainer_state", "get_rng_state", "set_rng_state", "link_tree", "drop_trainer_state"]
+           "load_trainer_state", "get_rng_state", "set_rng_state", "link_tree", "drop_trainer_state", "remove_leftovers"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def link_tree(src: str | os.PathLike, dst: str | os.PathLike, *, skip: Iterable[
     """
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
     try:
         os.rmdir(tmp)  # copytree creates it
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip), copy_function=_link_or_copy)
@@ -194,3 +195,42 @@ def link_tree(src: str | os.PathLike, dst: str | os.PathLike, *, skip: Iterable[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+# What a write in progress is named (every one in a run's tree carries its process's id): a checkpoint's staging
+# directory, a directory moved aside to be replaced, a temporary file or directory.
+_IN_PROGRESS = re.compile(r"^\..+\.(?:staging|old|tmp)-(\d+)(?:-\w+)?$")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+    """Delete what a process killed in the middle of a write left in ``directory``: its hidden staging, moved-aside
+    and temporary entries (``.checkpoint-8.staging-4711``: half a checkpoint, ~0.5 GB for a 7B's LoRA and
+    optimizer state, or hard links that keep deleted checkpoints' bytes on disk). Only entries of processes no
+    longer running on this machine go; returns them."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        match = _IN_PROGRESS.match(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or _running(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        logger.warning("removed %d entr%s left by an interrupted write in %s: %s", len(removed),
+                       "y" if len(removed) == 1 else "ies", directory, ", ".join(p.name for p in removed))
+    return removed

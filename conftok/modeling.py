@@ -254,7 +254,8 @@ def save_adapter(model, tokenizer, out_dir: str | os.PathLike, *, domains=None,
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     domains = resolve_domains(domains)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # Named with the pid, as every temporary of a run's tree (conftok.checkpoint.remove_leftovers).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, save_embedding_layers=False, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from conftok import metrics as M
 from conftok.checkpoint import (TRAINER_STATE_FILE, TRAINER_STATE_FILES, drop_trainer_state, link_tree,
-                                load_trainer_state, save_trainer_state)
+                                load_trainer_state, remove_leftovers, save_trainer_state)
 from conftok.compiling import compile_layers, compiler_available, uncompiled_layers
 from conftok.config import ConfigError, TrainConfig
 from conftok.data import ConfidenceCollator, ConfidenceDataset
@@ -335,6 +335,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
 
     from torch.utils.tensorboard import SummaryWriter
 
+    for directory in (out, _reference_cache(cfg, out)):  # an earlier process's half-written checkpoint or cache file
+        if directory is not None:
+            remove_leftovers(directory)
     out.mkdir(parents=True, exist_ok=True)
     # Resumed after step K: the events an earlier process wrote after K go (it may have logged past its last
     # checkpoint before it died); K's own, which this process does not write again, stay.

@@ -104,3 +104,30 @@ class TestTrainerState:
         with caplog.at_level(logging.WARNING, logger="conftok.checkpoint"):
             set_rng_state(state)
         assert "1 CUDA random state(s) but CUDA is not available" in caplog.text
+
+
+def test_remove_leftovers_deletes_the_writes_of_dead_processes_only(tmp_path):
+    """A process killed mid-save leaves its staging directory (half a checkpoint), a moved-aside directory or a
+    temporary file, each named with its pid; conftok.train removes those of processes no longer running when it
+    starts in that output_dir. A running process's (this one's, its parent's) and every other entry stay."""
+    import os
+    import subprocess
+    import sys
+
+    from conftok.checkpoint import link_tree, remove_leftovers
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    left = [f".checkpoint-8.staging-{dead}", f".best_accuracy.tmp-{dead}-k2x_9a", f".final.old-{dead}"]
+    kept = [f".checkpoint-10.staging-{os.getpid()}", f".final.old-{os.getppid()}", "checkpoint-6", ".hidden",
+            ".staging-12", "best_calibration"]
+    for name in left + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / f".validation.json.tmp-{dead}").write_text("{")
+    left.append(f".validation.json.tmp-{dead}")
+    assert sorted(p.name for p in remove_leftovers(tmp_path)) == sorted(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    # link_tree's and save_adapter's temporaries carry the pid too: a killed one is found the same way
+    link_tree(tmp_path / "checkpoint-6", tmp_path / "final")
+    assert remove_leftovers(tmp_path) == [] and remove_leftovers(tmp_path / "nothing") == []
