@@ -12,8 +12,12 @@ ALL_METRICS = [calibration_error, reliability_bins, brier_score, auroc]
 
 
 def brute_force_calib_err(confidence, correct, beta, p, skip_last=False):
-    """Loop-by-loop restatement of the spec: stable sort, floor(n/beta) bins, remainder last."""
+    """Loop-by-loop restatement of the spec: sort, floor(n/beta) bins, remainder last, each item counting with the
+    mean correctness of the items of its confidence (not in the original, ``skip_last``)."""
     n = len(confidence)
+    if not skip_last:
+        correct = [sum(correct[j] for j in range(n) if confidence[j] == confidence[i])
+                   / sum(confidence[j] == confidence[i] for j in range(n)) for i in range(n)]
     order = sorted(range(n), key=lambda i: confidence[i])  # Python's sort is stable
     n_bins = max(n // beta, 1)
     bins = []
@@ -104,20 +108,40 @@ class TestCalibration:
     def test_perfect_calibration_is_zero(self, confidence, correct, p):
         assert calibration_error(confidence, correct, beta=2, p=p) == 0.0
 
-    def test_stable_sort_decides_ties(self):
-        # The two 0.5s tie. Stable order keeps input order: 0.1(0), 0.5(1) | 0.5(0), 0.9(1).
-        # Bin 1: conf 0.3, acc 0.5, d = 0.2. Bin 2: conf 0.7, acc 0.5, d = 0.2. p=1: 0.2.
-        # Had the tie been broken the other way: 0.1(0), 0.5(0) | 0.5(1), 0.9(1), d = 0.3 each.
+    def test_ties_count_with_their_groups_mean_correctness(self):
+        # The two 0.5s tie and a bin edge falls between them. Each counts as right half the time:
+        # 0.1(0), 0.5(0.5) | 0.5(0.5), 0.9(1). Bin 1: conf 0.3, acc 0.25, d = 0.05; bin 2: conf 0.7, acc 0.75.
+        # Input order used to decide (0.2 or 0.3 for the same pairs listed in two orders).
         confidence = [0.9, 0.5, 0.5, 0.1]
-        assert calibration_error(confidence, [1, 1, 0, 0], beta=2, p="1") == pytest.approx(0.2)
-        # Same pairs, tied items listed in the other order: the answer follows input order.
-        assert calibration_error(confidence, [1, 0, 1, 0], beta=2, p="1") == pytest.approx(0.3)
+        assert calibration_error(confidence, [1, 1, 0, 0], beta=2, p="1") == pytest.approx(0.05)
+        assert calibration_error(confidence, [1, 0, 1, 0], beta=2, p="1") == pytest.approx(0.05)
 
-    def test_all_tied_follows_input_order(self):
-        # All confidences 0.5: only input order separates the bins.
-        # [1, 1, 0, 0] -> bins acc 1 | acc 0, d = 0.5 each. [1, 0, 1, 0] -> acc 0.5 twice, d = 0.
-        assert calibration_error([0.5] * 4, [1, 1, 0, 0], beta=2, p="1") == pytest.approx(0.5)
-        assert calibration_error([0.5] * 4, [1, 0, 1, 0], beta=2, p="1") == 0.0
+    @pytest.mark.parametrize("p", ["1", "2", "infty"])
+    def test_a_constant_confidence_is_its_gap_to_the_accuracy_in_any_order(self, p):
+        """0.5 for every item, 35 of 100 right, bins of 25: |0.5 - 0.35| = 0.15 for every order of the rows
+        (0.151 to 0.436 by order when ties followed input order)."""
+        rng = np.random.default_rng(0)
+        correct = np.r_[np.ones(35), np.zeros(65)]
+        for _ in range(20):
+            assert calibration_error(np.full(100, 0.5), rng.permutation(correct), beta=25, p=p) == pytest.approx(0.15)
+        bins = reliability_bins(np.full(100, 0.5), rng.permutation(correct), n_bins=4, strategy="quantile")
+        assert [b["accuracy"] for b in bins] == pytest.approx([0.35] * 4)
+
+    def test_order_never_matters(self):
+        """Any permutation of the same (confidence, correct) pairs gives the same error, ties or not."""
+        rng = np.random.default_rng(1)
+        for _ in range(30):
+            n = int(rng.integers(1, 60))
+            conf = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9], size=n)
+            corr = rng.integers(0, 2, size=n)
+            perm = rng.permutation(n)
+            beta = int(rng.integers(1, 20))
+            assert calibration_error(conf[perm], corr[perm], beta=beta) == pytest.approx(
+                calibration_error(conf, corr, beta=beta), abs=1e-12)
+
+    def test_all_tied_is_the_gap_to_the_accuracy(self):
+        assert calibration_error([0.5] * 4, [1, 1, 0, 0], beta=2, p="1") == 0.0
+        assert calibration_error([0.5] * 4, [1, 1, 1, 0], beta=2, p="1") == pytest.approx(0.25)
 
     def test_accepts_bool_and_numpy_inputs(self):
         confidence = np.array([0.6, 0.2, 0.8, 0.4], dtype=np.float32)
