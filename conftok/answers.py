@@ -156,40 +156,66 @@ _MARKER = re.compile(
 _LETTER_AT = re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]|([A-Za-z])(?![A-Za-z0-9'\-])")
 # "(A) or (B)", "A/B": two letters offered, none chosen.
 _LETTER_DISJUNCTION = re.compile(r"\s*(?:or|/)\s*[(\[]?\s*[A-Za-z]\s*[)\]]?(?![A-Za-z])", re.IGNORECASE)
-_LIST_LINE = re.compile(r"^\s*[(\[]?\s*([A-Za-z])\s*[)\].:]", re.MULTILINE)
+# "A, B, C or D", "B, C and E", "D, E.": letters listed, none chosen (upper case: "A, a 45-year-old ..." is a choice).
+_LETTER_LIST = re.compile(r"\s*,\s*[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:,|or\b|and\b|/|[.;]?\s*$)")
+# A line that opens with a letter as a list item: "A. Gentamicin", "(B) x", or the letter alone ("A\nB\nC").
+_LIST_LINE = re.compile(r"^\s*[(\[]?\s*([A-Za-z])\s*(?:[)\].:]|$)", re.MULTILINE)
+# What may follow a letter for it to count: the end of its line, or ")", ".", ":", "," or ";".
+_LETTER_END = re.compile(r"[ \t]*(?:$|\r?\n|[).:,;])")
 _PARENTHESISED = re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]")
 
 
 def _letter_at(text: str, pos: int, allowed: tuple[str, ...], texts: Mapping[str, str]) -> str | None:
     """The option letter written at ``text[pos:]``, if it is marked as one.
 
-    A letter offered together with another ("(A) or (B)", "A/B") never counts. Otherwise it
-    counts when it is in parentheses "(B)"/"[b]", or followed by the end of the text,
-    ")", ".", ":", "," or ";", or followed by its own option text ("A Medication" when A is
+    A letter offered together with another ("(A) or (B)", "A/B", "A, B, C or D") never counts.
+    Otherwise it counts when it is in parentheses "(B)"/"[b]", or followed by the end of its
+    line, ")", ".", ":", "," or ";", or followed by its own option text ("A Medication" when A is
     "Medication"). An upper-case letter also counts before "is"/"was"/"because"/a dash
     ("B is correct", "Option C is right"). Anything else is a word: the article in
-    "A 45-year-old man", "The answer is a beta blocker".
+    "A 45-year-old man", "The answer is a beta blocker". A letter followed by another option's text
+    and not its own ("A. Folate" when Folate is option C) is two choices: ``_CONFLICT``, read as none.
     """
     match = _LETTER_AT.match(text, pos)
     if match is None:
         return None
     rest = text[match.end():]
-    if _LETTER_DISJUNCTION.match(rest):
+    if _LETTER_DISJUNCTION.match(rest) or _LETTER_LIST.match(rest):
         return None
     if match.group(1) is not None:
         letter = match.group(1).upper()
-        return letter if letter in allowed else None
+        if letter not in allowed:
+            return None
+        return _CONFLICT if _names_another_option(rest, letter, texts) else letter
     raw = match.group(2)
     letter = raw.upper()
     if letter not in allowed:
         return None
-    if re.match(r"\s*(?:$|[).:,;])", rest):
-        return letter
+    end = _LETTER_END.match(rest)
+    if end is not None:
+        return _CONFLICT if _names_another_option(rest[end.end():], letter, texts) else letter
     if letter in texts and f"{_normalize_text(rest)} ".startswith(f"{texts[letter]} "):
         return letter
     if raw.isupper() and _LETTER_VERBS.match(rest):
         return letter
     return None
+
+
+# _letter_at's answer for a letter written with another option's text ("A. Folate", Folate being C): no choice.
+_CONFLICT = "conflict"
+
+
+def _names_another_option(after: str, letter: str, texts: Mapping[str, str]) -> bool:
+    """Whether the line after a written letter opens with another option's text and not with the letter's own:
+    "A. Folate" when Folate is option C names two choices, which is none (8.6% of SmolLM2's real MedQA answers)."""
+    line = _normalize_text(after.split("\n", 1)[0])
+    if not line:
+        return False
+    def opens_with(text: str) -> bool:
+        return f"{line} ".startswith(f"{text} ")
+    if letter in texts and opens_with(texts[letter]):
+        return False
+    return any(opens_with(text) for other, text in texts.items() if other != letter)
 
 
 def _match_option_text(answer: str, texts: Mapping[str, str]) -> str | None:
@@ -207,9 +233,8 @@ def _match_option_text(answer: str, texts: Mapping[str, str]) -> str | None:
         return exact[0]
     if len(exact) > 1:
         return None
-    inside = [letter for letter, text in texts.items() if _contains_phrase(normalized, text)]
-    if not inside and len(normalized) >= 3:
-        inside = [letter for letter, text in texts.items() if _contains_phrase(text, normalized)]
+    inside = [letter for letter, text in texts.items() if _contains_phrase(normalized, text)
+              or (len(normalized) >= 3 and _contains_phrase(text, normalized))]
     if len(inside) == 1:
         return inside[0]
     widest = [
@@ -225,7 +250,9 @@ def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> 
     must be one of its keys (A-E when ``options`` is None). Tried in order, first hit wins:
 
     1. a letter at the start, after an optional "Answer:"/"The answer is"/"Option":
-       "C", "(B)", "B)", "A: Medication", "A. Medication", "Answer: (c)"; skipped when the
+       "C", "(B)", "B)", "A: Medication", "A. Medication", "Answer: (c)", "B" alone on the first
+       line (an explanation below); ``None`` for a letter written with another option's text
+       ("A. Folate" when Folate is C); skipped when the
        text restates the option list (two or more lines opening with different letters,
        "A. x" then "B. y" on the next line), which is no choice (nor is step 4 tried then);
     2. a letter after an answer marker anywhere: "... so the answer is D", "I choose (b)";
@@ -256,12 +283,12 @@ def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> 
         prefix = _LEADING_PREFIX.match(cleaned)
         letter = _letter_at(cleaned, prefix.end() if prefix else 0, allowed, texts)
         if letter is not None:
-            return letter
+            return None if letter == _CONFLICT else letter
 
     for marker in _MARKER.finditer(cleaned):
         letter = _letter_at(cleaned, marker.end(), allowed, texts)
         if letter is not None:
-            return letter
+            return None if letter == _CONFLICT else letter
 
     in_parentheses = {m.group(1).upper() for m in _PARENTHESISED.finditer(cleaned)}
     in_parentheses &= set(allowed)

@@ -130,6 +130,35 @@ class TestAnswerExtraction:
     def test_restated_option_list(self, text, expected):
         assert parse_option_letter(text, OPTIONS) == expected
 
+    NUTRIENTS = {"A": "Iron", "B": "Folate", "C": "Vitamin B12", "D": "Zinc"}
+
+    @pytest.mark.parametrize("text, expected", [
+        ("B\nExplanation: the patient has no iron deficiency", "B"),  # was A, from "iron" in the explanation
+        ("The answer is C\nThis patient lacks iron", "C"),
+        ("Answer: B\nBecause", "B"),
+        ("(D)\nZinc is needed for wound healing", "D"),
+        ("A\nB\nC\nD", None),  # the letters restated, one a line: no choice
+    ])
+    def test_a_letter_alone_on_its_line(self, text, expected):
+        assert parse_option_letter(text, self.NUTRIENTS) == expected
+
+    @pytest.mark.parametrize("text, expected", [
+        ("A. Folate", None), ("(A) Folate", None), ("The answer is A: Vitamin B12 deficiency", None),
+        ("B. Folate", "B"), ("B. Folate, because the smear shows", "B"), ("A. Iron deficiency", "A"),
+        ("C. Vitamin B12", "C"), ("A. Something else entirely", "A"),
+    ])
+    def test_a_letter_with_another_options_text_is_no_choice(self, text, expected):
+        assert parse_option_letter(text, self.NUTRIENTS) == expected
+
+    @pytest.mark.parametrize("text", ["A, B, C or D", "B, C and D", "D, E.", "A, B"])
+    def test_listed_letters_are_no_choice(self, text):
+        assert parse_option_letter(text, {**self.NUTRIENTS, "E": "Copper"}) is None
+
+    def test_a_contained_and_a_containing_option_together_widest_wins(self):
+        """"iron deficiency" contains option A's text and is contained in B's: of the two, B, whose text holds A's."""
+        options = {"A": "Iron", "B": "Iron deficiency anemia", "C": "Zinc", "D": "Scurvy"}
+        assert parse_option_letter("iron deficiency", options) == "B"
+
     def test_letters_must_be_option_keys(self):
         options = {"A": "x", "B": "y", "C": "z", "D": "w"}
         assert parse_option_letter("E", options) is None
