@@ -16,6 +16,9 @@ TRAIN_LEARNING_RATE = "train/learning_rate"
 TRAIN_GRAD_NORM = "train/grad_norm"
 STEP = "step"
 EPOCH = "epoch"
+# The run's n-th validation (1, 2, ...), counting those before a resume: Tune's own training_iteration restarts
+# at 1 in a trial restarted by `ray_jobs.tune --resume`, whose run goes on from its checkpoint.
+VALIDATION = "validation"
 
 # Per-domain keys are f"val/{domain}/{name}" with these names.
 DOMAIN_METRICS = ("token_accuracy", "calibration_error", "brier", "auroc", "answer_accuracy",

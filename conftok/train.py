@@ -332,6 +332,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     if resume_from is not None:
         state = _load_checkpoint(Path(resume_from), model, optimizer, scheduler)
         logger.info("resumed from %s at step %d", resume_from, state["global_step"])
+        _relink_best(out, Path(resume_from), state)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -362,7 +363,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 f"validation after step {step} (epoch {epoch:.1f}): {e}; the update of step {step} diverged. Try a "
                 f"lower learning_rate (now {cfg.learning_rate}) or a longer warmup") from None
         print_validation_block(result, epoch)
-        metrics = {**result["metrics"], M.STEP: step, M.EPOCH: epoch}
+        metrics = {**result["metrics"], M.STEP: step, M.EPOCH: epoch, M.VALIDATION: len(state["history"]) + 1}
         metrics[M.VAL_SCORE] = metrics[M.VAL_ACCURACY] - cfg.score_lambda * metrics[M.VAL_CALIBRATION_ERROR]
         for key, value in metrics.items():
             if key.startswith("val/") and isinstance(value, (int, float)) and math.isfinite(value):
@@ -590,6 +591,27 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{path}: adapter does not match the model (unexpected keys {result.unexpected_keys[:5]})")
     return load_trainer_state(path, optimizer=optimizer, scheduler=scheduler)  # also restores every random state
+
+
+_BEST = (("best_accuracy", M.VAL_ACCURACY), ("best_calibration", M.VAL_CALIBRATION_ERROR))  # directory = state key
+
+
+def _relink_best(out: Path, checkpoint: Path, state: dict[str, Any]) -> None:
+    """Point ``best_*/`` at ``checkpoint`` where its validation set that best figure but the directory does not
+    show it: a process stopped between writing the checkpoint and linking ``best_*/`` to it (the resumed run
+    takes the figure from the checkpoint's state and would not link it again)."""
+    history = state.get("history") or []
+    if not history:
+        return
+    for name, key in _BEST:
+        first = next((m for m in history if m.get(key) == state.get(name)), None)
+        if first is None or first[M.STEP] != state["global_step"]:
+            continue
+        shown = out / name / VALIDATION_FILE
+        step = json.loads(shown.read_text())["metrics"].get(M.STEP) if shown.is_file() else None
+        if step != state["global_step"]:
+            link_tree(checkpoint, out / name, skip=TRAINER_STATE_FILES)
+            logger.info("%s: linked to %s (the run stopped before it was)", out / name, checkpoint)
 
 
 def _prune_checkpoints(out: Path, keep: int | None) -> None:

@@ -57,9 +57,9 @@ def replay_finished_run(output_dir: Path, ray_run_dir: str) -> bool:
     history = json.loads(record.read_text())["history"]
     print(f"Trial {output_dir.name} finished before the search was stopped: reporting its {len(history)} "
           f"validation(s) from {record} again, not training it again", flush=True)
-    for metrics in history:
+    for number, metrics in enumerate(history, 1):
         checkpoint = f"{ray_run_dir.rstrip('/')}/checkpoint-{int(metrics[M.STEP])}"
-        ray.tune.report({**scalar_metrics(metrics), CHECKPOINT_PATH_KEY: checkpoint})
+        ray.tune.report({M.VALIDATION: number, **scalar_metrics(metrics), CHECKPOINT_PATH_KEY: checkpoint})
     return True
 
 
@@ -75,6 +75,10 @@ class ResumableOptunaSearch(OptunaSearch):
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Optuna's step: the run's validation number; Tune's training_iteration restarts at 1 in a trial that
+        # --resume started again (its run goes on from its checkpoint), and Optuna drops a step it has seen.
+        if M.VALIDATION in result:
+            result = {**result, "training_iteration": int(result[M.VALIDATION])}
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:

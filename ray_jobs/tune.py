@@ -82,7 +82,8 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
                                 study_name=space.name)
         scheduler = None
         if space.scheduler.get("type", "asha") == "asha":
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.scheduler.get("max_t", 100),
+            # Rungs count the run's validations, not Tune's iterations (they restart with a resumed trial).
+            scheduler = ASHAScheduler(time_attr=M.VALIDATION, max_t=space.scheduler.get("max_t", 100),
                                       grace_period=space.scheduler.get("grace_period", 1),
                                       reduction_factor=space.scheduler.get("reduction_factor", 2))
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=M.VAL_SCORE, mode="max",
@@ -108,7 +109,8 @@ def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[d
         row = {"trial": trial_id, **{p: train.get(p) for p in TABLE_PARAMS}}
         row.update({
             "accuracy": m.get(M.VAL_ACCURACY), "calibration_error": m.get(M.VAL_CALIBRATION_ERROR),
-            "score": m.get(M.VAL_SCORE), "validations": m.get("training_iteration"), "step": m.get(M.STEP),
+            "score": m.get(M.VAL_SCORE), "validations": m.get(M.VALIDATION, m.get("training_iteration")),
+            "step": m.get(M.STEP),
             "status": "ERROR" if result.error else ("TERMINATED" if _finished(m, trials_dir, trial_id) else "STOPPED"),
             "error": error_reason(result.error),
             "checkpoint": m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None),

@@ -255,6 +255,7 @@ class TestIntegration:
         resumed = train(stopped, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL,
                         resume_from=tmp_path / "stopped" / "checkpoint-4")
         assert resumed.global_step == 6
+        assert [(m["step"], m["validation"]) for m in resumed.history] == [(2, 1), (4, 2), (6, 3)]  # counted on
         assert [p.name for p in (tmp_path / "stopped" / "checkpoint-4").iterdir()] == ["validation.json"]
         # TensorBoard, resumed into the same logs: every step the uninterrupted run logged, with its values (the
         # resumed process purges what came after step 4, not step 4's validation; the training loss's logging
@@ -282,6 +283,46 @@ class TestIntegration:
                       resume_from=checkpoint)
             assert all(f"{name}: {getattr(cfg, name)!r} -> {value!r}" in str(e.value) for name, value in changed.items())
             assert "eval_steps" not in str(e.value)  # where and how often it validates may change
+
+    def test_a_run_stopped_before_linking_its_best_links_it_when_resumed(self, tmp_path, train_on_device,
+                                                                         monkeypatch):
+        """Stopped after checkpoint-2 was written and before best_*/ were linked to it (the first validation is
+        the best so far on both counts): resumed from checkpoint-2, the run links them (its state already holds
+        the figures, so no later validation would) and ends with the uninterrupted run's best_*/."""
+        train_module = importlib.import_module("conftok.train")
+
+        class Stop(Exception):
+            pass
+
+        tokenizer = make_tokenizer()
+        cfg = TrainConfig(model_name="in-process", train_data=write_jsonl(tmp_path / "t.jsonl", feature_rows(16)),
+                          output_dir=str(tmp_path / "run"), backend="hf", batch_size=4, max_steps=6, eval_steps=2,
+                          learning_rate=1e-2, lora_r=4, lora_alpha=8, bf16=False, gradient_checkpointing=False,
+                          calib_beta=4, eval_batch_size=8, max_new_tokens=4, progress=False)
+        train(cfg, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL)
+
+        def best_steps(run):
+            return {name: json.loads((run / name / "validation.json").read_text())["metrics"]["step"]
+                    for name in ("best_accuracy", "best_calibration")}
+
+        real_link = train_module.link_tree
+
+        def link_tree(src, dst, **kwargs):
+            if Path(dst).name.startswith("best_"):
+                raise Stop
+            return real_link(src, dst, **kwargs)
+
+        stopped = TrainConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "stopped")})
+        with monkeypatch.context() as mp:
+            mp.setattr(train_module, "link_tree", link_tree)
+            tokenizer = make_tokenizer()
+            with pytest.raises(Stop):
+                train(stopped, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL)
+        assert not (tmp_path / "stopped" / "best_accuracy").exists()
+        tokenizer = make_tokenizer()
+        train(stopped, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL,
+              resume_from=tmp_path / "stopped" / "checkpoint-2")
+        assert best_steps(tmp_path / "stopped") == best_steps(tmp_path / "run")
 
     def test_validation_batches_as_eval_batching_says(self, tmp_path, train_on_device, monkeypatch):
         """TrainConfig.eval_batching reaches validation's plan_batches, with eval_batch_size; its default, "auto",

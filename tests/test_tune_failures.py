@@ -203,6 +203,19 @@ class TestRecoveryPieces:
         (trial,) = load_trials(tmp_path, "s")
         assert trial.state.name == "COMPLETE" and trial.value == 0.2 and trial.intermediate_values == {1: 0.1, 2: 0.2}
 
+    def test_optunas_step_is_the_runs_validation_number(self, tmp_path):
+        """A trial restarted by --resume reports training_iteration 1, 2, ... again while its run goes on from its
+        checkpoint (validations 3, 4): Optuna records them under the run's validation numbers. Under Tune's count
+        it drops them as steps it has already seen."""
+        from conftok import metrics as M
+
+        searcher = self.searcher(tmp_path / "study.db")
+        searcher.suggest("t1")
+        for iteration, validation, score in ((1, 1, 0.1), (2, 2, 0.2), (1, 3, 0.3), (2, 4, 0.4)):
+            searcher.on_trial_result("t1", {"score": score, "training_iteration": iteration, M.VALIDATION: validation})
+        (trial,) = load_trials(tmp_path, "s")
+        assert trial.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
+
     def test_orphaned_running_trials_are_failed(self, tmp_path):
         from ray_jobs.recovery import fail_orphaned_trials
 
