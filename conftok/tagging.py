@@ -19,18 +19,22 @@ from conftok.domains import resolve_domains
 from conftok.evaluate import generate
 from conftok.prompts import encode_prompt
 
-__all__ = ["tag_rows", "tag_dataset", "collect_tagged", "write_tagged", "tag_to_file"]
+__all__ = ["tag_rows", "tag_dataset", "collect_tagged", "write_tagged", "summary_file", "tag_to_file", "check_tag_inputs"]
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
+# An option letter opening the answer ("A. Buspirone", "(B) x"): its period ends no sentence.
+_LEADING_LETTER = re.compile(r"\s*[(\[]?\s*[A-Za-z]\s*[)\].:]")
 
 
 def complete_answer(text: str, finished: bool) -> str:
-    """The answer to tag. A response cut by ``max_new_tokens`` ("No, Elena does not still have")
+    """The answer to tag. A response cut by ``max_new_tokens`` ("No, Elena does not. She sold")
     is trimmed after its first sentence, so the token follows a complete answer, as it does when
-    the model stops by itself; one without a sentence end is kept as it is."""
+    the model stops by itself; one without a sentence end is kept as it is. An option letter's
+    period ("A. Buspirone\nB. ...") is not a sentence end: the sentence goes on to the line's end."""
     if finished:
         return text
-    end = _SENTENCE_END.search(text)
+    start = _LEADING_LETTER.match(text)
+    end = _SENTENCE_END.search(text, start.end() if start else 0)
     return text[:end.end()].strip() if end else text
 
 
@@ -40,7 +44,8 @@ def tag_rows(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
 
     Rows whose response is empty cannot carry a token after an answer and are left out (counted
     as ``empty`` in the summary); responses cut by ``max_new_tokens`` are trimmed after their
-    first sentence (:func:`complete_answer`, counted as ``trimmed``).
+    first sentence where that keeps the answer the whole response gives (:func:`complete_answer`,
+    counted as ``trimmed``). Right or wrong is judged on the whole response, as validation judges it.
     """
     domains = resolve_domains(domains)
     outcomes = {name: tag_dataset(model, tokenizer, name, rows, domains=domains, batch_size=batch_size,
@@ -64,10 +69,15 @@ def tag_dataset(model, tokenizer, dataset_name: str, rows: Sequence[Mapping[str,
                     desc=f"Tagging {dataset_name}", progress=progress)
     outcomes = []
     for row, question, gen in zip(rows, questions, gens):
+        # Judged on the whole response, as validation judges it ("A. x\nB. y\nC." restates the options: no
+        # answer, though its first line alone reads as A); trimmed only where that keeps the answer.
+        answer = domain.parse_answer(gen.text, row) if gen.text.strip() else None
         text = complete_answer(gen.text, gen.finished)
-        outcome = {"tagged": None, "empty": not text, "trimmed": text != gen.text, "unparsed": False, "correct": False}
+        if text != gen.text and domain.parse_answer(text, row) != answer:
+            text = gen.text.strip()
+        outcome = {"tagged": None, "empty": not text, "trimmed": text.strip() != gen.text.strip(), "unparsed": False,
+                   "correct": False}
         if text:
-            answer = domain.parse_answer(text, row)
             is_correct = answer is not None and answer == domain.gold_answer(row)
             token = domain.confident_token if is_correct else domain.unconfident_token
             outcome.update(tagged={"question": question, "tagged_response": f"{text} {token}", "dataset": dataset_name},
@@ -97,21 +107,51 @@ def write_tagged(tagged: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
     """Write tagged rows and ``<out>.summary.json`` atomically (temp file, then rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in tagged:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    summary_path = out.with_suffix(".summary.json")
-    tmp = summary_path.with_name(f".{summary_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, summary_path)
+    summary_path = summary_file(out)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in tagged)
+    for path, text in ((out, lines), (summary_path, json.dumps(summary, indent=2))):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
+
+
+def summary_file(out: str | os.PathLike) -> Path:
+    """The summary written beside ``out``: ``tagged.jsonl`` -> ``tagged.summary.json``, ``tagged.v1`` ->
+    ``tagged.v1.summary.json`` (each output its own)."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
 
 
 def tag_to_file(model, tokenizer, rows_by_dataset, out, **kwargs) -> tuple[Path, dict]:
     tagged, summary = tag_rows(model, tokenizer, rows_by_dataset, **kwargs)
     return write_tagged(tagged, summary, out), summary
+
+
+def check_tag_inputs(model_name: str, data: Sequence[str], out: str | os.PathLike, *, split: str = "train",
+                     limit: int | None = None, domains=None, trust_remote_code: bool = False):
+    """``(domains, rows per data set in --data order, tokenizer)`` for a tagging job, every input checked first:
+    the ``name=source`` pairs, every row of the local files (``conftok.preflight``), ``out`` not a directory,
+    the tokens new to the model's vocabulary. Raises :class:`~conftok.inputs.InputError` naming what is wrong,
+    before a model is loaded or anything is written (``python -m conftok.tagging`` and ``ray_jobs.tag``)."""
+    from conftok.evaluate import load_rows
+    from conftok.inputs import InputError
+    from conftok.modeling import load_tokenizer
+    from conftok.preflight import check_validation_sources, parse_sources
+
+    domains = resolve_domains(domains)
+    parsed = parse_sources(list(data))
+    rows = check_validation_sources(parsed, domains, "--data", split, limit)  # the local files'
+    rows.update({name: load_rows(source, split=split, limit=limit, domain=domains.for_dataset(name))
+                 for name, source in parsed.items() if name not in rows})  # Hub sources
+    if Path(out).is_dir():
+        raise InputError(f"--out {out}: is a directory; expected the path of the tagged .jsonl file")
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    domains.check_vocabulary(tokenizer, model_name)
+    return domains, {name: rows[name] for name in parsed}, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,10 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from conftok.evaluate import load_rows
     from conftok.inputs import InputError, positive_int
-    from conftok.modeling import load_tokenizer
-    from conftok.preflight import check_validation_sources, parse_sources
 
     parser = argparse.ArgumentParser(description="Tag raw rows with a base model's own answers (<C_X> right, <U_X> wrong).")
     parser.add_argument("--model_name", required=True, help="Hub id or local directory")
@@ -142,16 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     try:  # every row and the tokens checked before the model is loaded or --out written
-        domains = resolve_domains(args.domains)
-        data = parse_sources(args.data)
-        rows = check_validation_sources(data, domains, "--data", args.split, args.limit)  # the local files'
-        rows.update({name: load_rows(source, split=args.split, limit=args.limit, domain=domains.for_dataset(name))
-                     for name, source in data.items() if name not in rows})  # Hub sources
-        sources = {name: rows[name] for name in data}
-        if Path(args.out).is_dir():
-            raise InputError(f"--out {args.out}: is a directory; expected the path of the tagged .jsonl file")
-        tokenizer = load_tokenizer(args.model_name, trust_remote_code=args.trust_remote_code)
-        domains.check_vocabulary(tokenizer, args.model_name)
+        domains, sources, tokenizer = check_tag_inputs(args.model_name, args.data, args.out, split=args.split,
+                                                       limit=args.limit, domains=args.domains,
+                                                       trust_remote_code=args.trust_remote_code)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -113,24 +113,16 @@ def largest_node_cpus() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from conftok.domains import resolve_domains
-    from conftok.evaluate import load_rows
-    from conftok.tagging import write_tagged
+    from conftok.inputs import InputError
+    from conftok.tagging import check_tag_inputs, write_tagged
     from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, init_ray
 
-    domains = resolve_domains(args.domains)
-    sources, problems = {}, []
-    for name, source in args.data:
-        if name not in domains.dataset_names:
-            problems.append(f"--data {name}={source}: unknown data set {name!r}; known: {domains.dataset_names}")
-        elif name in sources:
-            problems.append(f"--data {name}: given twice")
-        else:
-            sources[name] = source
-    if problems:
-        print("error: " + "; ".join(problems), file=sys.stderr)
+    try:  # the single-process tagging's checks: every row, --out, the tokens, before Ray starts
+        domains, rows, _ = check_tag_inputs(args.model_name, args.data, args.out, split=args.split, limit=args.limit,
+                                            domains=args.domains, trust_remote_code=args.trust_remote_code)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = {name: load_rows(source, split=args.split, limit=args.limit) for name, source in sources.items()}
 
     resources = init_ray(args.address)
     _, max_gpus = autoscaling_gpus()
@@ -165,18 +157,18 @@ def _gpu_count(text: str) -> int | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ray_jobs.common import _key_value
+    from conftok.inputs import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name", required=True, help="Hub id or a directory every node can read")
-    parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE", type=_key_value,
+    parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE",
                         help="raw rows per data set: local .jsonl/.parquet or a Hub name (split --split)")
     parser.add_argument("--out", required=True, help="tagged JSONL to write (a .summary.json goes beside it)")
     parser.add_argument("--split", default="train", help="split for Hub sources")
-    parser.add_argument("--limit", type=int, default=None, help="rows per data set")
-    parser.add_argument("--batch_size", type=int, default=16, help="rows per generate() call")
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--limit", type=positive_int, default=None, help="rows per data set")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="rows per generate() call")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=16)
     parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
     parser.add_argument("--trust_remote_code", action="store_true",

@@ -359,6 +359,10 @@ class TestTagging:
         rows = read_tagged_rows(out)  # what tagging writes, training reads
         assert [r.token for r in rows] == ["<C_READ>", "<U_READ>", "<C_READ>"]
         assert json.loads((tmp_path / "tagged" / "all.summary.json").read_text())["tagged"] == 3
+        from conftok.tagging import summary_file
+
+        assert [summary_file(name).name for name in ("t.jsonl", "t.v1", "t.v2")] == [
+            "t.summary.json", "t.v1.summary.json", "t.v2.summary.json"]  # each output its own summary
 
     def test_cut_responses_are_trimmed_to_their_first_sentence(self):
         from conftok.tagging import complete_answer
@@ -366,6 +370,36 @@ class TestTagging:
         assert complete_answer("No, Elena does not. She sold", finished=False) == "No, Elena does not."
         assert complete_answer("No, Elena does not still have", finished=False) == "No, Elena does not still have"
         assert complete_answer("Yes. Because it is.", finished=True) == "Yes. Because it is."
+        assert complete_answer("A. Aspirin\nB. Insulin\nC.", finished=False) == "A. Aspirin"  # a letter's period
+        assert complete_answer("(C) Penicillin. It treats", finished=False) == "(C) Penicillin."
+
+    @pytest.mark.parametrize("response, tagged, unparsed, trimmed", [
+        # The options restated (SmolLM2 does this): no answer, as validation reads it; its first line alone
+        # would read as A, right here, and was tagged "A. <C_MED>".
+        ("A. aspirin\nB. insulin\nC. penicillin\nD.", "A. aspirin\nB. insulin\nC. penicillin\nD. <U_MED>", 1, 0),
+        ("A. The answer is D", "A. The answer is D <C_MED>", 0, 0),  # no sentence end past "A.": kept (was "A.")
+        ("A. aspirin. It eases the pain of", "A. aspirin. <C_MED>", 0, 1),  # the same answer trimmed
+    ])
+    def test_cut_responses_are_judged_whole_as_validation_judges_them(self, tok, monkeypatch, response, tagged,
+                                                                      unparsed, trimmed):
+        """A response cut at max_new_tokens is right or wrong by what validation reads in it, the whole response;
+        it is trimmed to its first sentence only where that keeps the answer."""
+        import importlib
+
+        from conftok.evaluate import Generation
+
+        tagging = importlib.import_module("conftok.tagging")
+        monkeypatch.setattr(tagging, "generate", lambda model, tokenizer, prompts, **kw: [
+            Generation(response, [], None, finished=False) for _ in prompts])
+        rows = [{"question": "Which drug for a clot?", "options": {"A": "aspirin", "B": "insulin", "C": "penicillin",
+                                                                   "D": "heparin"}, "answer": gold}
+                for gold in ("A", "D")]
+        outcomes = tagging.tag_dataset(None, tok, "medqa", rows, progress=False)
+        gold_a = outcomes[0]
+        assert gold_a["tagged"]["tagged_response"] == tagged
+        assert (gold_a["unparsed"], gold_a["trimmed"]) == (bool(unparsed), bool(trimmed))
+        validation = DOMAINS.for_dataset("medqa").parse_answer(response, rows[0])
+        assert gold_a["correct"] == (validation == "A")
 
 
 class TestPlanBatches:

@@ -216,6 +216,20 @@ class TestPlainPeft:
         with torch.no_grad():
             assert torch.allclose(plain(x).logits, ours(x).logits, atol=1e-6, rtol=0)
 
+        # The README's generate call: the answer's budget plus the token's step, stopping at a token and never
+        # opening with one (begin_suppress_tokens, as conftok's generation and the export's generation_config)
+        from conftok.predict import predict
+
+        stop = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(TOKENS)]
+        for question in QUESTIONS:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)
+            out = plain.generate(**prompt, max_new_tokens=17, do_sample=False, eos_token_id=stop,
+                                 begin_suppress_tokens=stop[1:])
+            text = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+            expected = predict(ours, tokenizer, question, "boolq")
+            assert text == expected.response + (expected.token or ""), question
+
 
 class TestExportFiles:
     def test_failure_leaves_nothing_and_existing_output_is_kept(self, trained, tmp_path, monkeypatch):

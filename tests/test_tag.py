@@ -105,4 +105,25 @@ class TestRayDataTagging:
             parse_args(["--model_name", "m", "--data", "boolq=b.jsonl", "--out", "o.jsonl", "--num_gpus", "half"])
         assert "expected 'auto' or a whole number of GPUs, got 'half'" in capsys.readouterr().err
         assert main(["--model_name", "m", "--data", "lawqa=l.jsonl", "--out", str(tmp_path / "o.jsonl")]) == 2
-        assert "unknown data set 'lawqa'" in capsys.readouterr().err
+        assert "unknown dataset(s) ['lawqa']" in capsys.readouterr().err  # the single-process tagging's message
+        for flag in ("--limit", "--batch_size", "--max_new_tokens"):
+            with pytest.raises(SystemExit):
+                parse_args(["--model_name", "m", "--data", "boolq=b.jsonl", "--out", "o.jsonl", flag, "0"])
+            assert "expected an integer >= 1" in capsys.readouterr().err
+
+    def test_inputs_are_checked_as_the_core_checks_them_before_ray_starts(self, assets, tmp_path, capsys, monkeypatch):
+        """A row without its answer, --out naming a directory: exit 2 naming the file, line and field, or the
+        path, before Ray starts or the model loads (the Ray job read rows unchecked, tagged the bad row, and
+        found the directory only when writing, after all the tagging)."""
+        import ray_jobs.common
+        from ray_jobs.tag import main
+
+        monkeypatch.setattr(ray_jobs.common, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+        bad = write_jsonl(tmp_path / "bad.jsonl", [BOOLQ[0], {"question": "is it", "passage": "It is."}])
+        assert main(["--model_name", assets["model"], "--data", f"boolq={bad}", "--out", str(tmp_path / "o.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}:2" in err and "answer" in err and not (tmp_path / "o.jsonl").exists()
+        (tmp_path / "outdir").mkdir()
+        assert main(["--model_name", assets["model"], "--data", f"boolq={assets['data']['boolq']}",
+                     "--out", str(tmp_path / "outdir")]) == 2
+        assert "is a directory" in capsys.readouterr().err
