@@ -55,20 +55,21 @@ class TokenRowsOnly:
     merged; several adapters active; an embedding with ``max_norm``; a head with a bias) runs PEFT's
     own forward, inside the block too. Entering sets an instance ``forward`` on each layer found;
     leaving puts back what was there (nothing, or an enclosing block's). Re-entrant, and nests with other
-    instances.
+    instances. Every block sets the same forward object on a layer (kept on the layer): a compiled decode
+    step (a static KV cache, ``conftok.evaluate``) guards on it, and a new object per ``generate`` call
+    would throw the compiled step away and compile it again at every call.
     """
 
     def __init__(self, model):
         self.layers = [m for m in trainable_token_layers(model) if _supported(m)]
         self._depth = 0
-        self._index: dict[int, torch.Tensor] = {}  # id(layer) -> its indices, on its weight's device
         self._before: list = []  # each layer's instance forward before entering (another block's), or None
 
     def __enter__(self):
         if self._depth == 0:
             self._before = [layer.__dict__.get("forward") for layer in self.layers]
             for layer in self.layers:
-                layer.forward = _RowsForward(layer, self._index)
+                layer.forward = _rows_forward(layer)
         self._depth += 1
         return self
 
@@ -89,11 +90,20 @@ def _supported(layer) -> bool:
     return base.bias is None
 
 
+def _rows_forward(layer) -> "_RowsForward":
+    """The layer's one :class:`_RowsForward`, made at its first block and kept on it."""
+    forward = layer.__dict__.get("_conftok_rows_forward")
+    if forward is None:
+        forward = layer.__dict__["_conftok_rows_forward"] = _RowsForward(layer)
+    return forward
+
+
 class _RowsForward:
     """The layer's forward with the new rows alone; PEFT's own where the layer is not in the plain state."""
 
-    def __init__(self, layer, index_cache: dict[int, torch.Tensor]):
-        self.layer, self.index_cache = layer, index_cache
+    def __init__(self, layer):
+        self.layer = layer
+        self.index: torch.Tensor | None = None  # the new tokens' ids, on the weight's device
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         layer = self.layer
@@ -104,10 +114,9 @@ class _RowsForward:
         name = adapters[0]
         base = layer.base_layer
         weight = base.weight
-        index = self.index_cache.get(id(layer))
+        index = self.index
         if index is None or index.device != weight.device:
-            index = torch.tensor(layer.token_indices[name], device=weight.device)  # once: a host-to-device copy
-            self.index_cache[id(layer)] = index
+            index = self.index = torch.tensor(layer.token_indices[name], device=weight.device)  # once: a copy to it
         rows = layer.trainable_tokens_delta[name].to(weight)  # (n, d), as PEFT casts them
         if isinstance(base, nn.Embedding):
             out = F.embedding(x, weight, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)

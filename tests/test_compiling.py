@@ -217,12 +217,15 @@ def test_decide_torch_compile(monkeypatch, overrides, device, hf_backend, compil
 
 
 @needs_compiler
-def test_validation_with_a_static_cache_compiles_one_decode_step(device):
+@pytest.mark.parametrize("merge", [True, False])
+def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
     """evaluate(static_cache=True) as it runs on CUDA, where transformers compiles the decode step (fullgraph,
     CUDA graphs there), forced here on the CPU (CompileConfig._compile_all_devices): the LoRA merged into the
-    weights, two domains of different prompt lengths, validated twice. One compiled graph serves all of it (one
-    cache length for every domain; fullgraph raises on a graph break), and the records are the eager dynamic
-    cache's with the adapter unmerged (fp32)."""
+    weights or not (where the merged copies do not fit), two domains of different prompt lengths, validated
+    twice. One compiled graph serves all of it (one cache length for every domain; fullgraph raises on a graph
+    break; unmerged, every generate call's token-rows block sets the same forward objects, which the graph
+    guards on: new ones made 4 graphs here), and the records are the eager dynamic cache's with the adapter
+    unmerged (fp32)."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
@@ -246,7 +249,7 @@ def test_validation_with_a_static_cache_compiles_one_decode_step(device):
     model.get_base_model().generation_config.compile_config = config
     before = counters["stats"]["unique_graphs"]
     for _ in range(2):
-        records = evaluate(model, tok, rows, merge=True, static_cache=True, **kwargs)["records"]
+        records = evaluate(model, tok, rows, merge=merge, static_cache=True, **kwargs)["records"]
         assert [r["response"] for r in records] == [r["response"] for r in reference]
         assert [r["token"] for r in records] == [r["token"] for r in reference]
         torch.testing.assert_close([r["p_confident"] for r in records], [r["p_confident"] for r in reference],

@@ -158,7 +158,8 @@ def test_blocks_of_two_instances_nest(device):
     with outer:
         mine = [layer.__dict__["forward"] for layer in layers]
         with inner:
-            assert all(layer.__dict__["forward"] is not f for layer, f in zip(layers, mine))
+            # the same objects: one per layer, whichever block sets it (a compiled decode step guards on it)
+            assert all(layer.__dict__["forward"] is f for layer, f in zip(layers, mine))
         assert [layer.__dict__["forward"] for layer in layers] == mine
         model(input_ids=ids)
     assert not any("forward" in layer.__dict__ for layer in layers)
