@@ -198,9 +198,9 @@ class TrainStep:
         # Compiled layers keep the kernel they were traced with: the math kernel for every batch then.
         with self.amp(), self._guard(batch, facts.padded), self.uncast, self.rows:
             terms = self.compute_loss(self.model, batch, **kwargs)
-        # build_model's checkpointing recomputes under the forward's kernels by itself (CHECKPOINTING_KWARGS);
-        # unsloth's own checkpointing does not, so its backward needs the guard here.
-        with self._guard(batch, facts.padded):
+        # build_model's checkpointing recomputes under the forward's kernels and LoRA casts by itself
+        # (CHECKPOINTING_KWARGS); unsloth's own, or a user's, does not, so the backward runs under both here.
+        with self._guard(batch, facts.padded), self.uncast:
             (terms.loss if shares is None else group_loss(terms, shares, **self.loss_kwargs)).backward()
         self._pending.append(torch.stack([terms.loss, terms.token, terms.placement, terms.kl,
                                           terms.answer_ce]).detach().float())

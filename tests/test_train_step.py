@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import traceback
 import warnings
 
@@ -143,6 +144,26 @@ def test_the_loss_with_host_facts_is_the_loss_without(tmp_path, device):
         for name, a, b in zip(plain._fields, plain, given):
             torch.testing.assert_close(b, a, **tolerance(torch.float32), msg=name)
     assert not host_facts(twins[0]).padded and host_facts(batches[0]).padded
+
+
+def test_a_step_backpropagates_through_checkpointing_that_is_not_build_models(tmp_path, device):
+    """Layers checkpointed the plain way (transformers' own non-reentrant checkpointing, as unsloth's or a user's
+    model has it) recompute in the backward, outside the step's forward: the LoRA inputs must stay uncast there
+    too, or the recompute saves float32 where the forward saved bfloat16 (torch.utils.checkpoint's
+    CheckpointError, seen with unsloth's CPU fallback through bench/gpu.py)."""
+    tok = make_tokenizer()
+    model, tok = build_model(make_model(len(tok), seed=7, device=device), tokenizer=tok, backend="hf", bf16=True,
+                             lora_r=4, lora_alpha=8, lora_dropout=0.1, gradient_checkpointing=False, device=device)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ds = ConfidenceDataset(write_jsonl(tmp_path / "t.jsonl", long_answer_rows()), tok)
+    ids = token_ids(tok, resolve_domains().tokens)
+    step = train_module.TrainStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
+                                  loss_kwargs={"placement_weight": 1.0}, confidence_ids=ids.values(),
+                                  confident_ids=[ids[d.confident_token] for d in resolve_domains()], bf16=True)
+    model.train()
+    step.add(ConfidenceCollator(tok.pad_token_id)([ds[i] for i in range(4)]))
+    reading = step.read()
+    assert all(map(math.isfinite, reading.losses)) and math.isfinite(reading.grad_norm) and reading.grad_norm > 0
 
 
 ACCUMULATED_LOSSES = {
