@@ -37,7 +37,8 @@ gives the one-line command for a lent GPU box and bench/device_prep.sh what trav
   ``torch.profiler`` tables (the ops with the most GPU and the most CPU time) for one ``generate`` (merged,
   as evaluate runs it) and one training step per loss.
 - ``unsloth``: the defaults and token-only steps through ``backend='unsloth'`` in a child process
-  (unsloth must be imported before transformers); skipped with the reason when not importable.
+  (unsloth must be imported before transformers); skipped with the reason when not importable, reported
+  as failed (and the script exits 1, the other phases' figures written) when the child fails.
 
 Writes JSON (``--out``) and prints markdown tables, with each target and whether it is met.
 """
@@ -847,7 +848,7 @@ def run_unsloth(args, log) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode or not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            return {"skipped": f"unsloth child failed (exit {proc.returncode}): " + " | ".join(tail)}
+            return {"failed": f"unsloth child failed (exit {proc.returncode}): " + " | ".join(tail)}
         import json
 
         return json.loads(out.read_text())
@@ -1020,6 +1021,8 @@ def print_report(result: dict) -> None:
     if uns is not None:
         if "skipped" in uns:
             print(f"\nunsloth: skipped: {uns['skipped']}")
+        elif "failed" in uns:
+            print(f"\nunsloth: FAILED: {uns['failed']}")
         else:
             print("\nunsloth backend (checkpointing on, grouped batches)\n")
             print(markdown_table(["loss", "samples/s", "tokens/s", "step s", "peak GiB", "error"],
@@ -1074,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
         matmul_tflops = result["matmul"]["tflops"]
         log(f"matmul: {matmul_tflops:.3g} TFLOP/s")
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731  (as conftok.train does)
-    if "train" in args.phases or "validate" in args.phases:
+    if {"train", "validate", "profile"} & set(args.phases):
         tokenizer = load_tokenizer(tokenizer_dir(args))
         if args.smoke:  # a small vocabulary past the tokenizer's: the new tokens land in spare rows, as with Qwen
             shape["vocab_size"] = len(tokenizer) + 64
@@ -1133,7 +1136,11 @@ def main(argv: list[str] | None = None) -> int:
     path = write_json(args.out, result)
     print_report(result)
     log(f"wrote {path}")
-    return 0
+    failed = [name for name in ("validate", "profile") if "error" in (result.get(name) or {})]
+    failed += ["unsloth"] * ("failed" in (result.get("unsloth") or {}))
+    if failed:
+        log(f"failed phase(s): {', '.join(failed)} (the figures of the others are in {path})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ GPU box has (torch, transformers, PEFT): the packages it lacks are made unimport
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,6 +28,27 @@ def run_without(modules, script: Path, args: list[str]) -> subprocess.CompletedP
             f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
+def test_gpu_bench_unsloth_phase_trains_both_losses(tmp_path, smollm2_dir):
+    """The unsloth child (unsloth's CPU fallback here): both losses time a step, none with an error; a child
+    that fails is reported as failed, with exit 1, not as skipped (its crash, a CheckpointError from PEFT's
+    casts in unsloth's recompute, was reported as "skipped" with exit 0)."""
+    data = tmp_path / "data"
+    for name, rows in {"boolq": make_boolq_rows(16, seed=1), "medqa": make_medqa_rows(16, seed=1)}.items():
+        (data / name).mkdir(parents=True)
+        (data / name / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "gpu.json"
+    args = ["--smoke", "--only", "unsloth", "--tokenizer", str(smollm2_dir), "--data", str(data), "--out", str(out),
+            "--steps", "1"]
+    proc = run_without((), ROOT / "bench" / "gpu.py", args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["unsloth"]["train"]
+    assert [r["loss"] for r in rows] == ["token_only", "defaults"] and all(r.get("samples_per_s") for r in rows), rows
+    args[args.index("--data") + 1] = str(tmp_path / "no_data")  # the child's rows are missing: it fails
+    failing = run_without((), ROOT / "bench" / "gpu.py", args)
+    assert failing.returncode == 1 and "unsloth: FAILED" in failing.stdout, failing.stdout[-2000:]
 
 
 def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir):
