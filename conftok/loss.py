@@ -58,7 +58,9 @@ def padded_attention_guard(attention_mask: torch.Tensor, *, always: bool = False
     gradients while the forward stays finite: SmolLM2 training turned NaN at the first batch whose
     padded rows were fully masked; eager attention, fp32, and the math kernel stayed finite over
     the same 40 steps (bench/README.md). So batches with padding run the math kernel; batches without
-    (most, with length-grouped batches) keep the fused ones. Costs a host sync (the mask check) unless
+    keep the fused ones. Length-grouped batches still hold rows of several lengths (442 of 443 have
+    padding on the real rows at batch 8), so on CUDA nearly every step runs the math kernel, whose
+    scores ``conftok.memory``'s estimate counts. Costs a host sync (the mask check) unless
     ``padded`` is given, and, on padded batches, attention memory O(B x heads x T^2). A no-op on the
     CPU, and for attention implementations other than SDPA. Gradient checkpointing recomputes the forward in
     the backward: models checkpointed with :data:`CHECKPOINTING_KWARGS` (``build_model`` does)

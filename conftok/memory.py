@@ -144,7 +144,8 @@ def auto_gradient_checkpointing(model, *, batch_size: int, seq_len: int, lora_r:
     ``model`` is a PEFT model (its trainable parameters are counted) or a base model about to be
     wrapped with LoRA of rank ``lora_r`` on ``target_modules`` (they are estimated).
     ``math_attention``: attention keeps its (batch, heads, seq, seq) scores as eager attention does
-    (SDPA's math kernel: compiled layers, ``conftok.compiling``).
+    (SDPA's math kernel: compiled layers, ``conftok.compiling``, and padded batches on CUDA,
+    ``conftok.loss.padded_attention_guard``).
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     device = next(p.device for p in model.parameters())

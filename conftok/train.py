@@ -312,9 +312,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     lengths = dataset.lengths()
     compiled, why = decide_torch_compile(cfg, device, hf_backend)
     print(f"torch.compile {why}", flush=True)
-    # Compiled layers train under SDPA's math kernel, which keeps (batch, heads, T, T) scores: the estimate counts them.
     if auto_checkpointing and auto_gradient_checkpointing(model, batch_size=cfg.batch_size, seq_len=max(lengths),
-                                                          math_attention=compiled):
+                                                          math_attention=math_attention(cfg, device, compiled)):
         enable_gradient_checkpointing(model)
     if compiled:
         compile_layers(model)
@@ -529,6 +528,15 @@ def check_resume_config(cfg: TrainConfig, checkpoint: Path) -> None:
         raise ConfigError(f"cannot resume from {checkpoint}: it was written by a run with other settings "
                           f"({'; '.join(conflicts)}). Resume with the settings that run was started with, or start "
                           "a new run in another output_dir")
+
+
+def math_attention(cfg: TrainConfig, device: torch.device, compiled: bool) -> bool:
+    """Whether training attention runs SDPA's math kernel, which keeps (batch, heads, T, T) scores (the memory
+    estimate of ``gradient_checkpointing="auto"`` counts them then). Compiled layers train under it always; eager
+    ones on CUDA for padded batches (:func:`conftok.loss.padded_attention_guard`), which length-grouped batches
+    nearly all are (rows of several lengths: 442 of 443 on the real rows at batch 8). Padding-free batches
+    (flash-attention) have none."""
+    return compiled or (device.type == "cuda" and not cfg.padding_free)
 
 
 def _finished_run(out: Path, checkpoint: Path) -> TrainResult | None:

@@ -214,3 +214,22 @@ class TestConfigAndFlags:
         with pytest.raises(SystemExit):
             parser.parse_args(["--gradient_checkpointing", "sometimes"])
         assert "expected auto, true or false, got 'sometimes'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, compiled, padding_free, expected", [
+    ("cuda", False, False, True),  # eager on CUDA: padded batches (nearly all) run SDPA's math kernel
+    ("cuda", True, False, True),  # compiled layers: the math kernel for every batch
+    ("cuda", False, True, False),  # padding-free: flash-attention, no scores kept
+    ("cpu", False, False, False),
+    ("cpu", True, False, True),
+])
+def test_the_memory_estimate_counts_attention_scores_where_the_math_kernel_runs(device, compiled, padding_free,
+                                                                               expected):
+    """train's gradient_checkpointing="auto" counts (batch, heads, T, T) scores wherever training runs the math
+    kernel; eager layers on CUDA were left out, though length-grouped batches are nearly all padded (an H100
+    at 2 x 1800 tokens: 66.4 GB estimated against 86.8 GB with the scores)."""
+    import importlib
+
+    train_module = importlib.import_module("conftok.train")
+    cfg = TrainConfig(padding_free=padding_free)
+    assert train_module.math_attention(cfg, torch.device(device), compiled) is expected
