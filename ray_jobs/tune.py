@@ -109,7 +109,7 @@ def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[d
         row = {"trial": trial_id, **{p: train.get(p) for p in TABLE_PARAMS}}
         row.update({
             "accuracy": m.get(M.VAL_ACCURACY), "calibration_error": m.get(M.VAL_CALIBRATION_ERROR),
-            "score": m.get(M.VAL_SCORE), "validations": m.get(M.VALIDATION, m.get("training_iteration")),
+            "score": m.get(M.VAL_SCORE), "validations": _count(m.get(M.VALIDATION, m.get("training_iteration"))),
             "step": m.get(M.STEP),
             "status": "ERROR" if result.error else ("TERMINATED" if _finished(m, trials_dir, trial_id) else "STOPPED"),
             "error": error_reason(result.error),
@@ -121,6 +121,11 @@ def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[d
                 row[key] = value
         rows.append(row)
     return rows
+
+
+def _count(value) -> int | None:
+    """A count reported through Ray as a float (every metric is one): 2.0 -> 2."""
+    return None if value is None else int(value)
 
 
 def _finished(metrics: dict[str, Any], trials_dir: Path, trial_id: str) -> bool:

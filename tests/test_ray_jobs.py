@@ -185,6 +185,7 @@ class TestRayTune:
         assert "lora_r" in out and "Best trial" in out and "Best adapter:" in out
         for t in results["trials"]:
             assert t["score"] == pytest.approx(t["accuracy"] - t["calibration_error"])
+            assert type(t["validations"]) is int and t["validations"] >= 1  # a count (Ray reports floats)
             assert t["lora_alpha"] in (t["lora_r"], 2 * t["lora_r"])
             assert (exp / "trials" / t["trial"] / "logs").is_dir()  # per-trial TensorBoard
         assert Path(results["best_adapter"], "adapter_model.safetensors").is_file()
