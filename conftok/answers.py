@@ -80,7 +80,8 @@ def parse_yes_no(text: str) -> str | None:
 
     Rule: trailing ``<...>`` tokens and markdown marks are removed; then
 
-    1. an explicit "answer is X" / "Answer: X" anywhere decides;
+    1. an explicit "answer is X" / "Answer: X" anywhere decides (unless X is joined to another
+       decision word, as in 3);
     2. otherwise the first decision word (yes, no, true, false; whole words, any case) decides,
        with true = yes and false = no; "not true" reads as no and "not false" as yes; a "no"
        inside a clause and followed by a word is a determiner ("there is no evidence, so yes")
@@ -103,7 +104,8 @@ def parse_yes_no(text: str) -> str | None:
         return None
     explicit = _ANSWER_IS_DECISION.search(cleaned)
     if explicit is not None:
-        return _YES_WORDS[explicit.group(1).lower()]
+        # "The answer is yes or no": offered, not chosen, as in rule 3
+        return None if _DISJUNCTION_AFTER.match(cleaned, explicit.end()) else _YES_WORDS[explicit.group(1).lower()]
     first = next((m for m in _DECISION.finditer(cleaned) if not _is_determiner_no(cleaned, m)), None)
     if first is None:
         return None

@@ -48,7 +48,8 @@ class TestAnswerExtraction:
     @pytest.mark.parametrize(
         "text",
         ["maybe", "", "   ", "<C_READ>", "yes or no?", "True/False", "I cannot tell.",
-         "There is no answer in the passage", "Nonetheless, knowing it"],
+         "There is no answer in the passage", "Nonetheless, knowing it", "The answer is yes or no",
+         "Answer: No/Yes"],
     )
     def test_parse_yes_no_none(self, text):
         assert parse_yes_no(text) is None
