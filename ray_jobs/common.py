@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import typing
+from pathlib import Path
 from typing import Any
 
 from conftok.config import TrainConfig
@@ -164,23 +165,51 @@ def check_resources(gpus_needed: float, cpus_needed: float, resources: dict[str,
         raise ResourceError("cannot schedule the training worker: " + "; ".join(problems))
 
 
-def autoscaling_gpus() -> tuple[float, float]:
+# Where `ray up` puts the cluster's config on the head (cluster.yaml starts Ray with --autoscaling-config on it).
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+def autoscaling_gpus(bootstrap_config: Path | None = None) -> tuple[float, float]:
     """(GPUs of the largest GPU node type, GPUs the cluster may grow to) from the autoscaler's
     config; (0, 0) without an autoscaler.
 
     ``ray up`` clusters start with ``min_workers: 0``, so ``ray.cluster_resources()`` shows no GPU
-    until a GPU worker joins; the autoscaler's node types say what can come."""
+    until a GPU worker joins; the autoscaler's node types say what can come. Ray 2.60's GCS holds no
+    cluster config for a ``ray up`` cluster (nothing reports it: ``get_cluster_config()`` is None), so
+    the node types are read from the config ``ray up`` leaves on the head (:data:`BOOTSTRAP_CONFIG`)."""
     try:
         from ray._private.state import state
 
         config = state.get_cluster_config()
-        if config is None:
-            return 0.0, 0.0
-        per_node = max((float(g.resources.get("GPU", 0)) for g in config.node_group_configs if g.max_count != 0),
-                       default=0.0)
-        total = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+        if config is not None:
+            per_node = max((float(g.resources.get("GPU", 0)) for g in config.node_group_configs
+                            if g.max_count != 0), default=0.0)
+            total = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+            return per_node, total
+    except Exception:  # no autoscaler state in this GCS
+        pass
+    return _bootstrap_gpus((bootstrap_config or BOOTSTRAP_CONFIG).expanduser())
+
+
+def _bootstrap_gpus(path: Path) -> tuple[float, float]:
+    """``autoscaling_gpus`` from a cluster launcher config: the node types that may be started."""
+    if not path.is_file():
+        return 0.0, 0.0
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+        node_types = config.get("available_node_types") or {}
+        cap = config.get("max_workers")
+        per_node = total = 0.0
+        for node_type in node_types.values():
+            gpus = float((node_type.get("resources") or {}).get("GPU", 0) or 0)
+            count = int(node_type.get("max_workers", cap or 0) or 0)
+            count = min(count, int(cap)) if cap is not None else count
+            if gpus and count:
+                per_node, total = max(per_node, gpus), total + gpus * count
         return per_node, total
-    except Exception:  # no autoscaler state in this GCS: only what is there counts
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
         return 0.0, 0.0
 
 

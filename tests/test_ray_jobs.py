@@ -329,3 +329,22 @@ def test_a_rerun_with_other_settings_is_refused_before_ray_starts(assets, tmp_pa
     (stored / "checkpoint-4" / "conftok.json").write_text(json.dumps({"config": cfg.to_dict()}))
     check_stored_run(cfg, str(tmp_path / "ray_results"), "run")  # the same settings: Ray may resume it
     check_stored_run(cfg, str(tmp_path / "elsewhere"), "run")  # nothing stored
+
+
+def test_a_ray_up_clusters_gpu_node_types_count_before_any_gpu_node_is_up(tmp_path):
+    """On a `ray up` head Ray 2.60's GCS holds no cluster config (get_cluster_config() is None: nothing reports
+    it), so the GPU node types come from the config `ray up` leaves there (~/ray_bootstrap_config.yaml). With
+    the project's cluster.yaml: 8 GPUs a node, up to 4 nodes; a one-GPU trial passes the fail-fast check on a
+    head with no GPU yet (it was refused: "the cluster has 0 (0 now, 0 more from autoscaling)")."""
+    import shutil
+
+    from ray_jobs.common import check_resources, autoscaling_gpus
+
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    shutil.copy(Path(__file__).resolve().parent.parent / "cluster.yaml", bootstrap)
+    assert autoscaling_gpus(bootstrap) == (8.0, 32.0)
+    check_resources(1.0, 16.0, {"CPU": 8.0}, autoscaling_gpus=autoscaling_gpus(bootstrap)[0])
+    assert autoscaling_gpus(tmp_path / "none.yaml") == (0.0, 0.0)  # no autoscaler: only what is there counts
+    bootstrap.write_text("max_workers: 1\navailable_node_types:\n  a: {resources: {GPU: 4}, max_workers: 3}\n"
+                         "  b: {resources: {GPU: 2}, max_workers: 0}\n  head: {resources: {CPU: 2}}\n")
+    assert autoscaling_gpus(bootstrap) == (4.0, 4.0)  # b cannot start; the cluster caps a at 1 node
