@@ -62,7 +62,7 @@ from conftok.token_rows import TokenRowsOnly
 from conftok.tokens import token_ids
 
 __all__ = ["train", "TrainStep", "StepReading", "TrainResult", "TRAINER_STATE_FILE", "load_validation_sets",
-           "check_resume_config"]
+           "check_resume_config", "planned_validations"]
 
 logger = logging.getLogger(__name__)
 
@@ -528,6 +528,16 @@ def check_resume_config(cfg: TrainConfig, checkpoint: Path) -> None:
         raise ConfigError(f"cannot resume from {checkpoint}: it was written by a run with other settings "
                           f"({'; '.join(conflicts)}). Resume with the settings that run was started with, or start "
                           "a new run in another output_dir")
+
+
+def planned_validations(n_rows: int, cfg: TrainConfig) -> int:
+    """How many validations :func:`train` makes on ``n_rows`` training rows: every ``eval_steps`` steps and at each
+    epoch's end (and at ``max_steps``), once at a step that is both (what a search's ASHA ``max_t`` must allow)."""
+    per_epoch = math.ceil(n_rows / cfg.batch_size / cfg.gradient_accumulation_steps)
+    total = cfg.max_steps or per_epoch * cfg.num_epochs
+    ends = {min(per_epoch * e, total) for e in range(1, math.ceil(total / per_epoch) + 1)}
+    middles = set(range(cfg.eval_steps, total, cfg.eval_steps)) if cfg.eval_steps else set()
+    return len(ends | middles)
 
 
 def math_attention(cfg: TrainConfig, device: torch.device, compiled: bool) -> bool:

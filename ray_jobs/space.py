@@ -52,6 +52,7 @@ TOP_KEYS = {"name", "train", "search", "objective", "scheduler", "num_trials", "
             "description"}
 OBJECTIVE_KEYS = {"type", "lambda"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
+DEFAULT_MAX_T = 100  # ASHA's max_t (validations) where a space gives none
 RESOURCE_KEYS = {"gpus_per_trial", "cpus_per_trial", "max_failures"}
 DEMO_KEYS = {"n_train", "n_val", "seed"}
 EMBEDDED_MODEL = "embedded:smollm2"
@@ -245,9 +246,13 @@ def load_space(path: str | Path) -> SearchSpace:
     scheduler = _check_keys("scheduler", data.get("scheduler", {"type": "asha"}), SCHEDULER_KEYS, p)
     if scheduler.get("type", "asha") not in ("asha", "none"):
         p.append((("scheduler", "type"), f"must be 'asha' or 'none', got {scheduler.get('type')!r}"))
-    for key in ("grace_period", "reduction_factor", "max_t"):
-        if key in scheduler and not (_is_int(scheduler[key]) and scheduler[key] >= 1):
-            p.append((("scheduler", key), f"must be an integer >= 1, got {scheduler[key]!r}"))
+    for key, least in (("grace_period", 1), ("reduction_factor", 2), ("max_t", 1)):  # as Ray's ASHAScheduler asserts
+        if key in scheduler and not (_is_int(scheduler[key]) and scheduler[key] >= least):
+            p.append((("scheduler", key), f"must be an integer >= {least}, got {scheduler[key]!r}"))
+    grace, max_t = scheduler.get("grace_period", 1), scheduler.get("max_t", DEFAULT_MAX_T)
+    if _is_int(grace) and _is_int(max_t) and grace > max_t:
+        p.append((("scheduler", "grace_period"), f"must be <= max_t ({max_t}{'' if 'max_t' in scheduler else ', the default'})"
+                                                 f", got {grace}"))
     if obj_type == "pareto" and scheduler.get("type", "asha") == "asha":
         p.append((("scheduler", "type"), "ASHA needs one scalar objective; use {type: none} with objective pareto"))
     for key, least in (("num_trials", 1), ("seed", 0)):

@@ -27,7 +27,7 @@ from typing import Any
 from conftok import metrics as M
 from conftok.config import TrainConfig
 from ray_jobs.results import TABLE_PARAMS, best_adapter, best_trial, format_table, pareto_front, write_results
-from ray_jobs.space import EMBEDDED_MODEL, SearchSpace, load_space
+from ray_jobs.space import DEFAULT_MAX_T, EMBEDDED_MODEL, SearchSpace, load_space
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
 
@@ -83,7 +83,7 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
         scheduler = None
         if space.scheduler.get("type", "asha") == "asha":
             # Rungs count the run's validations, not Tune's iterations (they restart with a resumed trial).
-            scheduler = ASHAScheduler(time_attr=M.VALIDATION, max_t=space.scheduler.get("max_t", 100),
+            scheduler = ASHAScheduler(time_attr=M.VALIDATION, max_t=space.scheduler.get("max_t", DEFAULT_MAX_T),
                                       grace_period=space.scheduler.get("grace_period", 1),
                                       reduction_factor=space.scheduler.get("reduction_factor", 2))
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=M.VAL_SCORE, mode="max",
@@ -153,6 +153,25 @@ def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:
     return fixed
 
 
+def warn_if_asha_cuts_trials(space: SearchSpace) -> int | None:
+    """Print a warning when ASHA's ``max_t`` (validations) is below what each trial makes on the space's training
+    rows: ASHA stops every trial that reaches ``max_t``, so none would finish its schedule. Returns that count."""
+    if space.scheduler.get("type", "asha") != "asha":
+        return None
+    from conftok.data import read_tagged_rows
+    from conftok.domains import resolve_domains
+    from conftok.train import planned_validations
+
+    cfg = TrainConfig(**space.train)  # the searched fields (rank, alpha, rate) do not change the count
+    planned = planned_validations(len(read_tagged_rows(cfg.train_data, resolve_domains(cfg.domains))), cfg)
+    max_t = space.scheduler.get("max_t", DEFAULT_MAX_T)
+    if max_t < planned:
+        print(f"warning: {space.path}: scheduler.max_t is {max_t}, but each trial validates {planned} times on "
+              f"{cfg.train_data} (every {cfg.eval_steps} steps and at each epoch's end): ASHA would stop every trial "
+              f"at validation {max_t}, before its schedule ends. Set max_t >= {planned}.", file=sys.stderr)
+    return planned
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, default_cpus_per_worker, init_ray
@@ -165,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             from conftok.preflight import check_train_inputs
 
             check_train_inputs(TrainConfig(**space.train))
+            warn_if_asha_cuts_trials(space)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -117,6 +117,9 @@ class TestIntegration:
         run = trained["root"] / "run"
         steps = [m["step"] for m, _ in trained["seen"]]
         assert steps == [10, 15, 20, 30]  # eval_steps=15 plus each epoch end (10 steps an epoch)
+        from conftok.train import planned_validations
+
+        assert planned_validations(320, trained["cfg"]) == len(steps)  # what a search's ASHA max_t must allow
         for metrics, ckpt in trained["seen"]:
             assert ckpt == run / f"checkpoint-{metrics['step']}"
             assert (ckpt / "adapter_model.safetensors").is_file()

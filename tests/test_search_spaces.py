@@ -82,6 +82,40 @@ class TestSearchSpaces:
             load_space(bad)
         assert "calib_p_norm" in str(e.value)
 
+    @pytest.mark.parametrize("scheduler, expected", [
+        ({"reduction_factor": 1}, "scheduler.reduction_factor: must be an integer >= 2"),
+        ({"grace_period": 4, "max_t": 2}, "scheduler.grace_period: must be <= max_t (2), got 4"),
+        ({"grace_period": 200}, "scheduler.grace_period: must be <= max_t (100, the default), got 200"),
+    ])
+    def test_asha_settings_ray_refuses_are_named_at_load(self, tmp_path, scheduler, expected):
+        """Ray's ASHAScheduler asserts reduction_factor > 1 and grace_period <= max_t: caught when the space loads,
+        with its file and key, not as a bare AssertionError once Ray has started."""
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"search": {"lora_r": {"choice": [8]}}, "scheduler": {"type": "asha", **scheduler}}))
+        with pytest.raises(SpaceError) as e:
+            load_space(bad)
+        assert expected in str(e.value) and str(bad) in str(e.value)
+
+    def test_asha_max_t_below_a_trials_validations_is_warned(self, tmp_path, capsys):
+        """qwen7b's max_t was 12 while a trial validates 17 times on ~19K rows: ASHA stopped every trial at 70% of
+        its schedule. ray_jobs.tune counts the validations on the rows it finds and warns."""
+        from conftest import feature_rows, write_jsonl
+
+        from conftok import TrainConfig
+        from conftok.train import planned_validations
+        from ray_jobs.tune import warn_if_asha_cuts_trials
+
+        rows = write_jsonl(tmp_path / "t.jsonl", feature_rows(40))
+        train = {"train_data": rows, "batch_size": 4, "num_epochs": 3, "eval_steps": 4}  # 10 steps an epoch
+        assert planned_validations(40, TrainConfig(**train)) == 3 + 6  # epoch ends 10, 20, 30; 4, 8, 12, 16, 24, 28
+        assert planned_validations(19_000, TrainConfig(num_epochs=3, batch_size=8, eval_steps=500)) == 17  # qwen7b's
+        for max_t, warned in ((8, True), (9, False)):
+            space = tmp_path / f"s{max_t}.yaml"
+            space.write_text(yaml.safe_dump({"train": train, "search": {"lora_r": {"choice": [8]}},
+                                             "scheduler": {"type": "asha", "max_t": max_t}}))
+            assert warn_if_asha_cuts_trials(load_space(space)) == 9
+            assert ("scheduler.max_t is 8, but each trial validates 9 times" in capsys.readouterr().err) is warned
+
     def test_missing_and_invalid_files(self, tmp_path):
         with pytest.raises(SpaceError, match="file not found"):
             load_space(tmp_path / "nope.yaml")
