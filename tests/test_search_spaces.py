@@ -152,6 +152,10 @@ class TestClusterConfig:
         start = " ".join(cluster["head_start_ray_commands"])
         assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start
         assert any("[ray,gpu]" in c for c in cluster["setup_commands"])
+        # torch pinned before the project (else pip takes the newest torch the GPU extra allows: 2.14.x)
+        assert any(c.index("torch==2.13.0") < c.index("[ray,gpu]") for c in cluster["setup_commands"] if "[ray,gpu]" in c)
+        # an explicit image on every node type: Ray's default AWS AMI (CUDA 11.2) predates the H200's driver
+        assert all(n["node_config"].get("ImageId") for n in nodes.values())
 
     def test_every_comment_is_there(self):
         lines = [ln for ln in (ROOT / "cluster.yaml").read_text().splitlines()
@@ -184,4 +188,7 @@ class TestKubeRay:
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
             assert int(limits["nvidia.com/gpu"]) >= 1
-        yaml.safe_load(spec["runtimeEnvYAML"])
+            space = load_space(ROOT / "search_spaces" / "qwen7b.yaml")  # every GPU of a pod runs a trial at once
+            assert int(limits["nvidia.com/gpu"]) * space.cpus_per_trial <= float(limits["cpu"]), limits
+        pip = yaml.safe_load(spec["runtimeEnvYAML"])["pip"]
+        assert pip[0] == "torch==2.13.0" and {"matplotlib>=3.8", "plotly>=5.0", "unsloth_zoo==2026.10.9"} <= set(pip)
