@@ -327,7 +327,7 @@ def trials_table(rows: list[dict[str, Any]], best_id: str | None, domains: list[
     front = {r["trial"] for r in pareto_front([r for r in rows if is_finite(r.get("accuracy"))
                                                and is_finite(r.get("calibration_error"))])}
     head = [*PARAMS, "status", "accuracy", "calibration_error", "score"]
-    tail = ["step", "time_s"] + (["error"] if any(r.get("error") for r in rows) else [])
+    tail = ["validations", "step", "time_s"] + (["error"] if any(r.get("error") for r in rows) else [])
     # n (validation rows) goes in the domain's header: it is the same for every trial
     per_domain = {d: [m for m in M.DOMAIN_METRICS if m != "n" and any(M.domain_key(d, m) in r for r in rows)]
                   for d in domains}

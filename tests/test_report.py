@@ -127,6 +127,7 @@ class TestReport:
         assert re.findall(r"<tr data-trial='(\w+)'", table) == [t[0] for t in TRIALS]
         assert "<tr data-trial='t1' class=best>" in table
         assert "read (n=12)" in table and "med (n=12)" in table
+        assert "title='validations'>vals</th>" in table  # as the console's table has it
 
     def test_every_png_written(self, report):
         exp, _ = report
