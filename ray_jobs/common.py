@@ -148,19 +148,21 @@ class ResourceError(RuntimeError):
 
 
 def check_resources(gpus_needed: float, cpus_needed: float, resources: dict[str, float],
-                    autoscaling_gpus: float = 0.0) -> None:
+                    autoscaling_gpus: float = 0.0, *, cpu_hint: str = "use --num_gpus 0 to train on CPUs",
+                    fewer_cpus_hint: str = "lower --cpus_per_worker") -> None:
     """Fail at once when the cluster cannot ever give what a worker needs; Ray would otherwise
-    wait forever ("No available node types can fulfill resource request")."""
+    wait forever ("No available node types can fulfill resource request"). The hints name the calling
+    job's own way out (its flags)."""
     have_gpus = resources.get("GPU", 0.0) + autoscaling_gpus
     have_cpus = resources.get("CPU", 0.0)
     problems = []
     if gpus_needed > have_gpus:
         problems.append(f"{gpus_needed:g} GPU(s) per worker requested, but the cluster has {have_gpus:g} "
                         f"({resources.get('GPU', 0.0):g} now, {autoscaling_gpus:g} more from autoscaling); "
-                        "use --num_gpus 0 to train on CPUs")
+                        f"{cpu_hint}")
     if cpus_needed > have_cpus and not autoscaling_gpus:
         problems.append(f"{cpus_needed:g} CPU(s) per worker requested, but the cluster has {have_cpus:g}; "
-                        "lower --cpus_per_worker")
+                        f"{fewer_cpus_hint}")
     if problems:
         raise ResourceError("cannot schedule the training worker: " + "; ".join(problems))
 

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     # of the largest node (torch runs one thread per CPU Ray gives it).
     cpus = 1.0 if num_gpus else max(1.0, largest_node_cpus() - 0.05)
     try:
-        check_resources(num_gpus, cpus * max(1, num_gpus), resources, autoscaling_gpus=extra_gpus)
+        check_resources(num_gpus, cpus * max(1, num_gpus), resources, autoscaling_gpus=extra_gpus,
+                        cpu_hint="use --num_gpus 0 to tag on CPUs", fewer_cpus_hint="use --num_gpus 0 or fewer GPUs")
     except ResourceError as e:
         print(f"error: --num_gpus {num_gpus} (one model replica per GPU): {e}", file=sys.stderr)
         return 2

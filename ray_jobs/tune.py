@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         gpus = 0.0
     cpus = space.cpus_per_trial if (space.cpus_per_trial and gpus) else default_cpus_per_worker(resources, gpus)
     try:
-        check_resources(gpus, cpus + 0.01, resources, autoscaling_gpus=per_node_gpus)
+        check_resources(gpus, cpus + 0.01, resources, autoscaling_gpus=per_node_gpus,
+                        cpu_hint="pass --cpu (or --allow_cpu) to run the trials on CPUs",
+                        fewer_cpus_hint="lower the space's resources.cpus_per_trial")
     except ResourceError as e:
         print(f"error: {e} (search space {space.path}: resources.gpus_per_trial={space.gpus_per_trial})",
               file=sys.stderr)

@@ -348,3 +348,21 @@ def test_a_ray_up_clusters_gpu_node_types_count_before_any_gpu_node_is_up(tmp_pa
     bootstrap.write_text("max_workers: 1\navailable_node_types:\n  a: {resources: {GPU: 4}, max_workers: 3}\n"
                          "  b: {resources: {GPU: 2}, max_workers: 0}\n  head: {resources: {CPU: 2}}\n")
     assert autoscaling_gpus(bootstrap) == (4.0, 4.0)  # b cannot start; the cluster caps a at 1 node
+
+
+def test_a_search_asking_for_gpus_a_cpu_cluster_lacks_names_the_searchs_own_way_out(assets, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The resource error names flags the job has: for ray_jobs.tune --cpu / --allow_cpu and the space's
+    resources.cpus_per_trial (it said "use --num_gpus 0", which ray_jobs.tune does not take)."""
+    import ray_jobs.common
+    from ray_jobs.tune import main
+
+    space = write_space(tmp_path / "gpu.yaml", assets)
+    data = yaml.safe_load(space.read_text())
+    data["resources"]["gpus_per_trial"] = 1
+    space.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(ray_jobs.common, "init_ray", lambda *a, **k: {"CPU": 2.0})
+    monkeypatch.setattr(ray_jobs.common, "autoscaling_gpus", lambda *a, **k: (0.0, 0.0))
+    assert main(["--space", str(space), "--storage_path", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --cpu (or --allow_cpu)" in err and "--num_gpus" not in err
