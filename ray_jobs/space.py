@@ -200,9 +200,12 @@ def _check_keys(where: str, value: Any, allowed: set[str], p: Problems) -> dict:
 def _config_problems(train: dict[str, Any]) -> Problems:
     """TrainConfig's own checks of the fixed fields (defaults for the searched ones), each at its key:
     every line of a :class:`ConfigError` starts with the field's name."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        TrainConfig(**train)
-    except ConfigError as e:
+        TrainConfig(**{k: v for k, v in train.items() if k in known})  # unknown keys are reported on their own
+    except (TypeError, ValueError) as e:
+        if not isinstance(e, ConfigError):  # a value TrainConfig's checks could not even compare
+            return [(("train",), f"{type(e).__name__}: {e}")]
         out = []
         for line in str(e).splitlines()[1:]:
             line = line.strip()
@@ -271,7 +274,7 @@ def load_space(path: str | Path) -> SearchSpace:
     for key, value in (demo or {}).items():
         if not _is_int(value) or value < (0 if key == "seed" else 1):
             p.append((("demo", key), f"must be an integer >= {0 if key == 'seed' else 1}, got {value!r}"))
-    if not p and train:  # the fixed fields with defaults for the searched ones must make a valid config
+    if train:  # the fixed fields with defaults for the searched ones must make a valid config; with the rest
         p += _config_problems(train)
     if p:
         raise SpaceError(problems_message(path, format_problems(path, p, lines)))

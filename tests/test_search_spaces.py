@@ -58,7 +58,7 @@ class TestSearchSpaces:
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({
             "name": "bad", "colour": "red",
-            "train": {"model_name": "x", "lora_rank": 8},
+            "train": {"model_name": "x", "lora_rank": 8, "batch_size": 0},
             "search": {"lora_r": {"choice": []}, "learning_rate": {"loguniform": [1e-3, 1e-5]},
                        "lora_alpha": {"gaussian": [1, 2]}, "batch_size": {"choice": [8.5]}, "momentum": {"choice": [1]}},
             "num_trials": "many",
@@ -70,7 +70,7 @@ class TestSearchSpaces:
         for expected in ("colour: unknown key", "train.lora_rank: unknown key", "search.lora_r.choice: must be a non-empty list",
                          "search.learning_rate.loguniform: empty range", "unknown distribution 'gaussian'",
                          "batch_size takes integers", "search.momentum: unknown parameter", "num_trials: must be an integer",
-                         "ASHA needs one scalar objective"):
+                         "ASHA needs one scalar objective", "train.batch_size: batch_size must be a positive integer"):
             assert expected in msg, expected
         assert str(bad) in msg
 
