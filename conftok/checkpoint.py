@@ -216,7 +216,8 @@ def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
     """Delete what a process killed in the middle of a write left in ``directory``: its hidden staging, moved-aside
     and temporary entries (``.checkpoint-8.staging-4711``: half a checkpoint, ~0.5 GB for a 7B's LoRA and
     optimizer state, or hard links that keep deleted checkpoints' bytes on disk). Only entries of processes no
-    longer running on this machine go; returns them."""
+    longer running on this machine go; returns them. For a directory one run writes (its output_dir): a process
+    on another machine sharing the directory would look dead here."""
     removed = []
     directory = Path(directory)
     if not directory.is_dir():

@@ -335,9 +335,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
 
     from torch.utils.tensorboard import SummaryWriter
 
-    for directory in (out, _reference_cache(cfg, out)):  # an earlier process's half-written checkpoint or cache file
-        if directory is not None:
-            remove_leftovers(directory)
+    # An earlier process's half-written checkpoint. Not in the reference cache: a search's trials share it, and a
+    # trial on another node of a shared filesystem may be writing there under a pid this machine does not know.
+    remove_leftovers(out)
     out.mkdir(parents=True, exist_ok=True)
     # Resumed after step K: the events an earlier process wrote after K go (it may have logged past its last
     # checkpoint before it died); K's own, which this process does not write again, stay.
