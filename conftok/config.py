@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,8 +235,6 @@ class TrainConfig:
     def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
         """``"field: saved -> now"`` for each field outside :data:`RESUME_MAY_CHANGE` on which this config and
         ``saved`` (the ``to_dict()`` of the config a checkpoint was written under) differ."""
-        import os
-
         now = self.to_dict()
         out = []
         for name, value in now.items():
