@@ -19,6 +19,7 @@ EPOCH = "epoch"
 # The run's n-th validation (1, 2, ...), counting those before a resume: Tune's own training_iteration restarts
 # at 1 in a trial restarted by `ray_jobs.tune --resume`, whose run goes on from its checkpoint.
 VALIDATION = "validation"
+VALIDATIONS_PLANNED = "validations_planned"  # how many the run makes to its end: VALIDATION equals it at the last
 
 # Per-domain keys are f"val/{domain}/{name}" with these names.
 DOMAIN_METRICS = ("token_accuracy", "calibration_error", "brier", "auroc", "answer_accuracy",

@@ -318,6 +318,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     if compiled:
         compile_layers(model)
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / cfg.gradient_accumulation_steps)
+    planned = planned_validations(len(dataset), cfg)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
@@ -362,7 +363,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                 f"validation after step {step} (epoch {epoch:.1f}): {e}; the update of step {step} diverged. Try a "
                 f"lower learning_rate (now {cfg.learning_rate}) or a longer warmup") from None
         print_validation_block(result, epoch)
-        metrics = {**result["metrics"], M.STEP: step, M.EPOCH: epoch, M.VALIDATION: len(state["history"]) + 1}
+        metrics = {**result["metrics"], M.STEP: step, M.EPOCH: epoch, M.VALIDATION: len(state["history"]) + 1,
+                   M.VALIDATIONS_PLANNED: planned}
         metrics[M.VAL_SCORE] = metrics[M.VAL_ACCURACY] - cfg.score_lambda * metrics[M.VAL_CALIBRATION_ERROR]
         for key, value in metrics.items():
             if key.startswith("val/") and isinstance(value, (int, float)) and math.isfinite(value):

@@ -129,7 +129,11 @@ def _count(value) -> int | None:
 
 
 def _finished(metrics: dict[str, Any], trials_dir: Path, trial_id: str) -> bool:
-    """A trial that trained to the end wrote final/ (ASHA-stopped ones did not)."""
+    """A trial that trained to the end reported its last planned validation (ASHA-stopped ones did not), and wrote
+    final/ (on the node it ran on: on a cluster without a shared filesystem the driver cannot see it)."""
+    planned, done = metrics.get(M.VALIDATIONS_PLANNED), metrics.get(M.VALIDATION)
+    if planned is not None and done is not None:
+        return done >= planned
     return (trials_dir / trial_id / "final" / "adapter_model.safetensors").is_file()
 
 

@@ -120,6 +120,7 @@ class TestIntegration:
         from conftok.train import planned_validations
 
         assert planned_validations(320, trained["cfg"]) == len(steps)  # what a search's ASHA max_t must allow
+        assert [(m["validation"], m["validations_planned"]) for m, _ in trained["seen"]] == [(1, 4), (2, 4), (3, 4), (4, 4)]
         for metrics, ckpt in trained["seen"]:
             assert ckpt == run / f"checkpoint-{metrics['step']}"
             assert (ckpt / "adapter_model.safetensors").is_file()

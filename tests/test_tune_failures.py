@@ -216,6 +216,18 @@ class TestRecoveryPieces:
         (trial,) = load_trials(tmp_path, "s")
         assert trial.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
 
+    def test_a_trial_that_reported_its_last_planned_validation_finished(self, tmp_path):
+        """TERMINATED (trained to its end) or STOPPED (by ASHA) from what the trial reported, where the driver
+        cannot see the trial's final/ (a cluster without a shared filesystem); final/ where nothing says."""
+        from ray_jobs.tune import _finished
+
+        assert _finished({"validation": 4.0, "validations_planned": 4.0}, tmp_path, "t")
+        assert not _finished({"validation": 1.0, "validations_planned": 4.0}, tmp_path, "t")
+        assert not _finished({}, tmp_path, "t")
+        (tmp_path / "t" / "final").mkdir(parents=True)
+        (tmp_path / "t" / "final" / "adapter_model.safetensors").write_bytes(b"x")
+        assert _finished({}, tmp_path, "t")
+
     def test_orphaned_running_trials_are_failed(self, tmp_path):
         from ray_jobs.recovery import fail_orphaned_trials
 
