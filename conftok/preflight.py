@@ -62,7 +62,7 @@ def check_validation_sources(sources: dict[str, str], domains: DomainSet, flag: 
             for name, source in sources.items() if is_local_source(source)}
 
 
-def check_train_inputs(cfg: TrainConfig, load_tokenizer: bool = True) -> None:
+def check_train_inputs(cfg: TrainConfig, load_tokenizer: bool = True) -> int:
     """Raise :class:`InputError` (a ``DataError``, ``DomainError``...) naming every problem of the
     run's inputs that can be found without the model's weights.
 
@@ -71,6 +71,9 @@ def check_train_inputs(cfg: TrainConfig, load_tokenizer: bool = True) -> None:
         load_tokenizer: load ``cfg.model_name``'s tokenizer for the token and length checks. Where
             it cannot be loaded here (a Hub id offline), those checks are left to the worker, with a
             log line saying so.
+
+    Returns:
+        The number of training rows.
     """
     domains = resolve_domains(cfg.domains)
     tokenizer = None
@@ -78,7 +81,7 @@ def check_train_inputs(cfg: TrainConfig, load_tokenizer: bool = True) -> None:
         tokenizer = _tokenizer_or_none(cfg.model_name)  # a local directory: fast, and nothing to download
     if tokenizer is not None:  # a clashing token explains the rows' problems: first
         domains.check_vocabulary(tokenizer, cfg.model_name)
-    read_tagged_rows(cfg.train_data, domains)
+    n_rows = len(read_tagged_rows(cfg.train_data, domains))
     sources = cfg.val_sources
     if sources is None:
         sources = {d.datasets[0]: d.validation for d in domains if d.validation}
@@ -95,6 +98,7 @@ def check_train_inputs(cfg: TrainConfig, load_tokenizer: bool = True) -> None:
 
         add_confidence_tokens(tokenizer, None, domains.tokens)
         ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
+    return n_rows
 
 
 def _tokenizer_or_none(model_name: str):

@@ -317,9 +317,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         enable_gradient_checkpointing(model)
     if compiled:
         compile_layers(model)
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / cfg.gradient_accumulation_steps)
+    steps_per_epoch, total_steps = _schedule(len(dataset), cfg)
     planned = planned_validations(len(dataset), cfg)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
     from transformers import get_scheduler
@@ -532,11 +531,16 @@ def check_resume_config(cfg: TrainConfig, checkpoint: Path) -> None:
                           "a new run in another output_dir")
 
 
+def _schedule(n_rows: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps an epoch, optimizer steps in all) for ``n_rows`` training rows."""
+    per_epoch = math.ceil(n_rows / cfg.batch_size / cfg.gradient_accumulation_steps)
+    return per_epoch, cfg.max_steps or per_epoch * cfg.num_epochs
+
+
 def planned_validations(n_rows: int, cfg: TrainConfig) -> int:
     """How many validations :func:`train` makes on ``n_rows`` training rows: every ``eval_steps`` steps and at each
     epoch's end (and at ``max_steps``), once at a step that is both (what a search's ASHA ``max_t`` must allow)."""
-    per_epoch = math.ceil(n_rows / cfg.batch_size / cfg.gradient_accumulation_steps)
-    total = cfg.max_steps or per_epoch * cfg.num_epochs
+    per_epoch, total = _schedule(n_rows, cfg)
     ends = {min(per_epoch * e, total) for e in range(1, math.ceil(total / per_epoch) + 1)}
     middles = set(range(cfg.eval_steps, total, cfg.eval_steps)) if cfg.eval_steps else set()
     return len(ends | middles)

@@ -157,17 +157,16 @@ def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:
     return fixed
 
 
-def warn_if_asha_cuts_trials(space: SearchSpace) -> int | None:
-    """Print a warning when ASHA's ``max_t`` (validations) is below what each trial makes on the space's training
-    rows: ASHA stops every trial that reaches ``max_t``, so none would finish its schedule. Returns that count."""
+def warn_if_asha_cuts_trials(space: SearchSpace, n_rows: int) -> int | None:
+    """Print a warning when ASHA's ``max_t`` (validations) is below what each trial makes on the space's ``n_rows``
+    training rows: ASHA stops every trial that reaches ``max_t``, so none would finish its schedule. Returns that
+    count."""
     if space.scheduler.get("type", "asha") != "asha":
         return None
-    from conftok.data import read_tagged_rows
-    from conftok.domains import resolve_domains
     from conftok.train import planned_validations
 
     cfg = TrainConfig(**space.train)  # the searched fields (rank, alpha, rate) do not change the count
-    planned = planned_validations(len(read_tagged_rows(cfg.train_data, resolve_domains(cfg.domains))), cfg)
+    planned = planned_validations(n_rows, cfg)
     max_t = space.scheduler.get("max_t", DEFAULT_MAX_T)
     if max_t < planned:
         print(f"warning: {space.path}: scheduler.max_t is {max_t}, but each trial validates {planned} times on "
@@ -187,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if space.demo is None and space.train.get("model_name") != EMBEDDED_MODEL:
             from conftok.preflight import check_train_inputs
 
-            check_train_inputs(TrainConfig(**space.train))
-            warn_if_asha_cuts_trials(space)
+            warn_if_asha_cuts_trials(space, check_train_inputs(TrainConfig(**space.train)))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -113,7 +113,7 @@ class TestSearchSpaces:
             space = tmp_path / f"s{max_t}.yaml"
             space.write_text(yaml.safe_dump({"train": train, "search": {"lora_r": {"choice": [8]}},
                                              "scheduler": {"type": "asha", "max_t": max_t}}))
-            assert warn_if_asha_cuts_trials(load_space(space)) == 9
+            assert warn_if_asha_cuts_trials(load_space(space), 40) == 9
             assert ("scheduler.max_t is 8, but each trial validates 9 times" in capsys.readouterr().err) is warned
 
     def test_missing_and_invalid_files(self, tmp_path):
