@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 __all__ = ["TRAINER_STATE_FILE", "TRAINER_TENSORS_FILE", "TRAINER_STATE_FILES", "save_trainer_state",
-           "load_trainer_state", "get_rng_state", "set_rng_state", "link_tree", "drop_trainer_state", "remove_leftovers"]
+           "load_trainer_state", "get_rng_state", "set_rng_state", "link_tree", "drop_trainer_state", "remove_leftovers",
+           "in_progress"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,11 @@ def link_tree(src: str | os.PathLike, dst: str | os.PathLike, *, skip: Iterable[
 # What a write in progress is named (every one in a run's tree carries its process's id): a checkpoint's staging
 # directory, a directory moved aside to be replaced, a temporary file or directory.
 _IN_PROGRESS = re.compile(r"^\..+\.(?:staging|old|tmp)-(\d+)(?:-\w+)?$")
+
+
+def in_progress(name: str) -> bool:
+    """Whether a file or directory name is that of a write in progress (or one a killed process left)."""
+    return _IN_PROGRESS.match(name) is not None
 
 
 def _running(pid: int) -> bool:

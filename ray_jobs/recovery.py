@@ -37,26 +37,29 @@ logger = logging.getLogger(__name__)
 FINAL_METRICS = Path("final") / "final_metrics.json"  # written by conftok.train once the last step is done
 
 
-def replay_finished_run(output_dir: Path, ray_run_dir: str) -> bool:
+def replay_finished_run(output_dir: Path, ray_run_dir: str, storage: tuple[object, str] | None = None) -> bool:
     """Report to Tune again every validation of a trial's run that had finished; True if there was one.
 
     ``output_dir/final/final_metrics.json`` holds the run's validations in order, the metrics it
     reported the first time (``checkpoint_path`` as ``TuneReportCallback`` set it, under
-    ``ray_run_dir``; Ray keeps the last one). Training again would cost a whole run, and would not
-    even report: Ray Train restores a run of the same name from its last checkpoint, where
-    ``conftok.train`` has no step left to train or validate.
+    ``ray_run_dir``; Ray keeps the last one). ``storage``: ``(filesystem, ray_run_dir)`` of a remote
+    storage, whose mirror of the tree is read where this node lacks it (:mod:`ray_jobs.mirror`).
+    Training again would cost a whole run, and would not even report: Ray Train restores a run of
+    the same name from its last checkpoint, where ``conftok.train`` has no step left to train or validate.
     """
     import ray.tune
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     from ray_jobs.common import scalar_metrics
 
-    record = output_dir / FINAL_METRICS
-    if not record.is_file():
+    from ray_jobs.mirror import read_run_file
+
+    text = read_run_file(output_dir, FINAL_METRICS.as_posix(), storage)
+    if text is None:
         return False
-    history = json.loads(record.read_text())["history"]
+    history = json.loads(text)["history"]
     print(f"Trial {output_dir.name} finished before the search was stopped: reporting its {len(history)} "
-          f"validation(s) from {record} again, not training it again", flush=True)
+          f"validation(s) from its {FINAL_METRICS} again, not training it again", flush=True)
     for number, metrics in enumerate(history, 1):
         checkpoint = f"{ray_run_dir.rstrip('/')}/checkpoint-{int(metrics[M.STEP])}"
         ray.tune.report({M.VALIDATION: number, **scalar_metrics(metrics), CHECKPOINT_PATH_KEY: checkpoint})

@@ -23,6 +23,7 @@ __all__ = ["TABLE_PARAMS", "best_adapter", "best_trial", "format_table", "is_fin
            "write_results"]
 
 TABLE_PARAMS = ("lora_r", "lora_alpha", "learning_rate")
+ADAPTER_METADATA = "conftok.json"  # conftok.modeling.METADATA_FILE (not imported: this module stays free of torch)
 
 
 def is_finite(x) -> bool:
@@ -44,14 +45,25 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def best_adapter(trial_dir: Path, row: dict[str, Any]) -> Path:
-    """The adapter behind a trial's reported figures: the checkpoint of its last reported step
-    (a trial ASHA stopped has no final/), else final/, else Ray's copy of the checkpoint."""
+    """The adapter behind a trial's reported figures: that of its last reported step. ``checkpoint-N/`` while
+    it is whole, else ``best_*/`` or ``final/`` where they hold that step (their ``conftok.json`` says which: a
+    run that ASHA stopped can still train a moment and prune the checkpoint it reported, and final/ is then
+    another step's), else Ray's copy of the checkpoint."""
     step = row.get("step")
-    candidates = ([trial_dir / f"checkpoint-{int(step)}"] if is_finite(step) else []) + [trial_dir / "final"]
-    for path in candidates:
-        if (path / "adapter_model.safetensors").is_file():
-            return path
+    if is_finite(step):
+        names = (f"checkpoint-{int(step)}", "best_accuracy", "best_calibration", "final")
+        for path in (trial_dir / name for name in names):
+            if (path / "adapter_model.safetensors").is_file() and _adapter_step(path) == int(step):
+                return path
     return Path(row["checkpoint"]) if row.get("checkpoint") else trial_dir / "final"
+
+
+def _adapter_step(adapter_dir: Path) -> int | None:
+    """The training step an adapter directory was saved at (``conftok.json``'s ``global_step``), or None."""
+    try:
+        return json.loads((adapter_dir / ADAPTER_METADATA).read_text()).get("global_step")
+    except (OSError, ValueError):
+        return None
 
 
 def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

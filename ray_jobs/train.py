@@ -12,7 +12,10 @@ The seed's output tree (checkpoint-N/, best_accuracy/, best_calibration/, final/
 ``--output_dir``; Ray keeps the last reported checkpoint under ``--storage_path/NAME``. On a local
 (or mounted) storage path Ray's checkpoint is hard links to the run's own files, not a copy: one
 checkpoint's bytes on disk for both trees; once the run is finished both drop the optimizer state.
-Remote storage (s3://) gets Ray's upload.
+Remote storage (s3://) gets Ray's upload, and the whole tree follows it: the worker mirrors
+``--output_dir`` to ``--storage_path/NAME/output_dir`` after every validation (:mod:`ray_jobs.mirror`),
+a worker restarted on another node takes it back, and the job fetches it into ``--output_dir`` on its
+own node at the end: nothing stays only on the disk of a GPU node the autoscaler ends.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -35,6 +39,11 @@ FAULT_MARKER_ENV = "CONFTOK_FAULT_MARKER"
 # The controller takes a report from the worker's queue when it polls the workers (every 2 s in
 # Ray 2.60): a worker that exits at once can take its last report, or two, with it.
 FAULT_GRACE_S = 6.0
+# With FAULT_WIPE_ENV set too, the dying worker deletes its output_dir first: its node is gone with its disk.
+FAULT_WIPE_ENV = "CONFTOK_FAULT_WIPE_OUTPUT"
+# For tests of remote storage on one machine: the worker writes its output_dir under this folder (the path
+# appended to it), where the driver does not look, as a cluster's GPU node writes on its own disk.
+NODE_DISK_ENV = "CONFTOK_NODE_DISK"
 # Divergence injection for tests: the first trainer built while this file does not exist yet
 # creates it (writing the run's name) and trains at FAULT_DIVERGE_LR with no warmup: its first step
 # makes the weights huge and the next loss is NaN (conftok.train's check), as for any learning rate
@@ -59,6 +68,7 @@ def train_func(config: dict[str, Any]) -> None:
     from conftok.checkpoint import drop_trainer_state
     from conftok.train import train
     from ray_jobs.common import scalar_metrics
+    from ray_jobs.mirror import MIRROR_DIR, RunMirror, is_remote
 
     cfg = TrainConfig.from_dict(config["train"])
     if config.get("torch_threads"):
@@ -66,20 +76,35 @@ def train_func(config: dict[str, Any]) -> None:
     fault_step = int(config.get("fault", {}).get("after_step", 0))
     fault_marker = Path(config.get("fault", {}).get("marker", "/nonexistent"))
 
+    if config.get("node_disk"):  # tests: this worker's disk is not the driver's, as on a cluster's GPU node
+        cfg = TrainConfig(**{**cfg.to_dict(), "output_dir": config["node_disk"] + str(Path(cfg.output_dir).resolve())})
     storage = ray.train.get_context().get_storage()
-    upload = link_into_storage if storage.storage_filesystem.type_name == "local" else None  # None: Ray copies
+    remote = is_remote(storage.storage_filesystem)
+    upload = None if remote else link_into_storage  # None: Ray copies
+    # Remote storage: the run's tree follows every validation there (ray_jobs.mirror), so that nothing is lost
+    # with this node's disk; a local storage path shares the tree's files (link_into_storage).
+    mirror = RunMirror(cfg.output_dir, storage.storage_filesystem,
+                       f"{storage.experiment_fs_path}/{MIRROR_DIR}") if remote else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         ray.train.report(scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
                          checkpoint_dir_name=checkpoint_dir.name, checkpoint_upload_fn=upload)
+        if mirror is not None:
+            mirror.push()
         if fault_step and metrics["step"] >= fault_step and not fault_marker.exists():
             fault_marker.write_text(str(metrics["step"]))
+            if config["fault"].get("wipe"):  # the node goes, and its disk with it
+                shutil.rmtree(cfg.output_dir, ignore_errors=True)
             time.sleep(FAULT_GRACE_S)
             os._exit(1)  # a dying worker, not a Python exception
 
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint and mirror is not None:  # restarted, perhaps on another node: take back what this disk lacks
+        restored = mirror.fetch()
+        if restored:
+            print(f"Restored {len(restored)} file(s) of the run's tree from {mirror.remote}", flush=True)
     diverged = Path(cfg.output_dir) / DIVERGED_FILE
     diverged.unlink(missing_ok=True)  # from an earlier run into this output_dir
-    checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as resume_from:
         if resume_from:
             print(f"Resuming from Ray checkpoint {resume_from}", flush=True)
@@ -95,13 +120,18 @@ def train_func(config: dict[str, Any]) -> None:
                 # Finished: Ray's last checkpoint drops its optimizer state, as the run's own did
                 # (they share the files: neither name alone frees the bytes). s3:// keeps Ray's copy whole.
                 drop_trainer_state(last.path)
+    if mirror is not None:  # final/ and final_metrics.json, or the error a diverged run stopped on
+        mirror.push()
 
 
-def raise_if_diverged(output_dir: str | Path) -> None:
-    """Raise the non-finite loss or gradient a run in ``output_dir`` stopped on (see DIVERGED_FILE)."""
-    path = Path(output_dir) / DIVERGED_FILE
-    if path.is_file():
-        raise FloatingPointError(json.loads(path.read_text())["error"])
+def raise_if_diverged(output_dir: str | Path, storage: tuple[object, str] | None = None) -> None:
+    """Raise the non-finite loss or gradient a run in ``output_dir`` stopped on (see DIVERGED_FILE). ``storage``:
+    ``(filesystem, Train run path)`` of a remote storage, read where this node lacks the run's tree."""
+    from ray_jobs.mirror import read_run_file
+
+    text = read_run_file(output_dir, DIVERGED_FILE, storage)
+    if text is not None:
+        raise FloatingPointError(json.loads(text)["error"])
 
 
 def link_into_storage(checkpoint, checkpoint_dir_name: str):
@@ -119,8 +149,10 @@ def link_into_storage(checkpoint, checkpoint_dir_name: str):
 
 
 def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: float, cpus_per_worker: float,
-                  max_failures: int = 3, callbacks: list | None = None):
-    """A one-worker TorchTrainer for ``cfg``: the V2 pattern, usable alone or inside a Tune trial."""
+                  max_failures: int = 3, callbacks: list | None = None, storage_filesystem=None):
+    """A one-worker TorchTrainer for ``cfg``: the V2 pattern, usable alone or inside a Tune trial.
+    ``storage_filesystem``: a ``pyarrow.fs`` filesystem for ``storage_path`` (Ray's ``RunConfig``), else the one its
+    URI names."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -130,7 +162,10 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: f
         cfg = TrainConfig(**{**cfg.to_dict(), "learning_rate": FAULT_DIVERGE_LR, "warmup_ratio": 0.0})
     loop_config = {"train": cfg.to_dict(), "torch_threads": torch_threads(cpus_per_worker)}
     if os.environ.get(FAULT_ENV):
-        loop_config["fault"] = {"after_step": int(os.environ[FAULT_ENV]), "marker": os.environ[FAULT_MARKER_ENV]}
+        loop_config["fault"] = {"after_step": int(os.environ[FAULT_ENV]), "marker": os.environ[FAULT_MARKER_ENV],
+                                "wipe": bool(os.environ.get(FAULT_WIPE_ENV))}
+    if os.environ.get(NODE_DISK_ENV):
+        loop_config["node_disk"] = os.environ[NODE_DISK_ENV]
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -139,7 +174,7 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: f
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": num_gpus} if num_gpus else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             # The last checkpoint is all a restarted worker needs; the run's tree keeps best_*/ and final/.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
@@ -194,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from conftok.inputs import InputError
     from conftok.preflight import check_train_inputs
+    from ray_jobs.mirror import fetch_run_tree, remote_storage
 
     try:  # every input checked before Ray starts or anything is written
         cfg = config_from_args(args)
@@ -220,9 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Ray Train: 1 worker, {num_gpus:g} GPU, {cpus:g} CPU; run {name!r} in {storage}", flush=True)
-    trainer = build_trainer(cfg, name=name, storage_path=storage, num_gpus=num_gpus, cpus_per_worker=cpus,
-                            max_failures=args.max_failures)
+    remote = remote_storage(storage)
+    trainer = build_trainer(cfg, name=name, storage_path=remote[1] if remote else storage, num_gpus=num_gpus,
+                            cpus_per_worker=cpus, max_failures=args.max_failures,
+                            storage_filesystem=remote[0] if remote else None)
     result = trainer.fit()
+    if remote:  # the worker's node wrote the tree on its own disk and mirrored it: bring it here
+        fetch_run_tree(output_dir, remote, name)
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1

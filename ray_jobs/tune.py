@@ -13,6 +13,8 @@ study in ``EXPERIMENT/study.db`` (SQLite; ``optuna-dashboard sqlite:///EXPERIMEN
 Objective ``score`` = accuracy - lambda * calibration error, with ASHA stopping weak trials;
 ``pareto`` searches (accuracy max, calibration error min) without ASHA. At the end: a table of
 trials, the best trial (or the Pareto front), the best adapter's path, and results.csv/.json.
+With remote storage (s3://) each trial's tree is mirrored there as it trains, on whichever GPU node,
+and fetched into ``--local_dir`` at the end (:mod:`ray_jobs.mirror`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 from conftok import metrics as M
 from conftok.config import TrainConfig
+from ray_jobs.mirror import fetch_trial_trees, remote_storage
 from ray_jobs.results import TABLE_PARAMS, best_adapter, best_trial, format_table, pareto_front, write_results
 from ray_jobs.space import DEFAULT_MAX_T, EMBEDDED_MODEL, SearchSpace, load_space
 
@@ -43,9 +46,12 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     output_dir = Path(setup["trials_dir"]) / trial_id
-    if replay_finished_run(output_dir, f"{setup['train_storage']}/{trial_id}"):
+    run = f"{setup['train_storage']}/{trial_id}"
+    # Remote storage: this node may not be the one that trained the trial; its tree is mirrored there.
+    storage = (setup["train_filesystem"], run) if setup["train_filesystem"] is not None else None
+    if replay_finished_run(output_dir, run, storage):
         return
-    raise_if_diverged(output_dir)  # the same weights and batches would diverge again
+    raise_if_diverged(output_dir, storage)  # the same weights and batches would diverge again
     space: SearchSpace = setup["space"]
     values = {**space.sample_to_config(config), **setup["fixed"], "output_dir": str(output_dir), "progress": False}
     if values.get("reference_cache", "auto") == "auto":
@@ -54,15 +60,17 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
     trainer = build_trainer(
         TrainConfig(**values), name=trial_id, storage_path=setup["train_storage"], num_gpus=setup["gpus_per_trial"],
         cpus_per_worker=setup["cpus_per_trial"], max_failures=setup["max_failures"], callbacks=[TuneReportCallback()],
+        storage_filesystem=setup["train_filesystem"],
     )
     trainer.fit()
-    raise_if_diverged(output_dir)  # the trial ends in ERROR with the loss's step, not retried
+    raise_if_diverged(output_dir, storage)  # the trial ends in ERROR with the loss's step, not retried
 
 
 def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, storage_path: str, concurrency: int,
-                gpus_per_trial: float, cpus_per_trial: float):
+                gpus_per_trial: float, cpus_per_trial: float, remote: tuple[Any, str] | None = None):
     """The Tuner: Optuna TPE (study in ``local_dir/study.db``), ASHA on the score unless Pareto,
-    trials as ``trial_fn`` with 0.01 CPU each (the TorchTrainer inside takes the real resources)."""
+    trials as ``trial_fn`` with 0.01 CPU each (the TorchTrainer inside takes the real resources).
+    ``remote``: ``(filesystem, path)`` of ``storage_path`` where it is remote storage (:func:`trials_storage`)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -89,13 +97,22 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=M.VAL_SCORE, mode="max",
                                       num_samples=space.num_trials, max_concurrent_trials=concurrency)
     setup = {"space": space, "fixed": fixed, "trials_dir": str(local_dir / "trials"),
-             "train_storage": f"{storage_path.rstrip('/')}/{local_dir.name}/train",
+             **trials_storage(storage_path, local_dir.name, remote),
              "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_failures": space.max_failures}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, setup=setup), {"CPU": 0.01})
     param_space = space.param_space()
     run_config = tune.RunConfig(name=local_dir.name, storage_path=storage_path,
                                 failure_config=tune.FailureConfig(max_failures=0))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), trainable
+
+
+def trials_storage(storage_path: str, name: str, remote: tuple[Any, str] | None) -> dict[str, Any]:
+    """Where the trials' Train runs keep their checkpoints (and, on remote storage, their mirrored trees):
+    ``STORAGE/NAME/train/TRIAL``. ``train_storage`` is a path on ``train_filesystem`` where that is given (remote
+    storage: ``bucket/experiments/...``), else a path as Ray takes it."""
+    if remote is not None:
+        return {"train_storage": f"{remote[1]}/{name}/train", "train_filesystem": remote[0]}
+    return {"train_storage": f"{storage_path.rstrip('/')}/{name}/train", "train_filesystem": None}
 
 
 def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[dict[str, Any]]:
@@ -198,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     # per-trial output trees and results files need a local directory.
     local_dir = (Path(args.local_dir) if remote else Path(args.storage_path).expanduser()).resolve() / name
     experiment_path = f"{args.storage_path.rstrip('/')}/{name}" if remote else str(local_dir)
+    storage = remote_storage(args.storage_path)  # (filesystem, path) of s3:// and the like: trees are mirrored there
     started = time.perf_counter()
     resources = init_ray(args.address)
     per_node_gpus, max_gpus = autoscaling_gpus()
@@ -227,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = prepare_fixed(space, local_dir)
     tuner, trainable = build_tuner(space, fixed=fixed, local_dir=local_dir, storage_path=args.storage_path if remote
                                    else str(local_dir.parent), concurrency=concurrency, gpus_per_trial=gpus,
-                                   cpus_per_trial=cpus)
+                                   cpus_per_trial=cpus, remote=storage)
     if args.resume:
         if not tune.Tuner.can_restore(experiment_path):
             print(f"error: nothing to resume in {experiment_path}", file=sys.stderr)
@@ -244,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     rows = collect_results(result_grid, space, local_dir / "trials")
+    if storage is not None:  # the trials trained on other nodes' disks
+        setup = trials_storage(args.storage_path, name, storage)
+        fetch_trial_trees(rows, best_trial(rows), local_dir / "trials", setup["train_filesystem"],
+                          setup["train_storage"])
     summary: dict[str, Any] = {"space": str(space.path), "objective": space.objective, "lambda": space.score_lambda,
                                "experiment": experiment_path, "local_dir": str(local_dir),
                                "wall_s": round(time.perf_counter() - started, 1)}
@@ -265,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     if best:
         summary["best_trial"] = best["trial"]
         summary["best_adapter"] = str(best_adapter(local_dir / "trials" / best["trial"], best))
+        if not Path(summary["best_adapter"], "adapter_model.safetensors").is_file():
+            print(f"warning: trial {best['trial']}'s adapter of its reported step {_count(best.get('step'))} is not "
+                  f"on this node (neither in {local_dir / 'trials' / best['trial']} nor Ray's checkpoint in storage)",
+                  file=sys.stderr)
         summary["best_checkpoint"] = best["checkpoint"]
         print(f"\nBest trial {best['trial']}: score {best['score']:.4f} (accuracy {best['accuracy']:.4f}, "
               f"CE {best['calibration_error']:.4f}); lora_r={best['lora_r']}, lora_alpha={best['lora_alpha']}, "

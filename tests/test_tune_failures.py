@@ -265,3 +265,28 @@ class TestRecoveryPieces:
         assert table.splitlines()[3].startswith("b ") and table.endswith("FloatingPointError: loss is nan at step 3")
         assert best_trial([ok, failed]) is ok and pareto_front([ok, failed]) == [ok]  # its figures are not final
         assert format_table([ok]).splitlines()[0].split()[-1] == "status"  # no error column when none failed
+
+    def test_the_best_adapter_is_the_one_of_the_reported_step(self, tmp_path):
+        """A trial ASHA stopped after reporting step 2 trained on a moment: checkpoint-2 was pruned to its
+        validation.json and final/ holds step 4. Its figures are step 2's: best_accuracy/ has that adapter."""
+        from conftok.modeling import METADATA_FILE
+        from ray_jobs.results import ADAPTER_METADATA, best_adapter
+
+        assert ADAPTER_METADATA == METADATA_FILE
+
+        def adapter(path, step):
+            path.mkdir(parents=True)
+            (path / "adapter_model.safetensors").write_bytes(b"w")
+            (path / METADATA_FILE).write_text(json.dumps({"global_step": step}))
+
+        (tmp_path / "checkpoint-2").mkdir()
+        (tmp_path / "checkpoint-2" / "validation.json").write_text("{}")
+        adapter(tmp_path / "best_accuracy", 2)
+        adapter(tmp_path / "final", 4)
+        row = {"step": 2.0, "checkpoint": "bucket/exp/train/t/checkpoint-2"}
+        assert best_adapter(tmp_path, row) == tmp_path / "best_accuracy"
+        assert best_adapter(tmp_path, {**row, "step": 4.0}) == tmp_path / "final"
+        adapter(tmp_path / "checkpoint-4", 4)
+        assert best_adapter(tmp_path, {**row, "step": 4.0}) == tmp_path / "checkpoint-4"  # whole: the first choice
+        shutil.rmtree(tmp_path / "best_accuracy")
+        assert best_adapter(tmp_path, row) == Path("bucket/exp/train/t/checkpoint-2")  # only Ray's copy has it
