@@ -26,11 +26,12 @@ import logging
 from pathlib import Path
 
 import optuna
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from conftok import metrics as M
 
-__all__ = ["ResumableOptunaSearch", "error_reason", "fail_orphaned_trials", "replay_finished_run"]
+__all__ = ["PushSearchRecords", "ResumableOptunaSearch", "error_reason", "fail_orphaned_trials", "replay_finished_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,28 @@ def replay_finished_run(output_dir: Path, ray_run_dir: str, storage: tuple[objec
         checkpoint = f"{ray_run_dir.rstrip('/')}/checkpoint-{int(metrics[M.STEP])}"
         ray.tune.report({M.VALIDATION: number, **scalar_metrics(metrics), CHECKPOINT_PATH_KEY: checkpoint})
     return True
+
+
+class PushSearchRecords(Callback):
+    """With remote storage, push the search's records (the Optuna study above all) there each time a trial ends
+    (``mirror``: a :class:`ray_jobs.mirror.RunMirror` of ``--local_dir``): a head that dies, or a KubeRay head pod
+    torn down with its cluster, takes nothing ``--resume`` needs. Runs in the driver's Tune loop, after Optuna has
+    committed the trial (the SQLite file is whole between transactions). A storage error is logged, not raised."""
+
+    def __init__(self, mirror):
+        self.mirror = mirror
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.push()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.push()
+
+    def push(self) -> None:
+        try:
+            self.mirror.push()
+        except (OSError, ValueError) as e:
+            logger.warning("search records not pushed to %s: %s", self.mirror.remote, e)
 
 
 class ResumableOptunaSearch(OptunaSearch):

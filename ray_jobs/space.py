@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from conftok.config import ConfigError, TrainConfig
 from conftok.inputs import InputError, format_problems, load_yaml, problems_message
 

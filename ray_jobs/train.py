@@ -86,11 +86,23 @@ def train_func(config: dict[str, Any]) -> None:
     mirror = RunMirror(cfg.output_dir, storage.storage_filesystem,
                        f"{storage.experiment_fs_path}/{MIRROR_DIR}") if remote else None
 
+    def mirror_tree(action: str) -> None:
+        """Push the tree or fetch it; a storage error is printed, not raised: Ray's checkpoint is safe, and a
+        restart would meet the same storage (the next push sends what this one missed)."""
+        if mirror is None:
+            return
+        try:
+            if action == "push":
+                mirror.push()
+            else:
+                print(f"Restored {len(mirror.fetch())} file(s) of the run's tree from {mirror.remote}", flush=True)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"warning: the run's tree not {action}ed ({mirror.remote}): {e}", flush=True)
+
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        mirror_tree("push")  # before the report: ASHA can end the trial as soon as it has it
         ray.train.report(scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
                          checkpoint_dir_name=checkpoint_dir.name, checkpoint_upload_fn=upload)
-        if mirror is not None:
-            mirror.push()
         if fault_step and metrics["step"] >= fault_step and not fault_marker.exists():
             fault_marker.write_text(str(metrics["step"]))
             if config["fault"].get("wipe"):  # the node goes, and its disk with it
@@ -99,10 +111,8 @@ def train_func(config: dict[str, Any]) -> None:
             os._exit(1)  # a dying worker, not a Python exception
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint and mirror is not None:  # restarted, perhaps on another node: take back what this disk lacks
-        restored = mirror.fetch()
-        if restored:
-            print(f"Restored {len(restored)} file(s) of the run's tree from {mirror.remote}", flush=True)
+    if checkpoint:  # restarted, perhaps on another node, perhaps on one with an older tree: storage's is the one
+        mirror_tree("fetch")  # at least as new as the checkpoint (pushed before it was reported)
     diverged = Path(cfg.output_dir) / DIVERGED_FILE
     diverged.unlink(missing_ok=True)  # from an earlier run into this output_dir
     with checkpoint.as_directory() if checkpoint else nullcontext() as resume_from:
@@ -120,13 +130,12 @@ def train_func(config: dict[str, Any]) -> None:
                 # Finished: Ray's last checkpoint drops its optimizer state, as the run's own did
                 # (they share the files: neither name alone frees the bytes). s3:// keeps Ray's copy whole.
                 drop_trainer_state(last.path)
-    if mirror is not None:  # final/ and final_metrics.json, or the error a diverged run stopped on
-        mirror.push()
+    mirror_tree("push")  # final/ and final_metrics.json, or the error a diverged run stopped on
 
 
 def raise_if_diverged(output_dir: str | Path, storage: tuple[object, str] | None = None) -> None:
     """Raise the non-finite loss or gradient a run in ``output_dir`` stopped on (see DIVERGED_FILE). ``storage``:
-    ``(filesystem, Train run path)`` of a remote storage, read where this node lacks the run's tree."""
+    ``(filesystem, Train run path)`` of a remote storage, whose mirror of the tree is the one read."""
     from ray_jobs.mirror import read_run_file
 
     text = read_run_file(output_dir, DIVERGED_FILE, storage)
@@ -263,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.fit()
     if remote:  # the worker's node wrote the tree on its own disk and mirrored it: bring it here
         fetch_run_tree(output_dir, remote, name)
+    run = (remote[0], f"{remote[1]}/{name}") if remote else None  # diverged.json as the worker left it, in storage
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
     try:
-        raise_if_diverged(output_dir)
+        raise_if_diverged(output_dir, run)
     except FloatingPointError as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 1

@@ -75,7 +75,7 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from ray_jobs.recovery import ResumableOptunaSearch
+    from ray_jobs.recovery import PushSearchRecords, ResumableOptunaSearch
 
     local_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'study.db'}")
@@ -101,9 +101,18 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
              "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_failures": space.max_failures}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, setup=setup), {"CPU": 0.01})
     param_space = space.param_space()
-    run_config = tune.RunConfig(name=local_dir.name, storage_path=storage_path,
+    callbacks = [PushSearchRecords(search_records(local_dir, remote))] if remote is not None else []
+    run_config = tune.RunConfig(name=local_dir.name, storage_path=storage_path, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=0))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), trainable
+
+
+def search_records(local_dir: Path, remote: tuple[Any, str]):
+    """The mirror of a search's own records (``study.db``, ``results.*``, ``report/``) in remote storage:
+    ``STORAGE/NAME/search/``."""
+    from ray_jobs.mirror import SEARCH_DIR, RunMirror, is_search_record
+
+    return RunMirror(local_dir, remote[0], f"{remote[1]}/{local_dir.name}/{SEARCH_DIR}", mirrored=is_search_record)
 
 
 def trials_storage(storage_path: str, name: str, remote: tuple[Any, str] | None) -> dict[str, Any]:
@@ -242,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import tune
 
+    if args.resume and storage is not None and not (local_dir / "study.db").is_file():  # another head, or pod
+        restored = search_records(local_dir, storage).fetch()
+        print(f"Search records: {len(restored)} file(s) fetched from storage into {local_dir}", flush=True)
     fixed = prepare_fixed(space, local_dir)
     tuner, trainable = build_tuner(space, fixed=fixed, local_dir=local_dir, storage_path=args.storage_path if remote
                                    else str(local_dir.parent), concurrency=concurrency, gpus_per_trial=gpus,
@@ -306,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"warning: no report ({type(e).__name__}: {e}); retry with `python -m ray_jobs.report {local_dir}`",
               file=sys.stderr)
+    if storage is not None:  # this head's disk may go with the cluster (KubeRay tears it down): storage keeps them
+        from ray_jobs.recovery import PushSearchRecords
+
+        records = search_records(local_dir, storage)
+        PushSearchRecords(records).push()
+        print(f"Search records (study, results, report): {records.remote}; fetch them with "
+              f"`python -m ray_jobs.mirror {args.storage_path.rstrip('/')}/{name} DIR --search`")
     return 0 if best or any(r["status"] != "ERROR" for r in rows) else 1
 
 

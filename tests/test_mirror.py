@@ -5,6 +5,7 @@ mirror take it for a remote one (it is not the "local" filesystem), as they take
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,8 @@ import pytest
 pyarrow_fs = pytest.importorskip("pyarrow.fs")
 
 from conftok.checkpoint import link_tree  # noqa: E402
-from ray_jobs.mirror import (MANIFEST, MIRROR_DIR, RunMirror, is_mirrored, is_record, read_run_file,  # noqa: E402
-                             remote_storage)
+from ray_jobs.mirror import (MANIFEST, MIRROR_DIR, OBJECTS, RunMirror, is_mirrored, is_record,  # noqa: E402
+                             read_run_file, remote_storage)
 
 
 def bucket(tmp_path: Path):
@@ -69,59 +70,47 @@ class TestSelection:
         assert filesystem.type_name == "mock" and not path.endswith("/")
 
 
+def objects(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (root / OBJECTS).iterdir()} if (root / OBJECTS).is_dir() else {}
+
+
+def manifest_of(root: Path) -> dict[str, dict]:
+    return json.loads((root / MANIFEST).read_text())["files"]
+
+
+MIRRORED = {"checkpoint-2/validation.json", "checkpoint-4/validation.json", "best_accuracy/validation.json",
+            "best_accuracy/adapter_model.safetensors", "best_calibration/validation.json",
+            "best_calibration/adapter_model.safetensors", "logs/events.out.tfevents.1", "reliability_epoch_1.json"}
+
+
 class TestPush:
     def test_push_stores_the_tree_without_checkpoint_weights_caches_or_writes_in_progress(self, tmp_path):
         out, (fs, root) = tmp_path / "run", bucket(tmp_path)
         make_tree(out)
         RunMirror(out, fs, f"train/run/{MIRROR_DIR}").push()
         mirror = root / "train" / "run" / MIRROR_DIR
-        assert stored(mirror) == {
-            MANIFEST, "checkpoint-2/validation.json", "checkpoint-4/validation.json", "best_accuracy/validation.json",
-            "best_accuracy/adapter_model.safetensors", "best_calibration/validation.json",
-            "best_calibration/adapter_model.safetensors", "logs/events.out.tfevents.1", "reliability_epoch_1.json"}
-        manifest = json.loads((mirror / MANIFEST).read_text())["files"]
-        assert set(manifest) == stored(mirror) - {MANIFEST}
+        manifest, stored_objects = manifest_of(mirror), objects(mirror)
+        assert set(manifest) == MIRRORED
         for rel, entry in manifest.items():
-            assert (mirror / rel).read_bytes() == (out / rel).read_bytes() and entry["size"] == (out / rel).stat().st_size
+            data = (out / rel).read_bytes()
+            assert stored_objects[entry["sha256"]] == data and entry["size"] == len(data)
+        # One object per content: best_*/ share their checkpoint's validation.json bytes.
+        assert set(stored_objects) == {entry["sha256"] for entry in manifest.values()} and len(stored_objects) == 6
 
     def test_a_push_sends_each_content_once_and_only_what_changed(self, tmp_path):
         out, (fs, root) = tmp_path / "run", bucket(tmp_path)
         make_tree(out)
         mirror = RunMirror(out, fs, "run")
-        first = mirror.push()
-        # Each distinct content once: best_accuracy's adapter (W2) and best_calibration's (W4), the small files.
         small = sum((out / r).stat().st_size for r in ("checkpoint-2/validation.json", "checkpoint-4/validation.json",
                                                       "logs/events.out.tfevents.1", "reliability_epoch_1.json"))
-        assert first == 1000 + 1000 + small  # best_*/validation.json are checkpoint-N's bytes: copied in storage
+        assert mirror.push() == 1000 + 1000 + small  # the two adapters (W2, W4) and the small files, once each
         assert mirror.push() == 0  # nothing changed
         write(out / "logs" / "events.out.tfevents.1", b"scalars, more scalars")
         link_tree(out / "checkpoint-4", out / "final", skip=("trainer_state.safetensors",))  # bytes stored already
         assert mirror.push() == len(b"scalars, more scalars")
-        assert (root / "run" / "final" / "adapter_model.safetensors").read_bytes() == b"W4" * 500
-
-    def test_files_that_trade_places_are_stored_as_they_now_are(self, tmp_path):
-        """best_accuracy/ takes best_calibration/'s bytes and the other way round: a copy inside storage must read
-        the bytes before they are overwritten, not after."""
-        out, (fs, root) = tmp_path / "run", bucket(tmp_path)
-        make_tree(out)
-        mirror = RunMirror(out, fs, "run")
-        mirror.push()
-        link_tree(out / "checkpoint-4", out / "best_accuracy", skip=("trainer_state.safetensors",))
-        link_tree(out / "checkpoint-2", out / "best_calibration", skip=("trainer_state.safetensors",))
-        mirror.push()
-        for name in ("best_accuracy", "best_calibration"):
-            for f in ("adapter_model.safetensors", "validation.json"):
-                assert (root / "run" / name / f).read_bytes() == (out / name / f).read_bytes(), (name, f)
-
-    def test_files_gone_from_the_tree_go_from_storage_after_the_manifest(self, tmp_path):
-        out, (fs, root) = tmp_path / "run", bucket(tmp_path)
-        make_tree(out)
-        mirror = RunMirror(out, fs, "run")
-        mirror.push()
-        (out / "reliability_epoch_1.json").unlink()
-        mirror.push()
-        assert not (root / "run" / "reliability_epoch_1.json").exists()
-        assert "reliability_epoch_1.json" not in json.loads((root / "run" / MANIFEST).read_text())["files"]
+        manifest = manifest_of(root / "run")
+        assert manifest["final/adapter_model.safetensors"] == manifest["best_calibration/adapter_model.safetensors"]
+        assert len(objects(root / "run")) == 6  # the events file's old bytes went once nothing named them
 
     def test_a_new_mirror_object_takes_up_from_what_storage_holds(self, tmp_path):
         """A worker restarted on another node pushes through a new RunMirror: what storage has is not sent again."""
@@ -129,6 +118,30 @@ class TestPush:
         make_tree(out)
         RunMirror(out, fs, "run").push()
         assert RunMirror(out, fs, "run").push() == 0
+
+    def test_a_push_killed_partway_leaves_the_last_tree_whole(self, tmp_path):
+        """Killed after uploading a new best_accuracy/ adapter, before mirror.json: a fetch gets the previous tree,
+        and the next push (a restarted worker's) deletes nothing that tree names."""
+        out, (fs, root) = tmp_path / "run", bucket(tmp_path)
+        make_tree(out)
+        RunMirror(out, fs, "run").push()
+        before = manifest_of(root / "run")
+        write(root / "run" / OBJECTS / ("0" * 64), b"W6" * 500)  # the uploaded object of the push that died
+        other = tmp_path / "other_node"
+        assert set(RunMirror(other, fs, "run").fetch()) == MIRRORED
+        assert manifest_of(root / "run") == before
+        RunMirror(other, fs, "run").push()  # the restarted worker, with the fetched tree
+        assert set(objects(root / "run")) == {entry["sha256"] for entry in before.values()}
+
+    def test_an_object_of_the_wrong_size_is_uploaded_again(self, tmp_path):
+        """An upload cut short on a filesystem whose writes are not atomic (S3's are) leaves a short object."""
+        out, (fs, root) = tmp_path / "run", bucket(tmp_path)
+        make_tree(out)
+        RunMirror(out, fs, "run").push()
+        sha = manifest_of(root / "run")["best_accuracy/adapter_model.safetensors"]["sha256"]
+        (root / "run" / OBJECTS / sha).write_bytes(b"W2")
+        assert RunMirror(out, fs, "run").push() == 1000
+        assert (root / "run" / OBJECTS / sha).read_bytes() == b"W2" * 500
 
 
 class TestFetch:
@@ -146,7 +159,22 @@ class TestFetch:
                                 other / "best_calibration" / "adapter_model.safetensors")  # one copy on disk
         assert not any(p.name.startswith(".") for p in other.rglob("*"))  # no temporary file left
 
-    def test_fetch_selects_and_keeps_or_replaces_what_is_there(self, tmp_path):
+    def test_files_that_trade_places_come_back_as_they_now_are(self, tmp_path):
+        out, (fs, _) = tmp_path / "run", bucket(tmp_path)
+        make_tree(out)
+        mirror = RunMirror(out, fs, "run")
+        mirror.push()
+        other = tmp_path / "other_node"
+        RunMirror(other, fs, "run").fetch()
+        link_tree(out / "checkpoint-4", out / "best_accuracy", skip=("trainer_state.safetensors",))
+        link_tree(out / "checkpoint-2", out / "best_calibration", skip=("trainer_state.safetensors",))
+        mirror.push()
+        RunMirror(other, fs, "run").fetch()
+        for name in ("best_accuracy", "best_calibration"):
+            for f in ("adapter_model.safetensors", "validation.json"):
+                assert (other / name / f).read_bytes() == (out / name / f).read_bytes(), (name, f)
+
+    def test_fetch_selects_replaces_what_differs_and_prunes(self, tmp_path):
         out, (fs, _) = tmp_path / "run", bucket(tmp_path)
         make_tree(out)
         RunMirror(out, fs, "run").push()
@@ -154,41 +182,61 @@ class TestFetch:
         written = RunMirror(other, fs, "run").fetch(is_record)
         assert "best_accuracy/validation.json" in written
         assert not (other / "best_accuracy" / "adapter_model.safetensors").exists()
-        write(other / "logs" / "events.out.tfevents.1", b"this node's own")
-        assert RunMirror(other, fs, "run").fetch() == ["best_accuracy/adapter_model.safetensors",
-                                                       "best_calibration/adapter_model.safetensors"]
-        assert (other / "logs" / "events.out.tfevents.1").read_bytes() == b"this node's own"  # kept
-        assert RunMirror(other, fs, "run").fetch(replace=True) == ["logs/events.out.tfevents.1"]
+        write(other / "logs" / "events.out.tfevents.1", b"an older node's")
+        write(other / "diverged.json", b'{"error": "an earlier run"}')
+        write(other / "cache" / "reference.safetensors", b"this node's")
+        assert RunMirror(other, fs, "run").fetch(is_record, prune=True) == ["logs/events.out.tfevents.1"]
         assert (other / "logs" / "events.out.tfevents.1").read_bytes() == b"scalars"
-        assert RunMirror(other, fs, "run").fetch(replace=True) == []  # equal bytes are not fetched again
+        assert not (other / "diverged.json").exists()  # not the mirrored run's
+        assert (other / "cache" / "reference.safetensors").exists()  # never mirrored: not pruned
+        assert RunMirror(other, fs, "run").fetch(is_record) == []  # equal bytes are not fetched again
 
-    def test_a_directory_whose_files_do_not_match_the_manifest_is_not_fetched(self, tmp_path, caplog):
-        """A worker that died while uploading a new best_accuracy/: its adapter in storage is newer than the
-        manifest. Half of two steps would lie; the directory is left out, the rest fetched."""
+    def test_a_node_with_an_older_tree_takes_storages(self, tmp_path):
+        """A trial back on a node it ran on before: that node's best_accuracy/ is older than storage's, and a
+        file with its old bytes must not become the source of storage's others (a hard link to wrong bytes)."""
+        out, (fs, _) = tmp_path / "run", bucket(tmp_path)
+        make_tree(out)
+        link_tree(out / "checkpoint-4", out / "best_accuracy", skip=("trainer_state.safetensors",))
+        RunMirror(out, fs, "run").push()  # best_accuracy/ and best_calibration/ both hold step 4
+        node = tmp_path / "node_a"
+        make_tree(node)  # its best_accuracy/ holds step 2; best_calibration/ goes missing
+        shutil.rmtree(node / "best_calibration")
+        RunMirror(node, fs, "run").fetch()
+        for name in ("best_accuracy", "best_calibration"):
+            for f in ("adapter_model.safetensors", "validation.json"):
+                assert (node / name / f).read_bytes() == (out / name / f).read_bytes(), (name, f)
+
+    def test_damaged_or_missing_bytes_are_not_fetched_and_the_rest_is(self, tmp_path, caplog):
         out, (fs, root) = tmp_path / "run", bucket(tmp_path)
         make_tree(out)
         RunMirror(out, fs, "run").push()
-        (root / "run" / "best_accuracy" / "adapter_model.safetensors").write_bytes(b"W6" * 500)
+        manifest = manifest_of(root / "run")
+        (root / "run" / OBJECTS / manifest["best_accuracy/adapter_model.safetensors"]["sha256"]).write_bytes(b"bad")
+        (root / "run" / OBJECTS / manifest["reliability_epoch_1.json"]["sha256"]).unlink()
         other = tmp_path / "other_node"
         with caplog.at_level(logging.WARNING, logger="ray_jobs.mirror"):
             written = RunMirror(other, fs, "run").fetch()
-        assert not (other / "best_accuracy").exists() or not any((other / "best_accuracy").iterdir())
-        assert "best_calibration/adapter_model.safetensors" in written and "logs/events.out.tfevents.1" in written
-        assert "run/best_accuracy: not fetched" in caplog.text
+        assert set(written) == MIRRORED - {"best_accuracy/adapter_model.safetensors", "reliability_epoch_1.json"}
+        assert not (other / "best_accuracy" / "adapter_model.safetensors").exists()
+        assert "2 file(s) not fetched" in caplog.text
+        assert not any(p.name.startswith(".") for p in other.rglob("*"))  # no temporary file left
 
     def test_nothing_mirrored_fetches_nothing(self, tmp_path):
         fs, _ = bucket(tmp_path)
         assert RunMirror(tmp_path / "run", fs, "nothing/here").fetch() == []
 
 
-def test_read_run_file_takes_this_nodes_file_else_the_mirrors(tmp_path):
-    out, (fs, root) = tmp_path / "run", bucket(tmp_path)
-    write(root / "train" / "t1" / MIRROR_DIR / "final" / "final_metrics.json", b'{"history": []}')
+def test_read_run_file_reads_the_mirror_where_there_is_one(tmp_path):
+    out, (fs, _) = tmp_path / "run", bucket(tmp_path)
+    write(tmp_path / "worker" / "final" / "final_metrics.json", b'{"history": []}')
+    RunMirror(tmp_path / "worker", fs, f"train/t1/{MIRROR_DIR}").push()
     assert read_run_file(out, "final/final_metrics.json", None) is None
     assert read_run_file(out, "final/final_metrics.json", (fs, "train/t1")) == '{"history": []}'
-    write(out / "final" / "final_metrics.json", b'{"history": [1]}')
-    assert read_run_file(out, "final/final_metrics.json", (fs, "train/t1")) == '{"history": [1]}'
+    write(out / "final" / "final_metrics.json", b'{"history": [1]}')  # this node's copy, stale
+    assert read_run_file(out, "final/final_metrics.json", None) == '{"history": [1]}'
+    assert read_run_file(out, "final/final_metrics.json", (fs, "train/t1")) == '{"history": []}'
     assert read_run_file(out, "diverged.json", (fs, "train/t1")) is None
+    assert read_run_file(out, "final/final_metrics.json", (fs, "train/nothing")) is None
 
 
 def test_a_search_fetches_every_trials_records_and_the_best_trials_adapters(tmp_path, capsys):
@@ -223,3 +271,35 @@ def test_a_search_fetches_every_trials_records_and_the_best_trials_adapters(tmp_
     assert best_adapter(trials / "t2", rows[1]) == trials / "t2" / "checkpoint-4"  # Ray's copy, fetched
     assert (trials / "t2" / "checkpoint-4" / "validation.json").is_file()  # beside the mirrored record
     assert not (trials / "t2" / "checkpoint-4" / "trainer_state.safetensors").exists()  # nothing left to resume
+
+
+def test_the_fetch_command_says_what_is_wrong(tmp_path, capsys):
+    from ray_jobs.mirror import main
+
+    assert main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "is not remote storage" in capsys.readouterr().err
+    assert main(["mock://bucket/conftok/demo/train/t1", str(tmp_path / "out")]) == 1
+    assert "nothing mirrored in mock://bucket/conftok/demo/train/t1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_search_keeps_its_study_results_and_report_not_its_trials_or_demo(tmp_path):
+    from ray_jobs.mirror import is_search_record
+    from ray_jobs.recovery import PushSearchRecords
+    from ray_jobs.tune import search_records
+
+    assert is_search_record("study.db") and is_search_record("results.json") and is_search_record("report/pareto.png")
+    assert not is_search_record("trials/t1/logs/events.out.tfevents.1") and not is_search_record("demo/tagged.jsonl")
+    assert not is_search_record(".study.db.tmp-4711")
+    fs, root = bucket(tmp_path)
+    local = tmp_path / "experiments" / "demo"
+    for rel in ("study.db", "results.json", "report/report.html", "trials/t1/final/final_metrics.json", "demo/x"):
+        write(local / rel, rel.encode())
+    callback = PushSearchRecords(search_records(local, (fs, "store")))
+    callback.on_trial_complete(1, [], None)  # as Tune calls it when a trial ends
+    assert set(manifest_of(root / "store" / "demo" / "search")) == {"study.db", "results.json", "report/report.html"}
+    # A new head with --resume, its local_dir empty, takes them back.
+    elsewhere = tmp_path / "new_head" / "demo"
+    assert sorted(search_records(elsewhere, (fs, "store")).fetch()) == ["report/report.html", "results.json",
+                                                                         "study.db"]
+    assert (elsewhere / "study.db").read_bytes() == b"study.db"

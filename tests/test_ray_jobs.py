@@ -289,7 +289,7 @@ def test_paths_are_taken_from_where_the_job_was_started(tmp_path, monkeypatch):
         assert with_absolute_paths(TrainConfig(reference_cache=kept)).reference_cache == kept
 
 
-@pytest.mark.parametrize("job", ["train", "tune", "evaluate", "tag", "export", "report"])
+@pytest.mark.parametrize("job", ["train", "tune", "evaluate", "tag", "export", "report", "mirror"])
 def test_every_job_prints_its_help(job, capsys):
     """`python -m ray_jobs.<job> --help` prints every flag and exits 0. argparse formats help texts with %, so
     a TrainConfig help text with a literal % (a share, "69% padding") must reach it escaped."""

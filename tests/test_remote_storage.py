@@ -29,7 +29,8 @@ def assets(tmp_path_factory):
     return {
         "model": str(root / "base"),
         "train": write_jsonl(root / "train.jsonl", feature_rows(64, seed=1)),
-        "val": {"boolq": write_jsonl(root / "boolq.jsonl", VAL_BOOLQ), "medqa": write_jsonl(root / "medqa.jsonl", VAL_MEDQA)},
+        "val": {"boolq": write_jsonl(root / "boolq.jsonl", VAL_BOOLQ),
+                "medqa": write_jsonl(root / "medqa.jsonl", VAL_MEDQA)},
     }
 
 
@@ -119,7 +120,8 @@ def test_a_search_on_remote_storage_reports_trials_trained_on_other_disks(assets
     exp = tmp_path / "exp" / "far"
     results = json.loads((exp / "results.json").read_text())
     for t in results["trials"]:
-        local, remote = exp / "trials" / t["trial"], node_disk / str((exp / "trials" / t["trial"]).resolve()).lstrip("/")
+        local = exp / "trials" / t["trial"]
+        remote = node_disk / str(local.resolve()).lstrip("/")
         assert (remote / "final" / "final_metrics.json").is_file()  # trained over there
         assert t["status"] == "TERMINATED" and (local / "final" / "final_metrics.json").is_file()
         assert list((local / "logs").glob("events.out.tfevents.*")) and list(local.glob("checkpoint-*/validation.json"))
@@ -130,3 +132,16 @@ def test_a_search_on_remote_storage_reports_trials_trained_on_other_disks(assets
     assert best.is_relative_to(exp) and (best / "adapter_model.safetensors").is_file()
     report = (exp / "report" / "report.html").read_text()
     assert "nothing to plot" not in report
+    # The search's own records are in storage too: a head that goes (KubeRay tears its pod down) loses nothing.
+    from ray_jobs.mirror import main as fetch_main
+
+    monkeypatch.setattr("ray_jobs.mirror.remote_storage", lambda path: (filesystem, path))
+    assert fetch_main(["exp/far", str(tmp_path / "elsewhere"), "--search"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    assert {p.relative_to(elsewhere).as_posix() for p in elsewhere.rglob("*") if p.is_file()} >= {
+        "study.db", "results.json", "results.csv", "report/report.html"}
+    assert json.loads((elsewhere / "results.json").read_text()) == results
+    import optuna
+
+    study = optuna.load_study(study_name="far", storage=f"sqlite:///{elsewhere / 'study.db'}")
+    assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
