@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -167,6 +168,8 @@ class RunMirror:
     def push(self) -> int:
         """Make storage hold the tree: upload the contents it lacks, replace ``mirror.json``, then delete the contents
         no file names any more. Returns the bytes uploaded."""
+        if not self.local.is_dir():  # never an empty mirror.json over a tree that is elsewhere
+            raise FileNotFoundError(f"{self.local}: no such directory to mirror to {self.remote}")
         try:
             if self._stored is None:
                 self._stored = self._objects()
@@ -195,17 +198,24 @@ class RunMirror:
             raise
         return uploaded
 
-    def fetch(self, select: Callable[[str], bool] | None = None, *, prune: bool = False) -> list[str]:
+    def fetch(self, select: Callable[[str], bool] | None = None, *, prune: bool = False,
+              keep_newer: bool = False) -> list[str]:
         """Make the tree hold the copy's files (those ``select`` keeps); returns those written.
 
         A file whose bytes already match is left alone; any other is replaced. With ``prune``, files the copy
         would hold (selected, mirrored) but does not are deleted: a ``diverged.json`` of an earlier run into the
-        same directory must not outlive it. A content that fails its SHA-256 check or is missing is not written
-        (logged); the rest is.
+        same directory must not outlive it. With ``keep_newer`` (a driver on the node that trained, whose last push
+        failed), a file written or linked after the copy's ``mirror.json`` is neither replaced nor deleted. A
+        content that fails its SHA-256 check or is missing is not written (logged); the rest is.
         """
         manifest = self.manifest()
         if manifest is None:
             return []
+        since = self.fs.get_file_info(f"{self.remote}/{MANIFEST}").mtime.timestamp() if keep_newer else math.inf
+
+        def newer(path: Path) -> bool:  # ctime: a hard link made later (final/ -> checkpoint-N) counts as new
+            return path.stat().st_ctime > since
+
         chosen = {rel: entry for rel, entry in manifest.items() if select is None or select(rel)}
         have: dict[str, Path] = {}  # sha256 -> a local file checked to hold those bytes: other names link to it
         written, missing = [], []
@@ -214,6 +224,8 @@ class RunMirror:
             if path.is_file() and not path.is_symlink() and path.stat().st_size == entry["size"] and \
                     _sha256(path) == sha:
                 have.setdefault(sha, path)
+                continue
+            if path.is_file() and newer(path):
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -240,7 +252,8 @@ class RunMirror:
         if prune:
             for path in sorted(self.local.rglob("*")) if self.local.is_dir() else []:
                 rel = path.relative_to(self.local).as_posix()
-                if path.is_file() and rel not in manifest and self.mirrored(rel) and (select is None or select(rel)):
+                if path.is_file() and rel not in manifest and self.mirrored(rel) and (select is None or select(rel)) \
+                        and not newer(path):
                     path.unlink()
         return written
 
@@ -273,7 +286,7 @@ def fetch_run_tree(output_dir: Path, storage: tuple[object, str], name: str) -> 
     outcome is what the job reports."""
     mirror = RunMirror(output_dir, storage[0], f"{storage[1]}/{name}/{MIRROR_DIR}")
     try:
-        fetched = mirror.fetch(prune=True)
+        fetched = mirror.fetch(prune=True, keep_newer=True)
     except (OSError, ValueError, KeyError) as e:  # pyarrow's errors are OSError or ValueError (ArrowInvalid)
         print(f"warning: the run's tree was not fetched from {mirror.remote}: {e}", file=sys.stderr)
         return []
@@ -295,7 +308,7 @@ def fetch_trial_trees(rows: list[dict[str, Any]], best: dict[str, Any] | None, t
         run, trial_dir = f"{train_storage}/{row['trial']}", trials_dir / row["trial"]
         try:
             mirror = RunMirror(trial_dir, filesystem, f"{run}/{MIRROR_DIR}")
-            fetched += len(mirror.fetch(None if row is best else is_record, prune=True))
+            fetched += len(mirror.fetch(None if row is best else is_record, prune=True, keep_newer=True))
             if row is best and row.get("checkpoint") and best_adapter(trial_dir, row) == Path(row["checkpoint"]):
                 fetched += _fetch_checkpoint(filesystem, row["checkpoint"], trial_dir)  # none of its step in its tree
         except (OSError, ValueError, KeyError) as e:

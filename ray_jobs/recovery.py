@@ -68,25 +68,35 @@ def replay_finished_run(output_dir: Path, ray_run_dir: str, storage: tuple[objec
 
 
 class PushSearchRecords(Callback):
-    """With remote storage, push the search's records (the Optuna study above all) there each time a trial ends
-    (``mirror``: a :class:`ray_jobs.mirror.RunMirror` of ``--local_dir``): a head that dies, or a KubeRay head pod
-    torn down with its cluster, takes nothing ``--resume`` needs. Runs in the driver's Tune loop, after Optuna has
-    committed the trial (the SQLite file is whole between transactions). A storage error is logged, not raised."""
+    """With remote storage, push the search's records (the Optuna study above all) there whenever ``study.db``
+    changes (``mirror``: a :class:`ray_jobs.mirror.RunMirror` of ``--local_dir``): a head that dies, or a KubeRay
+    head pod torn down with its cluster, takes nothing ``--resume`` needs. Optuna writes a row when a trial is
+    asked for, not only when one ends, and Tune's saved searcher names that row: the study in storage must be
+    as new. Runs at the end of each step of the driver's Tune loop, the thread Optuna writes from (the SQLite
+    file is whole between its transactions); a ``stat`` when nothing changed. A storage error is logged."""
 
-    def __init__(self, mirror):
-        self.mirror = mirror
+    def __init__(self, mirror, study_db: str = "study.db"):
+        self.mirror, self.study_db = mirror, study_db
+        self._pushed: tuple[int, int] | None = None  # (size, mtime) of the study last pushed
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        try:
+            st = (self.mirror.local / self.study_db).stat()
+        except FileNotFoundError:
+            return
+        if (st.st_size, st.st_mtime_ns) != self._pushed and self.push():
+            self._pushed = (st.st_size, st.st_mtime_ns)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self.push()
+        self.on_step_end(iteration, trials)
 
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.push()
-
-    def push(self) -> None:
+    def push(self) -> bool:
         try:
             self.mirror.push()
         except (OSError, ValueError) as e:
             logger.warning("search records not pushed to %s: %s", self.mirror.remote, e)
+            return False
+        return True
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -109,6 +119,9 @@ class ResumableOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
             logger.info("trial %s reported again after its Optuna trial had finished; not recorded twice", trial_id)
+        except KeyError as e:  # its Optuna row is not in study.db (a study restored older than Tune's searcher)
+            logger.warning("trial %s: its Optuna trial is missing from the study (%s); this result is not recorded "
+                           "there", trial_id, e)
 
 
 def fail_orphaned_trials(study_db: Path, study_name: str) -> list[int]:

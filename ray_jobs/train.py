@@ -86,18 +86,21 @@ def train_func(config: dict[str, Any]) -> None:
     mirror = RunMirror(cfg.output_dir, storage.storage_filesystem,
                        f"{storage.experiment_fs_path}/{MIRROR_DIR}") if remote else None
 
-    def mirror_tree(action: str) -> None:
+    def mirror_tree(action: str, attempts: int = 1) -> None:
         """Push the tree or fetch it; a storage error is printed, not raised: Ray's checkpoint is safe, and a
         restart would meet the same storage (the next push sends what this one missed)."""
-        if mirror is None:
-            return
-        try:
-            if action == "push":
-                mirror.push()
-            else:
-                print(f"Restored {len(mirror.fetch())} file(s) of the run's tree from {mirror.remote}", flush=True)
-        except (OSError, ValueError, KeyError) as e:
-            print(f"warning: the run's tree not {action}ed ({mirror.remote}): {e}", flush=True)
+        for attempt in range(1, attempts + 1) if mirror is not None else ():
+            try:
+                if action == "push":
+                    mirror.push()
+                else:
+                    print(f"Restored {len(mirror.fetch())} file(s) of the run's tree from {mirror.remote}", flush=True)
+                return
+            except (OSError, ValueError, KeyError) as e:
+                print(f"warning: the run's tree not {action}ed ({mirror.remote}), attempt {attempt} of {attempts}: "
+                      f"{e}", flush=True)
+                if attempt < attempts:
+                    time.sleep(2.0 * attempt)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         mirror_tree("push")  # before the report: ASHA can end the trial as soon as it has it
@@ -130,7 +133,8 @@ def train_func(config: dict[str, Any]) -> None:
                 # Finished: Ray's last checkpoint drops its optimizer state, as the run's own did
                 # (they share the files: neither name alone frees the bytes). s3:// keeps Ray's copy whole.
                 drop_trainer_state(last.path)
-    mirror_tree("push")  # final/ and final_metrics.json, or the error a diverged run stopped on
+    mirror_tree("push", attempts=3)  # final/ and final_metrics.json, or the error a diverged run stopped on: no
+    # later push would send them
 
 
 def raise_if_diverged(output_dir: str | Path, storage: tuple[object, str] | None = None) -> None:

@@ -20,6 +20,7 @@ and fetched into ``--local_dir`` at the end (:mod:`ray_jobs.mirror`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -33,6 +34,8 @@ from ray_jobs.results import TABLE_PARAMS, best_adapter, best_trial, format_tabl
 from ray_jobs.space import DEFAULT_MAX_T, EMBEDDED_MODEL, SearchSpace, load_space
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+# Where a search's study lives (its --local_dir): Tune's saved Optuna searcher holds that path, so --resume checks it.
+SEARCH_FILE = "search.json"
 
 
 def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
@@ -183,6 +186,19 @@ def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:
     return fixed
 
 
+def check_resume_local_dir(local_dir: Path) -> str | None:
+    """Why ``--resume`` cannot go on with the search whose records are in ``local_dir``, or None: Tune restores its
+    Optuna searcher with the study's path of the first run (``SEARCH_FILE`` records it), and a study found
+    elsewhere would not be the one it writes to (a relative ``--local_dir`` under a job's working directory moves
+    with every new cluster)."""
+    record = local_dir / SEARCH_FILE
+    started_in = json.loads(record.read_text())["local_dir"] if record.is_file() else str(local_dir)
+    if started_in == str(local_dir):
+        return None
+    return (f"search {local_dir.name!r} was started with its study in {started_in} ({record}), and Tune restores its "
+            f"Optuna searcher with that path: resume with --local_dir {Path(started_in).parent}")
+
+
 def warn_if_asha_cuts_trials(space: SearchSpace, n_rows: int) -> int | None:
     """Print a warning when ASHA's ``max_t`` (validations) is below what each trial makes on the space's ``n_rows``
     training rows: ASHA stops every trial that reaches ``max_t``, so none would finish its schedule. Returns that
@@ -251,17 +267,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import tune
 
-    if args.resume and storage is not None and not (local_dir / "study.db").is_file():  # another head, or pod
-        restored = search_records(local_dir, storage).fetch()
-        print(f"Search records: {len(restored)} file(s) fetched from storage into {local_dir}", flush=True)
+    if args.resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            print(f"error: nothing to resume in {experiment_path}", file=sys.stderr)
+            return 2
+        if storage is not None and not (local_dir / "study.db").is_file():  # another head, or a new KubeRay pod
+            restored = search_records(local_dir, storage).fetch()
+            print(f"Search records: {len(restored)} file(s) fetched from storage into {local_dir}", flush=True)
+        problem = check_resume_local_dir(local_dir)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+    else:
+        local_dir.mkdir(parents=True, exist_ok=True)
+        (local_dir / SEARCH_FILE).write_text(json.dumps({"local_dir": str(local_dir), "space": str(space.path),
+                                                         "storage_path": args.storage_path}, indent=1))
     fixed = prepare_fixed(space, local_dir)
     tuner, trainable = build_tuner(space, fixed=fixed, local_dir=local_dir, storage_path=args.storage_path if remote
                                    else str(local_dir.parent), concurrency=concurrency, gpus_per_trial=gpus,
                                    cpus_per_trial=cpus, remote=storage)
     if args.resume:
-        if not tune.Tuner.can_restore(experiment_path):
-            print(f"error: nothing to resume in {experiment_path}", file=sys.stderr)
-            return 2
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     result_grid = tuner.fit()
     # Ctrl+C (SIGINT) makes Tune stop gracefully and return from fit(): the search is then unfinished,

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -296,10 +297,78 @@ def test_a_search_keeps_its_study_results_and_report_not_its_trials_or_demo(tmp_
     for rel in ("study.db", "results.json", "report/report.html", "trials/t1/final/final_metrics.json", "demo/x"):
         write(local / rel, rel.encode())
     callback = PushSearchRecords(search_records(local, (fs, "store")))
-    callback.on_trial_complete(1, [], None)  # as Tune calls it when a trial ends
+    pushes = []
+    push = callback.mirror.push
+    callback.mirror.push = lambda: pushes.append(1) or push()
+    callback.on_step_end(1, [])  # as Tune calls it at the end of each step of its loop
     assert set(manifest_of(root / "store" / "demo" / "search")) == {"study.db", "results.json", "report/report.html"}
+    callback.on_step_end(2, [])
+    callback.on_trial_complete(2, [], None)
+    assert len(pushes) == 1  # the study did not change: a stat, no push
+    write(local / "study.db", b"study.db, a trial asked for")  # Optuna wrote a row
+    callback.on_step_end(3, [])
+    assert len(pushes) == 2 and manifest_of(root / "store" / "demo" / "search")["study.db"]["size"] == 27
     # A new head with --resume, its local_dir empty, takes them back.
     elsewhere = tmp_path / "new_head" / "demo"
     assert sorted(search_records(elsewhere, (fs, "store")).fetch()) == ["report/report.html", "results.json",
                                                                          "study.db"]
-    assert (elsewhere / "study.db").read_bytes() == b"study.db"
+    assert (elsewhere / "study.db").read_bytes() == b"study.db, a trial asked for"
+
+
+def test_a_push_from_a_missing_tree_leaves_storage_alone(tmp_path):
+    """A mirror whose local folder is not there (a path from another head) must not commit an empty tree."""
+    out, (fs, root) = tmp_path / "run", bucket(tmp_path)
+    make_tree(out)
+    RunMirror(out, fs, "run").push()
+    before = manifest_of(root / "run")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        RunMirror(tmp_path / "gone", fs, "run").push()
+    assert manifest_of(root / "run") == before and len(objects(root / "run")) == 6
+
+
+def test_a_driver_on_the_node_that_trained_keeps_what_is_newer_than_the_mirror(tmp_path):
+    """The worker's last push failed: the driver's disk (the same node) has final/ and a longer events file that
+    storage lacks. They stay. On another node, a file of an earlier run, older than the mirror, goes."""
+    out, (fs, _) = tmp_path / "run", bucket(tmp_path)
+    driver = tmp_path / "driver"
+    write(driver / "diverged.json", b'{"error": "an earlier run into this output_dir"}')
+    time.sleep(0.05)
+    make_tree(out)
+    RunMirror(out, fs, "run").push()
+    time.sleep(0.05)
+    write(out / "logs" / "events.out.tfevents.1", b"scalars, and the last ones")
+    link_tree(out / "checkpoint-4", out / "final", skip=("trainer_state.safetensors",))
+    RunMirror(out, fs, "run").fetch(prune=True, keep_newer=True)
+    assert (out / "logs" / "events.out.tfevents.1").read_bytes() == b"scalars, and the last ones"
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    RunMirror(driver, fs, "run").fetch(prune=True, keep_newer=True)
+    assert not (driver / "diverged.json").exists() and (driver / "logs" / "events.out.tfevents.1").is_file()
+    RunMirror(out, fs, "run").fetch(prune=True)  # a restarted worker: storage's tree is the one
+    assert (out / "logs" / "events.out.tfevents.1").read_bytes() == b"scalars"
+    assert not (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_the_resumed_search_must_keep_its_study_where_it_was(tmp_path):
+    from ray_jobs.tune import SEARCH_FILE, check_resume_local_dir
+
+    here = tmp_path / "experiments" / "demo"
+    assert check_resume_local_dir(here) is None  # a search from before the record: nothing to compare
+    write(here / SEARCH_FILE, json.dumps({"local_dir": str(here)}).encode())
+    assert check_resume_local_dir(here) is None
+    write(here / SEARCH_FILE, json.dumps({"local_dir": "/tmp/ray/session_1/working_dir/experiments/demo"}).encode())
+    assert "resume with --local_dir /tmp/ray/session_1/working_dir/experiments" in check_resume_local_dir(here)
+
+
+def test_a_result_whose_optuna_trial_is_missing_is_logged_not_fatal(monkeypatch, caplog):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from ray_jobs.recovery import ResumableOptunaSearch
+
+    def missing(self, trial_id, result):
+        raise KeyError("Record does not exist.")
+
+    monkeypatch.setattr(OptunaSearch, "on_trial_result", missing)
+    search = ResumableOptunaSearch.__new__(ResumableOptunaSearch)
+    with caplog.at_level(logging.WARNING, logger="ray_jobs.recovery"):
+        search.on_trial_result("t1", {"validation": 1})
+    assert "its Optuna trial is missing from the study" in caplog.text

@@ -139,7 +139,8 @@ def test_a_search_on_remote_storage_reports_trials_trained_on_other_disks(assets
     assert fetch_main(["exp/far", str(tmp_path / "elsewhere"), "--search"]) == 0
     elsewhere = tmp_path / "elsewhere"
     assert {p.relative_to(elsewhere).as_posix() for p in elsewhere.rglob("*") if p.is_file()} >= {
-        "study.db", "results.json", "results.csv", "report/report.html"}
+        "study.db", "results.json", "results.csv", "report/report.html", "search.json"}
+    assert json.loads((elsewhere / "search.json").read_text())["local_dir"] == str(exp)  # what --resume checks
     assert json.loads((elsewhere / "results.json").read_text()) == results
     import optuna
 
