@@ -12,26 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import feature_rows, save_tiny_base, write_jsonl
-from test_ray_jobs import VAL_BOOLQ, VAL_MEDQA, scalar_steps, train_values, write_space
+from test_ray_jobs import assets, scalar_steps, train_values, write_space  # noqa: F401  (module fixture)
 
 pytest.importorskip("ray")
 pyarrow_fs = pytest.importorskip("pyarrow.fs")
 
 from ray_jobs.mirror import MANIFEST, MIRROR_DIR  # noqa: E402
 from ray_jobs.train import FAULT_ENV, FAULT_MARKER_ENV, FAULT_WIPE_ENV, NODE_DISK_ENV  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote_assets")
-    save_tiny_base(root / "base")
-    return {
-        "model": str(root / "base"),
-        "train": write_jsonl(root / "train.jsonl", feature_rows(64, seed=1)),
-        "val": {"boolq": write_jsonl(root / "boolq.jsonl", VAL_BOOLQ),
-                "medqa": write_jsonl(root / "medqa.jsonl", VAL_MEDQA)},
-    }
 
 
 @pytest.fixture(scope="module")
