@@ -215,24 +215,41 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig(**{**cfg.to_dict(), **paths})
 
 
-def check_stored_run(cfg: TrainConfig, storage: str, name: str) -> None:
+def check_stored_run(cfg: TrainConfig, storage: str, name: str, remote: tuple[Any, str] | None = None) -> None:
     """Raise :class:`~conftok.config.ConfigError` when Ray's storage holds a run ``name`` (which Ray Train resumes
-    from its last checkpoint) written under settings that shape a run other than ``cfg``'s. Local storage only:
-    on s3:// the worker's own check (:func:`conftok.train.check_resume_config`) refuses it."""
-    from conftok.config import ConfigError
-    from conftok.train import check_resume_config
+    from its last checkpoint) written under settings that shape a run other than ``cfg``'s. ``remote``:
+    ``(filesystem, path)`` of ``storage`` where it is remote (s3://): its checkpoint's ``conftok.json`` is read
+    there, before Ray starts, not by a worker that would fail every one of its restarts on it."""
+    import re
 
-    if "://" in storage:
-        return
-    run = Path(storage) / name
-    steps = {int(p.name.split("-")[1]): p for p in run.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
+    import pyarrow.fs
+
+    from conftok.config import ConfigError
+    from conftok.modeling import METADATA_FILE
+
+    if remote is not None:
+        filesystem, base = remote
+    elif "://" in storage:
+        filesystem, base = pyarrow.fs.FileSystem.from_uri(storage)
+    else:
+        filesystem, base = pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
+    run = f"{base.rstrip('/')}/{name}"
+    steps = {int(info.base_name.split("-")[1]): info.path
+             for info in filesystem.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
+             if info.type == pyarrow.fs.FileType.Directory and re.fullmatch(r"checkpoint-\d+", info.base_name)}
     if not steps:
         return
     try:
-        check_resume_config(cfg, steps[max(steps)])
-    except ConfigError as e:
-        raise ConfigError(f"{e}. Ray would resume run {name!r} from {steps[max(steps)]}: give another --output_dir "
-                          f"or --name, or delete {run} to start over") from None
+        with filesystem.open_input_stream(f"{steps[max(steps)]}/{METADATA_FILE}") as f:
+            saved = json.loads(f.read().decode()).get("config")
+    except FileNotFoundError:  # a checkpoint of an older conftok: not checked
+        return
+    conflicts = cfg.resume_conflicts(saved) if isinstance(saved, dict) else []
+    if conflicts:
+        shown = f"{storage.rstrip('/')}/{name}" if "://" in storage else run
+        raise ConfigError(f"Ray would resume run {name!r} from {shown}/checkpoint-{max(steps)}, written by a run with "
+                          f"other settings ({'; '.join(conflicts)}): give another --output_dir or --name, or delete "
+                          f"{shown} to start over")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,9 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or output_dir.name
     storage = args.storage_path or str(output_dir.parent / "ray_results")
     try:  # Ray resumes a run of this name it finds in storage: refuse one started under other settings
-        check_stored_run(cfg, storage, name)
+        remote = remote_storage(storage)
+        check_stored_run(cfg, storage, name, remote)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:  # storage out of reach, or no such scheme: Ray would fail on it too
+        print(f"error: storage {storage}: {e}", file=sys.stderr)
         return 2
     resources = init_ray(args.address)
     per_node_gpus, _ = autoscaling_gpus()
@@ -269,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Ray Train: 1 worker, {num_gpus:g} GPU, {cpus:g} CPU; run {name!r} in {storage}", flush=True)
-    remote = remote_storage(storage)
     trainer = build_trainer(cfg, name=name, storage_path=remote[1] if remote else storage, num_gpus=num_gpus,
                             cpus_per_worker=cpus, max_failures=args.max_failures,
                             storage_filesystem=remote[0] if remote else None)

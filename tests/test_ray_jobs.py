@@ -326,8 +326,18 @@ def test_a_rerun_with_other_settings_is_refused_before_ray_starts(assets, tmp_pa
     err = capsys.readouterr().err
     assert "learning_rate: 0.01 -> 0.005" in err and "checkpoint-4" in err  # the checkpoint Ray would resume
     assert f"delete {stored}" in err and "--output_dir" in err
+    # Remote storage (s3://) is read the same way, before Ray starts.
+    import pyarrow.fs
+
+    from conftok.config import ConfigError
+
+    bucket = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())
+    with pytest.raises(ConfigError, match=r"s3://b/ray_results/run/checkpoint-4, written by a run with other settings "
+                                          r"\(learning_rate: 0.01 -> 0.005\)"):
+        check_stored_run(cfg, "s3://b/ray_results", "run", (bucket, "ray_results"))
     (stored / "checkpoint-4" / "conftok.json").write_text(json.dumps({"config": cfg.to_dict()}))
     check_stored_run(cfg, str(tmp_path / "ray_results"), "run")  # the same settings: Ray may resume it
+    check_stored_run(cfg, "s3://b/ray_results", "run", (bucket, "ray_results"))
     check_stored_run(cfg, str(tmp_path / "elsewhere"), "run")  # nothing stored
 
 
