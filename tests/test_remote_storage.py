@@ -133,3 +133,29 @@ def test_a_search_on_remote_storage_reports_trials_trained_on_other_disks(assets
 
     study = optuna.load_study(study_name="far", storage=f"sqlite:///{elsewhere / 'study.db'}")
     assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def test_the_train_job_brings_the_tree_home_and_reads_a_divergence_from_storage(assets, node_disk, tmp_path,
+                                                                                monkeypatch, capsys):
+    """`python -m ray_jobs.train` with s3:// storage, its worker on another disk: a run that diverges exits 1 with
+    the error from storage; a run into the same --output_dir that trains well exits 0 with the tree fetched
+    home and the earlier run's diverged.json gone."""
+    import ray_jobs.mirror
+    from ray_jobs.train import FAULT_DIVERGE_ENV, main
+
+    filesystem, _ = bucket(tmp_path)
+    monkeypatch.setattr(ray_jobs.mirror, "remote_storage", lambda path: (filesystem, "ray"))
+    output_dir = tmp_path / "run"
+    argv = ["--model_name", assets["model"], "--train_data", assets["train"], "--output_dir", str(output_dir),
+            "--backend", "hf", "--val_sources", *(f"{k}={v}" for k, v in assets["val"].items()), "--num_epochs", "1",
+            "--eval_steps", "2", "--no-bf16", "--no-gradient_checkpointing", "--max_new_tokens", "4", "--lora_r", "4",
+            "--lora_alpha", "8", "--calib_beta", "4", "--no-progress", "--num_gpus", "0", "--cpus_per_worker", "1",
+            "--storage_path", "s3://bucket/ray"]
+    monkeypatch.setenv(FAULT_DIVERGE_ENV, str(tmp_path / "diverge_once"))
+    assert main([*argv, "--name", "first"]) == 1
+    assert "training stopped: loss is" in capsys.readouterr().err
+    assert (output_dir / "diverged.json").is_file()  # fetched home with the rest of the tree
+    assert main([*argv, "--name", "second"]) == 0  # the marker exists: this one trains at its own rate
+    assert not (output_dir / "diverged.json").exists()
+    assert (output_dir / "final" / "adapter_model.safetensors").is_file() and "Run tree:" in capsys.readouterr().out
+    assert not (node_disk / str(output_dir).lstrip("/") / "diverged.json").exists()
