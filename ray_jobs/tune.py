@@ -29,7 +29,7 @@ from typing import Any
 
 from conftok import metrics as M
 from conftok.config import TrainConfig
-from ray_jobs.mirror import fetch_trial_trees, remote_storage
+from ray_jobs.mirror import SEARCH_DIR, RunMirror, fetch_trial_trees, is_search_record, remote_storage
 from ray_jobs.results import TABLE_PARAMS, best_adapter, best_trial, format_table, pareto_front, write_results
 from ray_jobs.space import DEFAULT_MAX_T, EMBEDDED_MODEL, SearchSpace, load_space
 
@@ -113,8 +113,6 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
 def search_records(local_dir: Path, remote: tuple[Any, str]):
     """The mirror of a search's own records (``study.db``, ``results.*``, ``report/``) in remote storage:
     ``STORAGE/NAME/search/``."""
-    from ray_jobs.mirror import SEARCH_DIR, RunMirror, is_search_record
-
     return RunMirror(local_dir, remote[0], f"{remote[1]}/{local_dir.name}/{SEARCH_DIR}", mirrored=is_search_record)
 
 
@@ -240,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     # per-trial output trees and results files need a local directory.
     local_dir = (Path(args.local_dir) if remote else Path(args.storage_path).expanduser()).resolve() / name
     experiment_path = f"{args.storage_path.rstrip('/')}/{name}" if remote else str(local_dir)
-    storage = remote_storage(args.storage_path)  # (filesystem, path) of s3:// and the like: trees are mirrored there
+    try:  # (filesystem, path) of s3:// and the like: trees are mirrored there
+        storage = remote_storage(args.storage_path)
+    except (OSError, ValueError) as e:
+        print(f"error: storage {args.storage_path}: {e}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     resources = init_ray(args.address)
     per_node_gpus, max_gpus = autoscaling_gpus()

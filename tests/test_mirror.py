@@ -372,3 +372,12 @@ def test_a_result_whose_optuna_trial_is_missing_is_logged_not_fatal(monkeypatch,
     with caplog.at_level(logging.WARNING, logger="ray_jobs.recovery"):
         search.on_trial_result("t1", {"validation": 1})
     assert "its Optuna trial is missing from the study" in caplog.text
+
+
+def test_a_search_on_storage_it_cannot_reach_stops_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import ray_jobs.common
+    from ray_jobs.tune import main
+
+    monkeypatch.setattr(ray_jobs.common, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    assert main(["--storage_path", "nosuchscheme://bucket/x", "--local_dir", str(tmp_path)]) == 2
+    assert "error: storage nosuchscheme://bucket/x" in capsys.readouterr().err
