@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -197,6 +198,30 @@ class RunMirror:
             self._stored = None  # list storage again next time
             raise
         return uploaded
+
+    def try_push(self, attempts: int = 1) -> bool:
+        """:meth:`push`, a storage error printed, not raised (in a worker: Ray's checkpoint is safe, and the next push
+        sends what this one missed); tried ``attempts`` times, 2 s, 4 s, ... apart. Whether it went."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.push()
+                return True
+            except (OSError, ValueError, KeyError) as e:
+                print(f"warning: the tree not mirrored to {self.remote} (attempt {attempt} of {attempts}): {e}",
+                      flush=True)
+                if attempt < attempts:
+                    time.sleep(2.0 * attempt)
+        return False
+
+    def try_fetch(self) -> list[str]:
+        """:meth:`fetch` of everything, a storage error printed, not raised (a worker can resume without the tree)."""
+        try:
+            written = self.fetch()
+        except (OSError, ValueError, KeyError) as e:
+            print(f"warning: the tree not fetched from {self.remote}: {e}", flush=True)
+            return []
+        print(f"Restored {len(written)} file(s) of the run's tree from {self.remote}", flush=True)
+        return written
 
     def fetch(self, select: Callable[[str], bool] | None = None, *, prune: bool = False,
               keep_newer: bool = False) -> list[str]:

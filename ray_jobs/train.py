@@ -86,24 +86,9 @@ def train_func(config: dict[str, Any]) -> None:
     mirror = RunMirror(cfg.output_dir, storage.storage_filesystem,
                        f"{storage.experiment_fs_path}/{MIRROR_DIR}") if remote else None
 
-    def mirror_tree(action: str, attempts: int = 1) -> None:
-        """Push the tree or fetch it; a storage error is printed, not raised: Ray's checkpoint is safe, and a
-        restart would meet the same storage (the next push sends what this one missed)."""
-        for attempt in range(1, attempts + 1) if mirror is not None else ():
-            try:
-                if action == "push":
-                    mirror.push()
-                else:
-                    print(f"Restored {len(mirror.fetch())} file(s) of the run's tree from {mirror.remote}", flush=True)
-                return
-            except (OSError, ValueError, KeyError) as e:
-                print(f"warning: the run's tree not {action}ed ({mirror.remote}), attempt {attempt} of {attempts}: "
-                      f"{e}", flush=True)
-                if attempt < attempts:
-                    time.sleep(2.0 * attempt)
-
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        mirror_tree("push")  # before the report: ASHA can end the trial as soon as it has it
+        if mirror is not None:  # before the report: ASHA can end the trial as soon as it has it
+            mirror.try_push()
         ray.train.report(scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
                          checkpoint_dir_name=checkpoint_dir.name, checkpoint_upload_fn=upload)
         if fault_step and metrics["step"] >= fault_step and not fault_marker.exists():
@@ -114,8 +99,8 @@ def train_func(config: dict[str, Any]) -> None:
             os._exit(1)  # a dying worker, not a Python exception
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # restarted, perhaps on another node, perhaps on one with an older tree: storage's is the one
-        mirror_tree("fetch")  # at least as new as the checkpoint (pushed before it was reported)
+    if checkpoint and mirror is not None:  # restarted, perhaps on another node or one with an older tree:
+        mirror.try_fetch()  # storage's is the one, at least as new as the checkpoint (pushed before its report)
     diverged = Path(cfg.output_dir) / DIVERGED_FILE
     diverged.unlink(missing_ok=True)  # from an earlier run into this output_dir
     with checkpoint.as_directory() if checkpoint else nullcontext() as resume_from:
@@ -133,8 +118,8 @@ def train_func(config: dict[str, Any]) -> None:
                 # Finished: Ray's last checkpoint drops its optimizer state, as the run's own did
                 # (they share the files: neither name alone frees the bytes). s3:// keeps Ray's copy whole.
                 drop_trainer_state(last.path)
-    mirror_tree("push", attempts=3)  # final/ and final_metrics.json, or the error a diverged run stopped on: no
-    # later push would send them
+    if mirror is not None:  # final/ and final_metrics.json, or the error a diverged run stopped on: no later push
+        mirror.try_push(attempts=3)
 
 
 def raise_if_diverged(output_dir: str | Path, storage: tuple[object, str] | None = None) -> None:

@@ -381,3 +381,16 @@ def test_a_search_on_storage_it_cannot_reach_stops_before_ray_starts(tmp_path, m
     monkeypatch.setattr(ray_jobs.common, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     assert main(["--storage_path", "nosuchscheme://bucket/x", "--local_dir", str(tmp_path)]) == 2
     assert "error: storage nosuchscheme://bucket/x" in capsys.readouterr().err
+
+
+def test_try_push_and_try_fetch_say_what_went_wrong_and_do_not_raise(tmp_path, capsys, monkeypatch):
+    out, (fs, _) = tmp_path / "run", bucket(tmp_path)
+    mirror = RunMirror(tmp_path / "not_there", fs, "run")
+    monkeypatch.setattr("ray_jobs.mirror.time.sleep", lambda s: None)
+    assert mirror.try_push(attempts=3) is False
+    assert capsys.readouterr().out.count("not mirrored to run") == 3
+    make_tree(out)
+    assert RunMirror(out, fs, "run").try_push() is True
+    write(tmp_path / "bucket" / "run" / MANIFEST, b"{not json")
+    assert RunMirror(tmp_path / "elsewhere", fs, "run").try_fetch() == []
+    assert "the tree not fetched from run" in capsys.readouterr().out
