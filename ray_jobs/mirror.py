@@ -256,8 +256,7 @@ class RunMirror:
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             try:
                 if not (sha in have and _link(have[sha], tmp)):
-                    with self.fs.open_input_stream(self._object(sha)) as src, open(tmp, "wb") as dst:
-                        shutil.copyfileobj(src, dst, _CHUNK)
+                    _download(self.fs, self._object(sha), tmp)
                     if _sha256(tmp) != sha:
                         missing.append(rel)
                         continue
@@ -281,6 +280,12 @@ class RunMirror:
                         and not newer(path):
                     path.unlink()
         return written
+
+
+def _download(filesystem, source: str, target: Path) -> None:
+    """One file of ``filesystem`` to ``target`` on this disk, in pieces of ``_CHUNK`` bytes."""
+    with filesystem.open_input_stream(source) as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
 
 
 def _link(src: Path, dst: Path) -> bool:
@@ -358,8 +363,7 @@ def _fetch_checkpoint(filesystem, checkpoint: str, trial_dir: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with filesystem.open_input_stream(info.path) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
+            _download(filesystem, info.path, tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -73,7 +73,7 @@ class PushSearchRecords(Callback):
     head pod torn down with its cluster, takes nothing ``--resume`` needs. Optuna writes a row when a trial is
     asked for, not only when one ends, and Tune's saved searcher names that row: the study in storage must be
     as new. Runs at the end of each step of the driver's Tune loop, the thread Optuna writes from (the SQLite
-    file is whole between its transactions); a ``stat`` when nothing changed. A storage error is logged."""
+    file is whole between its transactions); a ``stat`` when nothing changed. A storage error is printed."""
 
     def __init__(self, mirror, study_db: str = "study.db"):
         self.mirror, self.study_db = mirror, study_db
@@ -84,19 +84,11 @@ class PushSearchRecords(Callback):
             st = (self.mirror.local / self.study_db).stat()
         except FileNotFoundError:
             return
-        if (st.st_size, st.st_mtime_ns) != self._pushed and self.push():
+        if (st.st_size, st.st_mtime_ns) != self._pushed and self.mirror.try_push():
             self._pushed = (st.st_size, st.st_mtime_ns)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self.on_step_end(iteration, trials)
-
-    def push(self) -> bool:
-        try:
-            self.mirror.push()
-        except (OSError, ValueError) as e:
-            logger.warning("search records not pushed to %s: %s", self.mirror.remote, e)
-            return False
-        return True
 
 
 class ResumableOptunaSearch(OptunaSearch):

@@ -346,10 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: no report ({type(e).__name__}: {e}); retry with `python -m ray_jobs.report {local_dir}`",
               file=sys.stderr)
     if storage is not None:  # this head's disk may go with the cluster (KubeRay tears it down): storage keeps them
-        from ray_jobs.recovery import PushSearchRecords
-
         records = search_records(local_dir, storage)
-        PushSearchRecords(records).push()
+        records.try_push()
         print(f"Search records (study, results, report): {records.remote}; fetch them with "
               f"`python -m ray_jobs.mirror {args.storage_path.rstrip('/')}/{name} DIR --search`")
     return 0 if best or any(r["status"] != "ERROR" for r in rows) else 1
