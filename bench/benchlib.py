@@ -75,10 +75,11 @@ def evaluate_per_row(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Ma
     over prompt + answer for the token's distribution. Returns records with the keys of
     :func:`conftok.evaluate.evaluate`'s that matter here (``response``, ``token``, ``p_confident``,
     ``answer``, ``correct``), rows in the order given. Generation settings are the batched path's
-    (greedy, stop at any confidence token or end of turn, no confidence token at the first step,
-    ``max_new_tokens`` for the answer and one step more for the token)."""
+    (:data:`conftok.evaluate.GREEDY`, stop at any confidence token or end of turn, no confidence token at the
+    first step, ``max_new_tokens`` for the answer and one step more for the token)."""
     import torch
 
+    from conftok.evaluate import GREEDY
     from conftok.loss import confidence_logits, p_confident
     from conftok.prompts import encode_prompt
     from conftok.tokens import end_of_turn_token_id
@@ -99,12 +100,12 @@ def evaluate_per_row(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Ma
                     prompt = encode_prompt(tokenizer, domain.build_question(row))
                     ids = torch.tensor([prompt], device=device)
                     # The answer's budget, then the token's step: what conftok.evaluate gives a row.
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY,
                                          max_new_tokens=max_new_tokens + 1, eos_token_id=stop,
                                          pad_token_id=tokenizer.pad_token_id, begin_suppress_tokens=list(token_of))
                     seq = out[0, len(prompt):].tolist()
                     cut = next((k for k, t in enumerate(seq) if t in stop), len(seq))
-                    answer_ids = seq[:cut]
+                    answer_ids = seq[:min(cut, max_new_tokens)]  # a row that has not stopped: cut to the budget
                     text = tokenizer.decode(answer_ids, skip_special_tokens=True,
                                             clean_up_tokenization_spaces=False).strip()
                     # The seed's second pass: the token's distribution after prompt + answer.

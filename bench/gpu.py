@@ -785,11 +785,11 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
             prompts += [encode_prompt(tokenizer, domain.build_question(r)) for r in rows_]
         prompts = sorted(prompts, key=len)[:batch]
         with amp():
-            out["decode"] = {"adapter": manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)}
+            out["decode"] = {"adapter": manual_decode(model, tokenizer, prompts, args.max_new_tokens + 1, device)}
             with merged_lora(model, True):
-                out["decode"]["adapter merged"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
+                out["decode"]["adapter merged"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 1, device)
             with model.disable_adapter():
-                out["decode"]["base"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 2, device)
+                out["decode"]["base"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 1, device)
         for k, d in out["decode"].items():
             log(f"profile: by hand, {k}: prefill of {d['batch']} x {d['prompt_tokens']} tokens "
                 f"{1e3 * d['prefill_s']:.1f} ms, a decode step {1e3 * d['decode_step_s_median']:.1f} ms (median)")
@@ -798,7 +798,7 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
         c_id, u_id = (vocab[t] for t in next(iter(domains)).tokens)
         with amp(), merged_lora(model, "auto"):
             out["generate"] = profiled(device, lambda: generate(
-                model, tokenizer, prompts, stop_tokens=domains.tokens, max_new_tokens=args.max_new_tokens + 1,
+                model, tokenizer, prompts, stop_tokens=domains.tokens, max_new_tokens=args.max_new_tokens,
                 batch_size=batch, progress=False, score_ids=(c_id, u_id)))
         log(f"profile: one generate of {len(prompts)} rows: {out['generate']['wall_s']:.2f} s, device busy "
             f"{out['generate']['device_busy_s']:.2f} s")

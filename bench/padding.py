@@ -153,7 +153,7 @@ def validation_batches(args) -> int:
         rows = sum(map(len, lengths.values()))
         for batch_size in args.val_batch_sizes:
             for batching in BATCHINGS:
-                plan = validation_plan(lengths, batch_size, batching, args.steps + 1)  # as generate plans them
+                plan = validation_plan(lengths, batch_size, batching, args.steps)  # as generate plans them
                 estimate = [rows / (plan["batches"] * args.steps * ms / 1e3
                                     + plan["positions"] * args.prefill_position_us / 1e6)
                             for ms in args.decode_step_ms]

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(map(len, raw.values()))
     lengths = {name: [len(encode_prompt(tokenizer, domains.for_dataset(name).build_question(r))) for r in rows]
                for name, rows in raw.items()}
-    # As generate plans them: per data set, the answer budget + the token's step + the scoring step.
-    plans = {b: validation_plan(lengths, args.batch_size, b, args.max_new_tokens + 2) for b in args.batchings}
+    # As generate plans them: per data set, the answer budget + the token's step.
+    plans = {b: validation_plan(lengths, args.batch_size, b, args.max_new_tokens + 1) for b in args.batchings}
 
     def run(batching):
         return evaluate(model, tokenizer, raw, domains=domains, batch_size=args.batch_size,

@@ -32,7 +32,7 @@ from conftok.prompts import encode_prompt
 from conftok.token_rows import TokenRowsOnly
 from conftok.tokens import end_of_turn_token_id
 
-__all__ = ["Generation", "load_rows", "generate", "evaluate", "plan_batches", "resolve_batching",
+__all__ = ["Generation", "GREEDY", "load_rows", "generate", "evaluate", "plan_batches", "resolve_batching",
            "summarize_domain", "print_validation_block", "BATCHINGS"]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,11 @@ def load_rows(source: str | Path, split: str = "validation", limit: int | None =
                         + (f", each a {domain.task} row of domain {domain.name!r}" if domain else ""))
     rows = [row for _, row in numbered]
     return rows[:limit] if limit else rows
+
+
+# Greedy decoding whatever a model's generation_config holds: transformers fills every setting a call leaves
+# unset from it (Qwen2.5-Instruct's has repetition_penalty=1.05, which penalises the prompt's own words).
+GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
 
 
 def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
@@ -244,13 +249,20 @@ def generate(model, tokenizer, prompts: list[list[int]], *, stop_tokens: Sequenc
     length for several calls, so one compiled step serves them all; :func:`evaluate` passes one for
     every domain).
 
-    With ``score_ids=(C, U)``, p_confident is read from the logits of the step where each row
-    stopped (a confidence token or end of turn): that step's input is prompt + answer, which is
-    where the token goes. For a row cut by ``max_new_tokens`` it is read from one decode step more
-    (its input: prompt + all ``max_new_tokens`` generated ids; the step's own token is dropped), so
-    no second forward over the prompt is needed; that step runs only in batches with a cut row.
-    Where a model's ``generate`` returned fewer steps than asked, those rows are scored by a forward
-    over prompt + answer (:func:`score_confidence`): with ``score_ids`` every row has p_confident.
+    ``max_new_tokens`` bounds the answer. With ``score_ids=(C, U)`` generation runs one step more, the
+    token's step: an answer of ``max_new_tokens`` ids may still be followed by its token (tagging, with
+    the same budget, trains a cut answer's token after it). A row that has not stopped by then is cut
+    to ``max_new_tokens`` ids (``finished=False``), the extra step's own id dropped.
+    p_confident is read from the logits of the step after each row's answer (its input: prompt +
+    answer, where the token goes): the step where the row stopped (a confidence token or end of turn),
+    or the token's step for a cut row. So no second forward over the prompt is needed. Where a model's
+    ``generate`` returned fewer steps than asked, those rows are scored by a forward over prompt +
+    answer (:func:`score_confidence`): with ``score_ids`` every row has p_confident.
+
+    Decoding is greedy whatever the model's own ``generation_config`` holds (:data:`GREEDY`: no
+    repetition penalty, no n-gram ban, one beam), so tagging and validation see the model's argmax.
+    ``p_answer`` is the first answer token's probability among the tokens the first step could pick (the
+    confidence tokens are barred there).
 
     The new tokens' rows of a PEFT model whose weights are not merged (:func:`conftok.merged.merged_lora`
     folds them in) are computed alone (:class:`conftok.token_rows.TokenRowsOnly`), not rebuilt into a
@@ -292,35 +304,37 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
         input_ids, mask = _left_pad(batch, tokenizer.pad_token_id, device)
         result = model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            **GREEDY, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
             # A confidence token comes after an answer, never instead of one: a trained token can
             # outscore every answer token at the first step (seen on real rows), so forbid it there.
             begin_suppress_tokens=list(id_to_token) or None,
             output_logits=score_ids is not None, return_dict_in_generate=True, **cache,
         )
-        generated = result.sequences[:len(idx), input_ids.shape[1]:input_ids.shape[1] + max_new_tokens].tolist()
-        cuts = [next((k for k, t in enumerate(seq) if t in stop), len(seq)) for seq in generated]
+        generated = result.sequences[:len(idx), input_ids.shape[1]:input_ids.shape[1] + new_tokens].tolist()
+        stops = [next((k for k, t in enumerate(seq) if t in stop), len(seq)) for seq in generated]
+        cuts = [min(k, max_new_tokens) for k in stops]  # each answer's length: where the step after it is
         p_rows: list[float | None] = [None] * len(idx)
         p_first: list[float | None] = [None] * len(idx)
         if score_ids is not None:  # the batch's rows at once: a few kernels and one host sync, not several per row
             scored = [row for row, cut in enumerate(cuts) if cut < len(result.logits)]
-            if scored:  # logits (V) of step `cut`: after the answer; for a cut row (cut == max_new_tokens) the extra step
+            if scored:  # logits (V) of step `cut`: the step after the answer
                 at_cut = torch.stack([result.logits[cuts[row]][row] for row in scored])
                 for row, p in zip(scored, p_confident(at_cut, *score_ids).tolist()):
                     p_rows[row] = p
             answered = [row for row, cut in enumerate(cuts) if cut > 0]
-            if answered:  # p of each answer's first token at the first step
+            if answered:  # p of each answer's first token among those the first step could pick
                 first = result.logits[0][answered].float()
+                if id_to_token:
+                    first[:, list(id_to_token)] = -math.inf  # barred there (begin_suppress_tokens)
                 ids = torch.tensor([generated[row][0] for row in answered], device=first.device)[:, None]
                 probs = (first.gather(1, ids).squeeze(1) - first.logsumexp(-1)).exp().tolist()
                 for row, p in zip(answered, probs):
                     p_first[row] = p
-        for row, (i, seq, cut) in enumerate(zip(idx, generated, cuts)):
+        for row, (i, seq, k, cut) in enumerate(zip(idx, generated, stops, cuts)):
             answer_ids = seq[:cut]
-            stop_token = id_to_token.get(seq[cut]) if cut < len(seq) else None
+            stop_token = id_to_token.get(seq[k]) if k < len(seq) else None
             text = tokenizer.decode(answer_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-            out[i] = Generation(text, answer_ids, stop_token, finished=cut < len(seq), p_confident=p_rows[row],
+            out[i] = Generation(text, answer_ids, stop_token, finished=k < len(seq), p_confident=p_rows[row],
                                 p_answer=p_first[row])
         bar.update(len(idx))
     bar.close()
@@ -374,9 +388,9 @@ def _evaluate_domain(model, tokenizer, domain: Domain, rows, prompts, *, stop_to
                      progress, dataset_name, static_cache=False, cache_length=None,
                      batching="auto") -> list[dict[str, Any]]:
     c_id, u_id = (tokenizer.convert_tokens_to_ids(t) for t in domain.tokens)
-    # max_new_tokens bounds the ANSWER, as in tagging; the token gets one step more. Otherwise an answer
-    # that tagging cut at max_new_tokens (and trained with its token after it) could never show its token.
-    gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens + 1,
+    # max_new_tokens bounds the ANSWER, as in tagging; with score_ids the token gets one step more, so an
+    # answer that tagging cut at max_new_tokens (and trained with its token after it) can still show its token.
+    gens = generate(model, tokenizer, prompts, stop_tokens=stop_tokens, max_new_tokens=max_new_tokens,
                     batch_size=batch_size, desc=f"Validating on {dataset_name}", progress=progress,
                     score_ids=(c_id, u_id), static_cache=static_cache, cache_length=cache_length,
                     batching=batching)
@@ -405,7 +419,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
 
     Args:
         rows_by_dataset: data set name (``boolq``) -> raw rows of that domain's task.
-        max_new_tokens: the longest answer (tagging's budget); generation runs one step more, for the token.
+        max_new_tokens: the longest answer (tagging's budget); generation runs one step more, for the token
+            (:func:`generate`).
         beta, p: calibration error bin size and norm (``calib_beta``, ``calib_p_norm``).
         verbose: print the seed's validation block per data set as it finishes.
         merge: generate with the LoRA update folded into a copy of the weights (:func:`conftok.merged.merged_lora`;
@@ -417,18 +432,18 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
 
     Returns:
         ``{"metrics": {...flat, metric-name keys...}, "domains": {name: figures},
-        "records": [...], "reliability": {name: bins}}``. Overall accuracy and calibration error
-        are the mean over domains.
+        "records": [...], "reliability": {name: bins}}``. A domain's figures and bins cover the rows of
+        all its data sets; overall accuracy and calibration error are the mean over domains.
     """
     domains = resolve_domains(domains)
     plan = []  # (data set, domain, rows, prompt ids)
     for dataset_name, rows in rows_by_dataset.items():
         domain, rows = domains.for_dataset(dataset_name), list(rows)
         plan.append((dataset_name, domain, rows, [encode_prompt(tokenizer, domain.build_question(r)) for r in rows]))
-    # One static cache length for every domain (answer budget + the token's step + the scoring step), so one
-    # compiled decode step serves them all, and the next validation of the same rows.
+    # One static cache length for every domain (the answer's budget + the token's step), so one compiled decode
+    # step serves them all, and the next validation of the same rows.
     every_prompt = [prompt for *_, prompts in plan for prompt in prompts] if static_cache else []
-    cache_length = static_cache_length(every_prompt, max_new_tokens + 2) if every_prompt else None
+    cache_length = static_cache_length(every_prompt, max_new_tokens + 1) if every_prompt else None
     was_training = model.training
     model.eval()
     per_domain, records, reliability = {}, [], {}
@@ -446,18 +461,20 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
                     raise FloatingPointError(
                         f"p_confident is not finite on {len(not_finite)} of {len(recs)} {dataset_name} validation rows "
                         f"(first: row {not_finite[0]}): the model's outputs are not finite")
-                figures = summarize_domain(recs, beta=beta, p=p)
-                per_domain[domain.name] = figures
-                reliability[domain.name] = reliability_bins([r["p_confident"] for r in recs],
-                                                            [r["correct"] for r in recs], n_bins=n_reliability_bins)
                 records += recs
                 if verbose:
+                    figures = summarize_domain(recs, beta=beta, p=p)
                     print(f"\n{dataset_name.upper()} Results:\n"
                           f"  Validation Accuracy: {100 * figures['token_accuracy']:.2f}%\n"
                           f"  Calibration Error: {figures['calibration_error']:.4f}\n"
                           f"  Samples evaluated: {figures['n']}", flush=True)
     finally:
         model.train(was_training)
+    for name in dict.fromkeys(domain.name for _, domain, *_ in plan):  # a domain's figures: all its data sets' rows
+        recs = [r for r in records if r["domain"] == name]
+        per_domain[name] = summarize_domain(recs, beta=beta, p=p)
+        reliability[name] = reliability_bins([r["p_confident"] for r in recs], [r["correct"] for r in recs],
+                                             n_bins=n_reliability_bins)
     return {"metrics": flatten_metrics(per_domain), "domains": per_domain, "records": records,
             "reliability": reliability}
 

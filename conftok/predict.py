@@ -59,7 +59,7 @@ def predict(model, tokenizer, question: "str | Mapping[str, Any]", dataset: str,
     model.eval()
     try:
         gen = generate(model, tokenizer, [prompt], stop_tokens=resolve_domains(domains).tokens,
-                       max_new_tokens=max_new_tokens + 1,  # the answer's budget, then the token's step
+                       max_new_tokens=max_new_tokens,  # the answer's budget; the token gets a step more
                        batch_size=1, progress=False, score_ids=(c_id, u_id))[0]
         p = gen.p_confident  # read after the answer, a cut one included
     finally:

@@ -9,8 +9,9 @@ Single process, GPU when present. On the same rows, three confidence signals for
 - ``untrained_token``: the base model with freshly added tokens (the adapter disabled): its own
   answers, and p_confident from the initial token rows (0.5 everywhere with ``end_of_turn``
   init; a token is rarely emitted).
-- ``answer_probability``: the trained model's probability of its answer's first token, on the
-  same answers as ``trained_token`` (a classic logit baseline).
+- ``answer_probability``: the trained model's probability of its answer's first token among the
+  tokens the first step can pick (the confidence tokens are barred there), on the same answers as
+  ``trained_token`` (a classic logit baseline).
 
 Per domain: token accuracy, calibration error (beta, p), Brier score, AUROC of the signal for
 answer correctness; risk-coverage curves (abstain below a threshold) and routing curves in the

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import approx, make_tokenizer
+from conftest import approx, make_model, make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftok import metrics as M
@@ -81,6 +81,16 @@ def model_answering(tok, answers, device="cpu"):
     return model
 
 
+def first_token_probability(model, tok, prompt, token_id):
+    """The probability of ``token_id`` right after ``prompt`` among the tokens other than the confidence tokens
+    (generation bars those at the first step), from one forward over the prompt."""
+    with torch.no_grad():
+        logits = confidence_logits(model, torch.tensor([prompt], device=model.device),
+                                   torch.ones(1, len(prompt), dtype=torch.long, device=model.device))[0].float()
+    logits[tok.convert_tokens_to_ids(list(DOMAINS.tokens))] = -math.inf
+    return torch.softmax(logits, -1)[token_id].item()
+
+
 class TestValidationLogic:
     def test_answer_yes_with_confident_token(self, tok, answering):
         model = answering(("Yes", "<C_READ>"))
@@ -120,15 +130,23 @@ class TestValidationLogic:
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
         gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=3,
                         progress=False, score_ids=(c, u))
-        seen = []
-        for prompt, gen in zip(prompts, gens):
-            assert gen.answer_ids
-            with torch.no_grad():
-                logits = confidence_logits(model, torch.tensor([prompt], device=model.device),
-                                           torch.ones(1, len(prompt), dtype=torch.long, device=model.device))
-            seen.append(torch.softmax(logits[0].float(), -1)[gen.answer_ids[0]].item())
-            assert gen.p_answer == approx(seen[-1], model.dtype)
+        seen = [first_token_probability(model, tok, prompt, gen.answer_ids[0]) for prompt, gen in zip(prompts, gens)]
+        assert [gen.p_answer for gen in gens] == [approx(p, model.dtype) for p in seen]
         assert max(seen) < 0.5 and len({round(p, 6) for p in seen}) == len(seen)
+
+    def test_p_answer_leaves_out_the_confidence_tokens_the_first_step_cannot_pick(self, tok, device):
+        # A trained token can outscore every answer token at the first step, where generation bars it: its
+        # probability is no answer's competitor there, so p_answer is taken among the tokens that step could pick.
+        model = scripted(tok, device)
+        model.script[encode_prompt(tok, "x")[-1]] = tok.convert_tokens_to_ids("<C_READ>")
+        prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=3,
+                        progress=False, score_ids=(c, u))
+        for prompt, gen in zip(prompts, gens):
+            assert gen.answer_ids and gen.answer_ids[0] != c  # barred at the first step
+            assert gen.p_answer == approx(first_token_probability(model, tok, prompt, gen.answer_ids[0]), model.dtype)
+            assert gen.p_answer > 1e-3  # among all tokens, <C_READ>'s +1000 leaves it ~0
 
     def test_static_cache_gives_the_dynamic_caches_generations(self, tok, device):
         """static_cache=True: one cache shape for every batch (a short batch filled with copies of its last
@@ -208,10 +226,10 @@ class TestValidationLogic:
             assert static_cache_problem(model.to(torch.bfloat16)) is None
         assert static_cache_problem(model) is None  # no autocast: one dtype
 
-    def test_a_cut_answer_is_scored_from_one_decode_step_more(self, tok, device, monkeypatch):
-        # "Yes Yes Yes ..." never stops: every row is cut at max_new_tokens. Its p_confident is read from one
-        # decode step past the answer (no second forward over the prompt) and equals a forward over the whole
-        # prompt + answer; the extra step's own token is not part of the answer.
+    def test_a_cut_answer_keeps_the_budget_and_is_scored_from_the_tokens_step(self, tok, device, monkeypatch):
+        # "Yes Yes Yes ..." never stops: every row is cut at max_new_tokens, tagging's budget, and is not finished.
+        # Its p_confident is read from the token's step, one decode step past the answer (no second forward over
+        # the prompt), and equals a forward over the whole prompt + answer; that step's own token is dropped.
         model = scripted(tok, device)
         start = encode_prompt(tok, "x")[-1]
         yes = tok("Yes", add_special_tokens=False)["input_ids"][-1]
@@ -225,7 +243,7 @@ class TestValidationLogic:
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
         for row, record in zip(BOOLQ[:2], result["records"]):
             assert record["token"] is None
-            answer = [yes] * 4  # the answer's budget (3) and the token's step
+            answer = [yes] * 3  # the answer's budget
             assert tok(record["response"], add_special_tokens=False)["input_ids"] == answer
             context = encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) + answer
             with torch.no_grad():
@@ -245,11 +263,60 @@ class TestValidationLogic:
         result = evaluate(model, tok, {"boolq": BOOLQ[:2]}, beta=1, max_new_tokens=3, progress=False)
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
         for row, record in zip(BOOLQ[:2], result["records"]):
-            context = encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) + [yes] * 4
+            context = encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) + [yes] * 3
             with torch.no_grad():
                 logits = confidence_logits(model, torch.tensor([context], device=model.device),
                                            torch.ones(1, len(context), dtype=torch.long, device=model.device))
             assert record["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
+
+    def test_an_answer_of_the_whole_budget_still_shows_its_token(self, tok, answering):
+        # Tagging trains a cut answer's token after max_new_tokens answer ids; validation gives it that step.
+        # One budget less, the same answer is cut there and scored where its token would go.
+        ids = tok("No it is not", add_special_tokens=False)["input_ids"]
+        assert len(set(ids)) == len(ids) > 1
+        model = answering(("No it is not", "<C_READ>"))
+        whole = evaluate(model, tok, {"boolq": BOOLQ[:1]}, beta=1, max_new_tokens=len(ids), progress=False)
+        assert whole["records"][0]["token"] == "<C_READ>" and whole["records"][0]["response"] == "No it is not"
+        cut = evaluate(model, tok, {"boolq": BOOLQ[:1]}, beta=1, max_new_tokens=len(ids) - 1, progress=False)
+        record = cut["records"][0]
+        assert record["token"] is None
+        assert tok(record["response"], add_special_tokens=False)["input_ids"] == ids[:-1]
+        context = encode_prompt(tok, DOMAINS.by_name("read").build_question(BOOLQ[0])) + ids[:-1]
+        with torch.no_grad():
+            logits = confidence_logits(model, torch.tensor([context], device=model.device),
+                                       torch.ones(1, len(context), dtype=torch.long, device=model.device))
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        assert record["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
+
+    def test_generation_is_greedy_whatever_the_models_generation_config(self, tok, device):
+        # transformers fills what a generate call leaves unset from model.generation_config (Qwen2.5-Instruct's
+        # has a repetition penalty): tagging and validation must still take the model's argmax.
+        add_confidence_tokens(tok, None, DOMAINS.tokens)
+        model = make_model(len(tok), device=device)
+        prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
+        kwargs = dict(stop_tokens=DOMAINS.tokens, max_new_tokens=6, batch_size=3, progress=False)
+        plain = [g.answer_ids for g in generate(model, tok, prompts, **kwargs)]
+        ids = torch.tensor([prompts[0]], device=model.device)
+        before = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6)
+        model.generation_config.repetition_penalty = 5.0
+        after = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6)
+        assert not torch.equal(before, after)  # the setting does change a call that leaves it unset
+        assert [g.answer_ids for g in generate(model, tok, prompts, **kwargs)] == plain
+
+    def test_a_domains_figures_cover_all_its_data_sets(self, tok, answering):
+        # A domain may list several data sets; each is validated in turn, and the domain's figures (and the
+        # overall ones, and the reliability bins) are over all of them, not the last one's alone.
+        domains = resolve_domains([{"name": "read", "datasets": ["boolq", "boolq_hard"], "task": "yes_no",
+                                    "confident_token": "<C_READ>", "unconfident_token": "<U_READ>"},
+                                   *[d for d in DOMAINS if d.name != "read"]])
+        model = answering(("Yes", "<C_READ>"))  # right on every BOOLQ[0] row, wrong on every BOOLQ[1] row
+        result = evaluate(model, tok, {"boolq": [BOOLQ[0]] * 3, "boolq_hard": [BOOLQ[1]]}, domains=domains, beta=2,
+                          progress=False)
+        figures = result["domains"]["read"]
+        assert figures["n"] == 4 and figures["token_accuracy"] == figures["answer_accuracy"] == 0.75
+        assert result["metrics"][M.VAL_ACCURACY] == 0.75
+        assert sum(b["count"] for b in result["reliability"]["read"]) == 4
+        assert figures == summarize_domain(result["records"], beta=2)
 
     def test_no_token_emitted_counts_as_wrong_but_p_is_still_read(self, tok, answering):
         model = answering(("Yes", None))
