@@ -146,6 +146,7 @@ class ConfidenceDataset(torch.utils.data.Dataset):
         # The stored KL guard's reference per example, (ids, logp) of shape (answer length, k): set by
         # conftok.loss.attach_base_topk before training.
         self.base_topk: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.confidence_ids = sorted(ids.values())  # every domain's tokens (left out of the stored KL's reference)
         self.kept_rows: list[TaggedRow] = []
         self.truncated = 0
         skipped = []

@@ -211,7 +211,8 @@ class LossTerms(NamedTuple):
     loss: torch.Tensor  # token + placement_weight * placement + kl_weight * kl; backward this
     token: torch.Tensor  # cross-entropy of the confidence token
     placement: torch.Tensor  # mean -log(1 - p(confidence token)) over answer positions (0 if not computed)
-    kl: torch.Tensor  # mean KL(base || tuned) over answer positions, live or stored (0 if not computed)
+    kl: torch.Tensor  # mean KL(base || tuned) over answer positions, live or stored, the confidence tokens left
+    # out of both (0 if not computed)
     logits: torch.Tensor  # (B, V) at the token's position
     answer_ce: torch.Tensor  # mean -log p(answer token) over the guarded rows' answer positions (0 if not computed)
 
@@ -236,7 +237,15 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
     second time, without gradients and with the adapter disabled (``model.disable_adapter()``, a
     PEFT model); the stored KL term needs ``base_topk_ids``/``base_topk_logp`` in the batch
     (:func:`attach_base_topk` before training). ``confidence_ids``: every
-    confidence token (placement); ``confident_ids``: the C tokens (``answer_ce_rows="correct"``).
+    confidence token (placement; left out of both KL terms); ``confident_ids``: the C tokens
+    (``answer_ce_rows="correct"``).
+
+    Both KL terms compare the base and the tuned distributions over the tokens other than the confidence
+    tokens (each renormalised there). The base model has no such tokens: its new rows are copies of
+    ``<|im_end|>``'s (:func:`conftok.tokens.add_confidence_tokens`), so over the whole vocabulary the
+    reference would give each one end of turn's probability at every answer position, and the KL would hold
+    the tuned model to it against the placement term (with both weights 1, at half the copied mass, never
+    near 0). Left out, only the placement term acts on them.
 
     Host syncs: none if ``facts`` (:func:`host_facts` of the batch's CPU copy) is given and the ids are
     tensors on the batch's device; otherwise the labels' check, the padding check and the answers'
@@ -264,6 +273,8 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
         raise KeyError("guard terms need the batch's answer_mask (ConfidenceDataset + ConfidenceCollator)")
     if placement_weight and not len(confidence_ids):
         raise ValueError("the placement term needs the confidence token ids")
+    if (kl_weight or stored_kl_weight) and not len(confidence_ids):
+        raise ValueError("the KL terms need the confidence token ids (confidence_ids): they are left out of the KL")
     if answer_ce_weight and answer_ce_rows == "correct" and not len(confident_ids):
         raise ValueError("answer_ce_rows='correct' needs the confident token ids (confident_ids)")
     if stored_kl_weight and "base_topk_ids" not in batch:
@@ -281,16 +292,22 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
     n = mask.sum().clamp(min=1)
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, keep, V)
     placement = kl = answer_ce = zero
+    if placement_weight or kl_weight or stored_kl_weight:
+        confidence = torch.as_tensor(confidence_ids, device=log_probs.device)
+        others = log_probs.index_fill(-1, confidence, -torch.inf)  # the confidence tokens left out
+        not_confidence = torch.logsumexp(others, dim=-1)  # log(1 - sum_c p_c), (B, keep)
     if placement_weight:
-        # -log(1 - sum_c p_c) = logsumexp(all) - logsumexp(all but the confidence tokens), in log space.
-        others = log_probs.index_fill(-1, torch.as_tensor(confidence_ids, device=log_probs.device), -torch.inf)
-        placement = -(torch.logsumexp(others, dim=-1) * mask).sum() / n
+        placement = -(not_confidence * mask).sum() / n
     if kl_weight:
         with torch.no_grad(), model.disable_adapter():
-            base = torch.log_softmax(_forward_last(model, input_ids, attention_mask, keep, padded).float(), dim=-1)
-        kl = ((base.exp() * (base - log_probs)).sum(-1) * mask).sum() / n
+            base = _forward_last(model, input_ids, attention_mask, keep, padded).float()
+            base = torch.log_softmax(base.index_fill(-1, confidence, -torch.inf), dim=-1)
+        tuned = others - not_confidence.unsqueeze(-1)  # renormalised over the other tokens
+        # -inf - -inf at the confidence tokens: their share of the KL is 0 (the base gives them none)
+        kl = ((base.exp() * (base - tuned).index_fill(-1, confidence, 0.0)).sum(-1) * mask).sum() / n
     if stored_kl_weight:
-        kl = _stored_kl(log_probs[:, :-1], batch["base_topk_ids"], batch["base_topk_logp"], mask[:, :-1])
+        tuned_top = log_probs[:, :-1].gather(-1, batch["base_topk_ids"].long()) - not_confidence[:, :-1, None]
+        kl = _stored_kl(tuned_top, batch["base_topk_logp"], mask[:, :-1])
     if answer_ce_weight:
         # The column that predicts input column j + 1 scores the token there: targets are the last `keep` ids.
         targets = batch["input_ids"][:, -keep:]  # (B, keep); the last one is the confidence token, never masked in
@@ -346,14 +363,13 @@ def _token_ce(logits: torch.Tensor, target: torch.Tensor, token_weights: torch.T
     return F.cross_entropy(logits.float(), target, weight=token_weights)
 
 
-def _stored_kl(log_probs: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
+def _stored_kl(tuned_top: torch.Tensor, topk_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(base || tuned) on the k + 1 outcomes "each of the base's top k, or anything else".
 
-    ``log_probs`` (B, L, V) tuned; ``topk_ids``/``topk_logp`` (B, L, k) the base's, left-padded like
-    the answer positions; ``mask`` (B, L) the answer positions.
+    ``tuned_top`` (B, L, k) the tuned log-probabilities of the base's top-k ids and ``topk_logp`` (B, L, k)
+    the base's, both over the tokens other than the confidence tokens, left-padded like the answer
+    positions; ``mask`` (B, L) the answer positions.
     """
-    tuned_top = log_probs.gather(-1, topk_ids.long())  # (B, L, k)
     base_top = topk_logp.float()
     base_rest = torch.log1p(-base_top.exp().sum(-1).clamp(max=1 - 1e-6))  # (B, L)
     tuned_rest = torch.log1p(-tuned_top.exp().sum(-1).clamp(max=1 - 1e-6))
@@ -362,17 +378,22 @@ def _stored_kl(log_probs: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch
 
 
 @torch.no_grad()
-def base_topk(model, batch: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base model's top-k log-probabilities at each answer position of a collated batch.
+def base_topk(model, batch: dict[str, torch.Tensor], k: int,
+              confidence_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base model's top-k log-probabilities at each answer position of a collated batch, over the
+    tokens other than ``confidence_ids`` (renormalised there; :func:`training_loss` leaves them out of the KL).
 
     Returns ``(ids, logp)``, each (B, L, k) for L = the longest answer, left-padded like the
-    answer positions (the column that predicts the token is not included). Run with the adapter
-    disabled (or before it is added); :func:`training_loss`'s stored KL reads them back.
+    answer positions (the column that predicts the token is not included); k is at most the other
+    tokens' number. Run with the adapter disabled (or before it is added); :func:`training_loss`'s
+    stored KL reads them back.
     """
     input_ids, attention_mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
     longest = int(batch["answer_mask"][:, 1:].sum(-1).max())
-    logits = _forward_last(model, input_ids, attention_mask, longest + 1)[:, :-1]  # (B, L, V)
-    logp, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    logits = _forward_last(model, input_ids, attention_mask, longest + 1)[:, :-1].float()  # (B, L, V)
+    confidence = torch.as_tensor(list(confidence_ids), dtype=torch.long, device=logits.device)
+    logits = logits.index_fill(-1, confidence, -torch.inf)
+    logp, ids = torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[-1] - len(confidence)), dim=-1)
     return ids, logp
 
 
@@ -447,7 +468,7 @@ def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16,
             for start, stop in tqdm(batches, desc="Base top-k", disable=not progress, leave=False):
                 idx = order[start:stop]
                 batch = {key: v.to(device) for key, v in collate([dataset[i] for i in idx]).items()}
-                ids, logp = base_topk(model, batch, k)  # (B, L, k), left-padded
+                ids, logp = base_topk(model, batch, k, dataset.confidence_ids)  # (B, L, k), left-padded
                 for row, i in enumerate(idx):
                     n = dataset.examples[i][2]  # this row's answer length
                     found[i] = (ids[row, ids.shape[1] - n:].to("cpu", torch.int32),

@@ -10,7 +10,9 @@ its key and ``k`` in the metadata; nothing is unpickled.
 
 The key is a SHA-256 over what the reference depends on: every row's token ids (prompt and answer,
 so the data, the tokenizer, the chat template and ``max_seq_length`` all count) and answer length,
-and the model's description (name, quantization, dtype, new-token initialisation, ``k``). The
+the confidence tokens' ids (left out of the reference), and the model's description (name,
+quantization, dtype, new-token initialisation, ``k``). Version 2: the reference leaves the confidence
+tokens out (version 1's files, which held them, are never read). The
 weights behind a model name can change while the name stays; so before a cached reference is
 used, one batch of it is computed again and compared (top-1 ids, log-probabilities): a mismatch
 discards the file and computes the whole reference anew, saying why.
@@ -35,7 +37,7 @@ __all__ = ["attach_base_topk_cached", "reference_key", "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # A fresh batch against its cached copy: the same model gives the same top-1 ids but where two
 # candidates tie within bf16 rounding, and log-probabilities within bf16's resolution.
 MIN_TOP1_AGREEMENT = 0.95
@@ -43,10 +45,11 @@ MAX_MEAN_LOGP_DIFF = 0.05
 
 
 def reference_key(dataset, model_description: Mapping[str, Any], k: int) -> str:
-    """SHA-256 (hex) over the rows' token ids and answer lengths, the model's description and ``k``."""
+    """SHA-256 (hex) over the rows' token ids and answer lengths, the confidence tokens' ids, the model's
+    description and ``k``."""
     h = hashlib.sha256()
-    h.update(json.dumps({"version": CACHE_VERSION, "k": k, "model": dict(model_description)}, sort_keys=True,
-                        default=str).encode())
+    h.update(json.dumps({"version": CACHE_VERSION, "k": k, "model": dict(model_description),
+                         "confidence_ids": list(dataset.confidence_ids)}, sort_keys=True, default=str).encode())
     for context, _token, answer_length in dataset.examples:  # the token's label does not change the reference
         h.update(np.asarray([len(context), answer_length], dtype=np.int64).tobytes())
         h.update(np.asarray(context, dtype=np.int64).tobytes())

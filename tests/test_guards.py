@@ -1,13 +1,16 @@
 """The cheaper guards of training_loss: answer cross-entropy (all rows or right answers only), the
 stored top-k KL, and the class-weighted token loss; each against a brute-force computation."""
 
+import contextlib
+import types
+
 import pytest
 import torch
 from conftest import feature_rows, long_answer_rows, make_model, make_tokenizer, to_device, write_jsonl
 
-from conftok.data import ConfidenceCollator, ConfidenceDataset
+from conftok.data import IGNORE_INDEX, ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
-from conftok.loss import attach_base_topk, position_ids_from_mask, training_loss
+from conftok.loss import attach_base_topk, base_topk, position_ids_from_mask, training_loss
 from conftok.tokens import add_confidence_tokens
 
 
@@ -95,26 +98,30 @@ class TestStoredKL:
     def test_full_vocabulary_top_k_equals_the_live_kl(self, tmp_path, device):
         """k = V keeps the whole base distribution: the stored KL is the live KL exactly; it is 0 before
         training; a small k gives a lower bound (coarsening never raises a KL)."""
-        model, tok, ds, _ = _setup(tmp_path, device)
+        model, tok, ds, ids = _setup(tmp_path, device)
+        conf = sorted(ids.values())
         vocab = model.get_output_embeddings().weight.shape[0]
         model.eval()
         attach_base_topk(ds, model, vocab, batch_size=4, progress=False)
         batch = _collate(ds, tok, device)
-        assert batch["base_topk_ids"].shape == (len(ds), int(batch["answer_mask"].sum(1).max()), vocab)
-        before = training_loss(model, batch, stored_kl_weight=1.0)
+        # every token but the confidence tokens, which the reference leaves out
+        assert batch["base_topk_ids"].shape == (len(ds), int(batch["answer_mask"].sum(1).max()), vocab - len(conf))
+        assert not torch.isin(batch["base_topk_ids"], torch.tensor(conf, device=device)).any()
+        before = training_loss(model, batch, confidence_ids=conf, stored_kl_weight=1.0)
         assert before.kl.item() == pytest.approx(0.0, abs=2e-3)  # fp16 storage of log-probabilities
         _perturb(model)
-        live = training_loss(model, batch, kl_weight=1.0)
-        stored = training_loss(model, batch, stored_kl_weight=1.0)
+        live = training_loss(model, batch, confidence_ids=conf, kl_weight=1.0)
+        stored = training_loss(model, batch, confidence_ids=conf, stored_kl_weight=1.0)
         assert live.kl.item() > 1e-2
         assert stored.kl.item() == pytest.approx(live.kl.item(), rel=2e-2, abs=2e-3)
         attach_base_topk(ds, model, 4, batch_size=4, progress=False)
-        small = training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
+        small = training_loss(model, _collate(ds, tok, device), confidence_ids=conf, stored_kl_weight=1.0)
         assert 0.0 <= small.kl.item() <= live.kl.item() + 1e-4
 
     def test_reference_is_the_base_model_with_the_adapter_off(self, tmp_path, device):
         """attach_base_topk after the adapter has moved still stores the base model's distribution."""
-        model, tok, ds, _ = _setup(tmp_path, device)
+        model, tok, ds, ids = _setup(tmp_path, device)
+        conf = sorted(ids.values())
         vocab = model.get_output_embeddings().weight.shape[0]
         _perturb(model)
         model.train()
@@ -122,21 +129,94 @@ class TestStoredKL:
         assert model.training  # restored
         batch = _collate(ds, tok, device)
         model.eval()
-        assert training_loss(model, batch, stored_kl_weight=1.0).kl.item() == pytest.approx(
-            training_loss(model, batch, kl_weight=1.0).kl.item(), rel=2e-2, abs=2e-3)
+        assert training_loss(model, batch, confidence_ids=conf, stored_kl_weight=1.0).kl.item() == pytest.approx(
+            training_loss(model, batch, confidence_ids=conf, kl_weight=1.0).kl.item(), rel=2e-2, abs=2e-3)
 
     def test_gradient_flows_and_missing_reference_is_an_error(self, tmp_path, device):
-        model, tok, ds, _ = _setup(tmp_path, device)
+        model, tok, ds, ids = _setup(tmp_path, device)
+        conf = sorted(ids.values())
         attach_base_topk(ds, model, 8, batch_size=4, progress=False)
         _perturb(model)
-        terms = training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
+        terms = training_loss(model, _collate(ds, tok, device), confidence_ids=conf, stored_kl_weight=1.0)
         terms.loss.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+        with pytest.raises(ValueError, match="confidence token ids"):
+            training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
         ds.base_topk = None
         with pytest.raises(KeyError, match="attach_base_topk"):
-            training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0)
+            training_loss(model, _collate(ds, tok, device), confidence_ids=conf, stored_kl_weight=1.0)
         with pytest.raises(ValueError, match="not both"):
-            training_loss(model, _collate(ds, tok, device), stored_kl_weight=1.0, kl_weight=1.0)
+            training_loss(model, _collate(ds, tok, device), confidence_ids=conf, stored_kl_weight=1.0, kl_weight=1.0)
+
+
+class FreeLogits(torch.nn.Module):
+    """A "model" whose logits are a parameter (B, T, V); with its adapter disabled, the base logits it started from."""
+
+    def __init__(self, base: torch.Tensor):
+        super().__init__()
+        self.base, self.logits, self.off = base, torch.nn.Parameter(base.clone()), False
+
+    def forward(self, *, input_ids, logits_to_keep, **_):
+        return types.SimpleNamespace(logits=(self.base if self.off else self.logits)[:, -logits_to_keep:])
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        self.off = True
+        try:
+            yield
+        finally:
+            self.off = False
+
+
+class TestKLLeavesTheConfidenceTokensOut:
+    """The base model has no confidence tokens: its new rows are copies of <|im_end|>'s, so it gives each one
+    end of turn's probability inside answers. The KL must not hold the tuned model to that mass."""
+
+    CONF = [8, 9, 10, 11]  # of a vocabulary of 12; 8 is the row's token
+
+    def _batch_and_base(self):
+        base = torch.zeros(1, 3, 12)  # column 0 predicts answer token 1, column 1 answer token 2, column 2 the token
+        base[0, 0, 3], base[0, 0, self.CONF] = 4.0, 3.0  # where the base might end its turn: P(confidence) 0.57
+        base[0, 1, 5] = 6.0
+        batch = {"input_ids": torch.tensor([[1, 3, 5, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+                 "labels": torch.tensor([[IGNORE_INDEX] * 3 + [8]]), "answer_mask": torch.tensor([[0, 1, 1, 0]])}
+        return batch, base
+
+    @pytest.mark.parametrize("kl", ["kl_weight", "stored_kl_weight"])
+    def test_placement_drives_misplaced_tokens_to_zero_against_either_kl(self, kl):
+        batch, base = self._batch_and_base()
+        model = FreeLogits(base)
+        if kl == "stored_kl_weight":
+            with model.disable_adapter():
+                batch["base_topk_ids"], logp = base_topk(model, batch, 32, self.CONF)
+            batch["base_topk_logp"] = logp.half()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(400):
+            terms = training_loss(model, batch, confidence_ids=self.CONF, placement_weight=1.0, **{kl: 1.0})
+            optimizer.zero_grad()
+            terms.loss.backward()
+            optimizer.step()
+        # Over the whole vocabulary the KL held it at half the base's 0.57 (0.28); placement alone gives ~1e-4.
+        assert model.logits[0, 0].softmax(-1)[self.CONF].sum().item() < 0.01
+        others = [v for v in range(12) if v not in self.CONF]  # the answer's distribution is still the base's
+        assert model.logits[0, 0, others].softmax(-1).tolist() == pytest.approx(base[0, 0, others].softmax(-1).tolist(),
+                                                                                abs=0.02)
+
+    def test_the_kl_is_that_of_the_other_tokens_renormalised(self):
+        batch, base = self._batch_and_base()
+        torch.manual_seed(0)
+        model = FreeLogits(base)
+        with torch.no_grad():
+            model.logits.add_(torch.randn_like(base))
+        others = [v for v in range(12) if v not in self.CONF]
+        p, q = base[0, :2, others].log_softmax(-1), model.logits[0, :2, others].log_softmax(-1)
+        expected = (p.exp() * (p - q)).sum(-1).mean().item()
+        live = training_loss(model, batch, confidence_ids=self.CONF, kl_weight=1.0).kl.item()
+        assert live == pytest.approx(expected, rel=1e-5)
+        with torch.no_grad():
+            model.logits[..., self.CONF] += 5.0  # the confidence tokens' own logits do not enter it
+        assert training_loss(model, batch, confidence_ids=self.CONF, kl_weight=1.0).kl.item() == pytest.approx(expected,
+                                                                                                           rel=1e-5)
 
 
 def test_class_weights_give_a_weighted_mean(tmp_path, device):

@@ -120,7 +120,8 @@ def _long_answer_rows(seed=3):
 
 
 def _brute_force_terms(model, batch, conf_ids, base_model=None):
-    """Placement and KL from full logits, row by row, position by position (the slow, obvious way)."""
+    """Placement and KL from full logits, row by row, position by position (the slow, obvious way); the KL
+    leaves the confidence tokens out."""
     mask = batch["attention_mask"]
     logits = model(input_ids=batch["input_ids"], attention_mask=mask,
                    position_ids=position_ids_from_mask(mask)).logits.float()
@@ -136,9 +137,10 @@ def _brute_force_terms(model, batch, conf_ids, base_model=None):
                 continue
             p = torch.softmax(logits[b, t - 1], -1)  # the position that predicts answer token t
             placement = placement - torch.log(1 - p[conf_ids].sum())
-            if base is not None:
-                q = torch.softmax(base[b, t - 1], -1)
-                kl = kl + (q * (q.log() - p.log())).sum()
+            if base is not None:  # over the other tokens, each distribution renormalised there
+                others = [v for v in range(logits.shape[-1]) if v not in conf_ids]
+                q = torch.softmax(base[b, t - 1, others], -1)
+                kl = kl + (q * (q.log() - torch.softmax(logits[b, t - 1, others], -1).log())).sum()
             n += 1
     return placement / n, kl / n
 
