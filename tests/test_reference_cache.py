@@ -10,7 +10,7 @@ from conftok.config import TrainConfig
 from conftok.data import ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.loss import attach_base_topk
-from conftok.reference_cache import attach_base_topk_cached
+from conftok.reference_cache import attach_base_topk_cached, reference_key
 from conftok.tokens import add_confidence_tokens
 
 cache_module = importlib.import_module("conftok.reference_cache")
@@ -138,3 +138,19 @@ def test_train_keeps_the_reference_for_the_next_run(tmp_path, device, capsys):
     assert "Stored KL reference: computed for 8 rows\n" in outputs[2]
     assert not (tmp_path / "c" / "cache").exists()
     assert TrainConfig().reference_cache == "auto"
+
+
+def test_the_key_holds_the_confidence_ids_and_the_version(tmp_path, monkeypatch):
+    # The reference leaves the confidence tokens out (version 2): other tokens, or a version-1 file that still
+    # held them, never match.
+    tok = make_tokenizer()
+    _model(tok, "cpu")
+    ds = _dataset(tmp_path, tok)
+    assert ds.confidence_ids == sorted(tok.convert_tokens_to_ids(list(resolve_domains().tokens)))
+    key = reference_key(ds, DESCRIPTION, K)
+    ds.confidence_ids = ds.confidence_ids[:-1]
+    assert reference_key(ds, DESCRIPTION, K) != key
+    ds.confidence_ids = sorted(tok.convert_tokens_to_ids(list(resolve_domains().tokens)))
+    assert reference_key(ds, DESCRIPTION, K) == key
+    monkeypatch.setattr(cache_module, "CACHE_VERSION", 1)
+    assert reference_key(ds, DESCRIPTION, K) != key
