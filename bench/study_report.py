@@ -24,6 +24,7 @@ from bench.study import RESULTS, format_study_table  # noqa: E402
 STEP_VARIANTS = {"token_only": "token only", "defaults_kl": "+ placement + live KL",
                  "answer_ce_all": "+ placement + answer CE (all)", "answer_ce_correct": "+ placement + answer CE (right only)",
                  "stored_kl": "+ placement + stored KL", "stored_kl_v2": "+ placement + stored KL",
+                 "stored_kl_v2_seed1": "+ placement + stored KL",
                  "placement_low_lr": "+ placement"}
 
 
