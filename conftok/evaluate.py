@@ -13,6 +13,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,57 @@ def load_rows(source: str | Path, split: str = "validation", limit: int | None =
 # Greedy decoding whatever a model's generation_config holds: transformers fills every setting a call leaves
 # unset from it (Qwen2.5-Instruct's has repetition_penalty=1.05, which penalises the prompt's own words).
 GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+
+
+class _PairLogits:
+    """The logits of two tokens (C, U) in float32 at every step of one ``generate`` call.
+
+    Under bf16 the head's logits are rounded to bf16 (8 bits: at a logit of 20, steps of 0.125), so
+    p(C) / (p(C) + p(U)) read from them takes few values (54 distinct among 320 rows on the positive control,
+    25 of them exactly 0.5). A forward pre-hook on the output embedding keeps the hidden state it gets at the last
+    position of each step; the two rows the head multiplies it by (its gradient at one probe input, in the dtype
+    and autocast state generation ran with) give the pair as float32 dot products. The caller keeps the rounded
+    logits where the hook did not see every step (a backend that computes its logits without calling the head
+    module) or where the two disagree beyond bf16's rounding (a model that changes its logits after the head:
+    Gemma 2's soft-capping).
+    """
+
+    def __init__(self, model, ids: tuple[int, int]):
+        self.head, self.ids = model.get_output_embeddings(), list(ids)
+        self.hidden: list[torch.Tensor] = []
+        self.handle = self.rows = self.bias = None
+
+    def __enter__(self):  # one generate call
+        self.hidden = []
+        if self.head is not None:
+            self.handle = self.head.register_forward_pre_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _keep(self, module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            self.hidden.append(args[0][:, -1].detach())
+
+    def ready(self, steps: int) -> bool:
+        """Whether the last call's ``steps`` steps were all seen, so the pair can be read."""
+        if not steps or len(self.hidden) != steps:
+            return False
+        if self.rows is None:  # the head is linear: its gradient is the two rows, its value at 0 their bias
+            probe = torch.zeros_like(self.hidden[0][:1]).unsqueeze(1).requires_grad_(True)  # (1, 1, H)
+            with torch.enable_grad():
+                pair = self.head(probe)[0, -1, self.ids]
+                rows = [torch.autograd.grad(pair[k], probe, retain_graph=k == 0)[0].reshape(-1) for k in range(2)]
+            self.rows, self.bias = torch.stack(rows).float(), pair.detach().float()
+        return True
+
+    def logits(self, step: int) -> torch.Tensor:
+        """(B, 2) float32 logits of the pair at ``step`` (0: after the prompt)."""
+        with torch.autocast(self.rows.device.type, enabled=False):
+            return self.hidden[step].float() @ self.rows.T + self.bias
 
 
 def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
@@ -296,20 +348,24 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
     cache = dict(cache_implementation="static",
                  max_cache_len=max(cache_length or 0, static_cache_length(prompts, new_tokens))) \
         if static_cache and prompts else {}
+    # The pair in float32 (_PairLogits); not with a static cache, whose decode step may be a CUDA graph.
+    pair = _PairLogits(model, score_ids) if score_ids is not None and not cache else None
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for idx in batches:
         batch = [prompts[i] for i in idx]
         if cache:  # one shape for every batch: fill a short one with copies of its last row
             batch += [batch[-1]] * (batch_size - len(batch))
         input_ids, mask = _left_pad(batch, tokenizer.pad_token_id, device)
-        result = model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-            **GREEDY, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-            # A confidence token comes after an answer, never instead of one: a trained token can
-            # outscore every answer token at the first step (seen on real rows), so forbid it there.
-            begin_suppress_tokens=list(id_to_token) or None,
-            output_logits=score_ids is not None, return_dict_in_generate=True, **cache,
-        )
+        with pair or nullcontext():
+            result = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                **GREEDY, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                # A confidence token comes after an answer, never instead of one: a trained token can
+                # outscore every answer token at the first step (seen on real rows), so forbid it there.
+                begin_suppress_tokens=list(id_to_token) or None,
+                output_logits=score_ids is not None, return_dict_in_generate=True, **cache,
+            )
+        exact = pair is not None and pair.ready(len(result.logits))
         generated = result.sequences[:len(idx), input_ids.shape[1]:input_ids.shape[1] + new_tokens].tolist()
         stops = [next((k for k, t in enumerate(seq) if t in stop), len(seq)) for seq in generated]
         cuts = [min(k, max_new_tokens) for k in stops]  # each answer's length: where the step after it is
@@ -318,8 +374,12 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
         if score_ids is not None:  # the batch's rows at once: a few kernels and one host sync, not several per row
             scored = [row for row, cut in enumerate(cuts) if cut < len(result.logits)]
             if scored:  # logits (V) of step `cut`: the step after the answer
-                at_cut = torch.stack([result.logits[cuts[row]][row] for row in scored])
-                for row, p in zip(scored, p_confident(at_cut, *score_ids).tolist()):
+                at_cut = torch.stack([result.logits[cuts[row]][row] for row in scored])[:, list(score_ids)].float()
+                if exact:  # the pair in float32, where it is the rounded logits' value (the head's product alone)
+                    fine = torch.stack([pair.logits(cuts[row])[row] for row in scored])
+                    if bool(((fine - at_cut).abs() <= at_cut.abs() * 2 ** -7 + 1e-3).all()):
+                        at_cut = fine
+                for row, p in zip(scored, torch.softmax(at_cut, dim=-1)[:, 0].tolist()):
                     p_rows[row] = p
             answered = [row for row, cut in enumerate(cuts) if cut > 0]
             if answered:  # p of each answer's first token among those the first step could pick

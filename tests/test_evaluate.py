@@ -303,6 +303,34 @@ class TestValidationLogic:
         assert not torch.equal(before, after)  # the setting does change a call that leaves it unset
         assert [g.answer_ids for g in generate(model, tok, prompts, **kwargs)] == plain
 
+    def test_p_confident_is_read_in_float32_under_bf16(self, tok):
+        # Large, close C and U logits in a bf16 model: the head's bf16 output is rounded in steps of 0.125 at
+        # 16-32, which moves p(C) / (p(C) + p(U)) by up to 0.03. p_confident is the float32 product of the hidden
+        # state the head got and its two rows.
+        add_confidence_tokens(tok, None, DOMAINS.tokens)
+        model = make_model(len(tok), tie=False)
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        torch.manual_seed(1)
+        with torch.no_grad():
+            head = model.lm_head.weight
+            head[c] = torch.randn(head.shape[1]) * 3.0
+            head[u] = head[c] + torch.randn(head.shape[1]) * 0.05
+        model = model.to(torch.bfloat16)
+        prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
+        gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=1,
+                        progress=False, score_ids=(c, u))
+        exact, rounded = [], []
+        for prompt, gen in zip(prompts, gens):
+            ids = torch.tensor([prompt + gen.answer_ids])
+            with torch.no_grad():
+                hidden = model.model(input_ids=ids).last_hidden_state[0, -1].float()
+                pair = hidden @ model.lm_head.weight[[c, u]].float().T
+                assert pair.abs().min() > 8  # large logits, where bf16 rounds coarsely
+                exact.append(torch.softmax(pair, -1)[0].item())
+                rounded.append(torch.softmax(model(input_ids=ids).logits[0, -1, [c, u]].float(), -1)[0].item())
+        assert [g.p_confident for g in gens] == [pytest.approx(p, abs=2e-3) for p in exact]
+        assert max(abs(a - b) for a, b in zip(rounded, exact)) > 4e-3  # what reading the rounded logits gives
+
     def test_a_domains_figures_cover_all_its_data_sets(self, tok, answering):
         # A domain may list several data sets; each is validated in turn, and the domain's figures (and the
         # overall ones, and the reliability bins) are over all of them, not the last one's alone.
