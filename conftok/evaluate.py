@@ -118,7 +118,8 @@ class _PairLogits:
     def __init__(self, model, ids: tuple[int, int]):
         self.head, self.ids = model.get_output_embeddings(), list(ids)
         self.hidden: list[torch.Tensor] = []
-        self.handle = self.rows = self.bias = None
+        self.handle = self.bias = None
+        self.rows: torch.Tensor | bool | None = None  # False: they cannot be read
 
     def __enter__(self):  # one generate call
         self.hidden = []
@@ -137,13 +138,18 @@ class _PairLogits:
 
     def ready(self, steps: int) -> bool:
         """Whether the last call's ``steps`` steps were all seen, so the pair can be read."""
-        if not steps or len(self.hidden) != steps:
+        if not steps or len(self.hidden) != steps or self.rows is False or torch.is_inference_mode_enabled():
             return False
         if self.rows is None:  # the head is linear: its gradient is the two rows, its value at 0 their bias
             probe = torch.zeros_like(self.hidden[0][:1]).unsqueeze(1).requires_grad_(True)  # (1, 1, H)
-            with torch.enable_grad():
-                pair = self.head(probe)[0, -1, self.ids]
-                rows = [torch.autograd.grad(pair[k], probe, retain_graph=k == 0)[0].reshape(-1) for k in range(2)]
+            try:
+                with torch.enable_grad():
+                    pair = self.head(probe)[0, -1, self.ids]
+                    rows = [torch.autograd.grad(pair[k], probe, retain_graph=k == 0)[0].reshape(-1) for k in range(2)]
+            except RuntimeError as e:  # a head autograd cannot go through (quantized): the rounded logits then
+                logger.info("p_confident read from the head's logits (its rows could not be read: %s)", e)
+                self.rows = False
+                return False
             self.rows, self.bias = torch.stack(rows).float(), pair.detach().float()
         return True
 

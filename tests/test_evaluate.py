@@ -330,6 +330,10 @@ class TestValidationLogic:
                 rounded.append(torch.softmax(model(input_ids=ids).logits[0, -1, [c, u]].float(), -1)[0].item())
         assert [g.p_confident for g in gens] == [pytest.approx(p, abs=2e-3) for p in exact]
         assert max(abs(a - b) for a, b in zip(rounded, exact)) > 4e-3  # what reading the rounded logits gives
+        with torch.inference_mode():  # no autograd for the head's rows there: the rounded logits, no error
+            again = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=1,
+                             progress=False, score_ids=(c, u))
+        assert [g.p_confident for g in again] == [pytest.approx(p, abs=1e-6) for p in rounded]
 
     def test_a_domains_figures_cover_all_its_data_sets(self, tok, answering):
         # A domain may list several data sets; each is validated in turn, and the domain's figures (and the
