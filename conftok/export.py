@@ -20,7 +20,8 @@ everything into the weights with PEFT ``merge_and_unload`` and writes:
   every confidence token, so a plain ``generate`` (or a server reading the file) stops at the
   token instead of running on; ``begin_suppress_tokens`` forbids the confidence tokens as the
   first generated token, as conftok's own generation does (a token comes after an answer, never
-  instead of one);
+  instead of one); and greedy decoding with no repetition penalty, as conftok tagged, trained and
+  validated (the base's sampling settings are dropped);
 - ``conftok.json``: the domains and token ids (for reading p_confident from a server's
   log-probabilities with :func:`conftok.p_confident_from_logprobs`).
 
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from conftok.evaluate import GREEDY
 from conftok.modeling import METADATA_FILE, PICKLE_PATTERNS, load_adapter
 from conftok.smollm import _make_readable  # the usual umask modes (mkdtemp makes 0o700)
 from conftok.tokens import end_of_turn_token_id, token_ids
@@ -63,9 +65,11 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         out_dir: the directory to create. It must not exist (or be empty) unless ``overwrite``.
         dtype: weights of the export: ``bf16``, ``fp16`` or ``fp32`` (merging is always fp32).
         base_model: the base model (name, path or model object); default: the one the adapter
-            names in ``adapter_config.json``.
+            names in ``adapter_config.json``. A model object is consumed: cast to fp32, grown to the
+            tokenizer and merged into in place (pass a name or path to leave a model in memory untouched).
         device: where to merge (``cuda`` is faster for a 7B model; the result is the same).
-        overwrite: replace an existing ``out_dir`` (only once the new one is complete).
+        overwrite: replace an existing ``out_dir`` (only once the new one is complete). ``out_dir`` may
+            neither hold nor be held by the adapter or a local base model directory.
         max_shard_size: safetensors shard size (``save_pretrained``).
         trust_remote_code: run code shipped with the base model's repo when loading it (off:
             transformers' own classes only).
@@ -77,12 +81,14 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if out_dir.resolve() == adapter_dir.resolve() or adapter_dir.resolve() in out_dir.resolve().parents:
-        raise ValueError(f"out_dir {out_dir} is inside the adapter directory {adapter_dir}: choose another place")
+    _check_out_dir(out_dir, {"the adapter directory": adapter_dir,
+                             "the base model directory": None if isinstance(base_model, torch.nn.Module) else base_model})
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty: choose a new directory, "
                               "or pass overwrite=True (--overwrite) to replace it")
 
+    if isinstance(base_model, torch.nn.Module):  # consumed: grown, merged into and cast; merged in fp32 all the same
+        base_model.float()
     model, tokenizer, domains = load_adapter(adapter_dir, base_model=base_model, device=device, bf16=False,
                                              trust_remote_code=trust_remote_code)
     ids = token_ids(tokenizer, domains.tokens)
@@ -128,10 +134,32 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     return out_dir
 
 
+def _check_out_dir(out_dir: Path, inputs: dict[str, "str | os.PathLike | None"]) -> None:
+    """Refuse an ``out_dir`` that is, holds or lies inside one of the local ``inputs``: writing there
+    (or replacing it with ``overwrite``) would delete what the export reads."""
+    out = out_dir.resolve()
+    for what, path in inputs.items():
+        if path is None or not Path(path).exists():  # a Hub id, or nothing local
+            continue
+        source = Path(path).resolve()
+        if out == source or source in out.parents:
+            raise ValueError(f"out_dir {out_dir} is inside {what} {path}: choose another place")
+        if out in source.parents:
+            raise ValueError(f"out_dir {out_dir} holds {what} {path}: writing there would delete it; "
+                             "choose another place")
+
+
 def _set_generation_config(model, tokenizer, confidence_ids: list[int]) -> None:
     """Stop at the confidence tokens (plus the base's eos and the end-of-turn token); never start
-    with one; pad with the tokenizer's pad token. The base's other settings are kept."""
+    with one; pad with the tokenizer's pad token; decode greedily as conftok tagged, trained and
+    validated (:data:`conftok.evaluate.GREEDY`): a base's sampling settings (Qwen2.5-Instruct's
+    ``do_sample``, ``temperature`` 0.7, ``top_p``, ``top_k`` and ``repetition_penalty`` 1.05) would
+    otherwise apply to every plain ``generate`` and to vLLM's default ``--generation-config auto``,
+    changing the answers the token was trained on."""
     gen = model.generation_config
+    for name, value in GREEDY.items():
+        setattr(gen, name, value)
+    gen.temperature = gen.top_p = gen.top_k = None  # sampling only; unset, as a fresh GenerationConfig has them
     eos = gen.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     extra = [tokenizer.eos_token_id, end_of_turn_token_id(tokenizer), *confidence_ids]

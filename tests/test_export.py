@@ -10,6 +10,7 @@ stops at once or never emits one, and the stop would go untested).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -270,6 +271,59 @@ class TestExportFiles:
         with pytest.raises(ValueError, match="inside the adapter directory"):
             export_merged(trained["adapter"], trained["adapter"] / "merged", dtype="fp32")
         assert not (trained["adapter"] / "merged").exists() and not (tmp_path / "out").exists()
+
+
+class TestExportInputs:
+    def test_refuses_an_out_dir_that_holds_the_adapter_or_the_base(self, trained, tmp_path):
+        # --overwrite would otherwise replace the adapter's (or the base's) parent directory, deleting it.
+        for held in (trained["adapter"], trained["base"]):
+            with pytest.raises(ValueError, match="holds the .* directory .*writing there would delete it"):
+                export_merged(trained["adapter"], held.parent, dtype="fp32", overwrite=True,
+                              base_model=trained["base"])
+        assert (trained["adapter"] / "adapter_model.safetensors").is_file()
+        assert (trained["base"] / "model.safetensors").is_file()
+        with pytest.raises(ValueError, match="inside the base model directory"):
+            export_merged(trained["adapter"], trained["base"] / "merged", dtype="fp32", base_model=trained["base"])
+
+    def test_decodes_greedily_whatever_the_base_generation_config_says(self, trained, tmp_path):
+        """A base shipping Qwen2.5-Instruct's sampling settings: the export decodes as conftok did."""
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        base = tmp_path / "base"
+        shutil.copytree(trained["base"], base)
+        qwen = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+        GenerationConfig(**json.loads((base / "generation_config.json").read_text()), **qwen).save_pretrained(base)
+        out = export_merged(trained["adapter"], tmp_path / "out", dtype="fp32", base_model=base)
+        gen = json.loads((out / "generation_config.json").read_text())
+        assert gen["do_sample"] is False and gen["repetition_penalty"] == 1.0 and gen["num_beams"] == 1
+        assert not {"temperature", "top_p", "top_k"} & set(gen)
+        # A plain generate() with only do_sample=False (the README's call) gives conftok's greedy answers.
+        model, tokenizer, domains = load_adapter(trained["adapter"], base_model=base, device="cpu")
+        plain = AutoModelForCausalLM.from_pretrained(out).eval()
+        prompts = [encode_prompt(tokenizer, q) for q in QUESTIONS]
+        gens = generate(model, tokenizer, prompts, stop_tokens=domains.tokens, max_new_tokens=MAX_NEW, progress=False)
+        with torch.no_grad():
+            for prompt, g in zip(prompts, gens):
+                x = torch.tensor([prompt])
+                ids = plain.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW + 1,
+                                     do_sample=False)[0, len(prompt):].tolist()
+                assert ids[:len(g.answer_ids)] == g.answer_ids
+
+    def test_a_bf16_model_object_is_merged_in_fp32(self, trained, tmp_path):
+        from transformers import AutoModelForCausalLM
+
+        key = "model.layers.0.self_attn.q_proj.weight"
+        with safe_open(trained["base"] / "model.safetensors", "pt") as f:
+            base_q = f.get_tensor(key)
+        with safe_open(trained["exported"] / "model.safetensors", "pt") as f:
+            delta = f.get_tensor(key) - base_q  # the LoRA update, merged in fp32 from the fp32 base
+        obj = AutoModelForCausalLM.from_pretrained(trained["base"], dtype=torch.bfloat16)
+        out = export_merged(trained["adapter"], tmp_path / "out", dtype="fp32", base_model=obj)
+        with safe_open(out / "model.safetensors", "pt") as f:
+            merged_q = f.get_tensor(key)
+        assert merged_q.dtype == torch.float32
+        # The bf16 base's weights plus the update, not rounded to bf16 afterwards (that would be ~4e-4 off).
+        assert (merged_q - (base_q.bfloat16().float() + delta)).abs().max() < 1e-5
 
 
 class TestCommand:
