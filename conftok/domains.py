@@ -452,12 +452,19 @@ def _build_domains(items: Sequence[Any]) -> tuple[list[Domain], list[tuple[int, 
 
 def load_domains_file(path: str | Path) -> DomainSet:
     """Read domains from a JSON or YAML file holding a list of domain mappings (or ``{"domains":
-    [...]}``); raise :class:`DomainError` listing every problem at its line."""
+    [...]}``); raise :class:`DomainError` listing every problem at its line.
+
+    An adapter's or an export's ``conftok.json`` (domains beside ``token_ids`` and other run facts), or
+    the directory holding one, gives its domains too.
+    """
     path = Path(path)
+    if path.is_dir() and (path / "conftok.json").is_file():  # an adapter or export directory
+        path = path / "conftok.json"
     data, lines = load_yaml(path, "domain file")
     prefix: KeyPath = ()
     if isinstance(data, Mapping):
-        unknown = [(key,) for key in data if key != "domains"]
+        metadata = "domains" in data and "token_ids" in data  # conftok.json: the other keys are the run's
+        unknown = [] if metadata else [(key,) for key in data if key != "domains"]
         if unknown:
             raise DomainError(problems_message(path, format_problems(
                 path, [(key, "unknown key; a domain file is a list of domains, or a mapping with the one key "

@@ -28,7 +28,8 @@ from conftok.tokens import add_confidence_tokens, init_token_rows, token_ids
 __all__ = ["BACKENDS", "QUANTIZATIONS", "DEFAULT_TARGET_MODULES", "METADATA_FILE", "ADAPTER_WEIGHTS_FILE",
            "PICKLE_PATTERNS", "build_model",
            "enable_gradient_checkpointing",
-           "load_tokenizer", "resolve_backend", "save_adapter", "load_adapter", "model_device", "replace_directory"]
+           "load_tokenizer", "looks_like_hub_id", "resolve_backend", "save_adapter", "load_adapter", "model_device",
+           "replace_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +280,18 @@ def replace_directory(new: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def looks_like_hub_id(value: "str | os.PathLike") -> bool:
+    """Whether ``value`` names a Hub repo (``user/name``) rather than a local path: no such path here,
+    one slash, and neither a path's start (``.``, ``/``, ``~``) nor an existing directory before the
+    slash (``experimnts/final`` beside ``experiments/`` is a mistyped path, ``runs/final`` with
+    ``runs/`` present a missing one: both get "no such directory", not a Hub download)."""
+    text = str(value)
+    if Path(text).exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return False
+    owner, name = text.split("/")
+    return bool(owner and name) and not Path(owner).exists()
+
+
 def load_adapter(adapter_dir: str | os.PathLike, *, base_model: "str | torch.nn.Module | None" = None,
                  device: "str | torch.device | None" = None, bf16: bool = False, is_trainable: bool = False,
                  trust_remote_code: bool = False):
@@ -295,7 +308,7 @@ def load_adapter(adapter_dir: str | os.PathLike, *, base_model: "str | torch.nn.
     from transformers import AutoModelForCausalLM
 
     adapter_dir = Path(adapter_dir)
-    if not adapter_dir.exists() and str(adapter_dir).count("/") == 1:  # a Hub repo id
+    if looks_like_hub_id(adapter_dir):
         from huggingface_hub import snapshot_download
 
         adapter_dir = Path(snapshot_download(str(adapter_dir), ignore_patterns=list(PICKLE_PATTERNS)))

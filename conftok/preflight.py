@@ -114,11 +114,11 @@ def _tokenizer_or_none(model_name: str):
 def adapter_domains(adapter: str) -> DomainSet | None:
     """The domains a saved adapter was trained with (its ``conftok.json``), read without loading
     anything else; None for a Hub repo id (``user/name`` that is not a local path)."""
-    from conftok.modeling import METADATA_FILE
+    from conftok.modeling import METADATA_FILE, looks_like_hub_id
 
     path = Path(adapter)
     if not path.exists():
-        if str(adapter).count("/") == 1:
+        if looks_like_hub_id(adapter):
             return None
         raise InputError(f"--adapter {adapter}: no such directory; expected an adapter directory written by "
                          "training (final/, best_calibration/, checkpoint-N/) or a Hub repo id user/name")

@@ -107,8 +107,7 @@ def bootstrap_interval(statistic: Callable[[np.ndarray, np.ndarray], float], con
     values = []
     for _ in range(n_resamples):
         idx = rng.integers(0, len(conf), len(conf))
-        if 0 < corr[idx].sum() < len(idx):
-            values.append(statistic(conf[idx], corr[idx]))
+        values.append(statistic(conf[idx], corr[idx]))  # one class: AUROC is NaN there, Brier and CE are not
     values = np.asarray([v for v in values if np.isfinite(v)])
     if not len(values):
         return float("nan"), float("nan")

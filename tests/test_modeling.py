@@ -558,3 +558,21 @@ def test_lora_inputs_uncast_gives_the_cast_paths_step_with_fewer_copies(device, 
     assert grads_uncast.keys() == grads_cast.keys()
     for name, grad in grads_cast.items():
         torch.testing.assert_close(grads_uncast[name], grad, **tolerance(torch.bfloat16), msg=name)
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from conftok.inputs import InputError
+    from conftok.modeling import load_adapter, looks_like_hub_id
+    from conftok.preflight import adapter_domains
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments").mkdir()
+    assert looks_like_hub_id("someuser/conftok-adapter")
+    for local in ("experiments/fnal", "./runs/final", "/abs/final", "~/final",
+                  "experiments", "a/b/c", "user/"):
+        assert not looks_like_hub_id(local), local
+    assert adapter_domains("someuser/conftok-adapter") is None  # checked where it is downloaded
+    with pytest.raises(InputError, match="no such directory"):  # not a Hub download that fails offline
+        adapter_domains("experiments/fnal")
+    with pytest.raises(FileNotFoundError, match="not a conftok adapter"):
+        load_adapter("experiments/fnal")

@@ -44,6 +44,18 @@ def test_bootstrap_interval_holds_the_estimate_and_narrows():
     assert np.isnan(bootstrap_interval(auroc, [0.5, 0.6], [1, 1])[0])  # one class: undefined
 
 
+def test_bootstrap_interval_keeps_one_class_resamples_where_the_statistic_is_defined():
+    from conftok.calibration import brier_score
+
+    conf = np.array([0.9, 0.8, 0.7, 0.6])
+    low, high = bootstrap_interval(brier_score, conf, [1, 1, 1, 1], n_resamples=200)
+    assert 0.01 <= low < high <= 0.16  # every row right: Brier is (1 - p)^2, from 0.01 to 0.16
+    rng = np.random.default_rng(0)  # mostly right: resamples of right rows only must not be dropped
+    conf, y = rng.uniform(0.5, 1, 12), np.r_[np.ones(11), 0]
+    low, high = bootstrap_interval(brier_score, conf, y, n_resamples=2000)
+    assert low < brier_score(conf[y == 1], y[y == 1]) + 1e-3  # the all-right resamples (~1/3 of them) count
+
+
 def test_answer_end_states_reads_each_rows_own_last_position(tokenizer, device):
     from conftest import make_model
 

@@ -1,6 +1,7 @@
 """Tests for conftok.serving.p_confident_from_logprobs: values worked out by hand, every input form
 servers use, the one-token bound, and the errors."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -57,6 +58,15 @@ class TestValues:
         law = Domain("law", ("lawqa",), "<C_LAW>", "<U_LAW>", "multiple_choice")
         top = {"<C_LAW>": ln(0.1), "<U_LAW>": ln(0.4)}  # 0.2
         assert p_confident_from_logprobs(top, "law", domains=[law]) == pytest.approx(0.2, abs=1e-12)
+        # An export's (or adapter's) conftok.json, or its directory, as domains=: its other keys are the run's.
+        meta = {"domains": [law.to_dict()], "token_ids": {"<C_LAW>": 404, "<U_LAW>": 405}, "dtype": "bf16",
+                "adapter": "runs/final", "merged_with": "peft merge_and_unload"}
+        (tmp_path / "conftok.json").write_text(json.dumps(meta, indent=2))
+        for domains in (tmp_path / "conftok.json", str(tmp_path)):
+            assert p_confident_from_logprobs(top, "law", domains=domains) == pytest.approx(0.2, abs=1e-12)
+        (tmp_path / "domains.json").write_text(json.dumps({"domains": [law.to_dict()], "dtype": "bf16"}))
+        with pytest.raises(ValueError, match="dtype: unknown key"):  # a domain file keeps its one key
+            p_confident_from_logprobs(top, "law", domains=tmp_path / "domains.json")
 
     def test_whitespace_and_duplicates(self):
         # " <C_READ>" and "<C_READ>" are one token here: probabilities add, 0.1 + 0.2 = 0.3; 0.3 / 0.4 = 0.75
