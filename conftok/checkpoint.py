@@ -200,7 +200,7 @@ def link_tree(src: str | os.PathLike, dst: str | os.PathLike, *, skip: Iterable[
 
 # What a write in progress is named (every one in a run's tree carries its process's id): a checkpoint's staging
 # directory, a directory moved aside to be replaced, a temporary file or directory.
-_IN_PROGRESS = re.compile(r"^\..+\.(?:staging|old|tmp)-(\d+)(?:-\w+)?$")
+_IN_PROGRESS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old|tmp)-(?P<pid>\d+)(?:-\w+)?$")
 
 
 def in_progress(name: str) -> bool:
@@ -228,9 +228,16 @@ def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return removed
-    for entry in directory.iterdir():
+    for entry in sorted(directory.iterdir()):
         match = _IN_PROGRESS.match(entry.name)
-        if match is None or int(match.group(1)) == os.getpid() or _running(int(match.group(1))):
+        if match is None or int(match["pid"]) == os.getpid() or _running(int(match["pid"])):
+            continue
+        target = directory / match["name"]
+        if match["kind"] == "old" and not target.exists() and not target.is_symlink():
+            # Killed between moving a directory aside and renaming its replacement in (link_tree,
+            # replace_directory): the old one is all there is of it (a best_*/ or a checkpoint); put it back.
+            os.replace(entry, target)
+            logger.warning("restored %s from %s, left by an interrupted replacement", target, entry.name)
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

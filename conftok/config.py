@@ -29,6 +29,17 @@ RESUME_MAY_CHANGE = frozenset({
     "reference_cache", "trust_remote_code"})
 
 
+def _domains_form(spec: Any) -> Any:
+    """``spec`` (None, a file path, a list of domain mappings) as the domains it resolves to, for comparing; as it
+    is where it does not resolve here (a file gone)."""
+    from conftok.domains import resolve_domains
+
+    try:
+        return resolve_domains(spec).to_list()
+    except Exception:  # noqa: BLE001 - compared as given
+        return spec
+
+
 class ConfigError(InputError):
     """One or more config fields are invalid; the message lists each."""
 
@@ -211,6 +222,8 @@ class TrainConfig:
         if self.val_sources is not None and (
                 not isinstance(self.val_sources, dict) or not all(isinstance(v, str) for v in self.val_sources.values())):
             p.append(f"val_sources must map data set name -> source string, got {self.val_sources!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 32:
+            p.append(f"seed must be an integer in [0, 2**32) (numpy's range), got {self.seed!r}")
         if self.kl_weight and self.stored_kl_weight:
             p.append(f"kl_weight ({self.kl_weight}) and stored_kl_weight ({self.stored_kl_weight}) are two forms of "
                      "the same term: set one of them to 0")
@@ -228,13 +241,43 @@ class TrainConfig:
                 "stored_kl_weight": self.stored_kl_weight}
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values: ``domains`` as given when it is None or a file path, else as the list of
+        domain mappings it resolves to (Domain objects or a DomainSet would otherwise be written as their repr)."""
         out = dataclasses.asdict(self)
         out["target_modules"] = list(self.target_modules)
+        if isinstance(self.domains, os.PathLike):
+            out["domains"] = os.fspath(self.domains)
+        elif self.domains is not None and not isinstance(self.domains, str):
+            from conftok.domains import resolve_domains
+
+            out["domains"] = resolve_domains(self.domains).to_list()
         return out
 
-    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
+    def input_fingerprints(self) -> dict[str, Any]:
+        """What the run's inputs hold, beyond their names: the training file's SHA-256 (None where it cannot be
+        read here) and the domains as resolved. A checkpoint keeps these (``conftok.json``, ``inputs``), so a
+        resume on a file tagged again in place, or a domain file edited, is refused (:meth:`resume_conflicts`)."""
+        import hashlib
+
+        from conftok.domains import resolve_domains
+
+        digest = None
+        try:
+            with open(self.train_data, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:  # not readable here: the data loader says why, where it reads it
+            pass
+        try:
+            domains = resolve_domains(self.domains).to_list()
+        except Exception:  # noqa: BLE001 - a bad domain file: train() reports it in full
+            domains = None
+        return {"train_data_sha256": digest, "domains": domains}
+
+    def resume_conflicts(self, saved: dict[str, Any], saved_inputs: dict[str, Any] | None = None) -> list[str]:
         """``"field: saved -> now"`` for each field outside :data:`RESUME_MAY_CHANGE` on which this config and
-        ``saved`` (the ``to_dict()`` of the config a checkpoint was written under) differ."""
+        ``saved`` (the ``to_dict()`` of the config a checkpoint was written under) differ, and for each of the
+        ``saved_inputs`` (:meth:`input_fingerprints` when the checkpoint was written) that the inputs no longer
+        match: the training file's content, the domains' content."""
         now = self.to_dict()
         out = []
         for name, value in now.items():
@@ -243,10 +286,24 @@ class TrainConfig:
             before = saved[name]
             if name == "train_data" and isinstance(before, str):  # the same file, however it is named
                 before, value = os.path.realpath(before), os.path.realpath(value)
+            if name == "domains":  # a path or the list it holds, compared by what they resolve to
+                before, value = _domains_form(before), _domains_form(value)
             if isinstance(before, list) and isinstance(value, (list, tuple)):
                 value = list(value)
             if before != value:
                 out.append(f"{name}: {before!r} -> {value!r}")
+        if saved_inputs:
+            inputs = self.input_fingerprints()
+            for name, what in (("train_data_sha256", f"train_data {self.train_data}: its content (SHA-256)"),
+                               ("domains", "domains: their content")):
+                before, value = saved_inputs.get(name), inputs[name]
+                field_name = name.removesuffix("_sha256")
+                if before is not None and value is not None and before != value and \
+                        not any(c.startswith(f"{field_name}:") for c in out):  # not said already
+                    shown = (f"{before[:12]}… -> {value[:12]}…" if name == "train_data_sha256"
+                             else f"{[d.get('name') for d in before]} -> {[d.get('name') for d in value]}"
+                             if [d.get("name") for d in before] != [d.get("name") for d in value] else "changed")
+                    out.append(f"{what} {shown}")
         return out
 
     @classmethod

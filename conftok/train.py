@@ -268,6 +268,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         print(f"{resume_from} is the last checkpoint of the run finished in {finished.final_dir}: nothing to train",
               flush=True)
         return finished
+    if resume_from is not None:  # before the model loads and the stored KL's base pass runs (minutes for a 7B)
+        _check_resumable(Path(resume_from), out)
+    inputs = cfg.input_fingerprints()  # kept with every checkpoint: a resume on other data is refused
     seed_everything(cfg.seed)
     domains = resolve_domains(cfg.domains)
     # 'auto' checkpointing is decided once the rows are read (the longest sets the batch's shape): the hf
@@ -348,7 +351,10 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         first = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed, epoch=state["epoch"])
         print(f"Length-grouped batches: {padding_share(first, lengths):.1%} of batch positions are padding", flush=True)
 
-    def validate(epoch: float) -> dict[str, Any]:
+    def validate(epoch: float, epoch_end: int | None = None) -> dict[str, Any]:
+        """Validate, record, checkpoint, link best_*/, call ``on_validation``; at an epoch's end (``epoch_end``: its
+        number) write its reliability file first, with the checkpoint: a process stopped after the checkpoint is
+        resumed past this validation and would never write it."""
         step = state["global_step"]
         print("\n" + "=" * 70 + f"\nVALIDATION - Epoch {epoch:.1f}\n" + "=" * 70, flush=True)
         try:
@@ -377,9 +383,13 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         if metrics[M.VAL_CALIBRATION_ERROR] < state["best_calibration"]:
             state["best_calibration"] = metrics[M.VAL_CALIBRATION_ERROR]
             improved.append(("calibration error", "best_calibration"))
+        if epoch_end is not None:
+            _write_json(out / f"reliability_epoch_{epoch_end}.json",
+                        {"epoch": epoch_end, "step": step, "metrics": result["metrics"], "domains": result["domains"],
+                         "reliability": result["reliability"]})
         ckpt = _save_checkpoint(out / f"checkpoint-{step}", model, tokenizer, optimizer, scheduler, state, cfg,
-                                domains, {"metrics": metrics, "domains": result["domains"],
-                                          "reliability": result["reliability"], "records": result["records"]})
+                                domains, inputs, {"metrics": metrics, "domains": result["domains"],
+                                                  "reliability": result["reliability"], "records": result["records"]})
         saved[step] = ckpt
         for what, name in improved:
             link_tree(ckpt, out / name, skip=TRAINER_STATE_FILES)  # the adapter only: no optimizer state
@@ -469,12 +479,9 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         # End of epoch (or of max_steps): validate once, and write the epoch's reliability file.
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         if last_validated != state["global_step"]:
-            result = validate(float(epoch + 1))
+            validate(float(epoch + 1), epoch_end=epoch + 1)
             last_validated = state["global_step"]
             model.train()
-            _write_json(out / f"reliability_epoch_{epoch + 1}.json",
-                        {"epoch": epoch + 1, "step": state["global_step"], "metrics": result["metrics"],
-                         "domains": result["domains"], "reliability": result["reliability"]})
         if state["global_step"] >= total_steps:
             break
     bar.close()
@@ -486,7 +493,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         final_dir = link_tree(last, out / "final", skip=(*TRAINER_STATE_FILES, VALIDATION_FILE))
     else:  # resumed from a checkpoint of the last step: nothing was trained or saved here
         final_dir = save_adapter(model, tokenizer, out / "final", domains=domains, token_init=cfg.token_init,
-                                 extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
+                                 extra={"config": cfg.to_dict(), "inputs": inputs, "global_step": state["global_step"]})
     best = {"best_accuracy": state["best_accuracy"], "best_calibration": state["best_calibration"]}
     _write_json(final_dir / FINAL_METRICS_FILE, {"history": state["history"], **best})
     if cfg.save_total_limit is not None:  # finished: nothing left to resume (final/ keeps the adapter)
@@ -522,9 +529,10 @@ def check_resume_config(cfg: TrainConfig, checkpoint: Path) -> None:
     (:meth:`TrainConfig.resume_conflicts`) other than ``cfg``'s: resuming would go on with the old run's
     optimizer, schedule and data order under the new settings, or return the old run's adapter if it had
     finished, as if it were the new one. A checkpoint without its config (an older conftok) is not checked."""
-    meta = checkpoint / METADATA_FILE
-    saved = json.loads(meta.read_text()).get("config") if meta.is_file() else None
-    conflicts = cfg.resume_conflicts(saved) if isinstance(saved, dict) else []
+    meta_path = checkpoint / METADATA_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    saved = meta.get("config")
+    conflicts = cfg.resume_conflicts(saved, meta.get("inputs")) if isinstance(saved, dict) else []
     if conflicts:
         raise ConfigError(f"cannot resume from {checkpoint}: it was written by a run with other settings "
                           f"({'; '.join(conflicts)}). Resume with the settings that run was started with, or start "
@@ -586,14 +594,15 @@ def _token_class_weights(dataset, ids: dict[str, int], model, device) -> torch.T
     return weights
 
 
-def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, cfg, domains, validation) -> Path:
+def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, cfg, domains, inputs,
+                     validation) -> Path:
     """Adapter + everything needed to resume, written atomically: every file goes to a hidden
     staging directory that becomes ``path`` in one rename, so a crash leaves no ``checkpoint-N``
     without its trainer state (a resume would pick it and fail)."""
     staging = path.with_name(f".{path.name}.staging-{os.getpid()}")
     try:
         save_adapter(model, tokenizer, staging, domains=domains, token_init=cfg.token_init,
-                     extra={"config": cfg.to_dict(), "global_step": state["global_step"]})
+                     extra={"config": cfg.to_dict(), "inputs": inputs, "global_step": state["global_step"]})
         save_trainer_state(staging, optimizer=optimizer, scheduler=scheduler, state=state)
         _write_json(staging / VALIDATION_FILE, validation)
         replace_directory(staging, path)  # the same step written again (a resumed run): the new one wins
@@ -601,6 +610,19 @@ def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _check_resumable(path: Path, out: Path) -> None:
+    """Raise FileNotFoundError, naming what is wrong, unless ``path`` holds a trainer state to resume from."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"cannot resume from {path}: no such directory")
+    if all((path / name).is_file() for name in TRAINER_STATE_FILES):
+        return
+    if (path / ADAPTER_WEIGHTS_FILE).is_file():  # a run's last checkpoint, its trainer state dropped when it finished
+        raise FileNotFoundError(f"cannot resume from {path}: it is the last checkpoint of a finished run (its trainer "
+                                f"state was dropped); that run's output_dir holds its result, not {out}")
+    raise FileNotFoundError(f"cannot resume from {path}: no {' + '.join(TRAINER_STATE_FILES)} (not a checkpoint-N "
+                            "directory, or one pruned by save_total_limit down to its validation.json)")
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:

@@ -120,14 +120,18 @@ def test_remove_leftovers_deletes_the_writes_of_dead_processes_only(tmp_path):
     dead = int(done.stdout)
     left = [f".checkpoint-8.staging-{dead}", f".best_accuracy.tmp-{dead}-k2x_9a", f".final.old-{dead}"]
     kept = [f".checkpoint-10.staging-{os.getpid()}", f".final.old-{os.getppid()}", "checkpoint-6", ".hidden",
-            ".staging-12", "best_calibration"]
+            ".staging-12", "best_calibration", "final"]
     for name in left + kept:
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_model.safetensors").write_bytes(b"x")
     (tmp_path / f".validation.json.tmp-{dead}").write_text("{")
     left.append(f".validation.json.tmp-{dead}")
+    # Killed between moving best_accuracy/ aside and renaming its replacement in: the old one is put back.
+    (tmp_path / f".best_accuracy.old-{dead}").mkdir()
+    (tmp_path / f".best_accuracy.old-{dead}" / "validation.json").write_text("{}")
     assert sorted(p.name for p in remove_leftovers(tmp_path)) == sorted(left)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "best_accuracy"])
+    assert (tmp_path / "best_accuracy" / "validation.json").read_text() == "{}"
     # link_tree's and save_adapter's temporaries carry the pid too: a killed one is found the same way
     link_tree(tmp_path / "checkpoint-6", tmp_path / "final")
     assert remove_leftovers(tmp_path) == [] and remove_leftovers(tmp_path / "nothing") == []

@@ -394,3 +394,98 @@ class TestIntegration:
         with pytest.raises(OSError, match="disk full"):
             train(cfg, model=model, tokenizer=tokenizer, val_sets=VAL)
         assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == []
+
+
+class TestResumeGuards:
+    """What a resume refuses, and what an interrupted run keeps (16 rows at batch 4: 4 steps an epoch)."""
+
+    @staticmethod
+    def config(tmp_path, name="run", **kw):
+        path = tmp_path / "t.jsonl"
+        if not path.exists():
+            write_jsonl(path, feature_rows(16))
+        return TrainConfig(**{**dict(model_name="in-process", train_data=str(path), output_dir=str(tmp_path / name),
+                                     backend="hf", batch_size=4, num_epochs=2, learning_rate=1e-2, lora_r=4,
+                                     lora_alpha=8, bf16=False, gradient_checkpointing=False, calib_beta=4,
+                                     eval_batch_size=8, max_new_tokens=4, progress=False, save_total_limit=None),
+                              **kw})
+
+    @staticmethod
+    def run(cfg, **kw):
+        tokenizer = make_tokenizer()
+        return train(cfg, model=make_model(len(tokenizer), seed=0), tokenizer=tokenizer, val_sets=VAL, **kw)
+
+    def test_a_run_stopped_at_an_epoch_end_validation_keeps_its_reliability_file(self, tmp_path, train_on_device):
+        """Stopped once epoch 1's validation is reported (Ray's report, a preemption right after it): the epoch's
+        reliability file is already there, and the resumed run, which goes on after that validation, ends with the
+        uninterrupted run's files."""
+        class Stop(Exception):
+            pass
+
+        def stop_at_4(metrics, checkpoint):
+            if metrics["step"] == 4:
+                raise Stop
+
+        self.run(self.config(tmp_path))
+        stopped = self.config(tmp_path, "stopped")
+        with pytest.raises(Stop):
+            self.run(stopped, on_validation=stop_at_4)
+        assert (tmp_path / "stopped" / "reliability_epoch_1.json").is_file()
+        self.run(stopped, resume_from=tmp_path / "stopped" / "checkpoint-4")
+        files = lambda run: sorted(p.name for p in (tmp_path / run).iterdir() if p.name.startswith("reliability"))
+        assert files("stopped") == files("run") == ["reliability_epoch_1.json", "reliability_epoch_2.json"]
+
+    def test_resume_refuses_training_data_or_domains_changed_in_place(self, tmp_path, train_on_device):
+        import yaml
+
+        from conftok.domains import DEFAULT_DOMAINS
+
+        domains_file = tmp_path / "domains.yaml"
+        domains_file.write_text(yaml.safe_dump([d.to_dict() for d in DEFAULT_DOMAINS]))
+        cfg = self.config(tmp_path, max_steps=4, eval_steps=2, domains=str(domains_file))
+        self.run(cfg)
+        checkpoint = tmp_path / "run" / "checkpoint-2"
+        again = self.config(tmp_path, "again", max_steps=4, eval_steps=2, domains=str(domains_file))
+        write_jsonl(tmp_path / "t.jsonl", feature_rows(16, seed=7))  # tagged again, in place
+        with pytest.raises(ConfigError, match=r"train_data .*t\.jsonl: its content \(SHA-256\) [0-9a-f]{12}… -> "):
+            self.run(again, resume_from=checkpoint)
+        write_jsonl(tmp_path / "t.jsonl", feature_rows(16))  # the rows it was trained on: resumes
+        domains_file.write_text(yaml.safe_dump([{**d.to_dict(), "datasets": [*d.datasets, f"extra_{d.name}"]}
+                                                for d in DEFAULT_DOMAINS]))
+        with pytest.raises(ConfigError, match="domains: their content changed"):
+            self.run(again, resume_from=checkpoint)
+        assert not (tmp_path / "again").exists()  # refused before anything was written
+        domains_file.write_text(yaml.safe_dump([d.to_dict() for d in DEFAULT_DOMAINS]))
+        assert self.run(again, resume_from=checkpoint).global_step == 4
+
+    def test_domains_given_as_objects_resume(self, tmp_path, train_on_device):
+        from conftok.domains import DEFAULT_DOMAINS, resolve_domains
+
+        for name, domains in (("set", resolve_domains()), ("objects", list(DEFAULT_DOMAINS)),
+                              ("path", Path(__file__).parents[1] / "domains" / "read_med_math.yaml")):
+            cfg = self.config(tmp_path, name, max_steps=4, eval_steps=2, domains=domains)
+            json.dumps(cfg.to_dict())  # JSON values, not reprs
+            self.run(cfg)
+            assert self.run(cfg, resume_from=tmp_path / name / "checkpoint-2").global_step == 4
+
+    def test_a_checkpoint_that_cannot_be_resumed_is_refused_before_the_model_loads(self, tmp_path, monkeypatch):
+        train_module = importlib.import_module("conftok.train")
+        cfg = self.config(tmp_path, max_steps=4, eval_steps=2, save_total_limit=1)
+        self.run(cfg)  # keeps checkpoint-4 whole (its trainer state dropped: finished), checkpoint-2 pruned
+
+        def no_model(*args, **kwargs):
+            raise AssertionError("the model was loaded")
+
+        monkeypatch.setattr(train_module, "build_model", no_model)
+        other = self.config(tmp_path, "other", max_steps=4, eval_steps=2)
+        for checkpoint, message in ((tmp_path / "run" / "checkpoint-99", "no such directory"),
+                                    (tmp_path / "run" / "checkpoint-2", "pruned by save_total_limit"),
+                                    (tmp_path / "run" / "checkpoint-4", "last checkpoint of a finished run")):
+            with pytest.raises(FileNotFoundError, match=message):
+                train(other, resume_from=checkpoint, val_sets=VAL)
+        assert not (tmp_path / "other").exists()
+
+    def test_seed_outside_numpys_range_is_a_config_error(self, tmp_path):
+        for seed in (-1, 2 ** 32, 1.5):
+            with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+                self.config(tmp_path, seed=seed)
