@@ -164,6 +164,10 @@ _LETTER_LIST = re.compile(r"\s*,\s*[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:,|or\b|and\b|/|[
 _LIST_LINE = re.compile(r"^\s*[(\[]?\s*([A-Za-z])\s*(?:[)\].:]|$)", re.MULTILINE)
 # What may follow a letter for it to count: the end of its line, or ")", ".", ":", "," or ";".
 _LETTER_END = re.compile(r"[ \t]*(?:$|\r?\n|[).:,;])")
+# A capital letter closing the text after "is", "it's", "with" or a comma: "It's C", "I'd go with C.", "So, B."
+# (a capital only: "... with a" is a word).
+_TRAILING_LETTER = re.compile(r"(?:(?i:\bis|\bit['\u2019]s|\bwith)|,)\s+([A-Z])\s*[.!]?\s*$")
+_CAPITAL_LETTER = re.compile(r"\b([A-Z])\b")
 _PARENTHESISED = re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]")
 
 
@@ -255,11 +259,13 @@ def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> 
        "C", "(B)", "B)", "A: Medication", "A. Medication", "Answer: (c)", "B" alone on the first
        line (an explanation below); ``None`` for a letter written with another option's text
        ("A. Folate" when Folate is C); skipped when the
-       text restates the option list (two or more lines opening with different letters,
-       "A. x" then "B. y" on the next line), which is no choice (nor is step 4 tried then);
+       text restates the option list (two or more lines opening with different letters in
+       ascending order, "A. x" then "B. y" on the next line), which is no choice (nor are steps 4
+       and 5 tried then); "B. y" then "A. x is wrong because" is choice B and an explanation;
     2. a letter after an answer marker anywhere: "... so the answer is D", "I choose (b)";
     3. exactly one distinct allowed letter in parentheses anywhere: "... which is (C).";
-    4. with ``options``: the option text alone ("Ceftriaxone", "It is ceftriaxone.").
+    4. a capital letter closing the text after "is", "it's", "with" or a comma: "It's C", "So, B.";
+    5. with ``options``: the option text alone ("Ceftriaxone", "It is ceftriaxone.").
 
     What counts as a written letter is spelled out in :func:`_letter_at`; the point of the rule
     is that a bare letter followed by ordinary words is a word, so "A 45-year-old man ..." is
@@ -279,9 +285,13 @@ def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> 
     texts = _option_texts(options)
 
     # "A. Gentamicin\nB. Ciprofloxacin": the model restates the option list; its first line
-    # is no choice (measured: SmolLM2-135M does this in 4 of the first 40 real MedQA rows).
-    listed = {m.group(1).upper() for m in _LIST_LINE.finditer(cleaned)} & set(allowed)
-    if len(listed) < 2:
+    # is no choice (measured: SmolLM2-135M does this in 4 of the first 40 real MedQA rows). Lines
+    # out of order ("B. Ceftriaxone\n\nA. Gentamicin is incorrect because ...") are a choice and
+    # the other options' explanations.
+    order = [m.group(1).upper() for m in _LIST_LINE.finditer(cleaned)]
+    order = [letter for letter in order if letter in allowed]
+    restated = len(set(order)) >= 2 and all(a < b for a, b in zip(order, order[1:]))
+    if not restated:
         prefix = _LEADING_PREFIX.match(cleaned)
         letter = _letter_at(cleaned, prefix.end() if prefix else 0, allowed, texts)
         if letter is not None:
@@ -297,7 +307,12 @@ def parse_option_letter(text: str, options: Mapping[str, str] | None = None) -> 
     if len(in_parentheses) == 1:
         return in_parentheses.pop()
 
-    if texts and len(listed) < 2:
+    trailing = _TRAILING_LETTER.search(cleaned)  # "It's C", "I'd go with C.", "So, B."
+    if trailing is not None and trailing.group(1) in allowed and not restated and \
+            set(_CAPITAL_LETTER.findall(cleaned)) & set(allowed) == {trailing.group(1)}:  # "A, B": no choice
+        return trailing.group(1)
+
+    if texts and not restated:
         return _match_option_text(cleaned, texts)
     return None
 
@@ -365,8 +380,9 @@ _EXPLICIT_NUMBER = re.compile(r"(?:=|\banswer\s*(?:is|:)|\bequals|\bis)\s*[\"'(]
 
 
 def _canonical_int(text: str) -> str | None:
-    value = float(text.replace(",", "").replace("\u2212", "-"))
-    return str(int(value)) if value.is_integer() else None
+    """"1,234" -> "1234", "12.0" -> "12", "2.5" -> None; exact at any size (no float on the way)."""
+    whole, _, fraction = text.replace(",", "").replace("\u2212", "-").partition(".")
+    return str(int(whole)) if not fraction.strip("0") else None
 
 
 def parse_number(text: str) -> str | None:

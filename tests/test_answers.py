@@ -151,6 +151,22 @@ class TestAnswerExtraction:
     def test_a_letter_with_another_options_text_is_no_choice(self, text, expected):
         assert parse_option_letter(text, self.NUTRIENTS) == expected
 
+    @pytest.mark.parametrize("text, expected", [
+        ("B. Folate\n\nA. Iron is wrong because", "B"),  # a choice, then another option's explanation
+        ("B\n\nA. Iron is stored as ferritin", "B"),
+        ("C. Vitamin B12\nA. Iron\nB. Folate", "C"),
+        ("A. Iron\nB. Folate", None), ("B. Folate\nC. Vitamin B12", None),  # in order: the list restated
+    ])
+    def test_option_lines_out_of_order_are_a_choice_and_explanations(self, text, expected):
+        assert parse_option_letter(text, self.NUTRIENTS) == expected
+
+    @pytest.mark.parametrize("text, expected", [
+        ("It's C", "C"), ("I'd go with C.", "C"), ("So, B.", "B"), ("I think it's B.", "B"), ("It is D!", "D"),
+        ("Treat it with a", None), ("So, F.", None), ("A patient like this, B.", None), ("Either A, or it's B", None),
+    ])
+    def test_a_capital_letter_closing_the_answer(self, text, expected):
+        assert parse_option_letter(text, self.NUTRIENTS) == expected
+
     @pytest.mark.parametrize("text", ["A, B, C or D", "B, C and D", "D, E.", "A, B"])
     def test_listed_letters_are_no_choice(self, text):
         assert parse_option_letter(text, {**self.NUTRIENTS, "E": "Copper"}) is None

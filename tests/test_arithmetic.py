@@ -19,6 +19,7 @@ DOMAINS_FILE = Path(__file__).resolve().parent.parent / "domains" / "read_med_ma
     ("3 - 1 is 2.", "2"), ("7 minus 5 is 2", "2"), ('The answer is "11"', "11"), ("Answer: (7)", "7"),
     ("26 + 3 = 5\n\nThe answer is 5", "5"),
     ("2.5", None), ("To solve this problem, we need to", None), ("", None), ("x2 is", None),
+    ("12345678901234567890", "12345678901234567890"), ("-0", "0"), ("1,000.00", "1000"),  # exact: no float
 ])
 def test_parse_number(text, expected):
     assert parse_number(text) == expected
