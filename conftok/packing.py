@@ -131,9 +131,15 @@ def packed_training_loss(model, batch: dict[str, torch.Tensor], **loss_kwargs) -
     return training_loss(PackedModel(model, batch), batch, **loss_kwargs)
 
 
-def check_padding_free(model=None) -> None:
+def check_padding_free(model=None, bf16: bool = True) -> None:
     """Raise ValueError unless padding-free training can run: flash-attention importable and, given a
-    model, loaded with ``attn_implementation="flash_attention_2"``."""
+    model, loaded with ``attn_implementation="flash_attention_2"`` and computing in 16 bits (its weights,
+    or bf16 autocast: ``bf16``)."""
+    if model is not None and not bf16:
+        dtype = next(model.parameters()).dtype
+        if dtype == torch.float32:  # flash-attention's kernels take fp16/bf16 only: it would fail at the first step
+            raise ValueError("padding_free=True needs bf16=True: flash-attention 2 computes in fp16/bf16 only, and "
+                             "with bf16=False the model computes in float32. Set bf16=True or padding_free=False")
     if importlib.util.find_spec("flash_attn") is None:
         raise ValueError("padding_free=True needs flash-attention 2, which is not installed (pip install flash-attn, "
                          "on a CUDA machine); SDPA and eager attention would compute attention across the whole "

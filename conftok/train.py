@@ -297,10 +297,10 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         attn_implementation=FLASH_ATTENTION if cfg.padding_free and model is None else None,
         trust_remote_code=cfg.trust_remote_code,
     )
-    if cfg.padding_free:
-        check_padding_free(model)
     device = model_device(model)
     use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
+    if cfg.padding_free:
+        check_padding_free(model, bf16=use_bf16)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)

@@ -193,6 +193,15 @@ class TestCheck:
         with pytest.raises(ValueError, match="attn_implementation='flash_attention_2', got 'sdpa'"):
             packing.check_padding_free(model)
 
+    def test_a_float32_model_without_bf16_autocast(self):
+        """flash-attention computes in fp16/bf16 only: said before the first step, not by its kernel there."""
+        model = make_model(64)
+        model.config._attn_implementation = "flash_attention_2"
+        with pytest.raises(ValueError, match="padding_free=True needs bf16=True"):
+            packing.check_padding_free(model, bf16=False)
+        if HAS_FLASH_ATTN:
+            packing.check_padding_free(model.to(torch.bfloat16), bf16=False)  # bf16 weights: fine
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_FLASH_ATTN or not torch.cuda.is_available(), reason="needs flash_attn and a CUDA GPU")
@@ -237,7 +246,7 @@ class TestTrain:
         from safetensors.torch import load_file
 
         train_module = importlib.import_module("conftok.train")
-        monkeypatch.setattr(train_module, "check_padding_free", lambda model=None: None)
+        monkeypatch.setattr(train_module, "check_padding_free", lambda model=None, bf16=True: None)
         val = {"boolq": [{"id": "b0", "question": "is it red", "answer": True}]}
         adapters = {}
         for padding_free in (False, True):
