@@ -49,7 +49,8 @@ from conftok.answers import (
     parse_option_letter,
     parse_yes_no,
 )
-from conftok.inputs import InputError, KeyPath, format_key, format_problems, line_of, load_yaml, problems_message
+from conftok.inputs import (InputError, KeyPath, duplicate_keys, format_key, format_problems, line_of, load_yaml,
+                            problems_message)
 
 __all__ = [
     "DEFAULT_DOMAINS",
@@ -476,8 +477,9 @@ def load_domains_file(path: str | Path) -> DomainSet:
     domains, problems = _build_domains(data)
     if not problems:
         problems = _set_problems(domains)
-    if problems:
-        raise DomainError(problems_message(path, format_problems(
+    duplicates = duplicate_keys(path)
+    if problems or duplicates:
+        raise DomainError(problems_message(path, duplicates + format_problems(
             path, [((*prefix, i, key) if key else (*prefix, i), p) for i, key, p in problems], lines)))
     return DomainSet(domains, source=(path, lines, prefix))
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["InputError", "InputFileMissing", "require_file", "read_text", "read_json_lines", "load_yaml", "line_of",
-           "format_key", "format_problems", "line_problems", "problems_message", "positive_int"]
+           "format_key", "format_problems", "line_problems", "problems_message", "positive_int",
+           "duplicate_keys"]
 
 # A key path into loaded YAML or JSON: mapping keys and list indices, ("search", "lora_r", "choice").
 KeyPath = tuple[Any, ...]
@@ -128,6 +129,43 @@ def _record_lines(node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
         for i, item in enumerate(node.value):
             lines.setdefault(path + (i,), item.start_mark.line + 1)
             _record_lines(item, path + (i,), lines)
+
+
+def duplicate_keys(path: str | Path) -> list[str]:
+    """``FILE:LINE: key.path: ...`` for each key given twice in one mapping of the YAML file ``path``: a YAML loader
+    keeps the last silently, so a space's ``lora_r`` or a domain's ``confident_token`` written twice would keep only
+    the second one's value."""
+    import yaml
+
+    path = Path(path)
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # load_yaml has reported these
+        return []
+    out, seen_nodes = [], set()
+
+    def walk(node, key_path: tuple) -> None:
+        if id(node) in seen_nodes:  # an alias of a node already walked
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                line = key.start_mark.line + 1
+                if name in first_line:
+                    out.append(f"{path}:{line}: {format_key((*key_path, name))}: key given twice in one mapping "
+                               f"(first at line {first_line[name]}); YAML keeps only the last: keep one")
+                elif name is not None:
+                    first_line[name] = line
+                walk(value, (*key_path, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*key_path, i))
+
+    if root is not None:
+        walk(root, ())
+    return out
 
 
 def line_of(lines: dict[KeyPath, int], path: Sequence[Any]) -> int | None:

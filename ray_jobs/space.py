@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from conftok.config import ConfigError, TrainConfig
-from conftok.inputs import InputError, format_problems, load_yaml, problems_message
+from conftok.inputs import InputError, duplicate_keys, format_problems, load_yaml, problems_message
 
 SEARCHABLE = {"lora_r": int, "lora_alpha": float, "learning_rate": float, "lora_dropout": float,
               "weight_decay": float, "warmup_ratio": float, "num_epochs": int, "batch_size": int}
@@ -274,8 +274,9 @@ def load_space(path: str | Path) -> SearchSpace:
             p.append((("demo", key), f"must be an integer >= {0 if key == 'seed' else 1}, got {value!r}"))
     if train:  # the fixed fields with defaults for the searched ones must make a valid config; with the rest
         p += _config_problems(train)
-    if p:
-        raise SpaceError(problems_message(path, format_problems(path, p, lines)))
+    duplicates = duplicate_keys(path)
+    if p or duplicates:
+        raise SpaceError(problems_message(path, duplicates + format_problems(path, p, lines)))
     return SearchSpace(
         name=name, train=dict(train), search=dict(search), objective=obj_type, score_lambda=float(lam),
         scheduler={"type": "asha", **scheduler}, num_trials=data.get("num_trials", 8), seed=data.get("seed", 0),

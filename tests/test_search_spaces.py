@@ -116,6 +116,60 @@ class TestSearchSpaces:
             assert warn_if_asha_cuts_trials(load_space(space), 40) == 9
             assert ("scheduler.max_t is 8, but each trial validates 9 times" in capsys.readouterr().err) is warned
 
+    @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+    def test_asha_lets_a_trial_report_its_last_validation(self, path):
+        """The spaces set max_t to a trial's planned validations. Ray's ASHA stopped every trial at its report of
+        validation max_t (stop_last_trials=True), and Tune ended its actor while the worker still wrote final/ and
+        final_metrics.json and pushed its tree. A trial best at every rung goes on at every report, its last too."""
+        from types import SimpleNamespace
+
+        from ray.tune.schedulers import TrialScheduler
+
+        from conftok import metrics as M
+        from ray_jobs.tune import build_scheduler
+
+        space = load_space(path)
+        scheduler = build_scheduler(space)
+        if scheduler is None:
+            assert space.objective == "pareto"
+            return
+        scheduler.set_search_properties(M.VAL_SCORE, "max")
+        trial = SimpleNamespace(trial_id="t0")
+        scheduler.on_trial_add(None, trial)
+        max_t = space.scheduler["max_t"]
+        decisions = [scheduler.on_trial_result(None, trial, {M.VALIDATION: v, M.VAL_SCORE: 1.0})
+                     for v in range(1, max_t + 1)]
+        assert decisions == [TrialScheduler.CONTINUE] * max_t
+
+    @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+    def test_every_space_fits_a_one_h200_host_with_16_cpus(self, path):
+        """A trial takes its worker's CPUs plus the Tune actor's sliver: 16 + 0.01 CPUs did not fit a 16-CPU host
+        with one H200 (the 7B spaces' header says "on one H200 per trial")."""
+        from ray_jobs.common import check_resources, default_cpus_per_worker
+        from ray_jobs.tune import TRIAL_ACTOR_CPUS
+
+        space = load_space(path)
+        node = {"CPU": 16.0, "GPU": 1.0}
+        gpus = 1.0 if space.gpus_per_trial == "auto" else space.gpus_per_trial
+        cpus = space.cpus_per_trial or default_cpus_per_worker(node, gpus)  # as ray_jobs.tune picks them
+        check_resources(gpus, cpus + TRIAL_ACTOR_CPUS, node)
+
+    def test_a_key_given_twice_is_an_error_at_its_line(self, tmp_path):
+        """YAML keeps the last of two equal keys silently: lora_r written twice searched only [16]."""
+        bad = tmp_path / "twice.yaml"
+        bad.write_text("name: twice\n"
+                       "search:\n"
+                       "  lora_r: {choice: [8]}\n"
+                       "  learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n"
+                       "  lora_r: {choice: [16]}\n"
+                       "train: {num_epochs: 1, num_epochs: 2, batch_size: 0}\n")
+        with pytest.raises(SpaceError) as e:
+            load_space(bad)
+        msg = str(e.value)
+        assert f"{bad}:5: search.lora_r: key given twice in one mapping (first at line 3)" in msg
+        assert f"{bad}:6: train.num_epochs: key given twice" in msg
+        assert "batch_size must be a positive integer" in msg  # with the file's other problems, at once
+
     def test_missing_and_invalid_files(self, tmp_path):
         with pytest.raises(SpaceError, match="file not found"):
             load_space(tmp_path / "nope.yaml")
