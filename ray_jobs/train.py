@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from conftok import metrics as M
 from conftok.config import TrainConfig
 
 # Fault injection for recovery tests: set both in the driver's environment and the worker exits
@@ -98,6 +99,16 @@ def train_func(config: dict[str, Any]) -> None:
             time.sleep(FAULT_GRACE_S)
             os._exit(1)  # a dying worker, not a Python exception
 
+    # The run's last validation is reported once final/ is written (and pushed): ASHA may stop the trial at any
+    # report, a rung at the last validation included, and Tune then ends this worker at once.
+    last_report: list[tuple[dict[str, Any], Path]] = []
+
+    def on_validation(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        if metrics[M.VALIDATION] >= metrics[M.VALIDATIONS_PLANNED]:
+            last_report.append((metrics, checkpoint_dir))
+        else:
+            report(metrics, checkpoint_dir)
+
     checkpoint = ray.train.get_checkpoint()
     if checkpoint and mirror is not None:  # restarted, perhaps on another node or one with an older tree:
         mirror.try_fetch()  # storage's is the one, at least as new as the checkpoint (pushed before its report)
@@ -107,12 +118,14 @@ def train_func(config: dict[str, Any]) -> None:
         if resume_from:
             print(f"Resuming from Ray checkpoint {resume_from}", flush=True)
         try:
-            train(cfg, on_validation=report, resume_from=resume_from)
+            train(cfg, on_validation=on_validation, resume_from=resume_from)
         except FloatingPointError as e:
             diverged.parent.mkdir(parents=True, exist_ok=True)
             diverged.write_text(json.dumps({"error": str(e)}))
             print(f"Training stopped: {e}", flush=True)
         else:
+            for metrics, checkpoint_dir in last_report:  # report() pushes the tree, final/ with it, first
+                report(metrics, checkpoint_dir)
             last = ray.train.get_checkpoint()
             if upload is not None and cfg.save_total_limit is not None and last is not None:
                 # Finished: Ray's last checkpoint drops its optimizer state, as the run's own did
@@ -217,7 +230,7 @@ def check_stored_run(cfg: TrainConfig, storage: str, name: str, remote: tuple[An
     elif "://" in storage:
         filesystem, base = pyarrow.fs.FileSystem.from_uri(storage)
     else:
-        filesystem, base = pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
+        filesystem, base = pyarrow.fs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
     run = f"{base.rstrip('/')}/{name}"
     steps = {int(info.base_name.split("-")[1]): info.path
              for info in filesystem.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
@@ -226,10 +239,11 @@ def check_stored_run(cfg: TrainConfig, storage: str, name: str, remote: tuple[An
         return
     try:
         with filesystem.open_input_stream(f"{steps[max(steps)]}/{METADATA_FILE}") as f:
-            saved = json.loads(f.read().decode()).get("config")
+            meta = json.loads(f.read().decode())
     except FileNotFoundError:  # a checkpoint of an older conftok: not checked
         return
-    conflicts = cfg.resume_conflicts(saved) if isinstance(saved, dict) else []
+    saved = meta.get("config")
+    conflicts = cfg.resume_conflicts(saved, meta.get("inputs")) if isinstance(saved, dict) else []
     if conflicts:
         shown = f"{storage.rstrip('/')}/{name}" if "://" in storage else run
         raise ConfigError(f"Ray would resume run {name!r} from {shown}/checkpoint-{max(steps)}, written by a run with "
@@ -256,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(cfg.output_dir)
     name = args.name or output_dir.name
     storage = args.storage_path or str(output_dir.parent / "ray_results")
+    if "://" not in storage:  # Ray's RunConfig refuses a relative path (pyarrow), once Ray has started
+        storage = str(Path(storage).expanduser().resolve())
     try:  # Ray resumes a run of this name it finds in storage: refuse one started under other settings
         remote = remote_storage(storage)
         check_stored_run(cfg, storage, name, remote)
@@ -278,13 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build_trainer(cfg, name=name, storage_path=remote[1] if remote else storage, num_gpus=num_gpus,
                             cpus_per_worker=cpus, max_failures=args.max_failures,
                             storage_filesystem=remote[0] if remote else None)
-    result = trainer.fit()
-    if remote:  # the worker's node wrote the tree on its own disk and mirrored it: bring it here
-        fetch_run_tree(output_dir, remote, name)
-    run = (remote[0], f"{remote[1]}/{name}") if remote else None  # diverged.json as the worker left it, in storage
-    if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+    from ray.train import TrainingFailedError
+
+    try:  # Train V2 raises the run's error itself once max_failures is spent (OOM, a lost node); never returns it
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        print(f"error: training failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        if remote:  # the worker's node wrote the tree on its own disk and mirrored it: bring it here, failed or not
+            fetch_run_tree(output_dir, remote, name)
+    run = (remote[0], f"{remote[1]}/{name}") if remote else None  # diverged.json as the worker left it, in storage
     try:
         raise_if_diverged(output_dir, run)
     except FloatingPointError as e:

@@ -20,6 +20,7 @@ and fetched into ``--local_dir`` at the end (:mod:`ray_jobs.mirror`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -34,8 +35,11 @@ from ray_jobs.results import TABLE_PARAMS, best_adapter, best_trial, format_tabl
 from ray_jobs.space import DEFAULT_MAX_T, EMBEDDED_MODEL, SearchSpace, load_space
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
-# Where a search's study lives (its --local_dir): Tune's saved Optuna searcher holds that path, so --resume checks it.
+# Where a search's study lives (its --local_dir): Tune's saved Optuna searcher holds that path, so --resume checks it;
+# and the hashes of the space's sections that shape every trial (space_hashes), which --resume checks too.
 SEARCH_FILE = "search.json"
+# The Tune trial actor's own CPU: it only waits on the TorchTrainer inside, which takes the real resources.
+TRIAL_ACTOR_CPUS = 0.01
 
 
 def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
@@ -76,7 +80,6 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
     ``remote``: ``(filesystem, path)`` of ``storage_path`` where it is remote storage (:func:`trials_storage`)."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from ray_jobs.recovery import PushSearchRecords, ResumableOptunaSearch
 
@@ -91,23 +94,31 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
     else:
         searcher = ResumableOptunaSearch(metric=M.VAL_SCORE, mode="max", sampler=sampler, storage=storage,
                                 study_name=space.name)
-        scheduler = None
-        if space.scheduler.get("type", "asha") == "asha":
-            # Rungs count the run's validations, not Tune's iterations (they restart with a resumed trial).
-            scheduler = ASHAScheduler(time_attr=M.VALIDATION, max_t=space.scheduler.get("max_t", DEFAULT_MAX_T),
-                                      grace_period=space.scheduler.get("grace_period", 1),
-                                      reduction_factor=space.scheduler.get("reduction_factor", 2))
-        tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=M.VAL_SCORE, mode="max",
-                                      num_samples=space.num_trials, max_concurrent_trials=concurrency)
+        tune_config = tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(space), metric=M.VAL_SCORE,
+                                      mode="max", num_samples=space.num_trials, max_concurrent_trials=concurrency)
     setup = {"space": space, "fixed": fixed, "trials_dir": str(local_dir / "trials"),
              **trials_storage(storage_path, local_dir.name, remote),
              "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_failures": space.max_failures}
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, setup=setup), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, setup=setup), {"CPU": TRIAL_ACTOR_CPUS})
     param_space = space.param_space()
     callbacks = [PushSearchRecords(search_records(local_dir, remote))] if remote is not None else []
     run_config = tune.RunConfig(name=local_dir.name, storage_path=storage_path, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=0))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), trainable
+
+
+def build_scheduler(space: SearchSpace):
+    """ASHA on the score (``scheduler: {type: asha}``), else None. Rungs count the run's validations, not Tune's
+    iterations (they restart with a resumed trial). ``stop_last_trials=False``: Ray's default stops every trial at
+    its report of validation ``max_t`` (the spaces' last), and Tune then ends the trial's actor while the worker
+    still links final/, writes final_metrics.json and, on s3://, pushes its tree; the planned validations end a run."""
+    if space.scheduler.get("type", "asha") != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr=M.VALIDATION, max_t=space.scheduler.get("max_t", DEFAULT_MAX_T),
+                         grace_period=space.scheduler.get("grace_period", 1),
+                         reduction_factor=space.scheduler.get("reduction_factor", 2), stop_last_trials=False)
 
 
 def search_records(local_dir: Path, remote: tuple[Any, str]):
@@ -197,10 +208,36 @@ def check_resume_local_dir(local_dir: Path) -> str | None:
             f"Optuna searcher with that path: resume with --local_dir {Path(started_in).parent}")
 
 
+def space_hashes(space: SearchSpace) -> dict[str, str]:
+    """A hash of each section of ``space`` that shapes every trial's run: ``train`` (the fixed fields), ``objective``
+    (with its lambda) and ``scheduler``. Recorded in ``SEARCH_FILE`` when a search starts; ``--resume`` compares."""
+    sections = {"train": space.train, "objective": {"type": space.objective, "lambda": space.score_lambda},
+                "scheduler": space.scheduler}
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+            for key, value in sections.items()}
+
+
+def check_resume_space(local_dir: Path, space: SearchSpace) -> str | None:
+    """Why ``--resume`` cannot go on with ``space``, or None. Tune restores its searcher and parameter space from its
+    own pickles, but every trial gets the current file's ``train`` section: an edited file would mix two training
+    configurations in one study (and a trial resumed from a checkpoint would fail later, in its worker). A search
+    whose ``SEARCH_FILE`` records no hashes (started before they were recorded) is not checked."""
+    record = local_dir / SEARCH_FILE
+    started = json.loads(record.read_text()).get("space_hashes") if record.is_file() else None
+    if not started:
+        return None
+    changed = [key for key, value in space_hashes(space).items() if started.get(key) != value]
+    if not changed:
+        return None
+    return (f"{space.path}: {', '.join(changed)} changed since search {local_dir.name!r} started (its hashes are in "
+            f"{record}), and a resumed search's trials would train under other settings than its first ones: "
+            f"restore the file, or start a new search with another --name")
+
+
 def warn_if_asha_cuts_trials(space: SearchSpace, n_rows: int) -> int | None:
     """Print a warning when ASHA's ``max_t`` (validations) is below what each trial makes on the space's ``n_rows``
-    training rows: ASHA stops every trial that reaches ``max_t``, so none would finish its schedule. Returns that
-    count."""
+    training rows: ASHA places its rungs up to ``max_t`` only, so the later part of every run is never compared.
+    Returns that count."""
     if space.scheduler.get("type", "asha") != "asha":
         return None
     from conftok.train import planned_validations
@@ -210,8 +247,8 @@ def warn_if_asha_cuts_trials(space: SearchSpace, n_rows: int) -> int | None:
     max_t = space.scheduler.get("max_t", DEFAULT_MAX_T)
     if max_t < planned:
         print(f"warning: {space.path}: scheduler.max_t is {max_t}, but each trial validates {planned} times on "
-              f"{cfg.train_data} (every {cfg.eval_steps} steps and at each epoch's end): ASHA would stop every trial "
-              f"at validation {max_t}, before its schedule ends. Set max_t >= {planned}.", file=sys.stderr)
+              f"{cfg.train_data} (every {cfg.eval_steps} steps and at each epoch's end): ASHA places its rungs up to "
+              f"validation {max_t} only, and compares no trial after it. Set max_t >= {planned}.", file=sys.stderr)
     return planned
 
 
@@ -254,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus = 0.0
     cpus = space.cpus_per_trial if (space.cpus_per_trial and gpus) else default_cpus_per_worker(resources, gpus)
     try:
-        check_resources(gpus, cpus + 0.01, resources, autoscaling_gpus=per_node_gpus,
+        check_resources(gpus, cpus + TRIAL_ACTOR_CPUS, resources, autoscaling_gpus=per_node_gpus,
                         cpu_hint="pass --cpu (or --allow_cpu) to run the trials on CPUs",
                         fewer_cpus_hint="lower the space's resources.cpus_per_trial")
     except ResourceError as e:
@@ -262,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     total_gpus = max(resources.get("GPU", 0.0), max_gpus)
-    concurrency = max(1, int(total_gpus // gpus)) if gpus else max(1, int(resources.get("CPU", 1) // (cpus + 0.01)))
+    concurrency = (max(1, int(total_gpus // gpus)) if gpus
+                   else max(1, int(resources.get("CPU", 1) // (cpus + TRIAL_ACTOR_CPUS))))
     print(f"Search {space.name!r}: {space.num_trials} trials, objective {space.objective}"
           f"{f' (lambda={space.score_lambda:g})' if space.objective == 'score' else ''}, up to {concurrency} at once, "
           f"{gpus:g} GPU + {cpus:g} CPU per trial\nExperiment: {experiment_path}", flush=True)
@@ -276,14 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         if storage is not None and not (local_dir / "study.db").is_file():  # another head, or a new KubeRay pod
             restored = search_records(local_dir, storage).fetch()
             print(f"Search records: {len(restored)} file(s) fetched from storage into {local_dir}", flush=True)
-        problem = check_resume_local_dir(local_dir)
+        problem = check_resume_local_dir(local_dir) or check_resume_space(local_dir, space)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     else:
         local_dir.mkdir(parents=True, exist_ok=True)
         (local_dir / SEARCH_FILE).write_text(json.dumps({"local_dir": str(local_dir), "space": str(space.path),
-                                                         "storage_path": args.storage_path}, indent=1))
+                                                         "storage_path": args.storage_path,
+                                                         "space_hashes": space_hashes(space)}, indent=1))
     fixed = prepare_fixed(space, local_dir)
     tuner, trainable = build_tuner(space, fixed=fixed, local_dir=local_dir, storage_path=args.storage_path if remote
                                    else str(local_dir.parent), concurrency=concurrency, gpus_per_trial=gpus,

@@ -192,6 +192,8 @@ class TestRayTune:
         assert (exp / "results.csv").read_text().count("\n") == 3
         study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'study.db'}")
         assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
+        # What --resume checks the space file against (test_tune_resume.py)
+        assert set(json.loads((exp / "search.json").read_text())["space_hashes"]) == {"train", "objective", "scheduler"}
 
 
 # A Hub token shaped like a real one, set in the jobs' environment (where huggingface_hub reads it).
@@ -339,6 +341,11 @@ def test_a_rerun_with_other_settings_is_refused_before_ray_starts(assets, tmp_pa
     check_stored_run(cfg, str(tmp_path / "ray_results"), "run")  # the same settings: Ray may resume it
     check_stored_run(cfg, "s3://b/ray_results", "run", (bucket, "ray_results"))
     check_stored_run(cfg, str(tmp_path / "elsewhere"), "run")  # nothing stored
+    # The same flags on a training file tagged again in place: refused too (the checkpoint keeps its SHA-256).
+    inputs = {**cfg.input_fingerprints(), "train_data_sha256": "0" * 64}
+    (stored / "checkpoint-4" / "conftok.json").write_text(json.dumps({"config": cfg.to_dict(), "inputs": inputs}))
+    with pytest.raises(ConfigError, match=r"train_data .*: its content \(SHA-256\) 000000000000… -> "):
+        check_stored_run(cfg, str(tmp_path / "ray_results"), "run")
 
 
 def test_a_ray_up_clusters_gpu_node_types_count_before_any_gpu_node_is_up(tmp_path):
@@ -376,3 +383,106 @@ def test_a_search_asking_for_gpus_a_cpu_cluster_lacks_names_the_searchs_own_way_
     assert main(["--space", str(space), "--storage_path", str(tmp_path / "exp")]) == 2
     err = capsys.readouterr().err
     assert "pass --cpu (or --allow_cpu)" in err and "--num_gpus" not in err
+
+
+def train_job_argv(assets, output_dir):
+    return ["--model_name", assets["model"], "--train_data", assets["train"], "--output_dir", str(output_dir),
+            "--backend", "hf", "--val_sources", *(f"{k}={v}" for k, v in assets["val"].items())]
+
+
+@pytest.fixture
+def fake_ray_train(monkeypatch):
+    """``ray_jobs.train.main`` with no Ray: a cluster of 2 CPUs, and a trainer whose ``fit`` does what the test says
+    (``fake_ray_train["fit"]``); records what the job gave ``build_trainer`` and ``check_stored_run``."""
+    import ray_jobs.common
+    import ray_jobs.train
+
+    seen = {"fit": lambda: type("Result", (), {"error": None, "metrics": {}})()}
+    check_stored_run = ray_jobs.train.check_stored_run
+
+    def record_check(cfg, storage, name, remote=None):
+        seen["checked_storage"] = storage
+        return check_stored_run(cfg, storage, name, remote)
+
+    def build_trainer(cfg, **kwargs):
+        seen["trainer"] = kwargs
+        return type("Trainer", (), {"fit": lambda self: seen["fit"]()})()
+
+    monkeypatch.setattr(ray_jobs.common, "init_ray", lambda *a, **k: {"CPU": 2.0})
+    monkeypatch.setattr(ray_jobs.common, "autoscaling_gpus", lambda *a, **k: (0.0, 0.0))
+    monkeypatch.setattr(ray_jobs.train, "check_stored_run", record_check)
+    monkeypatch.setattr(ray_jobs.train, "build_trainer", build_trainer)
+    return seen
+
+
+@pytest.mark.parametrize("given, expected", [("ray_rel", "work/ray_rel"), ("~/ray_home", "home/ray_home")])
+def test_a_local_storage_path_is_resolved_before_ray_gets_it(assets, fake_ray_train, tmp_path, monkeypatch, given,
+                                                            expected):
+    """Ray's RunConfig takes a local storage path through pyarrow, which refuses a relative one ("URI has empty
+    scheme: 'ray_results'", once Ray had started); and the stored-run check must look where Ray will."""
+    from ray_jobs.train import main
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main([*train_job_argv(assets, tmp_path / "run"), "--storage_path", given]) == 0
+    assert fake_ray_train["trainer"]["storage_path"] == str(tmp_path / expected)
+    assert fake_ray_train["checked_storage"] == str(tmp_path / expected)
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_a_failed_training_exits_1_and_still_fetches_the_run_tree(assets, fake_ray_train, tmp_path, monkeypatch,
+                                                                  capsys, storage):
+    """Train V2's fit() raises TrainingFailedError itself once max_failures is spent (it never returns a result with
+    an error): the job says so in one line and exits 1, and on s3:// still brings the run's tree (logs, validations,
+    best_*/) into --output_dir."""
+    import pyarrow.fs
+    from ray.train import WorkerGroupError
+
+    import ray_jobs.mirror
+    from ray_jobs.train import main
+
+    def fail():
+        raise WorkerGroupError("worker 0 ran out of memory", {0: MemoryError("CUDA out of memory")})
+
+    fetched = []
+    bucket = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "s3"), pyarrow.fs.LocalFileSystem())
+    if storage == "s3":
+        monkeypatch.setattr(ray_jobs.mirror, "remote_storage", lambda path: (bucket, "b/ray"))
+    monkeypatch.setattr(ray_jobs.mirror, "fetch_run_tree", lambda *args: fetched.append(args))
+    fake_ray_train["fit"] = fail
+    argv = [*train_job_argv(assets, tmp_path / "run"), "--storage_path", str(tmp_path / "ray")]
+    if storage == "s3":
+        argv[-1] = "s3://b/ray"
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: training failed: Training failed due to worker errors:\nworker 0 ran out of memory" in err
+    assert "Traceback" not in err
+    assert fetched == ([(tmp_path / "run", (bucket, "b/ray"), "run")] if storage == "s3" else [])
+
+
+def test_the_last_validation_is_reported_once_final_is_written(assets, tmp_path, monkeypatch):
+    """ASHA may stop a trial at any report (a rung at the last validation included), and Tune then ends the worker
+    at once: the worker reports every validation as it comes but the run's last, which it reports once train() has
+    written final/ and final_metrics.json."""
+    import pyarrow.fs
+    import ray.train
+
+    from conftok.config import TrainConfig
+    from ray_jobs.train import train_func
+
+    reports = []
+    run = tmp_path / "run"
+
+    def report(metrics, checkpoint=None, checkpoint_dir_name=None, checkpoint_upload_fn=None):
+        reports.append((metrics["step"], (run / "final" / "final_metrics.json").is_file()))
+
+    storage = type("Storage", (), {"storage_filesystem": pyarrow.fs.LocalFileSystem(),
+                                   "experiment_fs_path": str(tmp_path / "ray")})()
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train, "get_context", lambda: type("Context", (), {"get_storage": lambda self: storage})())
+    monkeypatch.setattr(ray.train.Checkpoint, "from_directory", staticmethod(lambda path: path))
+    cfg = TrainConfig(**train_values(assets, output_dir=str(run), num_epochs=1, eval_steps=2, torch_compile=False))
+    train_func({"train": cfg.to_dict()})
+    assert reports == [(2, False), (4, True)]  # 64 rows at batch 16: validations at steps 2 and 4 (the last)

@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import pytest
+import yaml
 from test_ray_jobs import (FAKE_HF_TOKEN, ROOT, assets, files_holding, job_env,  # noqa: F401  (module fixture)
                            write_space)
 
@@ -72,3 +73,42 @@ class TestTuneResume:
         names = {p.name for p in exp.rglob("*") if p.is_file()}
         assert {"results.json", "report.html", "study.db", "params.json", "tuner.pkl", "conftok.json"} <= names
         assert any(n.startswith("events.out.tfevents") for n in names) and read > 100
+
+
+def test_resume_refuses_a_space_file_changed_since_the_search_started(assets, tmp_path, monkeypatch, capsys):
+    """Tune restores its searcher and parameter space from its pickles, but every trial gets the current file's
+    train section: edit num_epochs and resume, and one study mixed two training configurations. The search records
+    hashes of train, objective and scheduler in search.json; --resume refuses a file whose sections differ
+    (exit 2, naming the file, the sections and the record), before any trial runs. No Ray: it is faked."""
+    import ray.tune
+
+    import ray_jobs.common
+    import ray_jobs.tune
+    from ray_jobs.tune import SEARCH_FILE, main
+
+    class TunerBuilt(Exception):
+        """The search got past its checks."""
+
+    def build_tuner(*args, **kwargs):
+        raise TunerBuilt
+
+    monkeypatch.setattr(ray_jobs.common, "init_ray", lambda *a, **k: {"CPU": 2.0})
+    monkeypatch.setattr(ray_jobs.common, "autoscaling_gpus", lambda *a, **k: (0.0, 0.0))
+    monkeypatch.setattr(ray.tune.Tuner, "can_restore", staticmethod(lambda path: True))
+    monkeypatch.setattr(ray_jobs.tune, "build_tuner", build_tuner)
+    space = write_space(tmp_path / "edited.yaml", assets)
+    argv = ["--space", str(space), "--storage_path", str(tmp_path / "exp")]
+    with pytest.raises(TunerBuilt):
+        main(argv)  # a new search records the space's hashes
+    with pytest.raises(TunerBuilt):
+        main(argv + ["--resume"])  # the same file resumes
+    original = space.read_text()
+    for section, edit in (("train", {"num_epochs": 2}), ("scheduler", {"max_t": 1})):
+        data = yaml.safe_load(original)
+        data[section].update(edit)
+        space.write_text(yaml.safe_dump(data))
+        capsys.readouterr()
+        assert main(argv + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {space}: {section} changed since search 'edited' started" in err, err
+        assert str(tmp_path / "exp" / "edited" / SEARCH_FILE) in err and "another --name" in err
