@@ -1,7 +1,7 @@
 """A real-data run: SmolLM2-135M-Instruct on real BoolQ and MedQA rows from ../shared/data.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/real_data.py [--n_train 128] [--n_eval 100] [--epochs 2] \
-        [--placement_weight 1.0] [--kl_weight 0.0] [--name NAME] [--reuse | --reuse_tagging]
+        [--placement_weight 1.0] [--kl_weight 0.0] [--stored_kl_weight 1.0] [--name NAME] [--reuse | --reuse_tagging]
 
 Rows (by position in the files, which keep the published order):
 - training: BoolQ dev rows 0 .. n_train-1 and MedQA dev rows 0 .. n_train-1, tagged by the model;
@@ -65,7 +65,8 @@ def train_adapter(args, model_dir, tagged, eval_rows, work: Path, timings: dict)
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, warmup_ratio=0.1, eval_steps=None,
                       val_sources=val_files, calib_beta=10, max_seq_length=768, gradient_checkpointing=False,
                       eval_batch_size=16, max_new_tokens=16, logging_steps=5,
-                      placement_weight=args.placement_weight, kl_weight=args.kl_weight)
+                      placement_weight=args.placement_weight, kl_weight=args.kl_weight,
+                      stored_kl_weight=args.stored_kl_weight)
     result = train(cfg)
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight of the placement term (TrainConfig.placement_weight)")
     parser.add_argument("--kl_weight", type=float, default=TrainConfig.kl_weight,
                         help="weight of the KL term (TrainConfig.kl_weight)")
+    parser.add_argument("--stored_kl_weight", type=float, default=TrainConfig.stored_kl_weight,
+                        help="weight of the stored top-k KL term (TrainConfig.stored_kl_weight); 0 with --kl_weight")
     parser.add_argument("--name", default="default",
                         help="results go to real_data_NAME.json, PNGs to NAME_*.png, the run to real_data_work/run_NAME")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -94,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse_tagging", action="store_true",
                         help="reuse the tagged file of a previous run (same --n_train), train again")
     args = parser.parse_args(argv)
+    if args.kl_weight and args.stored_kl_weight:  # said now, not after minutes of tagging
+        parser.error(f"--kl_weight {args.kl_weight} and --stored_kl_weight {args.stored_kl_weight} are two forms of the "
+                     "same term: set one of them to 0 (--kl_weight 1 --stored_kl_weight 0 for the live KL)")
     if not args.name.replace("-", "").replace("_", "").isalnum():
         parser.error(f"--name must be letters, digits, - and _ only, got {args.name!r}")
     if not DATA.is_dir():

@@ -139,7 +139,7 @@ class TrainConfig:
         "torch.compile each decoder layer for training (conftok.compiling): fewer, fused kernels a step where "
         "launching them bounds it. On an H200 a 7B step with the default loss ran 1.31x faster compiled, 1.57x "
         "token-only (bench/README.md); the first step, and the first of another length, pay the compile (about "
-        "45 s for a 7B there). 'auto': on for a model on CUDA with the hf backend, no quantization and no "
+        "47 s for a 7B there). 'auto': on for a model on CUDA with the hf backend, no quantization and no "
         "padding_free, where triton imports; off otherwise (one line in the log says why). Validation runs the "
         "layers uncompiled.", default="auto")
     placement_weight: float = _help(

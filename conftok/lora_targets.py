@@ -27,7 +27,8 @@ def embedding_module_names(model) -> tuple[str, str | None, bool]:
 def trainable_token_indices(model, ids: list[int]) -> dict[str, list[int]]:
     """PEFT ``trainable_token_indices`` for the new rows: the input embeddings only when lm_head
     is tied to them (PEFT ties the output side itself), both otherwise; a list for the input
-    embeddings alone would leave an untied lm_head's rows untrained (DESIGN.md)."""
+    embeddings alone would leave an untied lm_head's rows untrained (PEFT 0.21.2: the list form goes to the
+    input embeddings only)."""
     embed_name, output_name, tied = embedding_module_names(model)
     if tied:
         return {embed_name: ids}

@@ -4,8 +4,9 @@
         --data boolq=data/boolq_train.jsonl medqa=data/medqa_train.jsonl \\
         --out tagged/qwen/qwen_all_tagged.jsonl
 
+    # a submitted job runs in a copy of the working dir: give paths outside it (README, "Ray cluster and jobs")
     ray job submit --working-dir . -- python -m ray_jobs.tag --model_name Qwen/Qwen2.5-7B-Instruct \\
-        --data boolq=data/boolq_train.jsonl medqa=data/medqa_train.jsonl --out tagged/qwen/qwen_all_tagged.jsonl
+        --data boolq=/data/boolq_train.jsonl medqa=/data/medqa_train.jsonl --out /data/tagged/qwen_all_tagged.jsonl
 
 The same tagging as ``python -m conftok.tagging`` (same prompts, parser, output and summary), spread
 over one model replica per GPU (``--num_gpus auto``: every GPU of the cluster) or, on a CPU-only
