@@ -30,7 +30,9 @@ bench=("$PY" bench/gpu.py --tokenizer .device/tokenizer --data .device/data --ba
 case $call in
 1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia_smi.txt"
-    timeout 150 make test-gpu PYTHON="$PY" PYTEST_ARGS='-n 8' 2>&1 | tee "$OUT/test_gpu.log" | tail -5
+    # -vv (against the Makefile's -q): one line a test as it ends, so a run cut by the timeout still names its failures
+    timeout 150 make test-gpu PYTHON="$PY" PYTEST_ARGS='-n 8 -vv' 2>&1 | tee "$OUT/test_gpu.log" | grep -E \
+        'FAILED|ERROR|passed|failed' | tail -25
     timeout 165 "${bench[@]}" --out "$OUT/gpu.json" --only matmul train 2>&1 | tee "$OUT/gpu.log" | tail -14
     ;;
 2)
