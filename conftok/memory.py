@@ -8,12 +8,20 @@ it off when the step fits with a margin and on otherwise, from
     weights + 16 bytes per trainable parameter (fp32 weight, gradient, two AdamW moments)
       + activations + kept logits  <=  margin x memory free for the run
 
-Activations without checkpointing are ``ACTIVATION_BYTES_PER_HIDDEN x hidden x layers x batch x
-seq_len`` at 16-bit (twice at fp32). The constant is fitted to two measurements with LoRA on all
-seven projections: a Qwen2.5-7B shape (hidden 3584, 28 layers, bf16) at batch 8 x 320 tokens on an
-H100 peaked at 48 GB with checkpointing off and 17.6 GB on, over 15.2 GB of weights (125 bytes x
-hidden per token and layer); SmolLM2-135M (hidden 576, 30 layers, bf16) at batch 8 x 768 tokens on
-the CPU peaked at 15.0 GiB resident without and 3.4 GiB with (about 139). The textbook figure
+Activations without checkpointing are ``bytes_per_hidden x hidden x layers x batch x seq_len`` at
+16-bit (twice at fp32), with LoRA on all seven projections. On CUDA ``GPU_ACTIVATION_BYTES_PER_HIDDEN``
+(100): ``bench/gpu.py``'s Qwen2.5-7B shape (hidden 3584, 28 layers, bf16, 15.2 GB of weights), batch 8,
+its longest measured batch 351 tokens, checkpointing off, peaked at 38.4 GiB on an H100 (fused SDPA
+kernels) and 42.4 GiB on an H200 (the math kernel for padded batches: + the scores below); less the
+weights, the optimizer and the 4.4 GB of token-row matrices PEFT rebuilt then (``conftok.token_rows``
+no longer does), about 74 bytes x hidden per token and layer, rounded up to 100 for a margin (the
+estimate is then 17-19% above those peaks; a step that does not fit is an out-of-memory error, a
+needless checkpointing 1.5x slower steps). Elsewhere ``ACTIVATION_BYTES_PER_HIDDEN`` (140):
+SmolLM2-135M (hidden 576, 30 layers, bf16) at batch 8 x 768 tokens on the CPU peaked at 15.0 GiB
+resident without and 3.4 GiB with (about 139; resident memory holds more than the tensors). Until
+2026-11-28 the CPU's 140 served CUDA too, fitted to a peak taken for batch 8 x 320 tokens (the mean
+padded length) where the longest batch set it: it turned checkpointing on for the real rows' longest
+(814 tokens) on a 141 GB H200, where the step fits. The textbook figure
 for a plain decoder layer is 34 x hidden in 16-bit (Korthikanti et al., 2022); LoRA's fp32 copies
 of each projection's input and SwiGLU's wide MLP account for the rest. With checkpointing on, one
 hidden state per token and layer stays, plus one layer's full activations while it is recomputed.
@@ -29,10 +37,11 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ACTIVATION_BYTES_PER_HIDDEN", "DEFAULT_MARGIN", "GRADIENT_CHECKPOINTING_CHOICES",
+__all__ = ["ACTIVATION_BYTES_PER_HIDDEN", "GPU_ACTIVATION_BYTES_PER_HIDDEN", "DEFAULT_MARGIN", "GRADIENT_CHECKPOINTING_CHOICES",
            "decide_gradient_checkpointing", "estimate_training_memory", "free_memory", "auto_gradient_checkpointing"]
 
-ACTIVATION_BYTES_PER_HIDDEN = 140  # 16-bit activations; fitted as 125 (GPU) and 139 (CPU), rounded up
+ACTIVATION_BYTES_PER_HIDDEN = 140  # 16-bit activations, bytes per hidden unit, token and layer: the CPU's (139)
+GPU_ACTIVATION_BYTES_PER_HIDDEN = 100  # the same on CUDA: about 74 measured on an H100 and an H200, with a margin
 DEFAULT_MARGIN = 0.8  # use at most 80% of free memory: allocator fragmentation, kernels' workspaces
 TRAINABLE_BYTES = 16  # fp32 LoRA weight + gradient + AdamW exp_avg + exp_avg_sq
 LOGIT_COPIES = 3  # fp32 logits, their log-softmax, the base model's log-softmax (KL term)
@@ -42,19 +51,20 @@ GB = 1e9
 
 def estimate_training_memory(n_params: int, hidden: int, layers: int, batch: int, seq_len: int, *,
                              bytes_per_param: float = 2.0, trainable_params: int = 0, activation_bytes: int = 2,
-                             vocab_size: int = 0, kept_positions: int = 17,
-                             eager_attention_heads: int = 0) -> dict[str, float]:
+                             vocab_size: int = 0, kept_positions: int = 17, eager_attention_heads: int = 0,
+                             bytes_per_hidden: float = ACTIVATION_BYTES_PER_HIDDEN) -> dict[str, float]:
     """Peak bytes of one training step, by part, with checkpointing off and on.
 
     Returns ``{"weights", "trainable", "logits", "activations_off", "activations_on", "total_off",
-    "total_on"}`` in bytes. Example (the 7B shape above): ``estimate_training_memory(7.6e9, 3584, 28,
-    8, 320, trainable_params=40e6)`` gives weights 15.2e9, trainable 0.64e9, activations_off
-    140 x 3584 x 28 x 2560 = 35.97e9, so total_off 51.8e9 (48 GB measured) and total_on 17.6e9
-    (17.6 GB measured).
+    "total_on"}`` in bytes. ``bytes_per_hidden``: the activations' constant (module docstring). Example
+    (the 7B shape above, on CUDA): ``estimate_training_memory(7.6e9, 3584, 28, 8, 351, trainable_params=40e6,
+    bytes_per_hidden=100)`` gives weights 15.2e9, trainable 0.64e9, activations_off 100 x 3584 x 28 x 2808
+    = 28.2e9, so total_off 44.0e9 (38.4 GiB = 41.2 GB measured on the H100 with 4.4 GB of PEFT's
+    token-row matrices that are no longer made, so about 36.8 GB now).
     """
     tokens = batch * seq_len
     scale = activation_bytes / 2
-    per_layer = ACTIVATION_BYTES_PER_HIDDEN * scale * hidden * tokens
+    per_layer = bytes_per_hidden * scale * hidden * tokens
     if eager_attention_heads:
         # fp32 softmax output + its 16-bit copy kept for the matmul with V, per score.
         per_layer += (4 + activation_bytes) * batch * eager_attention_heads * seq_len ** 2
@@ -82,8 +92,9 @@ def decide_gradient_checkpointing(n_params: int, hidden: int, layers: int, batch
     turns checkpointing on. ``estimate_kwargs`` go to :func:`estimate_training_memory`. The reason
     is one line with the numbers, for the log.
 
-    Example: the 7B shape at batch 8 x 320 tokens with 79 GB free: 51.8 GB <= 0.8 x 79 = 63.2 GB,
-    so ``(False, "...")``; at batch 8 x 814 tokens it needs 107 GB and checkpointing is on.
+    Example, on CUDA (``bytes_per_hidden=100``, the math kernel's scores for 28 heads): the 7B shape at batch 8
+    x 351 tokens with 79 GB free needs 48.9 GB <= 0.8 x 79 = 63.2 GB, so ``(False, "...")``; at batch 8 x 814
+    tokens it needs 106 GB: on with 79 GB free, off with 139 GB (an H200).
     """
     if not 0 < margin <= 1:
         raise ValueError(f"margin must be in (0, 1], got {margin!r}")
@@ -174,6 +185,7 @@ def auto_gradient_checkpointing(model, *, batch_size: int, seq_len: int, lora_r:
             margin=margin, where=where, bytes_per_param=frozen_bytes / max(frozen_params, 1),
             trainable_params=trainable, activation_bytes=2 if dtype in (torch.bfloat16, torch.float16) else 4,
             vocab_size=getattr(config, "vocab_size", 0) or 0,
-            eager_attention_heads=getattr(config, "num_attention_heads", 0) if eager else 0)
+            eager_attention_heads=getattr(config, "num_attention_heads", 0) if eager else 0,
+            bytes_per_hidden=GPU_ACTIVATION_BYTES_PER_HIDDEN if device.type == "cuda" else ACTIVATION_BYTES_PER_HIDDEN)
     print(f"Gradient checkpointing (auto) {reason}", flush=True)
     return use
