@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(
         model_name=str(demo.model_dir), train_data=str(demo.tagged), output_dir=str(Path(args.workdir) / "run"),
         backend="hf", num_epochs=1, max_steps=args.steps, batch_size=8, learning_rate=1e-3, warmup_ratio=0.1,
-        lora_r=8, lora_alpha=16, eval_steps=args.steps // 2, val_sources=demo.val_sources, calib_beta=10,
+        lora_r=8, lora_alpha=16, eval_steps=max(1, args.steps // 2), val_sources=demo.val_sources, calib_beta=10,
         max_seq_length=512, gradient_checkpointing=False, eval_batch_size=16, max_new_tokens=8, logging_steps=1,
     )
     result = train(cfg)

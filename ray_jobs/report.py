@@ -19,7 +19,10 @@ import base64
 import html
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +153,13 @@ def plot_pareto(rows: list[dict[str, Any]], best_id: str | None, path: Path) -> 
     """Accuracy against calibration error: every trial, the non-dominated ones joined, the best starred."""
     fig, ((ax,),) = _new_figure(7, 5)
     ok = [r for r in rows if is_finite(r.get("accuracy")) and is_finite(r.get("calibration_error"))]
-    ax.scatter([r["calibration_error"] for r in ok], [r["accuracy"] for r in ok], s=40, color="tab:gray",
+    errored = [r for r in ok if r.get("status") == "ERROR"]  # partial figures: never best nor on the front
+    finished = [r for r in ok if r.get("status") != "ERROR"]
+    ax.scatter([r["calibration_error"] for r in finished], [r["accuracy"] for r in finished], s=40, color="tab:gray",
                label="trial", zorder=2)
+    if errored:
+        ax.scatter([r["calibration_error"] for r in errored], [r["accuracy"] for r in errored], s=60, marker="x",
+                   color="tab:orange", label="errored trial (figures before it failed)", zorder=2)
     front = sorted(pareto_front(ok), key=lambda r: r["calibration_error"])
     ax.plot([r["calibration_error"] for r in front], [r["accuracy"] for r in front], "o-", color="tab:blue",
             markersize=9, label="Pareto front", zorder=3)
@@ -371,18 +379,24 @@ def _note(text: str) -> str:
     return f"<p class=note>{html.escape(text)}</p>"
 
 
-def _plotly_div(fig) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=False, default_height="480px",
+def _plotly_div(fig, div_id: str) -> str:
+    # A fixed id: Plotly's default is a fresh uuid4, and the same search's report would differ on every rebuild.
+    return fig.to_html(full_html=False, include_plotlyjs=False, default_height="480px", div_id=div_id,
                        config={"displaylogo": False, "responsive": True})
 
 
-def best_trial_section(trials_dir: Path, best_id: str | None, out_dir: Path) -> list[str]:
-    """Reliability diagrams, risk-coverage and routing curves from the best trial's last validation."""
+def best_trial_section(trials_dir: Path, best_id: str | None, out_dir: Path, step: Any = None) -> list[str]:
+    """Reliability diagrams, risk-coverage and routing curves from the best trial's validation at ``step``, the step
+    its reported figures and offered adapter are from (``results.json``); its last one where no step is given. A
+    trial ASHA stopped can validate once more after the report it was stopped at: that later one is not plotted."""
     if not best_id:
         return [_note("results.json names no best_trial (no trial reported a score).")]
     validations = checkpoint_validations(trials_dir / best_id)
+    if is_finite(step):
+        validations = [(s, p) for s, p in validations if s == int(step)]
     if not validations:
-        return [_note(f"{trials_dir / best_id}: no checkpoint-*/validation.json; nothing to plot.")]
+        which = f"checkpoint-{int(step)}" if is_finite(step) else "checkpoint-*"
+        return [_note(f"{trials_dir / best_id}: no {which}/validation.json (the reported step's); nothing to plot.")]
     step, path = validations[-1]
     validation = read_json(path)
     parts = [f"<p>From <code>{html.escape(str(path))}</code> (step {step}).</p>"]
@@ -411,8 +425,8 @@ def optuna_section(experiment_dir: Path) -> tuple[list[str], bool]:
         return [_note(f"Optuna figures skipped: {type(e).__name__}: {e}")], False
     parts = [_note("Parameters as Optuna sampled them: a lora_alpha searched as multiple_of_rank appears as "
                    "lora_alpha_per_rank (alpha = that x lora_r).")]
-    for title, fig in figures:
-        parts.append(f"<h3>{html.escape(title)}</h3>{_plotly_div(fig)}")
+    for i, (title, fig) in enumerate(figures):
+        parts.append(f"<h3>{html.escape(title)}</h3>{_plotly_div(fig, f'optuna-figure-{i}')}")
     return parts, bool(figures)
 
 
@@ -426,8 +440,13 @@ def summary_html(results: dict[str, Any], experiment_dir: Path) -> str:
              f"objective {html.escape(str(results.get('objective', '?')))}"
              + (f" (lambda = {results['lambda']:g})" if is_finite(results.get("lambda")) else ""),
              f"{len(rows)} trials: " + ", ".join(f"{n} {html.escape(s)}" for s, n in statuses.items())]
+    calibration = results.get("calibration") or {}
+    if calibration:  # what "calibration error" means on this page
+        items.append(f"calibration error: adaptive bins of beta = {html.escape(str(calibration.get('beta')))} rows "
+                     f"(Hendrycks et al.), L{html.escape(str(calibration.get('p')))} norm; reliability diagrams: 10 "
+                     "equal-width bins of p_confident")
     if is_finite(results.get("wall_s")):
-        items.append(f"wall time {results['wall_s']:.0f} s")
+        items.append(f"wall time {results['wall_s']:.0f} s (this run of the job)")
     if best:
         items.append(f"best trial <b>{html.escape(str(best['trial']))}</b>: score {_fmt(best.get('score'))}, "
                      + ", ".join(f"{p} = {_fmt(best.get(p), p)}" for p in PARAMS)
@@ -483,12 +502,31 @@ def build_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
     results = load_results(experiment_dir)
     out = Path(out_dir).expanduser() if out_dir else experiment_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    for name in PNGS:  # a figure this run skips must not survive from an earlier run
-        (out / name).unlink(missing_ok=True)
+    # Built in a hidden directory inside out/, then moved into place: a build that fails leaves the last report
+    # whole (its page and PNGs together), not a page beside the PNGs of another search state or none.
+    build = Path(tempfile.mkdtemp(prefix=".report-build-", dir=out))
+    try:
+        page_html = _build_page(experiment_dir, results, build)
+        for name in PNGS:  # a figure this run skips must not survive from an earlier run
+            if (build / name).is_file():
+                os.replace(build / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+        page = build / "report.html"
+        page.write_text(page_html)
+        os.replace(page, out / "report.html")
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return out / "report.html"
+
+
+def _build_page(experiment_dir: Path, results: dict[str, Any], out: Path) -> str:
+    """The page's HTML, its PNGs written to ``out``."""
     rows, best_id = results["trials"], results.get("best_trial")
     trials_dir = experiment_dir / "trials"
     curves = load_curves(trials_dir, [str(r.get("trial")) for r in rows])
     optuna_parts, with_plotly = optuna_section(experiment_dir)
+    best_step = next((r.get("step") for r in rows if r.get("trial") == best_id), None)
     sections = [
         ("Trials", [summary_html(results, experiment_dir), trials_table(rows, best_id, domains_of(rows))]),
         ("Accuracy against calibration error", [_img(plot_pareto(rows, best_id, out / "pareto.png"),
@@ -497,11 +535,9 @@ def build_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
                                "Parallel coordinates colored by score"), *optuna_parts]),
         ("Learning curves", [_img(plot_learning_curves(curves, out / "learning_curves.png"),
                                   "Training loss per step; validation accuracy and calibration error")]),
-        (f"Best trial {best_id or ''}".strip(), best_trial_section(trials_dir, best_id, out)),
+        (f"Best trial {best_id or ''}".strip(), best_trial_section(trials_dir, best_id, out, best_step)),
     ]
-    page = out / "report.html"
-    page.write_text(render_page(f"Search report: {experiment_dir.name}", sections, with_plotly))
-    return page
+    return render_page(f"Search report: {experiment_dir.name}", sections, with_plotly)
 
 
 def main(argv: list[str] | None = None) -> int:

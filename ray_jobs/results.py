@@ -67,8 +67,11 @@ def _adapter_step(adapter_dir: Path) -> int | None:
 
 
 def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished trial with the highest score; among equal scores (accuracy is k/n, and lambda may be 0) the lower
+    calibration error, then the first trial id: never one the Pareto front dominates at the same score."""
     ok = [r for r in rows if r.get("status") != "ERROR" and is_finite(r.get("score"))]
-    return max(ok, key=lambda r: r["score"]) if ok else None
+    ce = lambda r: r["calibration_error"] if is_finite(r.get("calibration_error")) else math.inf  # noqa: E731
+    return max(sorted(ok, key=lambda r: str(r.get("trial"))), key=lambda r: (r["score"], -ce(r))) if ok else None
 
 
 def format_table(rows: list[dict[str, Any]], error_width: int = 160) -> str:
@@ -87,6 +90,17 @@ def format_table(rows: list[dict[str, Any]], error_width: int = 160) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
 
 
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float, at any depth, as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -102,5 +116,6 @@ def write_results(experiment_dir: Path, rows: list[dict[str, Any]], summary: dic
         writer.writerows(rows)
     os.replace(tmp, experiment_dir / "results.csv")
     tmp = experiment_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps({**summary, "trials": rows}, indent=2, default=str))
+    # NaN (a domain's AUROC when its answers are all right or all wrong) as null: bare NaN is not JSON.
+    tmp.write_text(json.dumps(_finite_or_null({**summary, "trials": rows}), indent=2, default=str, allow_nan=False))
     os.replace(tmp, experiment_dir / "results.json")

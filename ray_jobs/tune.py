@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                           setup["train_storage"])
     summary: dict[str, Any] = {"space": str(space.path), "objective": space.objective, "lambda": space.score_lambda,
                                "experiment": experiment_path, "local_dir": str(local_dir),
-                               "wall_s": round(time.perf_counter() - started, 1)}
+                               "wall_s": round(time.perf_counter() - started, 1),
+                               "calibration": {"beta": space.train.get("calib_beta", TrainConfig.calib_beta),
+                                               "p": space.train.get("calib_p_norm", TrainConfig.calib_p_norm)}}
     print("\n" + format_table(rows))
     from ray_jobs.recovery import fail_orphaned_trials
 

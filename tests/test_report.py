@@ -168,3 +168,45 @@ class TestReport:
         table = re.search(r"<table id=\"trials\">.*?</table>", dom, re.S).group(0)
         assert len(re.findall(r"<tr data-trial=", table)) == len(TRIALS)
         assert not re.search(r"<(?:img|script|link|iframe)[^>]+(?:src|href)=\"https?:", dom)
+
+
+class TestReportFixes:
+    def test_the_best_trials_plots_are_from_its_reported_step(self, report, tmp_path):
+        """A trial ASHA stopped can validate once more after the report it was stopped at: results.json's step and
+        adapter are the reported one's, and so are the plots (not the last checkpoint's)."""
+        exp = shutil.copytree(report[0], tmp_path / "demo", ignore=shutil.ignore_patterns("report"))
+        results = json.loads((exp / "results.json").read_text())
+        best = next(r for r in results["trials"] if r["trial"] == results["best_trial"])
+        assert best["step"] == 4
+        best["step"] = 2  # reported at step 2; checkpoint-4 came after
+        (exp / "results.json").write_text(json.dumps(results))
+        page = build_report(exp).read_text()
+        assert f"{exp / 'trials' / 't1' / 'checkpoint-2' / 'validation.json'}</code> (step 2)" in page
+        assert "checkpoint-4/validation.json" not in page
+
+    def test_a_rebuild_gives_the_same_page(self, report, tmp_path):
+        exp = shutil.copytree(report[0], tmp_path / "demo", ignore=shutil.ignore_patterns("report"))
+        first = build_report(exp, tmp_path / "a").read_bytes()
+        assert build_report(exp, tmp_path / "b").read_bytes() == first  # Plotly's div ids fixed, not uuid4
+
+    def test_a_failed_build_leaves_the_last_report_whole(self, report, tmp_path, monkeypatch):
+        import ray_jobs.report as report_module
+
+        exp = shutil.copytree(report[0], tmp_path / "demo", ignore=shutil.ignore_patterns("report"))
+        page = build_report(exp)
+        before = {p.name: p.read_bytes() for p in page.parent.iterdir()}
+
+        def fail(*args, **kwargs):
+            raise ValueError("a trial's validation.json is unreadable")
+
+        monkeypatch.setattr(report_module, "plot_learning_curves", fail)
+        with pytest.raises(ValueError, match="unreadable"):
+            build_report(exp)
+        assert {p.name: p.read_bytes() for p in page.parent.iterdir()} == before  # no temporary left either
+
+    def test_the_calibration_estimator_is_named(self, report, tmp_path):
+        exp = shutil.copytree(report[0], tmp_path / "demo", ignore=shutil.ignore_patterns("report"))
+        results = json.loads((exp / "results.json").read_text())
+        (exp / "results.json").write_text(json.dumps({**results, "calibration": {"beta": 8, "p": "2"}}))
+        page = build_report(exp).read_text()
+        assert "adaptive bins of beta = 8 rows" in page and "L2 norm" in page and "10 equal-width bins" in page

@@ -266,6 +266,28 @@ class TestRecoveryPieces:
         assert best_trial([ok, failed]) is ok and pareto_front([ok, failed]) == [ok]  # its figures are not final
         assert format_table([ok]).splitlines()[0].split()[-1] == "status"  # no error column when none failed
 
+    def test_a_tied_score_goes_to_the_lower_calibration_error_then_the_first_trial(self):
+        from ray_jobs.results import best_trial, pareto_front
+
+        rows = [{"trial": "t0", "accuracy": 0.5, "calibration_error": 0.2, "score": 0.5, "status": "TERMINATED"},
+                {"trial": "t1", "accuracy": 0.5, "calibration_error": 0.1, "score": 0.5, "status": "TERMINATED"},
+                {"trial": "t2", "accuracy": 0.5, "calibration_error": 0.1, "score": 0.5, "status": "TERMINATED"}]
+        assert best_trial(rows)["trial"] == "t1" and best_trial(rows[::-1])["trial"] == "t1"  # lambda 0: ties
+        assert best_trial(rows) in pareto_front(rows)
+
+    def test_results_json_is_strict_json_with_nan_figures(self, tmp_path):
+        from ray_jobs.results import write_results
+
+        rows = [{"trial": "t0", "accuracy": 1.0, "val/med/auroc": float("nan"), "calibration_error": float("inf")}]
+        write_results(tmp_path, rows, {"lambda": 1.0, "nested": {"x": [float("nan")]}})
+
+        def refuse(constant):
+            raise ValueError(f"not JSON: {constant}")
+
+        results = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+        assert results["trials"][0]["val/med/auroc"] is None and results["trials"][0]["calibration_error"] is None
+        assert results["nested"] == {"x": [None]} and results["trials"][0]["accuracy"] == 1.0
+
     def test_the_best_adapter_is_the_one_of_the_reported_step(self, tmp_path):
         """A trial ASHA stopped after reporting step 2 trained on a moment: checkpoint-2 was pruned to its
         validation.json and final/ holds step 4. Its figures are step 2's: best_accuracy/ has that adapter."""
