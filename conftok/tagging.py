@@ -55,18 +55,19 @@ def tag_rows(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
 
 
 def tag_dataset(model, tokenizer, dataset_name: str, rows: Sequence[Mapping[str, Any]], *, domains=None,
-                batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True) -> list[dict]:
+                batch_size: int = 8, max_new_tokens: int = 16, progress: bool = True, batching: str = "auto") -> list[dict]:
     """One outcome per raw row of one data set, in order: ``{"tagged": the output row, or None for an
     empty response, "empty", "trimmed", "unparsed", "correct": bools}`` (:func:`collect_tagged`
     turns them into tagged rows and the summary). Any subset of a data set's rows can be tagged
-    alone: the Ray job tags batches on several model replicas."""
+    alone: the Ray job tags the batches :func:`generate` would make here on several model replicas
+    (``batching`` as :func:`conftok.evaluate.generate` takes it)."""
     domains = resolve_domains(domains)
     domain = domains.for_dataset(dataset_name)
     rows = list(rows)
     questions = [domain.build_question(r) for r in rows]
     gens = generate(model, tokenizer, [encode_prompt(tokenizer, q) for q in questions],
                     stop_tokens=domains.tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    desc=f"Tagging {dataset_name}", progress=progress)
+                    desc=f"Tagging {dataset_name}", progress=progress, batching=batching)
     outcomes = []
     for row, question, gen in zip(rows, questions, gens):
         # Judged on the whole response, as validation judges it ("A. x\nB. y\nC." restates the options: no

@@ -10,9 +10,12 @@
 
 The same tagging as ``python -m conftok.tagging`` (same prompts, parser, output and summary), spread
 over one model replica per GPU (``--num_gpus auto``: every GPU of the cluster) or, on a CPU-only
-cluster, one replica on the CPUs. Rows are read on the driver; each replica loads the model once
-and tags batches of rows; the driver puts the results back in the order of ``--data`` and its rows
-and writes ``--out`` and ``<out>.summary.json``. Results stay in memory until then, as in the
+cluster, one replica on the CPUs. Rows are read on the driver, which plans the generate() batches as
+the single process would (:func:`conftok.evaluate.plan_batches` over each data set's prompt lengths,
+batched as on the replicas' device); each replica loads the model once and generates each planned
+batch as it is, so the padded inputs, and with them the bf16 answers, are the single process's. The
+driver puts the results back in the order of ``--data`` and its rows and writes ``--out`` and
+``<out>.summary.json``. Results stay in memory until then, as in the
 core. ``--model_name`` must be a Hub id or a directory every node can read.
 """
 
@@ -25,19 +28,17 @@ from typing import Any
 
 import numpy as np
 
-# Rows per Ray Data batch, in units of --batch_size: the replica sorts a batch's rows by prompt
-# length before generating (less padding); larger batches pad less but share the work among
-# replicas more coarsely.
+# Planned generate() batches per Ray Data batch: more share the work among replicas more coarsely.
 BATCHES_PER_TASK = 8
 
 
 class Tagger:
     """A Ray Data replica: loads the tokenizer and model once, then tags batches of rows.
 
-    A batch holds columns ``dataset`` (name), ``index`` (row number in that data set) and ``row``
-    (the raw row as JSON: raw rows differ in their fields, which Arrow columns would not allow);
-    the output has ``dataset``, ``index`` and ``outcome`` (:func:`conftok.tagging.tag_dataset`'s,
-    as JSON), one per input row.
+    A Ray Data batch holds planned generate() batches (:func:`plan_items`), one an item: columns
+    ``dataset`` (name), ``indices`` (the rows' numbers in that data set, JSON) and ``rows`` (the raw rows
+    as JSON: raw rows differ in their fields, which Arrow columns would not allow); the output has
+    ``dataset``, ``index`` and ``outcome`` (:func:`conftok.tagging.tag_dataset`'s, as JSON), one per row.
     """
 
     def __init__(self, model_name: str, *, domains: list[dict[str, Any]], bf16: bool, batch_size: int,
@@ -61,39 +62,64 @@ class Tagger:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from conftok.tagging import tag_dataset
 
-        positions: dict[str, list[int]] = {}  # data set -> positions in this batch
-        for k, name in enumerate(batch["dataset"]):
-            positions.setdefault(str(name), []).append(k)
         out: dict[str, list] = {"dataset": [], "index": [], "outcome": []}
-        for name, ks in positions.items():
-            outcomes = tag_dataset(self.model, self.tokenizer, name, [json.loads(batch["row"][k]) for k in ks],
-                                   domains=self.domains, batch_size=self.batch_size,
-                                   max_new_tokens=self.max_new_tokens, progress=False)
-            out["dataset"] += [name] * len(ks)
-            out["index"] += [int(batch["index"][k]) for k in ks]
+        for name, indices, rows in zip(batch["dataset"], batch["indices"], batch["rows"]):
+            indices, rows = json.loads(indices), json.loads(rows)
+            # One planned batch, generated as one: batch_size its rows, "rows" batching (sorted by length again,
+            # stably: the order it was planned in).
+            outcomes = tag_dataset(self.model, self.tokenizer, str(name), rows, domains=self.domains,
+                                   batch_size=len(rows), max_new_tokens=self.max_new_tokens, progress=False,
+                                   batching="rows")
+            out["dataset"] += [str(name)] * len(rows)
+            out["index"] += indices
             out["outcome"] += [json.dumps(o) for o in outcomes]
         return {key: np.array(values) for key, values in out.items()}
 
 
+def plan_items(rows_by_dataset: dict[str, list[dict]], tokenizer, domains, *, batch_size: int, max_new_tokens: int,
+               batching: str) -> list[dict[str, Any]]:
+    """The Ray Data items: one a generate() batch, as :func:`conftok.tagging.tag_dataset` on one process would plan
+    them for each data set (:func:`conftok.evaluate.plan_batches` over its prompt lengths, ``batching`` resolved for
+    the replicas' device). Cutting the rows in file order instead, each replica re-planning its share, gave other
+    padded batches and, in bf16, other answers (15 of 256 SmolLM2 rows)."""
+    from conftok.evaluate import plan_batches
+    from conftok.prompts import encode_prompt
+
+    items = []
+    for name, rows in rows_by_dataset.items():
+        domain = domains.for_dataset(name)
+        lengths = [len(encode_prompt(tokenizer, domain.build_question(row))) for row in rows]
+        for planned in plan_batches(lengths, batch_size, batching, decode_steps=max_new_tokens):
+            items.append({"dataset": name, "indices": json.dumps(planned),
+                          "rows": json.dumps([rows[i] for i in planned], ensure_ascii=False)})
+    return items
+
+
 def tag_with_ray_data(model_name: str, rows_by_dataset: dict[str, list[dict]], *, domains, num_gpus: int,
                       cpus_per_replica: float, bf16: bool = True, batch_size: int = 16,
-                      max_new_tokens: int = 16, trust_remote_code: bool = False) -> tuple[list[dict], dict]:
+                      max_new_tokens: int = 16, trust_remote_code: bool = False, tokenizer=None) -> tuple[list[dict], dict]:
     """``(tagged_rows, summary)`` as :func:`conftok.tagging.tag_rows` gives them, computed by
-    ``num_gpus`` one-GPU replicas (or one CPU replica when 0)."""
+    ``num_gpus`` one-GPU replicas (or one CPU replica when 0). ``tokenizer``: the model's, to plan the batches
+    (loaded here when not given)."""
     import ray.data
 
+    from conftok.evaluate import resolve_batching
     from conftok.tagging import collect_tagged
     from ray_jobs.common import torch_threads
 
-    items = [{"dataset": name, "index": i, "row": json.dumps(row, ensure_ascii=False)}
-             for name, rows in rows_by_dataset.items() for i, row in enumerate(rows)]
+    if tokenizer is None:
+        from conftok.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    items = plan_items(rows_by_dataset, tokenizer, domains, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       batching=resolve_batching("auto", "cuda" if num_gpus else "cpu"))
     results = ray.data.from_items(items).map_batches(
         Tagger,
         fn_constructor_kwargs={"model_name": model_name, "domains": domains.to_list(), "bf16": bf16,
                                "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                                "torch_threads": None if num_gpus else torch_threads(cpus_per_replica),
                                "trust_remote_code": trust_remote_code},
-        batch_size=batch_size * BATCHES_PER_TASK, compute=ray.data.ActorPoolStrategy(size=max(1, num_gpus)),
+        batch_size=BATCHES_PER_TASK, compute=ray.data.ActorPoolStrategy(size=max(1, num_gpus)),
         num_gpus=1 if num_gpus else 0, num_cpus=cpus_per_replica,
     ).take_all()
     # Replicas finish in any order: put each data set's outcomes back in row order.
@@ -101,7 +127,8 @@ def tag_with_ray_data(model_name: str, rows_by_dataset: dict[str, list[dict]], *
     for r in results:
         outcomes[r["dataset"]][int(r["index"])] = json.loads(r["outcome"])
     missing = [f"{name}[{i}]" for name, per_row in outcomes.items() for i, o in enumerate(per_row) if o is None]
-    assert not missing, f"rows without a result: {missing[:10]}"
+    if missing:  # every row is in one planned batch; a lost one must stop the job, not write a file without it
+        raise RuntimeError(f"rows without a result: {missing[:10]}")
     return collect_tagged(outcomes, domains)
 
 
@@ -119,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, init_ray
 
     try:  # the single-process tagging's checks: every row, --out, the tokens, before Ray starts
-        domains, rows, _ = check_tag_inputs(args.model_name, args.data, args.out, split=args.split, limit=args.limit,
+        domains, rows, tokenizer = check_tag_inputs(args.model_name, args.data, args.out, split=args.split, limit=args.limit,
                                             domains=args.domains, trust_remote_code=args.trust_remote_code)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -142,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Ray Data tagging: {sum(map(len, rows.values()))} rows, {replicas}", flush=True)
     tagged, summary = tag_with_ray_data(args.model_name, rows, domains=domains, num_gpus=num_gpus,
                                         cpus_per_replica=cpus, bf16=args.bf16, batch_size=args.batch_size,
-                                        max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+                                        max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,
+                                        tokenizer=tokenizer)
     path = write_tagged(tagged, summary, args.out)
     for name, d in summary["domains"].items():
         print(f"{name}: {d['tagged']} tagged, accuracy {100 * d['accuracy']:.1f}% ({d['unparsed']} unparsed)")

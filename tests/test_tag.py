@@ -6,6 +6,7 @@ import shutil
 import tempfile
 
 import pytest
+import numpy as np
 import torch
 from conftest import make_model, make_tokenizer, write_jsonl
 
@@ -127,3 +128,44 @@ class TestRayDataTagging:
         assert main(["--model_name", assets["model"], "--data", f"boolq={assets['data']['boolq']}",
                      "--out", str(tmp_path / "outdir")]) == 2
         assert "is a directory" in capsys.readouterr().err
+
+
+def test_the_replicas_generate_the_batches_one_process_would(assets):
+    """The driver plans the generate() batches as tag_dataset on one process would (plan_batches over each data set's
+    prompt lengths); a replica generates each as it is. In bf16, where the answers depend on the padded batch, the
+    outcomes are then the single process's, row for row (cutting the rows in file order gave other batches: 15 of
+    256 SmolLM2 answers differed)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftok.domains import resolve_domains
+    from conftok.evaluate import plan_batches, resolve_batching
+    from conftok.modeling import load_tokenizer
+    from conftok.prompts import encode_prompt
+    from conftok.tagging import tag_dataset
+    from ray_jobs.tag import BATCHES_PER_TASK, Tagger, plan_items
+
+    domains = resolve_domains()
+    tokenizer = load_tokenizer(assets["model"])
+    rows = {"boolq": BOOLQ * 3, "medqa": MEDQA * 2}  # 18 and 10 rows of several lengths
+    items = plan_items(rows, tokenizer, domains, batch_size=3, max_new_tokens=6, batching="padding")
+    for name, data in rows.items():
+        lengths = [len(encode_prompt(tokenizer, domains.for_dataset(name).build_question(r))) for r in data]
+        assert [json.loads(i["indices"]) for i in items if i["dataset"] == name] == plan_batches(
+            lengths, 3, "padding", decode_steps=6)
+    assert len(items) > BATCHES_PER_TASK  # more than one Ray Data batch
+    assert resolve_batching("auto", "cpu") == "padding"
+
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.bfloat16).eval()
+    tagger = Tagger.__new__(Tagger)  # a replica without loading the model again
+    tagger.model, tagger.tokenizer, tagger.domains, tagger.batch_size, tagger.max_new_tokens = \
+        model, tokenizer, domains, 3, 6
+    replica = {}
+    for start in range(0, len(items), BATCHES_PER_TASK):  # Ray Data's batches of items
+        chunk = items[start:start + BATCHES_PER_TASK]
+        out = tagger({key: np.array([item[key] for item in chunk]) for key in ("dataset", "indices", "rows")})
+        for name, index, outcome in zip(out["dataset"], out["index"], out["outcome"]):
+            replica[(str(name), int(index))] = json.loads(outcome)
+    for name, data in rows.items():
+        single = tag_dataset(model, tokenizer, name, data, domains=domains, batch_size=3, max_new_tokens=6,
+                             progress=False)
+        assert [replica[(name, i)] for i in range(len(data))] == single
