@@ -322,7 +322,7 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, confidence_ids: Sequ
 
 class TermSizes(NamedTuple):
     """What each of :func:`training_loss`'s terms averages over in one batch (:func:`term_sizes`)."""
-    token: float  # the rows, or their summed class weights when the token's classes are weighted
+    token: float  # the rows (weighted or not, the token's term is a mean over them)
     answer: float  # the positions that predict an answer token (placement, live or stored KL)
     answer_ce: float  # those of them in the rows answer_ce guards (all rows, or the confident ones)
 
@@ -336,7 +336,7 @@ def term_sizes(batch: dict[str, torch.Tensor], *, token_weights: torch.Tensor | 
     give, and not a mean of the micro-batches' means (which weighs the rows of a small micro-batch, or
     the answer positions of short answers, more)."""
     targets = batch["labels"][:, -1]
-    token = float(token_weights.cpu()[targets].sum()) if token_weights is not None else float(len(targets))
+    token = float(len(targets))  # class weights scale each row's term, not the mean's denominator (_token_ce)
     answer_mask = batch.get("answer_mask")
     if answer_mask is None:
         return TermSizes(token, 0.0, 0.0)
@@ -359,8 +359,14 @@ def group_loss(terms: LossTerms, shares: TermSizes, *, placement_weight: float =
 
 
 def _token_ce(logits: torch.Tensor, target: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
-    # With weights, F.cross_entropy divides by the batch's summed weights: a weighted mean per row.
-    return F.cross_entropy(logits.float(), target, weight=token_weights)
+    """The token's cross-entropy, a mean over the rows; with ``token_weights`` (V,) each row's times its target's
+    weight, still divided by the rows (not by the batch's summed weights, F.cross_entropy's ``weight=``: a batch of
+    one class then cancels its own weight, and at batch 1 the weights do nothing). The weights average 1 over the
+    data (:func:`conftok.train` sets n / (2 n_class)), so C and U total n / 2 each over an epoch, however the rows
+    are batched."""
+    if token_weights is None:
+        return F.cross_entropy(logits.float(), target)
+    return (F.cross_entropy(logits.float(), target, reduction="none") * token_weights[target].float()).mean()
 
 
 def _stored_kl(tuned_top: torch.Tensor, topk_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

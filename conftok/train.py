@@ -113,8 +113,9 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 class StepReading(NamedTuple):
     """What :meth:`TrainStep.read` brings back from the device, in one transfer."""
-    losses: list[float]  # each micro-batch's loss, in order
-    terms: list[float]  # token, placement, KL, answer CE: each summed over the micro-batches
+    losses: list[float]  # each micro-batch's own loss (its mean terms), in order: which one went non-finite
+    loss: float  # the step's loss, what its gradient is of: the micro-batches' parts summed (group_loss)
+    terms: list[float]  # token, placement, KL, answer CE: the step's, each its micro-batches' means by their shares
     grad_norm: float  # the total gradient norm before clipping
 
 
@@ -200,10 +201,12 @@ class TrainStep:
             terms = self.compute_loss(self.model, batch, **kwargs)
         # build_model's checkpointing recomputes under the forward's kernels and LoRA casts by itself
         # (CHECKPOINTING_KWARGS); unsloth's own, or a user's, does not, so the backward runs under both here.
+        part = terms.loss if shares is None else group_loss(terms, shares, **self.loss_kwargs)
         with self._guard(batch, facts.padded), self.uncast:
-            (terms.loss if shares is None else group_loss(terms, shares, **self.loss_kwargs)).backward()
-        self._pending.append(torch.stack([terms.loss, terms.token, terms.placement, terms.kl,
-                                          terms.answer_ce]).detach().float())
+            part.backward()
+        share = shares or TermSizes(1.0, 1.0, 1.0)  # each term's part of the step's, as group_loss weighs it
+        self._pending.append(torch.stack([terms.loss, part, terms.token * share.token, terms.placement * share.answer,
+                                          terms.kl * share.answer, terms.answer_ce * share.answer_ce]).detach().float())
 
     def _guard(self, batch, padded: bool):
         return padded_attention_guard(batch["attention_mask"], always=self.compiled, padded=padded)
@@ -212,11 +215,12 @@ class TrainStep:
         if not self._pending:
             raise RuntimeError("TrainStep.read() before any add(batch) or add_group(batches)")
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        per_batch = torch.stack(self._pending)  # (micro-batches, 5)
+        per_batch = torch.stack(self._pending)  # (micro-batches, 6)
         self._pending = []
         values = torch.cat([per_batch.flatten(), norm.detach().float().reshape(1)]).tolist()  # the step's one sync
-        rows = [values[k:k + 5] for k in range(0, len(values) - 1, 5)]
-        return StepReading([r[0] for r in rows], [sum(r[j] for r in rows) for j in range(1, 5)], values[-1])
+        rows = [values[k:k + 6] for k in range(0, len(values) - 1, 6)]
+        return StepReading([r[0] for r in rows], sum(r[1] for r in rows), [sum(r[j] for r in rows) for j in range(2, 6)],
+                           values[-1])
 
     def apply(self) -> None:
         self.optimizer.step()
@@ -403,7 +407,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     model.train()
     last_validated = state["global_step"] if resume_from is not None else -1
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="Training", disable=not cfg.progress)
-    # The logging window's sums since the last logged step (loss, micro-batches, each term), kept in the state: a
+    # The logging window's sums since the last logged step (loss, optimizer steps, each term), kept in the state: a
     # resumed run logs the window that straddles the checkpoint as the uninterrupted run did.
     window = state.setdefault("log_window", [0.0, 0, 0.0, 0.0, 0.0, 0.0])
     ids = token_ids(tokenizer, domains.tokens)
@@ -446,14 +450,13 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
                         f"loss is {loss_value} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch "
                         f"{i + 1 - (len(reading.losses) - 1 - k)}); try a lower learning_rate (now {cfg.learning_rate}) "
                         f"or a longer warmup")
-            loss_value, grad_norm = reading.losses[-1], reading.grad_norm
+            loss_value, grad_norm = reading.loss, reading.grad_norm
             if not math.isfinite(grad_norm):  # a finite loss can still back-propagate NaN; never apply it
                 raise FloatingPointError(
                     f"gradient norm is {grad_norm} at step {state['global_step'] + 1} (epoch {epoch + 1}, batch {i + 1}) "
                     f"with a finite loss ({loss_value:.4g}); the parameters were not updated. Try --no-bf16 or "
                     f"--gradient_checkpointing false, and report the model and attention implementation")
-            window[:] = [window[0] + sum(reading.losses), window[1] + len(reading.losses),
-                         *(a + b for a, b in zip(window[2:], reading.terms))]
+            window[:] = [window[0] + reading.loss, window[1] + 1, *(a + b for a, b in zip(window[2:], reading.terms))]
             step_runner.apply()
             scheduler.step()
             state["global_step"] += 1
@@ -582,15 +585,18 @@ def _finished_run(out: Path, checkpoint: Path) -> TrainResult | None:
 
 
 def _token_class_weights(dataset, ids: dict[str, int], model, device) -> torch.Tensor:
-    """(V,) weights for the token loss: per domain, C and U weigh n / (2 n_class), so both count equally."""
+    """(V,) weights for the token loss: per domain, C and U weigh n / (2 n_class), so both count equally (n / 2 each
+    over an epoch) and the domain's rows weigh n in all, as unweighted; a domain whose rows are all one class keeps
+    weight 1 (n / (2 n) would halve it against the other domains)."""
     counts = dataset.token_counts()
     weights = torch.ones(model.get_output_embeddings().weight.shape[0], device=device)
     for domain in dataset.domains:
         n = {t: counts.get(t, 0) for t in domain.tokens}
         total = sum(n.values())
+        if sum(1 for count in n.values() if count) < 2:
+            continue
         for t, count in n.items():
-            if count:
-                weights[ids[t]] = total / (2 * count)
+            weights[ids[t]] = total / (2 * count)
     return weights
 
 

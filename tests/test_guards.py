@@ -219,7 +219,10 @@ class TestKLLeavesTheConfidenceTokensOut:
                                                                                                            rel=1e-5)
 
 
-def test_class_weights_give_a_weighted_mean(tmp_path, device):
+def test_class_weights_scale_each_row_of_a_mean_over_the_rows(tmp_path, device):
+    """Each row's cross-entropy times its class weight, divided by the rows: a batch's weights do not cancel
+    (F.cross_entropy's weight= divides by the batch's summed weights: at batch 1 the weights did nothing, and
+    C and U did not count equally over an epoch, 0.59 against 1 at batch 8 with 10% U)."""
     model, tok, ds, ids = _setup(tmp_path, device, lora=False)
     batch = _collate(ds, tok, device)
     weights = torch.ones(model.get_output_embeddings().weight.shape[0], device=device)
@@ -228,7 +231,31 @@ def test_class_weights_give_a_weighted_mean(tmp_path, device):
     plain = training_loss(model, batch)
     per_row = torch.nn.functional.cross_entropy(plain.logits.float(), batch["labels"][:, -1], reduction="none")
     w = weights[batch["labels"][:, -1]]
-    assert terms.token.item() == pytest.approx(((per_row * w).sum() / w.sum()).item(), rel=1e-5)
+    assert (w != 1).any() and (w == 1).any()
+    assert terms.token.item() == pytest.approx((per_row * w).mean().item(), rel=1e-5)
+    one = {k: v[:1] for k, v in batch.items()}  # a batch of one row: its weight counts
+    target = one["labels"][0, -1]
+    assert training_loss(model, one, token_weights=weights).token.item() == pytest.approx(
+        weights[target].item() * training_loss(model, one).token.item(), rel=1e-5)
+
+
+def test_class_weights_give_c_and_u_half_each_and_leave_a_one_class_domain_at_one(tmp_path):
+    from conftok.train import _token_class_weights
+
+    class Rows:  # what _token_class_weights reads of a dataset
+        domains = resolve_domains()
+
+        @staticmethod
+        def token_counts():
+            return {"<C_READ>": 9, "<U_READ>": 1, "<C_MED>": 4}  # medqa: every row confident
+
+    tok = make_tokenizer()
+    model = make_model(len(tok) + 4)
+    ids = {t: len(tok) + k for k, t in enumerate(resolve_domains().tokens)}
+    weights = _token_class_weights(Rows, ids, model, "cpu")
+    assert weights[ids["<C_READ>"]].item() == pytest.approx(10 / 18) and weights[ids["<U_READ>"]].item() == 5.0
+    assert 9 * weights[ids["<C_READ>"]].item() == pytest.approx(1 * weights[ids["<U_READ>"]].item())  # n / 2 each
+    assert weights[ids["<C_MED>"]].item() == 1.0  # was 0.5: half a domain's weight against the others'
 
 
 def test_train_runs_with_each_guard(tmp_path):
