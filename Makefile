@@ -17,6 +17,9 @@ RAY_LAYER_TESTS := tests/test_ray_jobs.py tests/test_job_submit.py tests/test_tu
                    tests/test_remote_storage.py
 CORE_TESTS := $(filter-out $(RAY_LAYER_TESTS),$(sort $(wildcard tests/test_*.py)))
 CONFTOK_TEST_DEVICE ?= cuda
+# pytest-xdist processes for `make test`: 2 fits a 2-core box (each Ray test module starts a 2-CPU local Ray of its
+# own); the suite takes about half the time it takes on one (17 min on one on the CI box, 2026-11-28).
+TEST_WORKERS ?= 2
 # Extra pytest arguments for test-gpu, e.g. PYTEST_ARGS='-n 8' where pytest-xdist is installed (the GPU
 # image has it): the tests are small and the box's host, not its GPU, sets their pace.
 PYTEST_ARGS ?=
@@ -39,7 +42,7 @@ demo: venv
 	HF_HUB_OFFLINE=1 $(PY) -m ray_jobs.tune
 
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # With the Python it is given and nothing else: models on $(CONFTOK_TEST_DEVICE) (tests/conftest.py's
 # `device` fixture), gpu-marked tests selected (pyproject's addopts leave them out), tests needing
