@@ -87,6 +87,9 @@ def tag_dataset(model, tokenizer, dataset_name: str, rows: Sequence[Mapping[str,
     return outcomes
 
 
+SHOWN_ROWS = 20  # row numbers listed per kind (unparsed, empty) in a tagging summary
+
+
 def collect_tagged(outcomes_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]], domains=None) -> tuple[list[dict], dict]:
     """``(tagged_rows, summary)`` from :func:`tag_dataset`'s outcomes, each data set's in row order."""
     domains = resolve_domains(domains)
@@ -98,6 +101,9 @@ def collect_tagged(outcomes_by_dataset: Mapping[str, Sequence[Mapping[str, Any]]
         summary["domains"][dataset_name] = {
             "domain": domains.for_dataset(dataset_name).name, "rows": len(outcomes), "tagged": kept, **counts,
             "accuracy": counts["correct"] / kept if kept else float("nan"),
+            # Which rows (0-based, in the data set's order) gave no answer the grader could read, or none at all:
+            # the first SHOWN_ROWS of each, to look at.
+            **{f"{k}_rows": [i for i, o in enumerate(outcomes) if o[k]][:SHOWN_ROWS] for k in ("unparsed", "empty")},
         }
         summary["rows"] += len(outcomes)
         summary["tagged"] += kept
@@ -110,7 +116,10 @@ def write_tagged(tagged: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
     out.parent.mkdir(parents=True, exist_ok=True)
     summary_path = summary_file(out)
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in tagged)
-    for path, text in ((out, lines), (summary_path, json.dumps(summary, indent=2))):
+    strict = json.dumps(summary, indent=2, default=None)
+    # NaN (the accuracy of a data set whose every response was empty) as null: bare NaN is not JSON.
+    strict = json.dumps(json.loads(strict, parse_constant=lambda _: None), indent=2, allow_nan=False)
+    for path, text in ((out, lines), (summary_path, strict)):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             tmp.write_text(text, encoding="utf-8")

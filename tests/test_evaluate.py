@@ -463,6 +463,26 @@ class TestTagging:
         assert [summary_file(name).name for name in ("t.jsonl", "t.v1", "t.v2")] == [
             "t.summary.json", "t.v1.summary.json", "t.v2.summary.json"]  # each output its own summary
 
+    def test_the_summary_names_unparsed_and_empty_rows_and_is_strict_json(self, tmp_path):
+        from conftok.tagging import collect_tagged
+
+        def outcome(**flags):
+            return {"tagged": None if flags.get("empty") else {"question": "q", "tagged_response": "x <U_READ>",
+                                                               "dataset": "boolq"},
+                    "empty": False, "trimmed": False, "unparsed": False, "correct": False, **flags}
+
+        tagged, summary = collect_tagged({"boolq": [outcome(), outcome(unparsed=True), outcome(empty=True),
+                                                    outcome(unparsed=True)],
+                                          "medqa": [outcome(empty=True)]})
+        assert summary["domains"]["boolq"]["unparsed_rows"] == [1, 3] and summary["domains"]["boolq"]["empty_rows"] == [2]
+        write_tagged(tagged, summary, tmp_path / "t.jsonl")
+
+        def refuse(constant):
+            raise ValueError(f"not JSON: {constant}")
+
+        written = json.loads((tmp_path / "t.summary.json").read_text(), parse_constant=refuse)
+        assert written["domains"]["medqa"]["accuracy"] is None  # every response empty: no accuracy, null not NaN
+
     def test_cut_responses_are_trimmed_to_their_first_sentence(self):
         from conftok.tagging import complete_answer
 
