@@ -292,18 +292,14 @@ class TrainConfig:
                 value = list(value)
             if before != value:
                 out.append(f"{name}: {before!r} -> {value!r}")
-        if saved_inputs:
-            inputs = self.input_fingerprints()
-            for name, what in (("train_data_sha256", f"train_data {self.train_data}: its content (SHA-256)"),
-                               ("domains", "domains: their content")):
-                before, value = saved_inputs.get(name), inputs[name]
-                field_name = name.removesuffix("_sha256")
-                if before is not None and value is not None and before != value and \
-                        not any(c.startswith(f"{field_name}:") for c in out):  # not said already
-                    shown = (f"{before[:12]}… -> {value[:12]}…" if name == "train_data_sha256"
-                             else f"{[d.get('name') for d in before]} -> {[d.get('name') for d in value]}"
-                             if [d.get("name") for d in before] != [d.get("name") for d in value] else "changed")
-                    out.append(f"{what} {shown}")
+        if saved_inputs:  # the same names, other contents (said once: a changed name is listed above)
+            now_inputs = self.input_fingerprints()
+            before, value = saved_inputs.get("train_data_sha256"), now_inputs["train_data_sha256"]
+            if before and value and before != value and not any(c.startswith("train_data:") for c in out):
+                out.append(f"train_data {self.train_data}: its content (SHA-256) {before[:12]}… -> {value[:12]}…")
+            before, value = saved_inputs.get("domains"), now_inputs["domains"]
+            if before and value and before != value and not any(c.startswith("domains:") for c in out):
+                out.append("domains: their content changed")
         return out
 
     @classmethod

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["InputError", "InputFileMissing", "require_file", "read_text", "read_json_lines", "load_yaml", "line_of",
            "format_key", "format_problems", "line_problems", "problems_message", "positive_int",
-           "duplicate_keys"]
+           "duplicate_keys", "strict_json"]
 
 # A key path into loaded YAML or JSON: mapping keys and list indices, ("search", "lora_r", "choice").
 KeyPath = tuple[Any, ...]
@@ -206,6 +207,21 @@ def problems_message(path: str | Path, problems: Sequence[str], what: str = "pro
     more = len(problems) - len(shown)
     return (f"{len(problems)} {what} in {path}:\n  " + "\n  ".join(shown)
             + (f"\n  ... and {more} more" if more else ""))
+
+
+def strict_json(value: Any, **dumps_kwargs) -> str:
+    """``json.dumps(value, **dumps_kwargs)`` with every NaN or infinite float, at any depth, as null: bare ``NaN``
+    (Python's default) is not JSON, and strict parsers (JavaScript's ``JSON.parse``) refuse the file."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), allow_nan=False, **dumps_kwargs)
 
 
 def positive_int(text: str) -> int:

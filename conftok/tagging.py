@@ -17,6 +17,7 @@ from typing import Any
 
 from conftok.domains import resolve_domains
 from conftok.evaluate import generate
+from conftok.inputs import strict_json
 from conftok.prompts import encode_prompt
 
 __all__ = ["tag_rows", "tag_dataset", "collect_tagged", "write_tagged", "summary_file", "tag_to_file", "check_tag_inputs"]
@@ -116,10 +117,8 @@ def write_tagged(tagged: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
     out.parent.mkdir(parents=True, exist_ok=True)
     summary_path = summary_file(out)
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in tagged)
-    strict = json.dumps(summary, indent=2, default=None)
-    # NaN (the accuracy of a data set whose every response was empty) as null: bare NaN is not JSON.
-    strict = json.dumps(json.loads(strict, parse_constant=lambda _: None), indent=2, allow_nan=False)
-    for path, text in ((out, lines), (summary_path, strict)):
+    # The accuracy of a data set whose every response was empty is NaN: null in the file.
+    for path, text in ((out, lines), (summary_path, strict_json(summary, indent=2))):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             tmp.write_text(text, encoding="utf-8")

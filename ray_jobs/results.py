@@ -19,11 +19,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from conftok.inputs import strict_json
+
 __all__ = ["TABLE_PARAMS", "best_adapter", "best_trial", "format_table", "is_finite", "pareto_front",
            "write_results"]
 
 TABLE_PARAMS = ("lora_r", "lora_alpha", "learning_rate")
-ADAPTER_METADATA = "conftok.json"  # conftok.modeling.METADATA_FILE (not imported: this module stays free of torch)
+ADAPTER_METADATA = "conftok.json"  # conftok.modeling.METADATA_FILE (a test checks that they agree)
 
 
 def is_finite(x) -> bool:
@@ -90,17 +92,6 @@ def format_table(rows: list[dict[str, Any]], error_width: int = 160) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
 
 
-def _finite_or_null(value: Any) -> Any:
-    """``value`` with every NaN or infinite float, at any depth, as None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    return value
-
-
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -117,5 +108,5 @@ def write_results(experiment_dir: Path, rows: list[dict[str, Any]], summary: dic
     os.replace(tmp, experiment_dir / "results.csv")
     tmp = experiment_dir / ".results.json.tmp"
     # NaN (a domain's AUROC when its answers are all right or all wrong) as null: bare NaN is not JSON.
-    tmp.write_text(json.dumps(_finite_or_null({**summary, "trials": rows}), indent=2, default=str, allow_nan=False))
+    tmp.write_text(strict_json({**summary, "trials": rows}, indent=2, default=str))
     os.replace(tmp, experiment_dir / "results.json")
