@@ -14,7 +14,7 @@ A file::
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or {type: none}
     num_trials: 16
     seed: 0
-    resources: {gpus_per_trial: 1, cpus_per_trial: 8, max_failures: 3}
+    resources: {gpus_per_trial: 1, cpus_per_trial: 8, max_failures: 3}   # restarts of a trial (worker or node lost)
     demo: {n_train: 64, n_val: 24}    # optional: build the embedded demo data and model first
 
 Every problem in a file is reported at once, each with its line and key path and what is allowed::

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -42,6 +43,9 @@ FAULT_MARKER_ENV = "CONFTOK_FAULT_MARKER"
 FAULT_GRACE_S = 6.0
 # With FAULT_WIPE_ENV set too, the dying worker deletes its output_dir first: its node is gone with its disk.
 FAULT_WIPE_ENV = "CONFTOK_FAULT_WIPE_OUTPUT"
+# With FAULT_KILL_BUILDER_ENV set too, the dying worker first kills the process that built its trainer (a
+# search's trial actor, which owns the Train controller): the node that held both is gone.
+FAULT_KILL_BUILDER_ENV = "CONFTOK_FAULT_KILL_BUILDER"
 # For tests of remote storage on one machine: the worker writes its output_dir under this folder (the path
 # appended to it), where the driver does not look, as a cluster's GPU node writes on its own disk.
 NODE_DISK_ENV = "CONFTOK_NODE_DISK"
@@ -97,6 +101,8 @@ def train_func(config: dict[str, Any]) -> None:
             if config["fault"].get("wipe"):  # the node goes, and its disk with it
                 shutil.rmtree(cfg.output_dir, ignore_errors=True)
             time.sleep(FAULT_GRACE_S)
+            if config["fault"].get("kill_pid"):
+                os.kill(config["fault"]["kill_pid"], signal.SIGKILL)
             os._exit(1)  # a dying worker, not a Python exception
 
     # The run's last validation is reported once final/ is written (and pushed): ASHA may stop the trial at any
@@ -174,7 +180,8 @@ def build_trainer(cfg: TrainConfig, *, name: str, storage_path: str, num_gpus: f
     loop_config = {"train": cfg.to_dict(), "torch_threads": torch_threads(cpus_per_worker)}
     if os.environ.get(FAULT_ENV):
         loop_config["fault"] = {"after_step": int(os.environ[FAULT_ENV]), "marker": os.environ[FAULT_MARKER_ENV],
-                                "wipe": bool(os.environ.get(FAULT_WIPE_ENV))}
+                                "wipe": bool(os.environ.get(FAULT_WIPE_ENV)),
+                                "kill_pid": os.getpid() if os.environ.get(FAULT_KILL_BUILDER_ENV) else None}
     if os.environ.get(NODE_DISK_ENV):
         loop_config["node_disk"] = os.environ[NODE_DISK_ENV]
     return TorchTrainer(

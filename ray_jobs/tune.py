@@ -64,9 +64,11 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
     if values.get("reference_cache", "auto") == "auto":
         # One stored KL reference for every trial: the same rows and base model (trials vary LoRA and the rate).
         values["reference_cache"] = str(Path(setup["trials_dir"]) / "cache")
+    # Tune restarts the trial on any failure (its Train worker's, or this actor's with the node that held it), so
+    # the Train run inside retries nothing: a new TorchTrainer of the same name resumes from the run's last checkpoint.
     trainer = build_trainer(
         TrainConfig(**values), name=trial_id, storage_path=setup["train_storage"], num_gpus=setup["gpus_per_trial"],
-        cpus_per_worker=setup["cpus_per_trial"], max_failures=setup["max_failures"], callbacks=[TuneReportCallback()],
+        cpus_per_worker=setup["cpus_per_trial"], max_failures=0, callbacks=[TuneReportCallback()],
         storage_filesystem=setup["train_filesystem"],
     )
     trainer.fit()
@@ -76,7 +78,9 @@ def trial_fn(config: dict[str, Any], setup: dict[str, Any]) -> None:
 def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, storage_path: str, concurrency: int,
                 gpus_per_trial: float, cpus_per_trial: float, remote: tuple[Any, str] | None = None):
     """The Tuner: Optuna TPE (study in ``local_dir/study.db``), ASHA on the score unless Pareto,
-    trials as ``trial_fn`` with 0.01 CPU each (the TorchTrainer inside takes the real resources).
+    trials as ``trial_fn`` with 0.01 CPU each (the TorchTrainer inside takes the real resources), each restarted
+    up to the space's ``max_failures`` times, whatever died: its Train worker, or the trial's actor (a node lost
+    with both; the Train controller is the actor's). The restart resumes the run from its last checkpoint.
     ``remote``: ``(filesystem, path)`` of ``storage_path`` where it is remote storage (:func:`trials_storage`)."""
     import optuna
     from ray import tune
@@ -98,12 +102,12 @@ def build_tuner(space: SearchSpace, *, fixed: dict[str, Any], local_dir: Path, s
                                       mode="max", num_samples=space.num_trials, max_concurrent_trials=concurrency)
     setup = {"space": space, "fixed": fixed, "trials_dir": str(local_dir / "trials"),
              **trials_storage(storage_path, local_dir.name, remote),
-             "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_failures": space.max_failures}
+             "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, setup=setup), {"CPU": TRIAL_ACTOR_CPUS})
     param_space = space.param_space()
     callbacks = [PushSearchRecords(search_records(local_dir, remote))] if remote is not None else []
     run_config = tune.RunConfig(name=local_dir.name, storage_path=storage_path, callbacks=callbacks,
-                                failure_config=tune.FailureConfig(max_failures=0))
+                                failure_config=tune.FailureConfig(max_failures=space.max_failures))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), trainable
 
 

@@ -164,6 +164,38 @@ class TestTuneFailures:
         assert states == {"COMPLETE": 1, "FAIL": 1}
 
 
+    @pytest.mark.parametrize("dies", ["node", "worker"])
+    def test_a_trial_whose_worker_or_node_dies_resumes_from_its_checkpoint(self, assets, tmp_path, dies):
+        """After Ray has step 2's checkpoint, the trial's Train worker exits hard; for ``node`` it first kills the
+        trial's own actor (SIGKILL), which owns the Train controller, as when the node that held both goes.
+        Tune starts the trial again, its run resumes from that checkpoint (once: the Train run inside retries
+        nothing), and the trial finishes with both validations. Before, a dead trial actor ended the trial in ERROR."""
+        from ray_jobs.train import FAULT_ENV, FAULT_KILL_BUILDER_ENV, FAULT_MARKER_ENV
+
+        space = write_space(tmp_path / "lost.yaml", assets, trials=1, max_steps=4, eval_steps=2)
+        exp = tmp_path / "exp" / "lost"
+        marker = tmp_path / "fault_marker"
+        fault = {FAULT_ENV: "2", FAULT_MARKER_ENV: str(marker), **({FAULT_KILL_BUILDER_ENV: "1"} if dies == "node" else {})}
+        cmd = [sys.executable, "-m", "ray_jobs.tune", "--space", str(space), "--storage_path", str(tmp_path / "exp")]
+        ray_tmp = tempfile.mkdtemp(prefix="/tmp/ctl")
+        try:
+            out = subprocess.run(cmd, cwd=ROOT, env=job_env(ray_tmp, **fault), capture_output=True, text=True,
+                                 timeout=600)
+            worker_logs = "".join(Path(f).read_text(errors="replace")
+                                  for f in glob.glob(f"{ray_tmp}/ray/session_latest/logs/worker-*.out"))
+        finally:
+            clean_up(ray_tmp)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert marker.read_text() == "2"  # the fault happened, after step 2's report
+        (trial,) = json.loads((exp / "results.json").read_text())["trials"]
+        assert trial["status"] == "TERMINATED" and trial["error"] is None, trial
+        assert trial["validations"] == 2
+        assert worker_logs.count("Resuming from Ray checkpoint") == 1, worker_logs[-3000:]
+        validations = sorted((exp / "trials" / trial["trial"]).glob("checkpoint-*/validation.json"))
+        assert [p.parent.name for p in validations] == ["checkpoint-2", "checkpoint-4"]  # the one before too
+        assert (exp / "trials" / trial["trial"] / "final" / "adapter_model.safetensors").is_file()
+
+
 class TestRecoveryPieces:
     """The bookkeeping behind the two searches above, on a study in a temporary SQLite file."""
 
