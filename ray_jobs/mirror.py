@@ -77,6 +77,14 @@ def remote_storage(storage_path: str) -> tuple[object, str] | None:
     return (filesystem, path.rstrip("/")) if is_remote(filesystem) else None
 
 
+def storage_uri(storage_path: str, path: str) -> str:
+    """A path on a remote storage's filesystem (``bucket/experiments/...``, as Ray's checkpoints give it) as a URI
+    of that storage's scheme (``s3://bucket/experiments/...``: what ``aws s3`` and ``pyarrow`` take); a path on
+    this node's disk as it is."""
+    scheme = storage_path.split("://", 1)[0] if "://" in storage_path else ""
+    return f"{scheme}://{path}" if scheme and scheme != "file" and "://" not in path else path
+
+
 def is_mirrored(rel: str) -> bool:
     """Whether a file of the run's tree (its path relative to output_dir) goes to storage."""
     parts = PurePosixPath(rel).parts

@@ -30,7 +30,8 @@ from typing import Any
 
 from conftok import metrics as M
 from conftok.config import TrainConfig
-from ray_jobs.mirror import SEARCH_DIR, RunMirror, fetch_trial_trees, is_search_record, remote_storage
+from ray_jobs.mirror import (SEARCH_DIR, RunMirror, fetch_trial_trees, is_search_record, remote_storage,
+                             storage_uri)
 from ray_jobs.results import TABLE_PARAMS, best_adapter, best_trial, format_table, pareto_front, write_results
 from ray_jobs.space import DEFAULT_MAX_T, EMBEDDED_MODEL, SearchSpace, load_space
 
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         setup = trials_storage(args.storage_path, name, storage)
         fetch_trial_trees(rows, best_trial(rows), local_dir / "trials", setup["train_filesystem"],
                           setup["train_storage"])
+        for row in rows:  # Ray's checkpoint paths lack the scheme ("bucket/..."): written and printed as URIs
+            row["checkpoint"] = row["checkpoint"] and storage_uri(args.storage_path, row["checkpoint"])
     summary: dict[str, Any] = {"space": str(space.path), "objective": space.objective, "lambda": space.score_lambda,
                                "experiment": experiment_path, "local_dir": str(local_dir),
                                "wall_s": round(time.perf_counter() - started, 1),

@@ -15,7 +15,7 @@ pyarrow_fs = pytest.importorskip("pyarrow.fs")
 
 from conftok.checkpoint import link_tree  # noqa: E402
 from ray_jobs.mirror import (MANIFEST, MIRROR_DIR, OBJECTS, RunMirror, is_mirrored, is_record,  # noqa: E402
-                             read_run_file, remote_storage)
+                             read_run_file, remote_storage, storage_uri)
 
 
 def bucket(tmp_path: Path):
@@ -69,6 +69,16 @@ class TestSelection:
         assert remote_storage(f"file://{tmp_path}") is None  # file:// is this node's disk too
         filesystem, path = remote_storage("mock://bucket/experiments/")
         assert filesystem.type_name == "mock" and not path.endswith("/")
+
+    def test_a_checkpoint_on_remote_storage_is_named_by_its_uri(self):
+        """Ray gives a checkpoint on s3:// as a path on its filesystem, without the scheme; results.json and the
+        printed Pareto front name it as a URI that `aws s3` and pyarrow take. Paths on this disk stay as they are."""
+        path = "bucket/exp/demo/train/t1/checkpoint-4"
+        assert storage_uri("s3://bucket/exp", path) == "s3://bucket/exp/demo/train/t1/checkpoint-4"
+        assert storage_uri("gs://bucket/exp?endpoint_override=x", path) == f"gs://{path}"
+        assert storage_uri("s3://bucket/exp", f"s3://{path}") == f"s3://{path}"  # already a URI
+        assert storage_uri("/mnt/exp", "/mnt/exp/demo/train/t1/checkpoint-4") == "/mnt/exp/demo/train/t1/checkpoint-4"
+        assert storage_uri("file:///mnt/exp", "/mnt/exp/x") == "/mnt/exp/x"
 
 
 def objects(root: Path) -> dict[str, bytes]:
