@@ -102,61 +102,96 @@ def load_rows(source: str | Path, split: str = "validation", limit: int | None =
 GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
 
 
-class _PairLogits:
-    """The logits of two tokens (C, U) in float32 at every step of one ``generate`` call.
+class _ExactPair:
+    """A context for one ``generate`` call: the head's logits come out in float32, the pair (C, U) as float32
+    products, so p_confident is not read from rounded logits.
 
     Under bf16 the head's logits are rounded to bf16 (8 bits: at a logit of 20, steps of 0.125), so
     p(C) / (p(C) + p(U)) read from them takes few values (54 distinct among 320 rows on the positive control,
-    25 of them exactly 0.5). A forward pre-hook on the output embedding keeps the hidden state it gets at the last
-    position of each step; the two rows the head multiplies it by (its gradient at one probe input, in the dtype
-    and autocast state generation ran with) give the pair as float32 dot products. The caller keeps the rounded
-    logits where the hook did not see every step (a backend that computes its logits without calling the head
-    module) or where the two disagree beyond bf16's rounding (a model that changes its logits after the head:
-    Gemma 2's soft-capping).
+    25 of them exactly 0.5). Inside the block the output embedding's forward (an instance ``forward``, as
+    :class:`conftok.token_rows.TokenRowsOnly` sets them) returns its own logits in float32 with the pair's two
+    columns written over by the hidden state times the head's two rows in float32 (the rows: the head's gradient
+    at one probe input, taken at entering, in the dtype and autocast state generation runs with, so any linear
+    head serves: PEFT's token rows, a merged adapter). What the model does after its head (Gemma 2's
+    soft-capping) is then done to the exact values. The other columns keep their rounded values, so the greedy
+    path over them is unchanged.
+
+    The forward is a plain tensor function, so a compiled decode step (a static KV cache) traces it; it is one
+    object kept on the head, and its rows one tensor overwritten in place, so a compiled step guards on the same
+    objects at every call. Where the rows cannot be read (inference mode; a head autograd cannot go through,
+    quantized) the block does nothing and p_confident is read from the rounded logits. So is it where a backend
+    computes its logits without calling the head module.
     """
 
     def __init__(self, model, ids: tuple[int, int]):
         self.head, self.ids = model.get_output_embeddings(), list(ids)
-        self.hidden: list[torch.Tensor] = []
-        self.handle = self.bias = None
-        self.rows: torch.Tensor | bool | None = None  # False: they cannot be read
+        self.forward: _PairForward | None = None
+        self.before = None
 
-    def __enter__(self):  # one generate call
-        self.hidden = []
-        if self.head is not None:
-            self.handle = self.head.register_forward_pre_hook(self._keep)
+    def __enter__(self):
+        if self.head is None or torch.is_inference_mode_enabled():
+            return self
+        before = self.head.__dict__.get("forward")
+        if isinstance(before, _PairForward):  # inside another block on this head: it serves
+            return self
+        weight = next(self.head.parameters(), None)
+        if weight is None:
+            return self
+        probe = torch.zeros(1, 1, weight.shape[-1], device=weight.device, dtype=weight.dtype, requires_grad=True)
+        try:  # the head is linear in its input: its gradient is the two rows, its value at 0 their bias
+            with torch.enable_grad():
+                pair = self.head(probe)[0, -1, self.ids]
+                rows = [torch.autograd.grad(pair[k], probe, retain_graph=k == 0)[0].reshape(-1) for k in range(2)]
+        except RuntimeError as e:  # a head autograd cannot go through (quantized): the rounded logits then
+            logger.info("p_confident read from the head's logits (its rows could not be read: %s)", e)
+            return self
+        self.forward = _PairForward.on(self.head)
+        self.forward.set(before, self.ids, torch.stack(rows).float(), pair.detach().float())
+        self.before = before
+        self.head.forward = self.forward
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        if self.forward is None:
+            return
+        if self.before is None:
+            self.head.__dict__.pop("forward", None)
+        else:
+            self.head.forward = self.before
+        self.forward = None
 
-    def _keep(self, module, args):
-        if args and isinstance(args[0], torch.Tensor):
-            self.hidden.append(args[0][:, -1].detach())
 
-    def ready(self, steps: int) -> bool:
-        """Whether the last call's ``steps`` steps were all seen, so the pair can be read."""
-        if not steps or len(self.hidden) != steps or self.rows is False or torch.is_inference_mode_enabled():
-            return False
-        if self.rows is None:  # the head is linear: its gradient is the two rows, its value at 0 their bias
-            probe = torch.zeros_like(self.hidden[0][:1]).unsqueeze(1).requires_grad_(True)  # (1, 1, H)
-            try:
-                with torch.enable_grad():
-                    pair = self.head(probe)[0, -1, self.ids]
-                    rows = [torch.autograd.grad(pair[k], probe, retain_graph=k == 0)[0].reshape(-1) for k in range(2)]
-            except RuntimeError as e:  # a head autograd cannot go through (quantized): the rounded logits then
-                logger.info("p_confident read from the head's logits (its rows could not be read: %s)", e)
-                self.rows = False
-                return False
-            self.rows, self.bias = torch.stack(rows).float(), pair.detach().float()
-        return True
+class _PairForward:
+    """The head's forward inside an :class:`_ExactPair` block: one object a head (:meth:`on`)."""
 
-    def logits(self, step: int) -> torch.Tensor:
-        """(B, 2) float32 logits of the pair at ``step`` (0: after the prompt)."""
-        with torch.autocast(self.rows.device.type, enabled=False):
-            return self.hidden[step].float() @ self.rows.T + self.bias
+    def __init__(self, head):
+        self.head = head
+        self.before = None  # the instance forward it wraps (TokenRowsOnly's), or None: the class's
+        self.index = self.rows = self.bias = None
+
+    @staticmethod
+    def on(head) -> "_PairForward":
+        forward = head.__dict__.get("_conftok_pair_forward")
+        if forward is None:
+            forward = head.__dict__["_conftok_pair_forward"] = _PairForward(head)
+        return forward
+
+    def set(self, before, ids: list[int], rows: torch.Tensor, bias: torch.Tensor) -> None:
+        self.before = before
+        if self.rows is None or self.rows.shape != rows.shape or self.rows.device != rows.device:
+            self.index = torch.tensor(ids, device=rows.device)
+            self.rows, self.bias = rows, bias
+        else:  # the same tensors, new values: what a compiled step read before
+            self.index.copy_(torch.tensor(ids))
+            self.rows.copy_(rows)
+            self.bias.copy_(bias)
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        logits = (self.before(x, *args, **kwargs) if self.before is not None
+                  else type(self.head).forward(self.head, x, *args, **kwargs))
+        with torch.autocast(x.device.type, enabled=False):
+            pair = x.float() @ self.rows.T + self.bias
+        return logits.float().index_copy_(-1, self.index, pair)  # a new float32 tensor under bf16; no grad here
 
 
 def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
@@ -354,15 +389,15 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
     cache = dict(cache_implementation="static",
                  max_cache_len=max(cache_length or 0, static_cache_length(prompts, new_tokens))) \
         if static_cache and prompts else {}
-    # The pair in float32 (_PairLogits); not with a static cache, whose decode step may be a CUDA graph.
-    pair = _PairLogits(model, score_ids) if score_ids is not None and not cache else None
+    # The pair's logits in float32 (_ExactPair), for the dynamic and the static cache alike.
+    pair = _ExactPair(model, score_ids) if score_ids is not None else nullcontext()
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for idx in batches:
         batch = [prompts[i] for i in idx]
         if cache:  # one shape for every batch: fill a short one with copies of its last row
             batch += [batch[-1]] * (batch_size - len(batch))
         input_ids, mask = _left_pad(batch, tokenizer.pad_token_id, device)
-        with pair or nullcontext():
+        with pair:
             result = model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                 **GREEDY, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
@@ -371,7 +406,6 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
                 begin_suppress_tokens=list(id_to_token) or None,
                 output_logits=score_ids is not None, return_dict_in_generate=True, **cache,
             )
-        exact = pair is not None and pair.ready(len(result.logits))
         generated = result.sequences[:len(idx), input_ids.shape[1]:input_ids.shape[1] + new_tokens].tolist()
         stops = [next((k for k, t in enumerate(seq) if t in stop), len(seq)) for seq in generated]
         cuts = [min(k, max_new_tokens) for k in stops]  # each answer's length: where the step after it is
@@ -381,10 +415,6 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
             scored = [row for row, cut in enumerate(cuts) if cut < len(result.logits)]
             if scored:  # logits (V) of step `cut`: the step after the answer
                 at_cut = torch.stack([result.logits[cuts[row]][row] for row in scored])[:, list(score_ids)].float()
-                if exact:  # the pair in float32, where it is the rounded logits' value (the head's product alone)
-                    fine = torch.stack([pair.logits(cuts[row])[row] for row in scored])
-                    if bool(((fine - at_cut).abs() <= at_cut.abs() * 2 ** -7 + 1e-3).all()):
-                        at_cut = fine
                 for row, p in zip(scored, torch.softmax(at_cut, dim=-1)[:, 0].tolist()):
                     p_rows[row] = p
             answered = [row for row, cut in enumerate(cuts) if cut > 0]

@@ -262,3 +262,45 @@ def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
     lengths = {name: static_cache_length([encode_prompt(tok, domains.for_dataset(name).build_question(r))
                                           for r in rs], 6) for name, rs in rows.items()}
     assert len(set(lengths.values())) == 2, lengths  # alone, the domains would take caches of two lengths
+
+
+@needs_compiler
+def test_a_compiled_decode_step_reads_p_confident_in_float32():
+    """A bf16 model whose C and U logits are large and close (bf16 rounds them in steps of 0.125): with a static
+    KV cache and transformers' compiled decode step (forced on the CPU), p_confident is still the float32
+    product of the hidden state and the head's two rows, in one graph for two calls."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from conftok.domains import resolve_domains
+    from conftok.evaluate import generate
+    from conftok.prompts import encode_prompt
+    from conftok.tokens import add_confidence_tokens
+
+    domains = resolve_domains()
+    tok = make_tokenizer()
+    add_confidence_tokens(tok, None, domains.tokens)
+    model = make_model(len(tok), tie=False)
+    c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[c] = torch.randn(head.shape[1]) * 3.0
+        head[u] = head[c] + torch.randn(head.shape[1]) * 0.05
+    model = model.to(torch.bfloat16)
+    config = CompileConfig()
+    config._compile_all_devices = True
+    model.generation_config.compile_config = config
+    rows = [{"question": "is the sky blue", "passage": "The sky is blue."}, {"question": "is water dry", "passage": "No."}]
+    prompts = [encode_prompt(tok, domains.by_name("read").build_question(row)) for row in rows]
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(2):
+        gens = generate(model, tok, prompts, stop_tokens=domains.tokens, max_new_tokens=3, batch_size=2,
+                        progress=False, score_ids=(c, u), static_cache=True)
+        for prompt, gen in zip(prompts, gens):
+            with torch.no_grad():
+                hidden = model.model(input_ids=torch.tensor([prompt + gen.answer_ids])).last_hidden_state[0, -1]
+                pair = hidden.float() @ model.lm_head.weight[[c, u]].float().T
+            assert pair.abs().min() > 8  # where bf16 rounds coarsely
+            assert gen.p_confident == pytest.approx(torch.softmax(pair, -1)[0].item(), abs=2e-3)
+    assert counters["stats"]["unique_graphs"] - before == 1

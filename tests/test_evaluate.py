@@ -303,10 +303,11 @@ class TestValidationLogic:
         assert not torch.equal(before, after)  # the setting does change a call that leaves it unset
         assert [g.answer_ids for g in generate(model, tok, prompts, **kwargs)] == plain
 
-    def test_p_confident_is_read_in_float32_under_bf16(self, tok):
+    @pytest.mark.parametrize("static_cache", [False, True])
+    def test_p_confident_is_read_in_float32_under_bf16(self, tok, static_cache):
         # Large, close C and U logits in a bf16 model: the head's bf16 output is rounded in steps of 0.125 at
         # 16-32, which moves p(C) / (p(C) + p(U)) by up to 0.03. p_confident is the float32 product of the hidden
-        # state the head got and its two rows.
+        # state the head got and its two rows, with a static KV cache too (a speed setting must not change it).
         add_confidence_tokens(tok, None, DOMAINS.tokens)
         model = make_model(len(tok), tie=False)
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
@@ -318,7 +319,8 @@ class TestValidationLogic:
         model = model.to(torch.bfloat16)
         prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
         gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=1,
-                        progress=False, score_ids=(c, u))
+                        progress=False, score_ids=(c, u), static_cache=static_cache)
+        assert "forward" not in model.lm_head.__dict__  # the head as it was
         exact, rounded = [], []
         for prompt, gen in zip(prompts, gens):
             ids = torch.tensor([prompt + gen.answer_ids])
@@ -332,7 +334,7 @@ class TestValidationLogic:
         assert max(abs(a - b) for a, b in zip(rounded, exact)) > 4e-3  # what reading the rounded logits gives
         with torch.inference_mode():  # no autograd for the head's rows there: the rounded logits, no error
             again = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=1,
-                             progress=False, score_ids=(c, u))
+                             progress=False, score_ids=(c, u), static_cache=static_cache)
         assert [g.p_confident for g in again] == [pytest.approx(p, abs=1e-6) for p in rounded]
 
     def test_a_domains_figures_cover_all_its_data_sets(self, tok, answering):
