@@ -337,6 +337,38 @@ class TestValidationLogic:
                              progress=False, score_ids=(c, u), static_cache=static_cache)
         assert [g.p_confident for g in again] == [pytest.approx(p, abs=1e-6) for p in rounded]
 
+    def test_p_confident_of_a_soft_capped_model_is_the_capped_float32_pair(self, tok):
+        # Gemma 2 caps its logits after the head (30 tanh(z / 30)): p_confident is read from the capped float32
+        # products, not from the capped rounded logits.
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        add_confidence_tokens(tok, None, DOMAINS.tokens)
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, final_logit_softcapping=30.0,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        with torch.no_grad():
+            head = model.lm_head.weight
+            head[c] = torch.randn(head.shape[1]) * 3.0
+            head[u] = head[c] + torch.randn(head.shape[1]) * 0.05
+        model = model.to(torch.bfloat16)
+        prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
+        gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=1,
+                        progress=False, score_ids=(c, u))
+        exact, rounded = [], []
+        for prompt, gen in zip(prompts, gens):
+            ids = torch.tensor([prompt + gen.answer_ids])
+            with torch.no_grad():
+                hidden = model.model(input_ids=ids).last_hidden_state[0, -1].float()
+                pair = hidden @ model.lm_head.weight[[c, u]].float().T
+                assert pair.abs().min() > 8
+                exact.append(torch.softmax(30 * torch.tanh(pair / 30), -1)[0].item())
+                rounded.append(torch.softmax(model(input_ids=ids).logits[0, -1, [c, u]].float(), -1)[0].item())
+        assert [g.p_confident for g in gens] == [pytest.approx(p, abs=2e-3) for p in exact]
+        assert max(abs(a - b) for a, b in zip(rounded, exact)) > 3e-3  # what reading the rounded logits gives
+
     def test_a_domains_figures_cover_all_its_data_sets(self, tok, answering):
         # A domain may list several data sets; each is validated in turn, and the domain's figures (and the
         # overall ones, and the reliability bins) are over all of them, not the last one's alone.
