@@ -194,6 +194,16 @@ class _PairForward:
         return logits.float().index_copy_(-1, self.index, pair)  # a new float32 tensor under bf16; no grad here
 
 
+def head_skipped_for_one_row(model) -> bool:
+    """Whether the model's forward computes a one-row decode step's logits from the head's weight, not by calling
+    the head module: unsloth's CausalLM forward takes ``torch.mv(lm_head.weight, h)`` when the batch is one row
+    of one token. PEFT's ``.weight`` of a head with trainable token rows builds the whole matrix with them at
+    every such step (a 1.1 GB copy for a 7B), where :class:`~conftok.token_rows.TokenRowsOnly` computes the rows
+    alone, and :class:`_ExactPair` is skipped (the pair read rounded)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (getattr(type(base).forward, "__module__", "") or "").startswith("unsloth")
+
+
 def _stop_ids(tokenizer, stop_tokens: Sequence[str]) -> list[int]:
     ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)}
     vocab = tokenizer.get_vocab()
@@ -391,11 +401,13 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
         if static_cache and prompts else {}
     # The pair's logits in float32 (_ExactPair), for the dynamic and the static cache alike.
     pair = _ExactPair(model, score_ids) if score_ids is not None else nullcontext()
+    # A batch is at least this many rows: a one-row batch gets a copy of its row beside it (its outputs dropped)
+    # where one row would decode without calling the head module (head_skipped_for_one_row: unsloth).
+    min_rows = batch_size if cache else 2 if head_skipped_for_one_row(model) else 1
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for idx in batches:
         batch = [prompts[i] for i in idx]
-        if cache:  # one shape for every batch: fill a short one with copies of its last row
-            batch += [batch[-1]] * (batch_size - len(batch))
+        batch += [batch[-1]] * (min_rows - len(batch))  # a static cache: one shape for every batch
         input_ids, mask = _left_pad(batch, tokenizer.pad_token_id, device)
         with pair:
             result = model.generate(

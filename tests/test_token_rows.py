@@ -163,3 +163,46 @@ def test_blocks_of_two_instances_nest(device):
         assert [layer.__dict__["forward"] for layer in layers] == mine
         model(input_ids=ids)
     assert not any("forward" in layer.__dict__ for layer in layers)
+
+
+def test_one_row_is_not_decoded_where_the_forward_skips_the_head(device, monkeypatch):
+    """unsloth's CausalLM forward takes ``torch.mv(lm_head.weight, h)`` for a batch of one row and one token,
+    where the head module is skipped: PEFT's ``.weight`` builds the whole head matrix with the token rows at every
+    such step (for a 7B, a 1.1 GB copy), and the pair is not read in float32 there. generate gives a one-row batch
+    a copy of its row, so a lone prompt (``conftok.predict``, a last batch of one) decodes through the head module
+    (the rows alone: no matrix built), with the answer, token and p_confident of a forward that calls it."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from conftok.domains import resolve_domains
+    from conftok.evaluate import generate, head_skipped_for_one_row
+    from conftok.prompts import encode_prompt
+
+    model, tok, _, new_ids = trained_model(device, tie=False)
+    model.eval()
+    base = model.get_base_model()
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, logits_to_keep=0, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        h = out.last_hidden_state
+        if h.shape[0] == 1 and h.shape[1] == 1:  # unsloth's shortcut
+            logits = torch.mv(self.lm_head.weight, h.ravel()).view(1, 1, -1)
+        else:
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
+
+    forward.__module__ = "unsloth.models.llama"
+    domains = resolve_domains()
+    prompts = [encode_prompt(tok, domains.by_name("read").build_question({"question": f"is {w} a word",
+                                                                          "passage": f"{w} is a word."}))
+               for w in ("apple", "stone", "river")]
+    kwargs = dict(stop_tokens=domains.tokens, max_new_tokens=6, batch_size=1, progress=False,
+                  score_ids=tuple(new_ids[:2]))
+    assert not head_skipped_for_one_row(model)
+    reference = generate(model, tok, prompts, **kwargs)
+    monkeypatch.setattr(base, "__class__", type("FastLlamaForCausalLM", (type(base),), {"forward": forward}))
+    assert head_skipped_for_one_row(model)
+    with OpCounter() as ops:
+        gens = generate(model, tok, prompts, **kwargs)
+    assert ops.count(torch.ops.aten.index_copy.default) == 0  # no whole matrix built (PEFT's .weight)
+    assert [(g.answer_ids, g.stop_token) for g in gens] == [(r.answer_ids, r.stop_token) for r in reference]
+    assert [g.p_confident for g in gens] == pytest.approx([r.p_confident for r in reference], abs=1e-5)
