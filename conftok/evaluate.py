@@ -113,14 +113,17 @@ class _ExactPair:
     columns written over by the hidden state times the head's two rows in float32 (the rows: the head's gradient
     at one probe input, taken at entering, in the dtype and autocast state generation runs with, so any linear
     head serves: PEFT's token rows, a merged adapter). What the model does after its head (Gemma 2's
-    soft-capping) is then done to the exact values. The other columns keep their rounded values, so the greedy
-    path over them is unchanged.
+    soft-capping) is then done to the exact values; such a model then computes that step in float32 for every
+    column, so its greedy choice between two other tokens that bf16 rounds to one value may differ from a plain
+    ``model.generate``. The other columns keep their values, and a plain head's greedy path is unchanged.
 
-    The forward is a plain tensor function, so a compiled decode step (a static KV cache) traces it; it is one
-    object kept on the head, and its rows one tensor overwritten in place, so a compiled step guards on the same
-    objects at every call. Where the rows cannot be read (inference mode; a head autograd cannot go through,
-    quantized) the block does nothing and p_confident is read from the rounded logits. So is it where a backend
-    computes its logits without calling the head module.
+    A forward that casts the logits back to bf16 after the head (unsloth's) rounds the pair again, so run eagerly
+    the forward also keeps each step's pair (:meth:`steps`), which the caller takes where the logits' pair is
+    that pair rounded. The forward is a plain tensor function otherwise, so a compiled decode step (a static KV
+    cache) traces it; it is one object kept on the head, and its rows one tensor overwritten in place, so a
+    compiled step guards on the same objects at every call. Where the rows cannot be read (inference mode; a head
+    autograd cannot go through, quantized) the block does nothing and p_confident is read from the rounded
+    logits. So is it where a backend computes its logits without calling the head module.
     """
 
     def __init__(self, model, ids: tuple[int, int]):
@@ -158,7 +161,19 @@ class _ExactPair:
             self.head.__dict__.pop("forward", None)
         else:
             self.head.forward = self.before
+        self.forward.seen = None
         self.forward = None
+
+    def start(self) -> None:
+        """Before each ``model.generate`` call in the block: forget the pairs kept so far."""
+        if self.forward is not None:
+            self.forward.seen = []
+
+    def steps(self, count: int) -> list[torch.Tensor] | None:
+        """The (B, 2) float32 pair of each of the last call's ``count`` steps, where the forward ran eagerly at
+        every one of them (none inside a compiled step, none where the model skipped the head), else None."""
+        seen = self.forward.seen if self.forward is not None else None
+        return seen if seen and len(seen) == count else None
 
 
 class _PairForward:
@@ -168,6 +183,7 @@ class _PairForward:
         self.head = head
         self.before = None  # the instance forward it wraps (TokenRowsOnly's), or None: the class's
         self.index = self.rows = self.bias = None
+        self.seen: list[torch.Tensor] | None = None  # each eager call's pair at the last position
 
     @staticmethod
     def on(head) -> "_PairForward":
@@ -191,15 +207,16 @@ class _PairForward:
                   else type(self.head).forward(self.head, x, *args, **kwargs))
         with torch.autocast(x.device.type, enabled=False):
             pair = x.float() @ self.rows.T + self.bias
+        if self.seen is not None and not torch.compiler.is_compiling():  # a side effect: not in a compiled step
+            self.seen.append(pair[:, -1])
         return logits.float().index_copy_(-1, self.index, pair)  # a new float32 tensor under bf16; no grad here
 
 
 def head_skipped_for_one_row(model) -> bool:
     """Whether the model's forward computes a one-row decode step's logits from the head's weight, not by calling
     the head module: unsloth's CausalLM forward takes ``torch.mv(lm_head.weight, h)`` when the batch is one row
-    of one token. PEFT's ``.weight`` of a head with trainable token rows builds the whole matrix with them at
-    every such step (a 1.1 GB copy for a 7B), where :class:`~conftok.token_rows.TokenRowsOnly` computes the rows
-    alone, and :class:`_ExactPair` is skipped (the pair read rounded)."""
+    of one token. :class:`_ExactPair`'s forward is skipped there, and unsloth casts the logits back to bf16 after
+    the head, so the pair of such a step would be read rounded."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return (getattr(type(base).forward, "__module__", "") or "").startswith("unsloth")
 
@@ -399,25 +416,41 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
     cache = dict(cache_implementation="static",
                  max_cache_len=max(cache_length or 0, static_cache_length(prompts, new_tokens))) \
         if static_cache and prompts else {}
-    # The pair's logits in float32 (_ExactPair), for the dynamic and the static cache alike.
-    pair = _ExactPair(model, score_ids) if score_ids is not None else nullcontext()
     # A batch is at least this many rows: a one-row batch gets a copy of its row beside it (its outputs dropped)
     # where one row would decode without calling the head module (head_skipped_for_one_row: unsloth).
     min_rows = batch_size if cache else 2 if head_skipped_for_one_row(model) else 1
+    with _ExactPair(model, score_ids) if score_ids is not None else nullcontext() as pair:  # the pair in float32
+        _generate_batches(model, tokenizer, prompts, out, batches, min_rows, pair, stop=stop, id_to_token=id_to_token,
+                          new_tokens=new_tokens, max_new_tokens=max_new_tokens, score_ids=score_ids, cache=cache,
+                          desc=desc, progress=progress)
+    unscored = [i for i, g in enumerate(out) if score_ids is not None and g.p_confident is None]
+    if unscored:
+        probs = score_confidence(model, tokenizer, [prompts[i] + out[i].answer_ids for i in unscored], *score_ids,
+                                 batch_size=batch_size)
+        for i, p in zip(unscored, probs):
+            out[i].p_confident = p
+    return out  # type: ignore[return-value]
+
+
+def _generate_batches(model, tokenizer, prompts, out, batches, min_rows, pair, *, stop, id_to_token, new_tokens,
+                      max_new_tokens, score_ids, cache, desc, progress) -> None:
+    """:func:`generate`'s batches, each into ``out`` at its prompts' places."""
+    device = next(model.parameters()).device
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for idx in batches:
         batch = [prompts[i] for i in idx]
         batch += [batch[-1]] * (min_rows - len(batch))  # a static cache: one shape for every batch
         input_ids, mask = _left_pad(batch, tokenizer.pad_token_id, device)
-        with pair:
-            result = model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                **GREEDY, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                # A confidence token comes after an answer, never instead of one: a trained token can
-                # outscore every answer token at the first step (seen on real rows), so forbid it there.
-                begin_suppress_tokens=list(id_to_token) or None,
-                output_logits=score_ids is not None, return_dict_in_generate=True, **cache,
-            )
+        if pair is not None:
+            pair.start()
+        result = model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+            **GREEDY, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            # A confidence token comes after an answer, never instead of one: a trained token can
+            # outscore every answer token at the first step (seen on real rows), so forbid it there.
+            begin_suppress_tokens=list(id_to_token) or None,
+            output_logits=score_ids is not None, return_dict_in_generate=True, **cache,
+        )
         generated = result.sequences[:len(idx), input_ids.shape[1]:input_ids.shape[1] + new_tokens].tolist()
         stops = [next((k for k, t in enumerate(seq) if t in stop), len(seq)) for seq in generated]
         cuts = [min(k, max_new_tokens) for k in stops]  # each answer's length: where the step after it is
@@ -427,6 +460,11 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
             scored = [row for row, cut in enumerate(cuts) if cut < len(result.logits)]
             if scored:  # logits (V) of step `cut`: the step after the answer
                 at_cut = torch.stack([result.logits[cuts[row]][row] for row in scored])[:, list(score_ids)].float()
+                kept = pair.steps(len(result.logits)) if pair is not None else None
+                if kept is not None:  # the forward's own pair, where the logits hold it rounded after the head (unsloth)
+                    fine = torch.stack([kept[cuts[row]][row] for row in scored])
+                    if bool(((fine - at_cut).abs() <= at_cut.abs() * 2 ** -7 + 1e-3).all()):
+                        at_cut = fine
                 for row, p in zip(scored, torch.softmax(at_cut, dim=-1)[:, 0].tolist()):
                     p_rows[row] = p
             answered = [row for row, cut in enumerate(cuts) if cut > 0]
@@ -446,13 +484,6 @@ def _generate(model, tokenizer, prompts, *, stop_tokens, max_new_tokens, batch_s
                                 p_answer=p_first[row])
         bar.update(len(idx))
     bar.close()
-    unscored = [i for i, g in enumerate(out) if score_ids is not None and g.p_confident is None]
-    if unscored:
-        probs = score_confidence(model, tokenizer, [prompts[i] + out[i].answer_ids for i in unscored], *score_ids,
-                                 batch_size=batch_size)
-        for i, p in zip(unscored, probs):
-            out[i].p_confident = p
-    return out  # type: ignore[return-value]
 
 
 @torch.no_grad()

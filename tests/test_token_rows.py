@@ -165,12 +165,12 @@ def test_blocks_of_two_instances_nest(device):
     assert not any("forward" in layer.__dict__ for layer in layers)
 
 
-def test_one_row_is_not_decoded_where_the_forward_skips_the_head(device, monkeypatch):
-    """unsloth's CausalLM forward takes ``torch.mv(lm_head.weight, h)`` for a batch of one row and one token,
-    where the head module is skipped: PEFT's ``.weight`` builds the whole head matrix with the token rows at every
-    such step (for a 7B, a 1.1 GB copy), and the pair is not read in float32 there. generate gives a one-row batch
-    a copy of its row, so a lone prompt (``conftok.predict``, a last batch of one) decodes through the head module
-    (the rows alone: no matrix built), with the answer, token and p_confident of a forward that calls it."""
+def test_an_unsloth_shaped_forward_still_gives_the_float32_pair(device):
+    """unsloth's CausalLM forward casts the logits back to bf16 after the head, and for a batch of one row and one
+    token takes ``torch.mv(lm_head.weight, h)`` without calling the head module. p_confident is still the float32
+    product of the hidden state and the trained rows: generate takes the pair the head's forward kept at each step
+    where the logits hold it rounded, and gives a one-row batch (``conftok.predict``, a last batch of one) a copy
+    of its row, so every step calls the head."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from conftok.domains import resolve_domains
@@ -178,31 +178,43 @@ def test_one_row_is_not_decoded_where_the_forward_skips_the_head(device, monkeyp
     from conftok.prompts import encode_prompt
 
     model, tok, _, new_ids = trained_model(device, tie=False)
-    model.eval()
+    c, u = new_ids[:2]
+    (delta,) = [p for n, p in model.named_parameters() if "lm_head" in n and "trainable_tokens_delta" in n]
+    torch.manual_seed(1)
+    with torch.no_grad():  # large, close C and U logits, where bf16 rounds coarsely
+        delta[0] = torch.randn(delta.shape[1]) * 6.0
+        delta[1] = delta[0] + torch.randn(delta.shape[1]) * 0.05
+    model = model.to(torch.bfloat16).eval()
     base = model.get_base_model()
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, logits_to_keep=0, **kwargs):
+        weight = self.lm_head.weight  # read at every call, as unsloth does
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
         h = out.last_hidden_state
-        if h.shape[0] == 1 and h.shape[1] == 1:  # unsloth's shortcut
-            logits = torch.mv(self.lm_head.weight, h.ravel()).view(1, 1, -1)
+        if h.shape[0] == 1 and h.shape[1] == 1:
+            logits = torch.mv(weight, h.ravel()).view(1, 1, -1)
         else:
             logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(logits=logits.to(self.dtype), past_key_values=out.past_key_values)
 
     forward.__module__ = "unsloth.models.llama"
+    base.__class__ = type("FastLlamaForCausalLM", (type(base),), {"forward": forward})
+    assert head_skipped_for_one_row(model)
     domains = resolve_domains()
     prompts = [encode_prompt(tok, domains.by_name("read").build_question({"question": f"is {w} a word",
                                                                           "passage": f"{w} is a word."}))
                for w in ("apple", "stone", "river")]
-    kwargs = dict(stop_tokens=domains.tokens, max_new_tokens=6, batch_size=1, progress=False,
-                  score_ids=tuple(new_ids[:2]))
-    assert not head_skipped_for_one_row(model)
-    reference = generate(model, tok, prompts, **kwargs)
-    monkeypatch.setattr(base, "__class__", type("FastLlamaForCausalLM", (type(base),), {"forward": forward}))
-    assert head_skipped_for_one_row(model)
-    with OpCounter() as ops:
-        gens = generate(model, tok, prompts, **kwargs)
-    assert ops.count(torch.ops.aten.index_copy.default) == 0  # no whole matrix built (PEFT's .weight)
-    assert [(g.answer_ids, g.stop_token) for g in gens] == [(r.answer_ids, r.stop_token) for r in reference]
-    assert [g.p_confident for g in gens] == pytest.approx([r.p_confident for r in reference], abs=1e-5)
+    for batch_size in (1, 3):
+        gens = generate(model, tok, prompts, stop_tokens=domains.tokens, max_new_tokens=4, batch_size=batch_size,
+                        progress=False, score_ids=(c, u))
+        exact, rounded = [], []
+        for prompt, gen in zip(prompts, gens):
+            with torch.no_grad():
+                ids = torch.tensor([prompt + gen.answer_ids], device=device)
+                hidden = base.model(input_ids=ids).last_hidden_state[0, -1].float()
+                pair = hidden @ base.lm_head.weight[[c, u]].float().T
+                assert pair.abs().min() > 8
+                exact.append(torch.softmax(pair, -1)[0].item())
+                rounded.append(torch.softmax(pair.to(torch.bfloat16).float(), -1)[0].item())
+        assert [g.p_confident for g in gens] == [pytest.approx(p, abs=2e-3) for p in exact], batch_size
+        assert max(abs(a - b) for a, b in zip(rounded, exact)) > 4e-3  # what the rounded logits would give
