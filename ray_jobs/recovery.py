@@ -47,6 +47,9 @@ def replay_finished_run(output_dir: Path, ray_run_dir: str, storage: tuple[objec
     storage, whose mirror of the tree is read where this node lacks it (:mod:`ray_jobs.mirror`).
     Training again would cost a whole run, and would not even report: Ray Train restores a run of
     the same name from its last checkpoint, where ``conftok.train`` has no step left to train or validate.
+    Unless Ray has no checkpoint of the last step (the worker died between writing ``final_metrics.json`` and
+    reporting its last validation, which comes after it): Ray restores the one before, the run trains its last
+    steps again and reports them, and False is returned.
     """
     import ray.tune
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
@@ -59,12 +62,24 @@ def replay_finished_run(output_dir: Path, ray_run_dir: str, storage: tuple[objec
     if text is None:
         return False
     history = json.loads(text)["history"]
+    last = f"{ray_run_dir.rstrip('/')}/checkpoint-{int(history[-1][M.STEP])}" if history else None
+    if last is None or not _exists(last, storage):
+        return False
     print(f"Trial {output_dir.name} finished before the search was stopped: reporting its {len(history)} "
           f"validation(s) from its {FINAL_METRICS} again, not training it again", flush=True)
     for number, metrics in enumerate(history, 1):
         checkpoint = f"{ray_run_dir.rstrip('/')}/checkpoint-{int(metrics[M.STEP])}"
         ray.tune.report({M.VALIDATION: number, **scalar_metrics(metrics), CHECKPOINT_PATH_KEY: checkpoint})
     return True
+
+
+def _exists(path: str, storage: tuple[object, str] | None) -> bool:
+    """Whether a directory of a Ray run is there: on remote ``storage`` (``(filesystem, run path)``), else on disk."""
+    if storage is None:
+        return Path(path).is_dir()
+    import pyarrow.fs
+
+    return storage[0].get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
 class PushSearchRecords(Callback):

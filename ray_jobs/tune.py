@@ -157,13 +157,28 @@ def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[d
             "status": "ERROR" if result.error else ("TERMINATED" if _finished(m, trials_dir, trial_id) else "STOPPED"),
             "error": error_reason(result.error),
             "checkpoint": m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None),
-            "time_s": m.get("time_total_s"),
+            "time_s": running_time(result),
         })
         for key, value in m.items():
             if key.startswith("val/") and key.count("/") == 2:
                 row[key] = value
         rows.append(row)
     return rows
+
+
+def running_time(result) -> float | None:
+    """Seconds a trial ran, summed over its attempts: Tune's ``time_total_s`` starts again at 0 in each (a restart
+    after a failure, a ``--resume``), so its last result holds the last attempt's alone. An attempt counts up to
+    its last report (a dead one's time after it is not known)."""
+    frame = result.metrics_dataframe
+    if frame is None or "time_total_s" not in getattr(frame, "columns", ()):
+        return (result.metrics or {}).get("time_total_s")
+    total = last = 0.0
+    for seconds in frame["time_total_s"].dropna():
+        if seconds < last:  # a new attempt
+            total += last
+        last = float(seconds)
+    return total + last
 
 
 def _count(value) -> int | None:

@@ -191,6 +191,11 @@ class TestTuneFailures:
         assert trial["status"] == "TERMINATED" and trial["error"] is None, trial
         assert trial["validations"] == 2
         assert worker_logs.count("Resuming from Ray checkpoint") == 1, worker_logs[-3000:]
+        # Its time is both attempts' (Tune's time_total_s starts again at 0 with the restart)
+        (tune_results,) = exp.glob(f"trial_fn_{trial['trial']}*/result.json")
+        attempts = [json.loads(line)["time_total_s"] for line in tune_results.read_text().splitlines()]
+        assert len(attempts) == 2 and attempts[1] < attempts[0] + 15  # the second attempt's clock started again
+        assert trial["time_s"] == pytest.approx(sum(attempts))
         validations = sorted((exp / "trials" / trial["trial"]).glob("checkpoint-*/validation.json"))
         assert [p.parent.name for p in validations] == ["checkpoint-2", "checkpoint-4"]  # the one before too
         assert (exp / "trials" / trial["trial"] / "final" / "adapter_model.safetensors").is_file()
@@ -259,6 +264,42 @@ class TestRecoveryPieces:
         (tmp_path / "t" / "final").mkdir(parents=True)
         (tmp_path / "t" / "final" / "adapter_model.safetensors").write_bytes(b"x")
         assert _finished({}, tmp_path, "t")
+
+    def test_a_finished_run_is_replayed_only_where_ray_has_its_last_checkpoint(self, tmp_path, monkeypatch):
+        """A restarted trial whose run wrote final_metrics.json reports its validations again instead of training,
+        naming Ray's checkpoints; but a worker that died after writing it and before reporting its last
+        validation left Ray the checkpoint before: the run trains its last steps again (not replayed), and
+        no reported checkpoint names a directory Ray never made."""
+        import ray.tune
+
+        from ray_jobs.recovery import replay_finished_run
+
+        reported = []
+        monkeypatch.setattr(ray.tune, "report", reported.append)
+        out, run = tmp_path / "trial", tmp_path / "ray" / "trial"
+        (out / "final").mkdir(parents=True)
+        history = [{"step": 2, "validation": 1, "val/accuracy": 0.5}, {"step": 4, "validation": 2, "val/accuracy": 0.6}]
+        (out / "final" / "final_metrics.json").write_text(json.dumps({"history": history}))
+        (run / "checkpoint-2").mkdir(parents=True)
+        assert not replay_finished_run(out, str(run)) and reported == []
+        (run / "checkpoint-4").mkdir()
+        assert replay_finished_run(out, str(run))
+        assert [r["checkpoint_path"] for r in reported] == [f"{run}/checkpoint-2", f"{run}/checkpoint-4"]
+        assert [r["validation"] for r in reported] == [1, 2]
+
+    def test_a_trials_time_is_summed_over_its_attempts(self):
+        """Tune's time_total_s starts again with each attempt (a restart after a failure, a --resume)."""
+        import types
+
+        import pandas as pd
+
+        from ray_jobs.tune import running_time
+
+        result = lambda seconds: types.SimpleNamespace(  # noqa: E731
+            metrics={"time_total_s": seconds[-1]}, metrics_dataframe=pd.DataFrame({"time_total_s": seconds}))
+        assert running_time(result([10.0, 20.0, 5.0, 12.0, 0.5])) == pytest.approx(32.5)
+        assert running_time(result([10.0, 20.0])) == 20.0
+        assert running_time(types.SimpleNamespace(metrics={"time_total_s": 7.0}, metrics_dataframe=None)) == 7.0
 
     def test_orphaned_running_trials_are_failed(self, tmp_path):
         from ray_jobs.recovery import fail_orphaned_trials
