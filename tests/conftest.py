@@ -155,6 +155,32 @@ class OpCounter:
         return self._mode.__exit__(*exc)
 
 
+def set_close_pair(weight: torch.Tensor, ids, scale: float = 3.0, seed: int = 1) -> None:
+    """Large, close rows for the two tokens ``ids`` of a head ``weight``: their logits are large (where bf16 rounds
+    in steps of 0.125) and near each other, so p(C) / (p(C) + p(U)) moves with the rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weight[ids[0]] = (torch.randn(weight.shape[1], generator=gen) * scale).to(weight)
+        weight[ids[1]] = weight[ids[0]] + (torch.randn(weight.shape[1], generator=gen) * 0.05).to(weight)
+
+
+def pair_probabilities(model, prompts, gens, ids, cap: float | None = None) -> tuple[list[float], list[float]]:
+    """p(C) at the step after each generation's answer: from the float32 product of the hidden state and the head's
+    two rows (capped as the model caps its logits: ``cap`` tanh(z / ``cap``)), and from the model's own logits
+    (rounded in bf16). ``model``: a causal LM with ``.model`` and ``.lm_head``."""
+    exact, rounded = [], []
+    for prompt, gen in zip(prompts, gens):
+        x = torch.tensor([prompt + gen.answer_ids], device=model.device)
+        with torch.no_grad():
+            hidden = model.model(input_ids=x).last_hidden_state[0, -1].float()
+            pair = hidden @ model.lm_head.weight[list(ids)].float().T
+            assert pair.abs().min() > 8  # large logits, where bf16 rounds coarsely
+            pair = cap * torch.tanh(pair / cap) if cap else pair
+            exact.append(torch.softmax(pair, -1)[0].item())
+            rounded.append(torch.softmax(model(input_ids=x).logits[0, -1, list(ids)].float(), -1)[0].item())
+    return exact, rounded
+
+
 def to_device(batch: dict, device) -> dict:
     """A collated batch (CPU tensors) on ``device``."""
     return {k: v.to(device) for k, v in batch.items()}

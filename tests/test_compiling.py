@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import feature_rows, make_model, make_tokenizer, to_device, write_jsonl
+from conftest import (feature_rows, make_model, make_tokenizer, pair_probabilities, set_close_pair, to_device,
+                      write_jsonl)
 from conftok.compiling import compile_layers, compiler_available, decoder_layers, layers_compiled, uncompiled_layers
 
 needs_compiler = pytest.mark.skipif(not compiler_available()[0], reason=compiler_available()[1] or "no compiler")
@@ -282,11 +283,7 @@ def test_a_compiled_decode_step_reads_p_confident_in_float32():
     add_confidence_tokens(tok, None, domains.tokens)
     model = make_model(len(tok), tie=False)
     c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
-    torch.manual_seed(1)
-    with torch.no_grad():
-        head = model.lm_head.weight
-        head[c] = torch.randn(head.shape[1]) * 3.0
-        head[u] = head[c] + torch.randn(head.shape[1]) * 0.05
+    set_close_pair(model.lm_head.weight, (c, u))
     model = model.to(torch.bfloat16)
     config = CompileConfig()
     config._compile_all_devices = True
@@ -297,10 +294,6 @@ def test_a_compiled_decode_step_reads_p_confident_in_float32():
     for _ in range(2):
         gens = generate(model, tok, prompts, stop_tokens=domains.tokens, max_new_tokens=3, batch_size=2,
                         progress=False, score_ids=(c, u), static_cache=True)
-        for prompt, gen in zip(prompts, gens):
-            with torch.no_grad():
-                hidden = model.model(input_ids=torch.tensor([prompt + gen.answer_ids])).last_hidden_state[0, -1]
-                pair = hidden.float() @ model.lm_head.weight[[c, u]].float().T
-            assert pair.abs().min() > 8  # where bf16 rounds coarsely
-            assert gen.p_confident == pytest.approx(torch.softmax(pair, -1)[0].item(), abs=2e-3)
+        exact, _ = pair_probabilities(model, prompts, gens, (c, u))
+        assert [g.p_confident for g in gens] == [pytest.approx(p, abs=2e-3) for p in exact]
     assert counters["stats"]["unique_graphs"] - before == 1

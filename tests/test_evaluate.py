@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import approx, make_model, make_tokenizer
+from conftest import approx, make_model, make_tokenizer, pair_probabilities, set_close_pair
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftok import metrics as M
@@ -311,25 +311,13 @@ class TestValidationLogic:
         add_confidence_tokens(tok, None, DOMAINS.tokens)
         model = make_model(len(tok), tie=False)
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
-        torch.manual_seed(1)
-        with torch.no_grad():
-            head = model.lm_head.weight
-            head[c] = torch.randn(head.shape[1]) * 3.0
-            head[u] = head[c] + torch.randn(head.shape[1]) * 0.05
+        set_close_pair(model.lm_head.weight, (c, u))
         model = model.to(torch.bfloat16)
         prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
         gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=1,
                         progress=False, score_ids=(c, u), static_cache=static_cache)
         assert "forward" not in model.lm_head.__dict__  # the head as it was
-        exact, rounded = [], []
-        for prompt, gen in zip(prompts, gens):
-            ids = torch.tensor([prompt + gen.answer_ids])
-            with torch.no_grad():
-                hidden = model.model(input_ids=ids).last_hidden_state[0, -1].float()
-                pair = hidden @ model.lm_head.weight[[c, u]].float().T
-                assert pair.abs().min() > 8  # large logits, where bf16 rounds coarsely
-                exact.append(torch.softmax(pair, -1)[0].item())
-                rounded.append(torch.softmax(model(input_ids=ids).logits[0, -1, [c, u]].float(), -1)[0].item())
+        exact, rounded = pair_probabilities(model, prompts, gens, (c, u))
         assert [g.p_confident for g in gens] == [pytest.approx(p, abs=2e-3) for p in exact]
         assert max(abs(a - b) for a, b in zip(rounded, exact)) > 4e-3  # what reading the rounded logits gives
         with torch.inference_mode():  # no autograd for the head's rows there: the rounded logits, no error
@@ -349,23 +337,12 @@ class TestValidationLogic:
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, final_logit_softcapping=30.0,
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
-        with torch.no_grad():
-            head = model.lm_head.weight
-            head[c] = torch.randn(head.shape[1]) * 3.0
-            head[u] = head[c] + torch.randn(head.shape[1]) * 0.05
+        set_close_pair(model.lm_head.weight, (c, u), seed=0)
         model = model.to(torch.bfloat16)
         prompts = [encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) for row in BOOLQ]
         gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=1,
                         progress=False, score_ids=(c, u))
-        exact, rounded = [], []
-        for prompt, gen in zip(prompts, gens):
-            ids = torch.tensor([prompt + gen.answer_ids])
-            with torch.no_grad():
-                hidden = model.model(input_ids=ids).last_hidden_state[0, -1].float()
-                pair = hidden @ model.lm_head.weight[[c, u]].float().T
-                assert pair.abs().min() > 8
-                exact.append(torch.softmax(30 * torch.tanh(pair / 30), -1)[0].item())
-                rounded.append(torch.softmax(model(input_ids=ids).logits[0, -1, [c, u]].float(), -1)[0].item())
+        exact, rounded = pair_probabilities(model, prompts, gens, (c, u), cap=30.0)
         assert [g.p_confident for g in gens] == [pytest.approx(p, abs=2e-3) for p in exact]
         assert max(abs(a - b) for a, b in zip(rounded, exact)) > 3e-3  # what reading the rounded logits gives
 

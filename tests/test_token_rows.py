@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import OpCounter, make_model, make_tokenizer, tolerance
+from conftest import OpCounter, make_model, make_tokenizer, pair_probabilities, set_close_pair, tolerance
 
 from conftok.modeling import build_model
 from conftok.token_rows import TokenRowsOnly, trainable_token_layers
@@ -180,10 +180,7 @@ def test_an_unsloth_shaped_forward_still_gives_the_float32_pair(device):
     model, tok, _, new_ids = trained_model(device, tie=False)
     c, u = new_ids[:2]
     (delta,) = [p for n, p in model.named_parameters() if "lm_head" in n and "trainable_tokens_delta" in n]
-    torch.manual_seed(1)
-    with torch.no_grad():  # large, close C and U logits, where bf16 rounds coarsely
-        delta[0] = torch.randn(delta.shape[1]) * 6.0
-        delta[1] = delta[0] + torch.randn(delta.shape[1]) * 0.05
+    set_close_pair(delta, (0, 1), scale=6.0)  # the trained rows of C and U, the first two new tokens
     model = model.to(torch.bfloat16).eval()
     base = model.get_base_model()
 
@@ -207,14 +204,6 @@ def test_an_unsloth_shaped_forward_still_gives_the_float32_pair(device):
     for batch_size in (1, 3):
         gens = generate(model, tok, prompts, stop_tokens=domains.tokens, max_new_tokens=4, batch_size=batch_size,
                         progress=False, score_ids=(c, u))
-        exact, rounded = [], []
-        for prompt, gen in zip(prompts, gens):
-            with torch.no_grad():
-                ids = torch.tensor([prompt + gen.answer_ids], device=device)
-                hidden = base.model(input_ids=ids).last_hidden_state[0, -1].float()
-                pair = hidden @ base.lm_head.weight[[c, u]].float().T
-                assert pair.abs().min() > 8
-                exact.append(torch.softmax(pair, -1)[0].item())
-                rounded.append(torch.softmax(pair.to(torch.bfloat16).float(), -1)[0].item())
+        exact, rounded = pair_probabilities(base, prompts, gens, (c, u))  # rounded: the forward's bf16 logits
         assert [g.p_confident for g in gens] == [pytest.approx(p, abs=2e-3) for p in exact], batch_size
         assert max(abs(a - b) for a, b in zip(rounded, exact)) > 4e-3  # what the rounded logits would give
