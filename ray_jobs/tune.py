@@ -167,17 +167,18 @@ def collect_results(result_grid, space: SearchSpace, trials_dir: Path) -> list[d
 
 
 def running_time(result) -> float | None:
-    """Seconds a trial ran, summed over its attempts: Tune's ``time_total_s`` starts again at 0 in each (a restart
-    after a failure, a ``--resume``), so its last result holds the last attempt's alone. An attempt counts up to
-    its last report (a dead one's time after it is not known)."""
+    """Seconds a trial ran, summed over its attempts: Tune's ``time_total_s`` and ``training_iteration`` start again
+    in each (a restart after a failure, a ``--resume``), so its last result holds the last attempt's time alone. An
+    attempt counts up to its last report (a dead one's time after it is not known)."""
     frame = result.metrics_dataframe
-    if frame is None or "time_total_s" not in getattr(frame, "columns", ()):
+    if frame is None or not {"time_total_s", "training_iteration"} <= set(getattr(frame, "columns", ())):
         return (result.metrics or {}).get("time_total_s")
     total = last = 0.0
-    for seconds in frame["time_total_s"].dropna():
-        if seconds < last:  # a new attempt
+    previous = 0
+    for seconds, iteration in frame[["time_total_s", "training_iteration"]].dropna().itertuples(index=False):
+        if iteration <= previous:  # a new attempt: its iterations count from 1 again
             total += last
-        last = float(seconds)
+        last, previous = float(seconds), iteration
     return total + last
 
 
