@@ -129,7 +129,6 @@ class _ExactPair:
     def __init__(self, model, ids: tuple[int, int]):
         self.head, self.ids = model.get_output_embeddings(), list(ids)
         self.forward: _PairForward | None = None
-        self.before = None
 
     def __enter__(self):
         if self.head is None or torch.is_inference_mode_enabled():
@@ -150,17 +149,16 @@ class _ExactPair:
             return self
         self.forward = _PairForward.on(self.head)
         self.forward.set(before, self.ids, torch.stack(rows).float(), pair.detach().float())
-        self.before = before
         self.head.forward = self.forward
         return self
 
     def __exit__(self, *exc) -> None:
         if self.forward is None:
             return
-        if self.before is None:
+        if self.forward.before is None:
             self.head.__dict__.pop("forward", None)
         else:
-            self.head.forward = self.before
+            self.head.forward = self.forward.before
         self.forward.seen = None
         self.forward = None
 
