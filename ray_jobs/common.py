@@ -113,12 +113,25 @@ def start_local_ray(**init_kwargs: Any) -> None:
     trial's workers time out (60 s) and are asked for again, forever. So the dashboard's port is
     chosen here and named in RAY_API_SERVER_ADDRESS to the processes ray.init starts (workers
     inherit their environment); the caller's own environment is put back, runtime_env is untouched.
+    The port is free when chosen, but another process may take it before the dashboard binds it (another
+    local Ray starting, seen with two test processes): ray.init is then tried again with another port.
     """
     import ray
 
-    port = _free_port()
-    with _environ(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)
+    for attempt in range(1, DASHBOARD_PORT_ATTEMPTS + 1):
+        port = _free_port()
+        try:
+            with _environ(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+                ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)
+            return
+        except Exception as e:  # Ray raises a plain Exception with the dashboard's log
+            if "address already in use" not in str(e) or attempt == DASHBOARD_PORT_ATTEMPTS:
+                raise
+            logger.warning("the dashboard's port %d was taken before it started; trying another", port)
+            ray.shutdown()
+
+
+DASHBOARD_PORT_ATTEMPTS = 3
 
 
 def _free_port() -> int:

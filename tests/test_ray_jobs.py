@@ -486,3 +486,35 @@ def test_the_last_validation_is_reported_once_final_is_written(assets, tmp_path,
     cfg = TrainConfig(**train_values(assets, output_dir=str(run), num_epochs=1, eval_steps=2, torch_compile=False))
     train_func({"train": cfg.to_dict()})
     assert reports == [(2, False), (4, True)]  # 64 rows at batch 16: validations at steps 2 and 4 (the last)
+
+
+def test_a_dashboard_port_taken_before_ray_binds_it_is_chosen_again(monkeypatch):
+    """The free port start_local_ray picks may be taken by another process (another local Ray starting) before the
+    dashboard binds it; Ray then fails with "address already in use": a new port is tried, named to the workers
+    as the dashboard's. Other errors are raised at once."""
+    import ray
+
+    from ray_jobs import common
+
+    calls, shutdowns = [], []
+
+    def fake_init(**kwargs):
+        calls.append((kwargs["dashboard_port"], os.environ["RAY_API_SERVER_ADDRESS"]))
+        if len(calls) == 1:
+            raise Exception("Failed to find a valid port for dashboard after 0 retries: [Errno 98] error while "
+                            "attempting to bind on address ('127.0.0.1', 33321): address already in use")
+
+    ports = iter([33321, 40001])
+    monkeypatch.setattr(common, "_free_port", lambda: next(ports))
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    common.start_local_ray(num_cpus=1)
+    assert calls == [(33321, "http://127.0.0.1:33321"), (40001, "http://127.0.0.1:40001")] and shutdowns == [1]
+
+    def broken(**kwargs):
+        raise Exception("GCS failed to start")
+
+    monkeypatch.setattr(ray, "init", broken)
+    monkeypatch.setattr(common, "_free_port", lambda: 40002)
+    with pytest.raises(Exception, match="GCS failed"):
+        common.start_local_ray(num_cpus=1)
