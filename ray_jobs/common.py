@@ -125,7 +125,8 @@ def start_local_ray(**init_kwargs: Any) -> None:
                 ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)
             return
         except Exception as e:  # Ray raises a plain Exception with the dashboard's log
-            if "address already in use" not in str(e) or attempt == DASHBOARD_PORT_ATTEMPTS:
+            taken = "address already in use" in str(e) or "already occupied" in str(e)  # at binding; Ray's check
+            if not taken or attempt == DASHBOARD_PORT_ATTEMPTS:
                 raise
             logger.warning("the dashboard's port %d was taken before it started; trying another", port)
             ray.shutdown()

@@ -490,8 +490,9 @@ def test_the_last_validation_is_reported_once_final_is_written(assets, tmp_path,
 
 def test_a_dashboard_port_taken_before_ray_binds_it_is_chosen_again(monkeypatch):
     """The free port start_local_ray picks may be taken by another process (another local Ray starting) before the
-    dashboard binds it; Ray then fails with "address already in use": a new port is tried, named to the workers
-    as the dashboard's. Other errors are raised at once."""
+    dashboard binds it (Ray fails with "address already in use", or "already occupied" at its own check): a new
+    port is tried, named to the workers as the dashboard's. Other errors are raised at once. (A real taken port,
+    held by a listening socket, was checked by hand: the retry started Ray and ran a task.)"""
     import ray
 
     from ray_jobs import common
@@ -500,16 +501,19 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_chosen_again(monkeypatch)
 
     def fake_init(**kwargs):
         calls.append((kwargs["dashboard_port"], os.environ["RAY_API_SERVER_ADDRESS"]))
-        if len(calls) == 1:
+        if len(calls) == 1:  # taken between the choice and the binding
             raise Exception("Failed to find a valid port for dashboard after 0 retries: [Errno 98] error while "
                             "attempting to bind on address ('127.0.0.1', 33321): address already in use")
+        if len(calls) == 2:  # taken before Ray's own check
+            raise ValueError("Failed to bind to 127.0.0.1:40000 because it's already occupied.")
 
-    ports = iter([33321, 40001])
+    ports = iter([33321, 40000, 40001])
     monkeypatch.setattr(common, "_free_port", lambda: next(ports))
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
     common.start_local_ray(num_cpus=1)
-    assert calls == [(33321, "http://127.0.0.1:33321"), (40001, "http://127.0.0.1:40001")] and shutdowns == [1]
+    assert calls == [(33321, "http://127.0.0.1:33321"), (40000, "http://127.0.0.1:40000"),
+                     (40001, "http://127.0.0.1:40001")] and shutdowns == [1, 1]
 
     def broken(**kwargs):
         raise Exception("GCS failed to start")
