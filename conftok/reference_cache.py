@@ -12,7 +12,8 @@ The key is a SHA-256 over what the reference depends on: every row's token ids (
 so the data, the tokenizer, the chat template and ``max_seq_length`` all count) and answer length,
 the confidence tokens' ids (left out of the reference), and the model's description (name,
 quantization, dtype, new-token initialisation, ``k``). Version 2: the reference leaves the confidence
-tokens out (version 1's files, which held them, are never read). The
+tokens out (version 1's files, which held them, are never read). Version 3: ``conftok.train`` computes
+it under the training's bf16 autocast (version 2's files of a float32 model were read without it). The
 weights behind a model name can change while the name stays; so before a cached reference is
 used, one batch of it is computed again and compared (top-1 ids, log-probabilities): a mismatch
 discards the file and computes the whole reference anew, saying why.
@@ -37,7 +38,7 @@ __all__ = ["attach_base_topk_cached", "reference_key", "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # A fresh batch against its cached copy: the same model gives the same top-1 ids but where two
 # candidates tie within bf16 rounding, and log-probabilities within bf16's resolution.
 MIN_TOP1_AGREEMENT = 0.95

@@ -278,9 +278,16 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
     seed_everything(cfg.seed)
     domains = resolve_domains(cfg.domains)
     # 'auto' checkpointing is decided once the rows are read (the longest sets the batch's shape): the hf
-    # backend can turn it on after wrapping; unsloth sets it when it wraps, so it decides from max_seq_length.
+    # backend turns it on after wrapping; unsloth sets it when it wraps, so build_model reads the rows then,
+    # with unsloth's tokenizer (read_rows), and they are not read twice.
     hf_backend = model is not None or resolve_backend(cfg.backend) == "hf"
     auto_checkpointing = cfg.gradient_checkpointing == "auto" and hf_backend
+    read: dict[str, ConfidenceDataset] = {}
+
+    def read_rows(tokenizer) -> int:
+        read["rows"] = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
+        return max(read["rows"].lengths())
+
     if cfg.padding_free:
         if not hf_backend:
             raise ValueError(f"padding_free=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
@@ -298,7 +305,7 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
         gradient_checkpointing=False if auto_checkpointing else cfg.gradient_checkpointing, bf16=cfg.bf16,
         token_init=cfg.token_init, max_seq_length=cfg.max_seq_length, seed=cfg.seed, batch_size=cfg.batch_size,
-        attn_implementation=FLASH_ATTENTION if cfg.padding_free and model is None else None,
+        seq_len=read_rows, attn_implementation=FLASH_ATTENTION if cfg.padding_free and model is None else None,
         trust_remote_code=cfg.trust_remote_code,
     )
     device = model_device(model)
@@ -307,14 +314,18 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         check_padding_free(model, bf16=use_bf16)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-    dataset = ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length, domains=domains)
+    dataset = read["rows"] if "rows" in read else ConfidenceDataset(cfg.train_data, tokenizer, cfg.max_seq_length,
+                                                                    domains=domains)
     val_sets = val_sets if val_sets is not None else load_validation_sets(cfg, domains)
     if cfg.stored_kl_weight:
         # The stored KL guard's reference: the base model's top-k at each answer position, computed once
-        # (and kept in the reference cache for a resumed run or the next trial of a search).
-        attach_base_topk_cached(dataset, model, cfg.stored_kl_top_k, cache_dir=_reference_cache(cfg, out),
-                                model_description=_model_description(cfg, model, tokenizer, passed_model),
-                                batch_size=cfg.eval_batch_size, progress=cfg.progress)
+        # (and kept in the reference cache for a resumed run or the next trial of a search). Under the
+        # autocast the steps run with: float32 weights read in float32 would leave a KL floor of rounding
+        # alone at the first step (0.095 nats on a sharp tiny model against 2e-4), which the guard would train.
+        with amp():
+            attach_base_topk_cached(dataset, model, cfg.stored_kl_top_k, cache_dir=_reference_cache(cfg, out),
+                                    model_description=_model_description(cfg, model, tokenizer, passed_model),
+                                    batch_size=cfg.eval_batch_size, progress=cfg.progress)
     collate = (PackedConfidenceCollator if cfg.padding_free else ConfidenceCollator)(tokenizer.pad_token_id)
     lengths = dataset.lengths()
     compiled, why = decide_torch_compile(cfg, device, hf_backend)
