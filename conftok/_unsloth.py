@@ -8,7 +8,8 @@ are added before ``get_peft_model`` so the new rows exist when PEFT wraps the em
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from conftok.tokens import add_confidence_tokens, init_token_rows
 def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_r: int, lora_alpha: int,
                 lora_dropout: float, target_modules: Sequence[str], gradient_checkpointing: bool | str,
                 dtype: torch.dtype, token_init: str, max_seq_length: int, seed: int, batch_size: int = 8,
-                seq_len: int | None = None, trust_remote_code: bool = False):
+                seq_len: int | Callable[[Any], int] | None = None, trust_remote_code: bool = False):
     import unsloth  # noqa: F401  (patches transformers/peft; must come first)
     from unsloth import FastLanguageModel
 
@@ -38,9 +39,9 @@ def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_
         tokenizer.pad_token = tokenizer.eos_token
     ids = list(add_confidence_tokens(tokenizer, None, domains.tokens).values())
     init_token_rows(model, tokenizer, ids, token_init)  # also when the tokenizer held the tokens already
-    if gradient_checkpointing == "auto":
-        gradient_checkpointing = auto_gradient_checkpointing(model, batch_size=batch_size,
-                                                             seq_len=seq_len or max_seq_length, lora_r=lora_r,
+    if gradient_checkpointing == "auto":  # unsloth sets it when it wraps: decided here, for the rows' longest
+        rows = seq_len(tokenizer) if callable(seq_len) else seq_len or max_seq_length
+        gradient_checkpointing = auto_gradient_checkpointing(model, batch_size=batch_size, seq_len=rows, lora_r=lora_r,
                                                              target_modules=target_modules)
     model = FastLanguageModel.get_peft_model(
         model,

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ def build_model(
     seed: int = 42,
     device: "str | torch.device | None" = None,
     batch_size: int = 8,
-    seq_len: int | None = None,
+    seq_len: int | Callable[[Any], int] | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ):
@@ -131,6 +131,8 @@ def build_model(
         gradient_checkpointing: True, False, or ``"auto"``: decided by
             :func:`conftok.memory.auto_gradient_checkpointing` once the weights are on the device, for
             batches of ``batch_size`` rows of ``seq_len`` tokens (default ``max_seq_length``).
+        seq_len: the longest row in tokens, or a function of the tokenizer (the confidence tokens added)
+            that gives it, called only where ``"auto"`` is decided (``conftok.train`` reads its rows there).
         attn_implementation: passed to ``from_pretrained`` (``flash_attention_2`` for padding-free
             batches); None: transformers' default. A model object keeps its own.
         trust_remote_code: run code shipped with the model (its config's ``auto_map``); off, only
@@ -176,7 +178,7 @@ def build_model(
                 str(model_name), domains=domains, quantization=quantization, lora_r=lora_r,
                 lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                 gradient_checkpointing=gradient_checkpointing, dtype=dtype, token_init=token_init,
-                max_seq_length=max_seq_length, seed=seed, batch_size=batch_size, seq_len=seq_len or max_seq_length,
+                max_seq_length=max_seq_length, seed=seed, batch_size=batch_size, seq_len=seq_len,
                 trust_remote_code=trust_remote_code,
             )
         from transformers import AutoModelForCausalLM
@@ -199,7 +201,8 @@ def build_model(
     if quant_config is None:
         model.to(device)
     if gradient_checkpointing == "auto":
-        gradient_checkpointing = auto_gradient_checkpointing(model, batch_size=batch_size, seq_len=seq_len or max_seq_length,
+        rows = seq_len(tokenizer) if callable(seq_len) else seq_len or max_seq_length
+        gradient_checkpointing = auto_gradient_checkpointing(model, batch_size=batch_size, seq_len=rows,
                                                              lora_r=lora_r, target_modules=target_modules)
     return _wrap_lora(model, tokenizer, list(ids.values()), quantized=quant_config is not None,
                       lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OpCounter, approx, make_model, make_tokenizer, to_device, tolerance
+from conftest import OpCounter, approx, feature_rows, make_model, make_tokenizer, to_device, tolerance, write_jsonl
 from safetensors import safe_open
 
 from conftok import modeling
@@ -503,6 +503,30 @@ def check_unsloth_run(result, device_type, dtype):
         assert max(abs(p - 0.5) for p in r["p_here"]) > 1e-4
 
 
+UNSLOTH_TRAIN = """
+import contextlib, io, json, re, sys
+import unsloth  # first: it patches transformers and peft when imported
+from conftok.config import TrainConfig
+from conftok.data import ConfidenceDataset
+from conftok.domains import resolve_domains
+from conftok.modeling import load_tokenizer
+from conftok.tokens import add_confidence_tokens
+from conftok.train import train
+
+cfg = TrainConfig(model_name=sys.argv[1], train_data=sys.argv[2], output_dir=sys.argv[3], backend="unsloth", bf16=False,
+                  gradient_checkpointing="auto", batch_size=4, max_steps=1, max_new_tokens=2, lora_r=4, progress=False)
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    train(cfg, val_sets={"boolq": [{"question": "is it red", "passage": "It is red.", "answer": True}]})
+tokenizer = load_tokenizer(sys.argv[1])
+add_confidence_tokens(tokenizer, None, resolve_domains().tokens)
+longest = max(ConfidenceDataset(sys.argv[2], tokenizer).lengths())
+print(json.dumps({"decisions": re.findall(r"Gradient checkpointing \\(auto\\) \\w+: .*?\\((batch \\d+ x \\d+ tokens)",
+                                          printed.getvalue()),
+                  "longest": longest}))
+"""
+
+
 needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
 
 
@@ -517,6 +541,16 @@ class TestUnslothBackend:
         result = run_python(UNSLOTH, str(tied), str(untied), str(tmp_path / "adapters"), "fp32",
                             env={"CUDA_VISIBLE_DEVICES": ""})
         check_unsloth_run(result, "cpu", torch.float32)
+
+    def test_train_decides_auto_checkpointing_for_its_longest_row(self, tmp_path):
+        """unsloth sets checkpointing when it wraps the model, before train's own decision: 'auto' is decided
+        there for the rows' longest (it was max_seq_length's 2048, which on a 141 GB card turned checkpointing
+        on for the 7B search whose rows fit without it)."""
+        base = save_base(tmp_path)
+        rows = write_jsonl(tmp_path / "t.jsonl", feature_rows(8))
+        result = run_python(UNSLOTH_TRAIN, str(base), rows, str(tmp_path / "run"), env={"CUDA_VISIBLE_DEVICES": ""})
+        assert result["decisions"] == [f"batch 4 x {result['longest']} tokens"], result
+        assert result["longest"] < 2048
 
     @pytest.mark.gpu
     def test_builds_trains_and_reloads_on_cuda(self, tmp_path, cuda_device):
