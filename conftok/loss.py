@@ -95,11 +95,10 @@ class BatchFacts(NamedTuple):
     answer_columns: int  # the longest answer's length (the answer_mask's positions that predict a token); 0 if none
 
 
-def host_facts(batch: dict[str, torch.Tensor], *, check_labels: bool = True) -> BatchFacts:
-    """:class:`BatchFacts` of a collated batch still on the CPU; checks its labels as :func:`training_loss` does
-    (``check_labels=False`` for a packed batch, whose labels are laid out otherwise)."""
-    if check_labels:
-        _check_last_position_only(batch["labels"])
+def host_facts(batch: dict[str, torch.Tensor]) -> BatchFacts:
+    """:class:`BatchFacts` of a collated batch still on the CPU (a packed batch too: it holds the padded batch's
+    labels and masks); checks its labels as :func:`training_loss` does."""
+    _check_last_position_only(batch["labels"])
     answer_mask = batch.get("answer_mask")
     columns = int(answer_mask[:, 1:].sum(-1).max()) if answer_mask is not None and answer_mask.numel() else 0
     return BatchFacts(padded=not bool(batch["attention_mask"].all()), answer_columns=columns)

@@ -37,13 +37,16 @@ import torch.nn.functional as F
 from conftok.data import ConfidenceCollator
 from conftok.loss import LossTerms, training_loss
 
-__all__ = ["FLASH_ATTENTION", "PACKED_KEYS", "PackedConfidenceCollator", "PackedModel", "packed_logits", "packed_token_loss",
+__all__ = ["FLASH_ATTENTION", "HOST_KEYS", "PACKED_KEYS", "PackedConfidenceCollator", "PackedModel", "packed_logits", "packed_token_loss",
            "packed_training_loss", "check_padding_free"]
 
 FLASH_ATTENTION = "flash_attention_2"
 # The collator's keys besides the padded batch's: index of each real input token in the (B, T - 1)
 # input, its position, row boundaries (int32, as flash-attention takes them) and the longest row.
 PACKED_KEYS = ("packed_index", "packed_position_ids", "cu_seq_lens", "max_length")
+# Keys a training step leaves on the host when it moves a batch: flash-attention takes the longest row as a
+# Python int, read from a CPU tensor without waiting for the device.
+HOST_KEYS = ("max_length",)
 
 
 @dataclass
@@ -91,7 +94,7 @@ def packed_logits(model, batch: dict[str, torch.Tensor], input_ids: torch.Tensor
     index = ends[:, None] - keep + torch.arange(keep, device=cu.device)  # (B, keep): each row's last positions
     present = index >= starts[:, None]
     index = torch.maximum(index, starts[:, None])  # a short row repeats its first position; zeroed below
-    max_length = int(batch["max_length"])  # flash-attention takes it as a Python int: one sync per forward
+    max_length = int(batch["max_length"])  # a Python int for flash-attention: a device sync unless on the host
     out = model(input_ids=flat_ids, attention_mask=None, position_ids=batch["packed_position_ids"],
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_length, max_length_k=max_length,
                 logits_to_keep=index.reshape(-1), use_cache=False)

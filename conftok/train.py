@@ -55,7 +55,8 @@ from conftok.loss import (LoraInputsUncast, LossTerms, TermSizes, group_loss, ho
 from conftok.memory import auto_gradient_checkpointing
 from conftok.modeling import (ADAPTER_WEIGHTS_FILE, METADATA_FILE, build_model,
                               enable_gradient_checkpointing, model_device, replace_directory, resolve_backend, save_adapter)
-from conftok.packing import FLASH_ATTENTION, PackedConfidenceCollator, check_padding_free, packed_training_loss
+from conftok.packing import (FLASH_ATTENTION, HOST_KEYS, PackedConfidenceCollator, check_padding_free,
+                             packed_training_loss)
 from conftok.reference_cache import attach_base_topk_cached
 from conftok.sampler import LengthGroupedBatchSampler, padding_share
 from conftok.token_rows import TokenRowsOnly
@@ -154,7 +155,7 @@ class TrainStep:
         self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.uncast = LoraInputsUncast(model) if bf16 else nullcontext()
         self.rows = TokenRowsOnly(model)
-        self.compiled, self.packed = compiled, packed
+        self.compiled = compiled
         # compute_loss: training_loss's signature and result (bench/gpu.py times a full-logits baseline through it)
         self.compute_loss = compute_loss or (packed_training_loss if packed else training_loss)
         self.max_grad_norm = max_grad_norm
@@ -192,9 +193,9 @@ class TrainStep:
             self._add(batch, TermSizes(*(part / total if total else 0.0 for part, total in zip(size, totals))))
 
     def _add(self, batch: dict[str, torch.Tensor], shares: TermSizes | None) -> None:
-        facts = host_facts(batch, check_labels=not self.packed)  # read on the CPU copy: no sync
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        kwargs = self.loss_kwargs if self.packed else {**self.loss_kwargs, "facts": facts}
+        facts = host_facts(batch)  # read on the CPU copy: no sync (a packed batch holds the padded one's labels)
+        batch = {k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        kwargs = {**self.loss_kwargs, "facts": facts}
         # Padded batches on CUDA: SDPA's math kernel; the fused kernels' gradients go non-finite there.
         # Compiled layers keep the kernel they were traced with: the math kernel for every batch then.
         with self.amp(), self._guard(batch, facts.padded), self.uncast, self.rows:

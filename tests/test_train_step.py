@@ -17,6 +17,7 @@ from conftok.data import ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
 from conftok.loss import attach_base_topk, training_loss
 from conftok.modeling import build_model
+from conftok.packing import PackedConfidenceCollator
 from conftok.tokens import token_ids
 
 train_module = importlib.import_module("conftok.train")  # `conftok.train` the attribute is the function
@@ -49,7 +50,7 @@ def tiny_lora(device, *, bf16: bool):
                        lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False, device=device)
 
 
-def setup(tmp_path, device, *, bf16: bool):
+def setup(tmp_path, device, *, bf16: bool, packed: bool = False):
     model, tok = tiny_lora(device, bf16=bf16)
     ds = ConfidenceDataset(write_jsonl(tmp_path / "t.jsonl", long_answer_rows()), tok)
     cfg = TrainConfig()  # the default loss: placement and the stored KL
@@ -58,8 +59,8 @@ def setup(tmp_path, device, *, bf16: bool):
     domains = resolve_domains()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     step = train_module.TrainStep(model, optimizer, loss_kwargs=cfg.loss_kwargs(), confidence_ids=ids.values(),
-                                  confident_ids=[ids[d.confident_token] for d in domains], bf16=bf16)
-    collate = ConfidenceCollator(tok.pad_token_id)
+                                  confident_ids=[ids[d.confident_token] for d in domains], bf16=bf16, packed=packed)
+    collate = (PackedConfidenceCollator if packed else ConfidenceCollator)(tok.pad_token_id)
     batches = [collate([ds[i] for i in range(0, 3)]), collate([ds[i] for i in range(3, 6)])]
     twins = [collate([ds[i], ds[i]]) for i in (1, 4)]  # one row twice: no padding
     return model, step, batches, twins, cfg, ids
@@ -131,6 +132,33 @@ def test_a_step_reads_the_device_once(tmp_path, device, monkeypatch):
     assert clipped.item() == pytest.approx(step.max_grad_norm, rel=1e-5)
     step.apply()
     assert all(p.grad is None for p in step.params)
+
+
+def test_a_padding_free_step_reads_its_facts_from_the_host_copy(tmp_path, device):
+    """Packed batches too: the loss gets the host facts (the labels' check, the answers' length) and the longest
+    row (flash-attention's max_length, a Python int) on the host, so it reads nothing back from the device; the
+    step's losses and gradient norm are the padded step's."""
+    from conftok.packing import packed_training_loss
+
+    readings, seen = {}, []
+
+    def spy(model, batch, **kwargs):
+        seen.append((kwargs.get("facts"), batch["max_length"].device.type, batch["input_ids"].device.type))
+        return packed_training_loss(model, batch, **kwargs)
+
+    for packed in (False, True):
+        (tmp_path / str(packed)).mkdir()
+        model, step, batches, _, _, _ = setup(tmp_path / str(packed), device, bf16=False, packed=packed)
+        if packed:
+            step.compute_loss = spy
+        model.train()
+        step.add_group(batches)
+        readings[packed] = step.read()
+    assert len(seen) == len(batches)
+    assert all(facts is not None and facts.padded and host == "cpu" and ids == device.type
+               for facts, host, ids in seen), seen
+    assert readings[True].losses == pytest.approx(readings[False].losses, rel=1e-5)
+    assert readings[True].grad_norm == pytest.approx(readings[False].grad_norm, rel=1e-4)
 
 
 def test_the_loss_with_host_facts_is_the_loss_without(tmp_path, device):
