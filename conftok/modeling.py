@@ -305,7 +305,9 @@ def load_adapter(adapter_dir: str | os.PathLike, *, base_model: "str | torch.nn.
     reuse one. The tokenizer (with the confidence tokens) comes from ``adapter_dir``. Nothing is
     unpickled: the adapter must be ``adapter_model.safetensors`` (PEFT would fall back to a pickled
     ``adapter_model.bin``; that is refused here), and the base model's weights safetensors too.
-    ``trust_remote_code`` applies to the base model and the tokenizer.
+    ``trust_remote_code`` applies to the base model and the tokenizer. ``bf16``: load the base model in
+    bfloat16 on a GPU (half the memory, about twice the decode speed, and the precision training validated in);
+    off, float32 (exact reference values).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

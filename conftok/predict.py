@@ -1,7 +1,7 @@
 """Inference: answer a question, emit the confidence token, and decide whether to trust it.
 
     from conftok import load_adapter, predict
-    model, tokenizer, domains = load_adapter("checkpoints/qwen_confidence/best_calibration")
+    model, tokenizer, domains = load_adapter("checkpoints/qwen_confidence/best_calibration", bf16=True)
     p = predict(model, tokenizer, {"question": "is the sky blue", "passage": "The sky is blue."}, "boolq",
                 domains=domains, threshold=0.7)
     print(p.answer, p.token, round(p.p_confident, 3), p.decision)   # yes <C_READ> 0.912 answer

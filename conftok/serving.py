@@ -48,7 +48,9 @@ def p_confident_from_logprobs(top_logprobs: "Mapping[str, float] | Iterable[Any]
         it is taken to be that smallest value, which gives the value closest to 0.5 that the
         list allows: a lower bound on the true p_confident when C is listed (the truth is at least
         this), an upper bound when U is listed (the truth is at most this). The larger k, the
-        tighter the bound; with ``top_logprobs=20`` the missing token is rarer than the 20th.
+        tighter the bound; with ``top_logprobs=20`` the missing token is rarer than the 20th. That holds for
+        a list of the top k alone (greedy decoding, or the chat API's ``top_logprobs``); a completions dict of a
+        sampled step also lists the sampled token, which may be rarer than the missing one: no bound there.
 
     Raises:
         ValueError: when neither token is listed (ask for more ``top_logprobs``, or read the

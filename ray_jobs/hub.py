@@ -49,7 +49,7 @@ def model_card(adapter_dir: Path, repo: str, metrics: dict[str, Any]) -> str:
         "is Hendrycks' binned RMS error of p_confident against answer correctness; overall figures are means "
         "over domains.", "",
         "## Use", "", "```python", "from conftok.modeling import load_adapter",
-        f'model, tokenizer, domains = load_adapter("{repo}")', "```", "",
+        f'model, tokenizer, domains = load_adapter("{repo}", bf16=True)  # bf16 on a GPU, as validated', "```", "",
     ])
 
 
