@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from conftok.data import ConfidenceCollator
 from conftok.loss import LossTerms, training_loss
 
-__all__ = ["FLASH_ATTENTION", "HOST_KEYS", "PACKED_KEYS", "PackedConfidenceCollator", "PackedModel", "packed_logits", "packed_token_loss",
-           "packed_training_loss", "check_padding_free"]
+__all__ = ["FLASH_ATTENTION", "HOST_KEYS", "PACKED_KEYS", "PackedConfidenceCollator", "PackedModel", "packed_logits",
+           "packed_token_loss", "packed_training_loss", "check_padding_free"]
 
 FLASH_ATTENTION = "flash_attention_2"
 # The collator's keys besides the padded batch's: index of each real input token in the (B, T - 1)

@@ -41,8 +41,9 @@ def answer_end_states(model, sequences: Sequence[Sequence[int]], *, pad_id: int,
             ids[row, length - len(sequences[i]):] = torch.tensor(list(sequences[i]))
             mask[row, length - len(sequences[i]):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        hidden = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                       output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states[layer][:, -1]  # (B, H)
+        forward = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        output_hidden_states=True, use_cache=False, logits_to_keep=1)  # its hidden states only
+        hidden = forward.hidden_states[layer][:, -1]  # (B, H)
         for row, i in enumerate(idx):
             out[i] = hidden[row].float().cpu().numpy()
     return np.stack(out)
