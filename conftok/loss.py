@@ -418,18 +418,21 @@ def p_confident(logits: torch.Tensor, confident_id: int, unconfident_id: int) ->
 
 
 @torch.no_grad()
-def attach_base_topk(dataset, model, k: int, *, batch_size: int = 16, progress: bool = True) -> None:
+def attach_base_topk(dataset, model, k: int, *, batch_size: int = 16, progress: bool = True,
+                     autocast_dtype: torch.dtype | None = None) -> None:
     """Store the base model's top-k log-probabilities at every answer position of a
     :class:`conftok.data.ConfidenceDataset` (``dataset.base_topk``; the stored KL guard reads them).
 
-    Run once before training (a PEFT model's adapter is disabled here, dropout off). Costs one
+    Run once before training (a PEFT model's adapter is disabled here, dropout off), under the autocast
+    the training steps run with (``autocast_dtype``, e.g. bfloat16; None: none): float32 weights read in
+    float32 would leave a KL floor of rounding alone against bf16-autocast steps. Costs one
     forward over the data set without gradients, and ``k`` ids (int32) and log-probabilities (fp16)
     per answer token in memory: 6k bytes a token, 192 bytes at k = 32.
     :func:`conftok.reference_cache.attach_base_topk_cached` keeps them on disk between runs.
     """
     dataset.base_topk = None  # so the items below are the plain ones
     dataset.base_topk = rows_base_topk(dataset, model, k, range(len(dataset)), batch_size=batch_size,
-                                       progress=progress)
+                                       progress=progress, autocast_dtype=autocast_dtype)
 
 
 def token_budget_batches(sorted_lengths: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
@@ -450,11 +453,12 @@ def token_budget_batches(sorted_lengths: Sequence[int], batch_size: int) -> list
 
 
 @torch.no_grad()
-def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16,
-                   progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16, progress: bool = False,
+                   autocast_dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The base model's top-k ``(ids int32, logp fp16)``, each (answer length, k) on the CPU, for
     ``rows`` (indices) of a :class:`conftok.data.ConfidenceDataset`, in the order given. Batches
-    rows of similar length (:func:`token_budget_batches`); a PEFT model's adapter is disabled, dropout off."""
+    rows of similar length (:func:`token_budget_batches`); a PEFT model's adapter is disabled, dropout off;
+    each forward under ``torch.autocast(dtype=autocast_dtype)`` where given (:func:`attach_base_topk`)."""
     from tqdm.auto import tqdm
 
     from conftok.data import ConfidenceCollator
@@ -473,7 +477,8 @@ def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16,
             for start, stop in tqdm(batches, desc="Base top-k", disable=not progress, leave=False):
                 idx = order[start:stop]
                 batch = {key: v.to(device) for key, v in collate([dataset[i] for i in idx]).items()}
-                ids, logp = base_topk(model, batch, k, dataset.confidence_ids)  # (B, L, k), left-padded
+                with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+                    ids, logp = base_topk(model, batch, k, dataset.confidence_ids)  # (B, L, k), left-padded
                 for row, i in enumerate(idx):
                     n = dataset.examples[i][2]  # this row's answer length
                     found[i] = (ids[row, ids.shape[1] - n:].to("cpu", torch.int32),

@@ -13,7 +13,8 @@ so the data, the tokenizer, the chat template and ``max_seq_length`` all count) 
 the confidence tokens' ids (left out of the reference), and the model's description (name,
 quantization, dtype, new-token initialisation, ``k``). Version 2: the reference leaves the confidence
 tokens out (version 1's files, which held them, are never read). Version 3: ``conftok.train`` computes
-it under the training's bf16 autocast (version 2's files of a float32 model were read without it). The
+it under the training's bf16 autocast (``autocast_dtype``; version 2's files of a float32 model were read
+without it). The
 weights behind a model name can change while the name stays; so before a cached reference is
 used, one batch of it is computed again and compared (top-1 ids, log-probabilities): a mismatch
 discards the file and computes the whole reference anew, saying why.
@@ -106,7 +107,7 @@ def _agrees(cached: list[tuple[torch.Tensor, torch.Tensor]], fresh: list[tuple[t
 @torch.no_grad()
 def attach_base_topk_cached(dataset, model, k: int, *, cache_dir: str | os.PathLike | None,
                             model_description: Mapping[str, Any], batch_size: int = 16,
-                            progress: bool = True) -> str:
+                            progress: bool = True, autocast_dtype: torch.dtype | None = None) -> str:
     """Set ``dataset.base_topk`` (as :func:`conftok.loss.attach_base_topk`) from ``cache_dir`` when
     it holds this reference and a fresh batch agrees with it; else compute it and write it there.
 
@@ -123,7 +124,8 @@ def attach_base_topk_cached(dataset, model, k: int, *, cache_dir: str | os.PathL
             cached = _load(path, key, k, lengths)
             # The shortest rows, a batch of them, as the full pass would have batched them.
             probe = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i][0]))[:batch_size]
-            why = _agrees([cached[i] for i in probe], rows_base_topk(dataset, model, k, probe, batch_size=batch_size))
+            why = _agrees([cached[i] for i in probe], rows_base_topk(dataset, model, k, probe, batch_size=batch_size,
+                                                                     autocast_dtype=autocast_dtype))
             if why is None:
                 dataset.base_topk = cached
                 print(f"Stored KL reference: reused {path}", flush=True)
@@ -132,7 +134,8 @@ def attach_base_topk_cached(dataset, model, k: int, *, cache_dir: str | os.PathL
             why = f"{type(e).__name__}: {e}"
         logger.warning("stored KL reference %s cannot be used (%s): computing it again", path, why)
         path.unlink(missing_ok=True)
-    dataset.base_topk = rows_base_topk(dataset, model, k, range(len(dataset)), batch_size=batch_size, progress=progress)
+    dataset.base_topk = rows_base_topk(dataset, model, k, range(len(dataset)), batch_size=batch_size, progress=progress,
+                                       autocast_dtype=autocast_dtype)
     kept = ""
     if path is not None:
         try:

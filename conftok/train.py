@@ -323,10 +323,10 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         # (and kept in the reference cache for a resumed run or the next trial of a search). Under the
         # autocast the steps run with: float32 weights read in float32 would leave a KL floor of rounding
         # alone at the first step (0.095 nats on a sharp tiny model against 2e-4), which the guard would train.
-        with amp():
-            attach_base_topk_cached(dataset, model, cfg.stored_kl_top_k, cache_dir=_reference_cache(cfg, out),
-                                    model_description=_model_description(cfg, model, tokenizer, passed_model),
-                                    batch_size=cfg.eval_batch_size, progress=cfg.progress)
+        attach_base_topk_cached(dataset, model, cfg.stored_kl_top_k, cache_dir=_reference_cache(cfg, out),
+                                model_description=_model_description(cfg, model, tokenizer, passed_model),
+                                batch_size=cfg.eval_batch_size, progress=cfg.progress,
+                                autocast_dtype=torch.bfloat16 if use_bf16 else None)
     collate = (PackedConfidenceCollator if cfg.padding_free else ConfidenceCollator)(tokenizer.pad_token_id)
     lengths = dataset.lengths()
     compiled, why = decide_torch_compile(cfg, device, hf_backend)
