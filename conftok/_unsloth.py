@@ -41,8 +41,11 @@ def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_
     init_token_rows(model, tokenizer, ids, token_init)  # also when the tokenizer held the tokens already
     if gradient_checkpointing == "auto":  # unsloth sets it when it wraps: decided here, for the rows' longest
         rows = seq_len(tokenizer) if callable(seq_len) else seq_len or max_seq_length
+        # On CUDA padded batches train under SDPA's math kernel (conftok.loss.padded_attention_guard), which unsloth
+        # runs as the hf backend does for a masked forward: its (batch, heads, T, T) scores count.
+        on_cuda = next(model.parameters()).device.type == "cuda"
         gradient_checkpointing = auto_gradient_checkpointing(model, batch_size=batch_size, seq_len=rows, lora_r=lora_r,
-                                                             target_modules=target_modules)
+                                                             target_modules=target_modules, math_attention=on_cuda)
     model = FastLanguageModel.get_peft_model(
         model,
         r=lora_r,
@@ -53,4 +56,27 @@ def build_model(model_name: str, *, domains: DomainSet, quantization: str, lora_
         random_state=seed,
         trainable_token_indices=trainable_token_indices(model, ids),
     )
+    _undo_wrapping_side_effects(model, tokenizer, model_name)
     return model, tokenizer
+
+
+def _undo_wrapping_side_effects(model, tokenizer, model_name: str) -> None:
+    """What unsloth's ``get_peft_model`` does on its GPU path (unsloth 2026.10) that conftok cannot keep:
+
+    - it leaves only LoRA matrices trainable (unsloth_zoo's ``prepare_model_for_training`` freezes every other
+      parameter), PEFT's token rows included: the confidence tokens' rows would never move, and C and U, which
+      start equal, would give p_confident 0.5 at every answer. They are trainable again, in float32 as PEFT makes
+      them on the hf backend;
+    - it sets the tokenizer it was loaded with to pad on the right (conftok pads on the left, and every
+      checkpoint saves the tokenizer);
+    - the adapter names the repo unsloth loaded (its own copy: ``unsloth/Qwen2.5-7B-Instruct``, or a pre-quantized
+      ``...-bnb-4bit`` one, which a full-precision export cannot cast) as its base: it names ``model_name``.
+    """
+    for name, param in model.named_parameters():
+        if "trainable_tokens_delta" in name:
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+            param.requires_grad_(True)
+    tokenizer.padding_side = "left"
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = model_name

@@ -205,6 +205,8 @@ class TrainConfig:
                 p.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.padding_free and self.backend == "unsloth":
             p.append("padding_free=True needs backend 'hf' (or 'auto' without unsloth), got 'unsloth'")
+        if self.eval_static_cache and self.backend == "unsloth":  # its generate takes a dynamic cache whatever is asked
+            p.append("eval_static_cache=True needs backend 'hf' (or 'auto' without unsloth), got 'unsloth'")
         if not isinstance(self.torch_compile, bool) and self.torch_compile != "auto":
             p.append(f"torch_compile must be true, false or 'auto', got {self.torch_compile!r}")
         if self.torch_compile is True and self.backend == "unsloth":

@@ -582,6 +582,9 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
     every_prompt = [prompt for *_, prompts in plan for prompt in prompts] if static_cache else []
     cache_length = static_cache_length(every_prompt, max_new_tokens + 1) if every_prompt else None
     was_training = model.training
+    # unsloth's generate turns every layer's gradient checkpointing off and turns it on again only for a model it
+    # found training, which this one is not (eval below): the flags come back as they were.
+    checkpointing = [(m, m.gradient_checkpointing) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     model.eval()
     per_domain, records, reliability = {}, [], {}
     try:
@@ -607,6 +610,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
                           f"  Samples evaluated: {figures['n']}", flush=True)
     finally:
         model.train(was_training)
+        for module, flag in checkpointing:
+            module.gradient_checkpointing = flag
     for name in dict.fromkeys(domain.name for _, domain, *_ in plan):  # a domain's figures: all its data sets' rows
         recs = [r for r in records if r["domain"] == name]
         per_domain[name] = summarize_domain(recs, beta=beta, p=p)

@@ -13,8 +13,9 @@ the frozen base model a rounding step. :func:`merged_lora` instead puts a new te
 layer's place, so a projection is one product with no PEFT wrapper around it; on exit the LoRA layer
 and the original ``W`` object go back, bit for bit. The cost is a second copy of the projection
 weights (13 GB for a 7B model in bf16) while it lasts; where that does not fit in free memory, or
-where the layers are not plain PEFT LoRA (quantized weights, DoRA and other variants, a LoRA bias,
-unsloth's patched layers), it does nothing and says why.
+where the layers are not plain PEFT LoRA (quantized weights, DoRA and other variants, a LoRA bias),
+it does nothing and says why. unsloth patches the attention and MLP modules around PEFT's layers, not the
+layers, and its fused kernels take a plain ``nn.Linear``: its models merge too.
 
 The new tokens' rows (PEFT ``trainable_token_indices``) are folded in the same way. Unmerged, PEFT's
 ``TrainableTokensLayer`` builds the whole embedding matrix anew at every forward (``W.index_copy`` of

@@ -293,6 +293,8 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         if not hf_backend:
             raise ValueError(f"padding_free=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
         check_padding_free()  # before loading anything
+    if cfg.eval_static_cache and not hf_backend:  # unsloth's generate takes its own dynamic cache whatever is asked
+        raise ValueError(f"eval_static_cache=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
     if cfg.torch_compile is True:  # asked for: say now, before loading anything, if it cannot be done
         if not hf_backend:
             raise ValueError(f"torch_compile=True needs the hf backend; backend={cfg.backend!r} resolves to unsloth here")
@@ -309,6 +311,10 @@ def train(cfg: TrainConfig, *, on_validation: OnValidation | None = None, model=
         seq_len=read_rows, attn_implementation=FLASH_ATTENTION if cfg.padding_free and model is None else None,
         trust_remote_code=cfg.trust_remote_code,
     )
+    token_rows = [param for name, param in model.named_parameters() if "trainable_tokens_delta" in name]
+    if not token_rows or not all(param.requires_grad for param in token_rows):  # the one thing the loss trains
+        raise RuntimeError(f"the confidence tokens' rows are not trainable after build_model (backend {cfg.backend!r}, "
+                           f"{len(token_rows)} row blocks found): the tokens would never be learned")
     device = model_device(model)
     use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
     if cfg.padding_free:

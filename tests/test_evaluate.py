@@ -303,6 +303,29 @@ class TestValidationLogic:
         assert not torch.equal(before, after)  # the setting does change a call that leaves it unset
         assert [g.answer_ids for g in generate(model, tok, prompts, **kwargs)] == plain
 
+    def test_gradient_checkpointing_comes_back_as_it_was_after_a_generate_that_turns_it_off(self, tok, device):
+        """unsloth's generate turns every layer's checkpointing off and back on only for a model it found in training
+        mode, which evaluate's is not: a training run's later steps would run without it (out of memory where it
+        was needed). evaluate puts the flags back."""
+        from conftok.modeling import build_model
+
+        model, tok = build_model(make_model(len(tok), device=device), tokenizer=tok, backend="hf", bf16=False,
+                                 lora_r=4, lora_alpha=8, gradient_checkpointing=True, device=device)
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        assert layers
+        real = model.generate
+
+        def generate_as_unsloth(*args, **kwargs):
+            for m in model.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m.gradient_checkpointing = False
+            return real(*args, **kwargs)
+
+        model.generate = generate_as_unsloth
+        model.train()
+        evaluate(model, tok, {"boolq": BOOLQ[:2]}, max_new_tokens=2, batch_size=2, progress=False, merge=False)
+        assert model.training and all(m.gradient_checkpointing for m in layers)
+
     @pytest.mark.parametrize("static_cache", [False, True])
     def test_p_confident_is_read_in_float32_under_bf16(self, tok, static_cache):
         # Large, close C and U logits in a bf16 model: the head's bf16 output is rounded in steps of 0.125 at

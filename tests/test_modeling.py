@@ -503,6 +503,42 @@ def check_unsloth_run(result, device_type, dtype):
         assert max(abs(p - 0.5) for p in r["p_here"]) > 1e-4
 
 
+UNSLOTH_GPU_SHAPED = """
+import json, sys
+import unsloth  # first: it patches transformers and peft when imported
+import torch
+from unsloth import FastLanguageModel
+from unsloth_zoo.training_utils import prepare_model_for_training
+from conftok.modeling import build_model
+
+# What unsloth's GPU path does around conftok's calls (unsloth 2026.10, models/llama.py), which its CPU fallback
+# here does not: from_pretrained loads its own copy of the repo, and get_peft_model ends in
+# prepare_model_for_training (every parameter but LoRA's frozen) and sets the tokenizer to pad on the right.
+loaded, real_load, real_wrap = {}, FastLanguageModel.from_pretrained, FastLanguageModel.get_peft_model
+
+def from_pretrained(*args, **kwargs):
+    model, tokenizer = real_load(*args, **kwargs)
+    model.name_or_path = model.config._name_or_path = "unsloth/its-own-copy"
+    loaded["tokenizer"] = tokenizer
+    return model, tokenizer
+
+def get_peft_model(model, **kwargs):
+    model = real_wrap(model, **kwargs)
+    prepare_model_for_training(model, use_gradient_checkpointing="unsloth", use_reentrant=True, full_finetuning=False,
+                               train_layernorms=False, train_embedding=False, train_lm_head=False,
+                               float32_mixed_precision=True)
+    loaded["tokenizer"].padding_side = "right"
+    return model
+
+FastLanguageModel.from_pretrained, FastLanguageModel.get_peft_model = from_pretrained, get_peft_model
+model, tokenizer = build_model(sys.argv[1], backend="unsloth", bf16=True, lora_r=4, lora_alpha=8,
+                               gradient_checkpointing=False)
+rows = {n: [p.requires_grad, str(p.dtype)] for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+print(json.dumps({"rows": rows, "padding_side": tokenizer.padding_side,
+                  "base": model.peft_config["default"].base_model_name_or_path}))
+"""
+
+
 UNSLOTH_TRAIN = """
 import contextlib, io, json, re, sys
 import unsloth  # first: it patches transformers and peft when imported
@@ -541,6 +577,17 @@ class TestUnslothBackend:
         result = run_python(UNSLOTH, str(tied), str(untied), str(tmp_path / "adapters"), "fp32",
                             env={"CUDA_VISIBLE_DEVICES": ""})
         check_unsloth_run(result, "cpu", torch.float32)
+
+    @pytest.mark.parametrize("tie", [True, False])
+    def test_what_unsloths_wrapping_does_on_a_gpu_is_undone(self, tmp_path, tie):
+        """unsloth's GPU path freezes every parameter but LoRA's when it wraps (the confidence tokens' rows too:
+        C and U would stay equal, p_confident 0.5), pads the tokenizer on the right and names its own copy of the
+        repo as the adapter's base; build_model undoes the three (unsloth_zoo's own function applied here)."""
+        base = save_base(tmp_path, tie=tie)
+        result = run_python(UNSLOTH_GPU_SHAPED, str(base), env={"CUDA_VISIBLE_DEVICES": ""})
+        assert len(result["rows"]) == (1 if tie else 2), result
+        assert all(row == [True, "torch.float32"] for row in result["rows"].values()), result
+        assert result["padding_side"] == "left" and result["base"] == str(base)
 
     def test_train_decides_auto_checkpointing_for_its_longest_row(self, tmp_path):
         """unsloth sets checkpointing when it wraps the model, before train's own decision: 'auto' is decided
@@ -610,3 +657,30 @@ def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
         adapter_domains("experiments/fnal")
     with pytest.raises(FileNotFoundError, match="not a conftok adapter"):
         load_adapter("experiments/fnal")
+
+
+def test_train_refuses_a_model_whose_token_rows_are_frozen(tmp_path, monkeypatch):
+    """The rows are what the loss trains: a backend that froze them (unsloth's GPU wrapping did) would run a
+    whole search with p_confident 0.5 at every answer. train stops before the first step instead."""
+    from conftest import feature_rows, write_jsonl
+
+    from conftok.config import TrainConfig
+
+    train_module = importlib.import_module("conftok.train")
+    real = train_module.build_model
+
+    def freezing(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.requires_grad_(False)
+        return model, tokenizer
+
+    monkeypatch.setattr(train_module, "build_model", freezing)
+    tok = make_tokenizer()
+    cfg = TrainConfig(model_name="in-process", train_data=write_jsonl(tmp_path / "t.jsonl", feature_rows(8)),
+                      output_dir=str(tmp_path / "run"), bf16=False, progress=False, batch_size=4, max_steps=1)
+    with pytest.raises(RuntimeError, match="confidence tokens' rows are not trainable"):
+        train_module.train(cfg, model=make_model(len(tok)), tokenizer=tok,
+                           val_sets={"boolq": [{"question": "is it red", "passage": "It is red.", "answer": True}]})
+    assert not (tmp_path / "run" / "checkpoint-1").exists()

@@ -268,9 +268,22 @@ class TestTrain:
         with pytest.raises(ValueError, match="needs flash-attention 2"):
             train(cfg)  # model_name 'tiny' does not exist: the check comes first
 
+    def test_a_static_cache_is_refused_where_auto_resolves_to_unsloth(self, tmp_path, monkeypatch):
+        import dataclasses
+        import importlib
+
+        train_module = importlib.import_module("conftok.train")
+        monkeypatch.setattr(train_module, "resolve_backend", lambda backend: "unsloth")  # a CUDA box with unsloth
+        cfg = dataclasses.replace(self.config(tmp_path, "run"), backend="auto", eval_static_cache=True)
+        with pytest.raises(ValueError, match="eval_static_cache=True needs the hf backend"):
+            train_module.train(cfg)  # model_name 'tiny' does not exist: the check comes first
+
     def test_config(self, tmp_path):
         from conftok import ConfigError, TrainConfig
 
         assert TrainConfig().padding_free is False
         with pytest.raises(ConfigError, match="padding_free=True needs backend 'hf'"):
             TrainConfig(padding_free=True, backend="unsloth")
+        # unsloth's generate replaces a static cache with a dynamic one: asked for, it is refused the same way
+        with pytest.raises(ConfigError, match="eval_static_cache=True needs backend 'hf'"):
+            TrainConfig(eval_static_cache=True, backend="unsloth")
