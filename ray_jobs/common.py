@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -85,17 +86,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def driver_env_vars() -> dict[str, str]:
+    """The workers' environment variables this driver sets, less those its job's runtime_env sets already
+    (``ray job submit --runtime-env-json``, KubeRay's ``runtimeEnvYAML``): Ray refuses to merge the two where a
+    key repeats, even with the same value, and the job fails before it starts. The job's value reaches the
+    workers then, and the driver's own environment (the job supervisor sets it there too)."""
+    # Train V2 patches print() in workers and also tees it to stdout, so every line of the
+    # validation block would reach the driver twice; plain stdout is enough here.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # what `ray job submit` gives a driver
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {key: value for key, value in env_vars.items() if key not in taken}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
     """Connect to a cluster (``address``, ``$RAY_ADDRESS``, or a local one) and return its resources."""
     import ray
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        # Train V2 patches print() in workers and also tees it to stdout, so every line of the
-        # validation block would reach the driver twice; plain stdout is enough here.
-        env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
         kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING,
-                                  "runtime_env": {"env_vars": env_vars}}
+                                  "runtime_env": {"env_vars": driver_env_vars()}}
         if address:
             ray.init(address=address, **kwargs)
         else:

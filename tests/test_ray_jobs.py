@@ -291,6 +291,26 @@ def test_paths_are_taken_from_where_the_job_was_started(tmp_path, monkeypatch):
         assert with_absolute_paths(TrainConfig(reference_cache=kept)).reference_cache == kept
 
 
+def test_a_job_whose_runtime_env_sets_the_same_variables_still_starts(monkeypatch):
+    """`ray job submit --runtime-env-json '{"env_vars": {"HF_HUB_OFFLINE": "1"}}'` (the usual way to run offline):
+    Ray merges the job's runtime_env with the driver's ray.init one and refuses a key both set, even with the same
+    value. The driver leaves the job's keys to the job."""
+    from ray._private.worker import _merge_runtime_env
+    from ray.job_config import JobConfig
+
+    from ray_jobs.common import driver_env_vars
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert driver_env_vars() == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "HF_HUB_OFFLINE": "1"}  # a driver of its own
+    job = {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}, "working_dir": "gcs://_ray_pkg_x.zip"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))  # as the job supervisor sets it
+    job_env = JobConfig.from_json(job).runtime_env
+    assert _merge_runtime_env(job_env, {"env_vars": {"HF_HUB_OFFLINE": "1"}}) is None  # what Ray refuses
+    merged = _merge_runtime_env(job_env, {"env_vars": driver_env_vars()})
+    assert merged is not None and merged["env_vars"] == {"HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 @pytest.mark.parametrize("job", ["train", "tune", "evaluate", "tag", "export", "report", "mirror"])
 def test_every_job_prints_its_help(job, capsys):
     """`python -m ray_jobs.<job> --help` prints every flag and exits 0. argparse formats help texts with %, so
