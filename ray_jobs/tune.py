@@ -244,7 +244,14 @@ def check_resume_space(local_dir: Path, space: SearchSpace) -> str | None:
     configurations in one study (and a trial resumed from a checkpoint would fail later, in its worker). A search
     whose ``SEARCH_FILE`` records no hashes (started before they were recorded) is not checked."""
     record = local_dir / SEARCH_FILE
-    started = json.loads(record.read_text()).get("space_hashes") if record.is_file() else None
+    search = json.loads(record.read_text()) if record.is_file() else {}
+    trials = search.get("num_trials")
+    if trials is not None and trials != space.num_trials:  # Tune restores the count it was given at the start
+        return (f"search {local_dir.name!r} started with {trials} trials ({record}), and Tune resumes a search with "
+                f"the trial count it started with; this run asks for {space.num_trials} (--num_trials or the space's "
+                f"num_trials), which the resumed search would never reach: resume with {trials}, or start a new "
+                f"search with another --name")
+    started = search.get("space_hashes")
     if not started:
         return None
     changed = [key for key, value in space_hashes(space).items() if started.get(key) != value]
@@ -343,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         local_dir.mkdir(parents=True, exist_ok=True)
         (local_dir / SEARCH_FILE).write_text(json.dumps({"local_dir": str(local_dir), "space": str(space.path),
                                                          "storage_path": args.storage_path,
-                                                         "space_hashes": space_hashes(space)}, indent=1))
+                                                         "space_hashes": space_hashes(space),
+                                                         "num_trials": space.num_trials}, indent=1))
     fixed = prepare_fixed(space, local_dir)
     tuner, trainable = build_tuner(space, fixed=fixed, local_dir=local_dir, storage_path=args.storage_path if remote
                                    else str(local_dir.parent), concurrency=concurrency, gpus_per_trial=gpus,
@@ -427,7 +435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_dir", default="experiments",
                         help="with remote storage: local folder for the study, trial outputs and results")
     parser.add_argument("--resume", action="store_true", help="restore an interrupted experiment (Tuner.restore)")
-    parser.add_argument("--num_trials", type=int, default=None, help="override the space's num_trials")
+    parser.add_argument("--num_trials", type=int, default=None,
+                        help="override the space's num_trials (a new search: --resume keeps the count it started with)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     parser.add_argument("--cpu", action="store_true", help="run trials on CPUs even where GPUs exist")
     parser.add_argument("--allow_cpu", action="store_true",

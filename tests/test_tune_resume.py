@@ -112,3 +112,12 @@ def test_resume_refuses_a_space_file_changed_since_the_search_started(assets, tm
         err = capsys.readouterr().err
         assert f"error: {space}: {section} changed since search 'edited' started" in err, err
         assert str(tmp_path / "exp" / "edited" / SEARCH_FILE) in err and "another --name" in err
+    # More trials: Tune would restore the count the search started with and never reach the new one (every rerun
+    # "interrupted", no results written). Refused the same way, from --num_trials or the file.
+    space.write_text(original)
+    trials = yaml.safe_load(original)["num_trials"]
+    assert main(argv + ["--resume", "--num_trials", str(trials + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"search 'edited' started with {trials} trials" in err and f"resume with {trials}" in err, err
+    with pytest.raises(TunerBuilt):
+        main(argv + ["--resume", "--num_trials", str(trials)])
