@@ -92,7 +92,8 @@ class TrainConfig:
         "takes ~3 ms; validation ran no faster at batch 256 than at 64). The first validation pays the compile. "
         "One cache length serves every domain, so one compiled step serves a whole validation and the next. A "
         "float32 model under bf16 autocast keeps the dynamic cache (its keys and values differ in dtype), logged. "
-        "Not yet timed on a GPU (bench/gpu.py --static_cache).", default=False)
+        "hf backend only (unsloth's generate takes its own dynamic cache). Not yet timed on a GPU "
+        "(bench/gpu.py --static_cache).", default=False)
     eval_batching: str = _help(
         "How validation groups its length-sorted prompts (conftok.evaluate.plan_batches): 'rows', eval_batch_size "
         "a batch; 'padding', at most eval_batch_size a batch, the fewest prefill positions plus each batch's decode "
