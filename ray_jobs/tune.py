@@ -284,14 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, default_cpus_per_worker, init_ray
 
-    from conftok.inputs import InputError
+    from conftok.inputs import InputError, InputFileMissing
 
     try:  # the space and the inputs its trials share, checked before Ray starts or anything is written
         space = load_space(args.space)
         if space.demo is None and space.train.get("model_name") != EMBEDDED_MODEL:
             from conftok.preflight import check_train_inputs
 
-            warn_if_asha_cuts_trials(space, check_train_inputs(TrainConfig(**space.train)))
+            try:
+                warn_if_asha_cuts_trials(space, check_train_inputs(TrainConfig(**space.train)))
+            except InputFileMissing as e:  # on a cluster: a path of the laptop's, or one the job's copy left out
+                data = str(space.train.get("train_data"))
+                if data not in str(e):
+                    raise
+                where = "" if Path(data).is_absolute() else f", read from {Path.cwd()}"
+                raise InputError(f"{space.path}: train.train_data {data!r}{where}: {e}") from e
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -405,6 +405,24 @@ def test_a_search_asking_for_gpus_a_cpu_cluster_lacks_names_the_searchs_own_way_
     assert "pass --cpu (or --allow_cpu)" in err and "--num_gpus" not in err
 
 
+def test_a_space_whose_training_rows_are_missing_names_the_file_the_field_and_the_directory(assets, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """A job submitted with --working-dir . runs in a copy that leaves out git-ignored files (tagged/): the
+    space's relative train_data is not there. The error names the space file, its field and where it was read."""
+    from ray_jobs.tune import main
+
+    space = write_space(tmp_path / "cluster.yaml", assets)
+    data = yaml.safe_load(space.read_text())
+    data["train"]["train_data"] = "tagged/qwen/qwen_all_tagged.jsonl"
+    space.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", str(space), "--storage_path", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {space}: train.train_data 'tagged/qwen/qwen_all_tagged.jsonl', read from {tmp_path}: "
+            "tagged/qwen/qwen_all_tagged.jsonl: file not found") in err, err
+    assert not (tmp_path / "exp").exists()
+
+
 def train_job_argv(assets, output_dir):
     return ["--model_name", assets["model"], "--train_data", assets["train"], "--output_dir", str(output_dir),
             "--backend", "hf", "--val_sources", *(f"{k}={v}" for k, v in assets["val"].items())]
