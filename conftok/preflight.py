@@ -48,16 +48,19 @@ def parse_sources(items: list[str], flag: str = "--data") -> dict[str, str]:
 
 
 def check_validation_sources(sources: dict[str, str], domains: DomainSet, flag: str = "val_sources",
-                             split: str = "validation", limit: int | None = None) -> dict[str, list[dict]]:
+                             split: str = "validation", limit: int | None = None,
+                             unknown_hint: str = "add a domain for another data set with --domains FILE"
+                             ) -> dict[str, list[dict]]:
     """Check that every data set name is a known domain's and that every local source holds that
     domain's task's rows (:meth:`~conftok.domains.Domain.row_problems`); raise :class:`InputError`
-    otherwise. Returns the rows read: those of the local sources."""
+    otherwise (``unknown_hint``: what the caller's user can do about an unknown name). Returns the rows
+    read: those of the local sources."""
     from conftok.evaluate import load_rows  # looked up at each call: tests stub it in conftok.evaluate
 
     unknown = [name for name in sources if name not in domains.dataset_names]
     if unknown:
         raise InputError(f"{flag}: unknown dataset(s) {unknown}; known: {sorted(domains.dataset_names)} "
-                         "(add a domain for another data set with --domains FILE)")
+                         f"({unknown_hint})")
     return {name: load_rows(source, split=split, limit=limit, domain=domains.for_dataset(name))
             for name, source in sources.items() if is_local_source(source)}
 

@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 
 METHODS = ("trained_token", "untrained_token", "answer_probability")
+# An unknown --data name: the domains are the adapter's (its conftok.json), not a flag of this command.
+HINT = ("the adapter's domains are the ones it was trained with; evaluate another data set with an adapter "
+        "trained on it")
 
 
 def signal_figures(records: list[dict[str, Any]], key: str, beta: int, p: str, token_accuracy=None,
@@ -142,15 +145,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from conftok.evaluate import load_rows
     from conftok.inputs import InputError
-    from conftok.modeling import load_adapter
+    from conftok.modeling import load_adapter, looks_like_hub_id
     from conftok.preflight import adapter_domains, check_validation_sources, parse_sources
 
-    out = Path(args.out or Path(args.adapter).resolve().parent / "evaluation")
+    if args.out:
+        out = Path(args.out)
+    else:  # beside a local adapter; for a Hub one (user/repo), evaluation/repo here
+        out = Path("evaluation") / Path(args.adapter).name if looks_like_hub_id(args.adapter) else \
+            Path(args.adapter).resolve().parent / "evaluation"
     try:  # the rows are checked against the adapter's domains before its model is loaded
         sources = parse_sources(args.data)
         local_domains = adapter_domains(args.adapter)  # None for a Hub adapter
         rows = {} if local_domains is None else check_validation_sources(sources, local_domains, "--data",
-                                                                          args.split, args.limit)
+                                                                          args.split, args.limit, HINT)
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: is a file; expected a folder for evaluation.json and the curves")
     except InputError as e:
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                              trust_remote_code=args.trust_remote_code)
     try:  # Hub sources, and every source of a Hub adapter, whose domains are known only now
         if local_domains is None:
-            rows = check_validation_sources(sources, domains, "--data", args.split, args.limit)
+            rows = check_validation_sources(sources, domains, "--data", args.split, args.limit, HINT)
         rows.update({name: load_rows(source, split=args.split, limit=args.limit, domain=domains.for_dataset(name))
                      for name, source in sources.items() if name not in rows})
         rows = {name: rows[name] for name in sources}  # in --data's order
@@ -200,7 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--max_new_tokens", type=positive_int, default=16)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--out", default=None, help="output folder (default: ADAPTER/../evaluation)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: ADAPTER/../evaluation; evaluation/REPO for a Hub adapter)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="run code shipped with the base model's repo (off: transformers' own classes only)")
     return parser.parse_args(argv)

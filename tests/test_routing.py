@@ -95,3 +95,15 @@ class TestEvaluateCommand:
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         out = capsys.readouterr().out
         assert "trained_token" in out and "answer_probability" in out and "AUROC" in out
+
+    def test_an_unknown_data_set_is_refused_with_what_this_command_can_do(self, adapter, tmp_path, capsys):
+        """The adapter's domains decide the data sets: the hint names no flag the command lacks (it suggested
+        --domains, which is train's)."""
+        from ray_jobs.evaluate import main
+
+        rows = write_jsonl(tmp_path / "b.jsonl", [{"id": "b0", "question": "is it red", "answer": True}])
+        assert main(["--adapter", str(adapter / "final"), "--data", f"read={rows}", "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err
+        assert "--data: unknown dataset(s) ['read']; known: ['boolq', 'medqa']" in err
+        assert "--domains" not in err and "the adapter's domains are the ones it was trained with" in err
+        assert not (tmp_path / "e").exists()
