@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --adapter {adapter}: no adapter_config.json there (expected a directory written by "
               "training: final/, best_accuracy/, best_calibration/ or checkpoint-N/)", file=sys.stderr)
         return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda: no CUDA GPU here (torch.cuda.is_available() is False); merge with "
+                  "--device cpu", file=sys.stderr)
+            return 2
     from conftok.export import export_merged
 
     try:
@@ -49,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                         help="weights of the export (merging is done in fp32; default: bf16)")
     parser.add_argument("--base_model", default=None, help="base model (default: the adapter's base)")
-    parser.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge: cpu (default) or cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace --out once the new export is complete")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="run code shipped with the base model's repo (off: transformers' own classes only)")

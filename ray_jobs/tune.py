@@ -302,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.num_trials:
+    if args.num_trials is not None:
+        if args.num_trials < 1:
+            print(f"error: --num_trials must be at least 1, got {args.num_trials}", file=sys.stderr)
+            return 2
         space.num_trials = args.num_trials
     name = args.name or space.name
     remote = "://" in args.storage_path

@@ -348,4 +348,10 @@ class TestCommand:
         assert "already exists and is not empty" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "n"), "--dtype", "int8"])
+        with pytest.raises(SystemExit):  # torch's own device-string error, a traceback, before
+            main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "n"), "--device", "gpu"])
+        if not torch.cuda.is_available():  # an AssertionError from torch, a traceback, before
+            capsys.readouterr()
+            assert main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "n"), "--device", "cuda"]) == 2
+            assert "--device cuda: no CUDA GPU here" in capsys.readouterr().err
         assert not (tmp_path / "n").exists()

@@ -423,6 +423,17 @@ def test_a_space_whose_training_rows_are_missing_names_the_file_the_field_and_th
     assert not (tmp_path / "exp").exists()
 
 
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_a_trial_count_below_one_is_refused(assets, tmp_path, capsys, count):
+    """--num_trials 0 was ignored (the space's count ran) and -1 reached Tune, for which it means no limit."""
+    from ray_jobs.tune import main
+
+    space = write_space(tmp_path / "few.yaml", assets)
+    assert main(["--space", str(space), "--storage_path", str(tmp_path / "exp"), "--num_trials", count]) == 2
+    assert f"--num_trials must be at least 1, got {count}" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
+
+
 def train_job_argv(assets, output_dir):
     return ["--model_name", assets["model"], "--train_data", assets["train"], "--output_dir", str(output_dir),
             "--backend", "hf", "--val_sources", *(f"{k}={v}" for k, v in assets["val"].items())]
