@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,19 @@ def driver_env_vars() -> dict[str, str]:
     return {key: value for key, value in env_vars.items() if key not in taken}
 
 
+def connection_problem(error: BaseException, address: str) -> str:
+    """What stopped ``ray.init(address=...)``: a cluster with token auth that this driver has no token for (Ray
+    2.60's ``ray start --head`` turns it on once ``~/.ray/auth_token`` exists), or the error itself."""
+    seen, text = error, []
+    while seen is not None and len(text) < 10:
+        text.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    if any("InvalidAuthToken" in t or "AuthenticationError" in t for t in text):
+        return (f"the Ray cluster at {address} uses token authentication and refused this driver: export "
+                "RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token (or $RAY_AUTH_TOKEN)")
+    return f"cannot connect to a Ray cluster at {address} ({error}): is its head running (ray start --head)?"
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
     """Connect to a cluster (``address``, ``$RAY_ADDRESS``, or a local one) and return its resources."""
     import ray
@@ -108,7 +122,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict[st
         kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING,
                                   "runtime_env": {"env_vars": driver_env_vars()}}
         if address:
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except ConnectionError as e:  # one line, not Ray's 40 of traceback; exit 2 as for other bad inputs
+                print(f"error: {connection_problem(e, address)}", file=sys.stderr)
+                raise SystemExit(2) from e
         else:
             start_local_ray(num_cpus=num_cpus, **kwargs)
     return ray.cluster_resources()

@@ -423,6 +423,39 @@ def test_a_space_whose_training_rows_are_missing_names_the_file_the_field_and_th
     assert not (tmp_path / "exp").exists()
 
 
+def test_a_cluster_that_refuses_the_drivers_token_is_one_line_and_exit_2(monkeypatch, capsys):
+    """Ray 2.60's head turns token auth on once ~/.ray/auth_token exists; a driver without RAY_AUTH_MODE=token
+    got Ray's 40-line traceback (the ConnectionError below, as ray.init raises it, its cause's text)."""
+    import ray
+
+    from ray_jobs.common import init_ray
+
+    def refused(*args, **kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token "
+                               "is missing or incorrect.")
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:39567") from e
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(SystemExit) as stopped:
+        init_ray("192.0.2.2:39567")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the Ray cluster at 192.0.2.2:39567 uses token authentication") and \
+        "export RAY_AUTH_MODE=token" in err and len(err.splitlines()) == 1
+
+    def absent(*args, **kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:1")
+
+    monkeypatch.setattr(ray, "init", absent)
+    with pytest.raises(SystemExit):
+        init_ray("192.0.2.2:1")
+    assert "error: cannot connect to a Ray cluster at 192.0.2.2:1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("count", ["0", "-1"])
 def test_a_trial_count_below_one_is_refused(assets, tmp_path, capsys, count):
     """--num_trials 0 was ignored (the space's count ran) and -1 reached Tune, for which it means no limit."""
