@@ -53,6 +53,22 @@ def model_card(adapter_dir: Path, repo: str, metrics: dict[str, Any]) -> str:
     ])
 
 
+def push_problem(repo: str) -> str | None:
+    """Why pushing to ``repo`` after training would fail, found before training starts (the push comes after hours
+    of it): the Hub switched off here, or no token it accepts (``whoami``). None where the push can be tried."""
+    from huggingface_hub import HfApi
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        return (f"--hf_repo {repo}: the Hub is switched off here (HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}), so "
+                "the push after training would fail: unset it, or leave out --hf_repo and push final/ later")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # noqa: BLE001 - no token, a rejected one, or no network: each stops the push alike
+        return (f"--hf_repo {repo}: the Hub does not accept this machine's token ({type(e).__name__}: {e}); set "
+                "$HF_TOKEN or run `huggingface-cli login`, or leave out --hf_repo")
+    return None
+
+
 def push_adapter(adapter_dir: str | Path, repo: str, *, metrics: dict[str, Any], private: bool = True) -> str:
     """Create ``repo`` if needed and upload the adapter directory with a model card; returns its URL."""
     from huggingface_hub import HfApi

@@ -270,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every input checked before Ray starts or anything is written
         cfg = config_from_args(args)
         check_train_inputs(cfg)
+        if cfg.hf_repo:
+            from ray_jobs.hub import push_problem
+
+            if problem := push_problem(cfg.hf_repo):
+                raise InputError(problem)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -321,7 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.hf_repo:
         from ray_jobs.hub import push_adapter
 
-        url = push_adapter(output_dir / "final", cfg.hf_repo, metrics=result.metrics)
+        try:
+            url = push_adapter(output_dir / "final", cfg.hf_repo, metrics=result.metrics)
+        except Exception as e:  # noqa: BLE001 - the run is done and kept: say so, in one line
+            print(f"error: push to {cfg.hf_repo} failed ({type(e).__name__}: {e}); the adapter is in "
+                  f"{output_dir / 'final'}: push it with `huggingface-cli upload {cfg.hf_repo} {output_dir / 'final'}`",
+                  file=sys.stderr)
+            return 1
         print(f"Pushed to {url}")
     return 0
 

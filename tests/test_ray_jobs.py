@@ -512,6 +512,43 @@ def test_a_local_storage_path_is_resolved_before_ray_gets_it(assets, fake_ray_tr
     assert fake_ray_train["checked_storage"] == str(tmp_path / expected)
 
 
+def test_a_push_that_cannot_work_is_refused_before_training_and_a_failed_one_keeps_the_run(
+        assets, fake_ray_train, tmp_path, monkeypatch, capsys):
+    """--hf_repo was tried only after training: offline or without a usable token, hours of a run ended in a
+    huggingface_hub traceback. Both are found before Ray starts (exit 2); a push that still fails says where the
+    adapter is (exit 1, one line)."""
+    import huggingface_hub
+
+    import ray_jobs.hub
+    from ray_jobs.train import main
+
+    argv = [*train_job_argv(assets, tmp_path / "run"), "--hf_repo", "me/conf"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(argv) == 2 and "trainer" not in fake_ray_train
+    assert "error: --hf_repo me/conf: the Hub is switched off here (HF_HUB_OFFLINE=1)" in capsys.readouterr().err
+
+    class Api:
+        def whoami(self):
+            raise huggingface_hub.errors.LocalTokenNotFoundError("Token is required, but no token found.")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    assert main(argv) == 2 and "trainer" not in fake_ray_train
+    err = capsys.readouterr().err
+    assert "error: --hf_repo me/conf: the Hub does not accept this machine's token (LocalTokenNotFoundError" in err
+
+    Api.whoami = lambda self: {"name": "me"}
+
+    def push(adapter_dir, repo, **kwargs):
+        raise OSError("403 Forbidden: no write access to me/conf")
+
+    monkeypatch.setattr(ray_jobs.hub, "push_adapter", push)
+    assert main(argv) == 1 and "trainer" in fake_ray_train
+    err = capsys.readouterr().err
+    assert f"error: push to me/conf failed (OSError: 403 Forbidden: no write access to me/conf); the adapter is in " \
+           f"{tmp_path / 'run' / 'final'}" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("storage", ["local", "s3"])
 def test_a_failed_training_exits_1_and_still_fetches_the_run_tree(assets, fake_ray_train, tmp_path, monkeypatch,
                                                                   capsys, storage):
