@@ -84,7 +84,7 @@ def print_tagging_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m conftok.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", help="where data, tagged rows and the run go")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps")
     parser.add_argument("--n-train", type=int, default=64, help="demo training rows per domain")

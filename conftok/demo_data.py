@@ -660,7 +660,9 @@ def write_demo_data(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the conftok demo data (JSON lines).")
+    parser = argparse.ArgumentParser(
+        prog="python -m conftok.demo_data",
+        description="Write the conftok demo data (JSON lines).")
     parser.add_argument("out_dir", help="directory for the four .jsonl files")
     parser.add_argument("--n-train", type=int, default=160, help="training rows per domain")
     parser.add_argument("--n-val", type=int, default=40, help="validation rows per domain")

@@ -487,8 +487,10 @@ def load_domains_file(path: str | Path) -> DomainSet:
 def main(argv: list[str] | None = None) -> int:
     """``python -m conftok.domains FILE [--model_name M]``: check a domain file (and its tokens against
     a model's tokenizer); print its domains, or every problem and exit 2."""
-    parser = argparse.ArgumentParser(description="Check a domain file: every domain's fields, unique names, data "
-                                                 "sets and tokens, and with --model_name tokens new to its tokenizer.")
+    parser = argparse.ArgumentParser(
+        prog="python -m conftok.domains",
+        description="Check a domain file: every domain's fields, unique names, data sets and tokens, and with "
+                    "--model_name tokens new to its tokenizer.")
     parser.add_argument("file", help="domain file (YAML or JSON)")
     parser.add_argument("--model_name", default=None, help="check the tokens against this model's tokenizer")
     args = parser.parse_args(argv)

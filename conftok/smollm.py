@@ -172,7 +172,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m conftok.smollm", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--cache-dir", default=None, help="cache root (default: $CONFTOK_CACHE or ~/.cache/conftok)"
     )

@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from conftok.inputs import InputError, positive_int
 
-    parser = argparse.ArgumentParser(description="Tag raw rows with a base model's own answers (<C_X> right, <U_X> wrong).")
+    parser = argparse.ArgumentParser(
+        prog="python -m conftok.tagging",
+        description="Tag raw rows with a base model's own answers (<C_X> right, <U_X> wrong).")
     parser.add_argument("--model_name", required=True, help="Hub id or local directory")
     parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE",
                         help="raw rows per data set: local .jsonl/.parquet or a Hub name (split --split)")

@@ -80,7 +80,7 @@ def check_cluster_config(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", default=str(DEFAULT_CLUSTER), help="cluster YAML (default: cluster.yaml)")
     args = parser.parse_args(argv)
     try:

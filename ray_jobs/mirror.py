@@ -397,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fetch a run's tree that its Ray worker mirrored into remote storage, "
-                                                 "or a search's records.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.mirror",
+        description="Fetch a run's tree that its Ray worker mirrored into remote storage, or a search's records.")
     parser.add_argument("run", help="the run in storage: STORAGE/NAME for ray_jobs.train, STORAGE/SEARCH/train/TRIAL "
                                     "for a search's trial (s3://bucket/conftok/demo/train/0e5d2877), STORAGE/SEARCH "
                                     "with --search")

@@ -189,7 +189,7 @@ def _gpu_count(text: str) -> int | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from conftok.inputs import positive_int
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.tag", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name", required=True, help="Hub id or a directory every node can read")
     parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE",

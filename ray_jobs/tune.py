@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.tune", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", default=str(DEFAULT_SPACE), help="search-space YAML (default: the embedded demo)")
     parser.add_argument("--storage_path", default=os.environ.get("CONFTOK_EXPERIMENTS", "experiments"),
