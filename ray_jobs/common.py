@@ -258,10 +258,20 @@ def _bootstrap_gpus(path: Path) -> tuple[float, float]:
         return 0.0, 0.0
 
 
-def default_cpus_per_worker(resources: dict[str, float], gpus: float) -> float:
+def largest_node_cpus() -> float | None:
+    """CPUs of the largest live node (a worker cannot span nodes), or None where Ray is not running."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=None)
+
+
+def default_cpus_per_worker(resources: dict[str, float], gpus: float, node_cpus: float | None = None) -> float:
     """All but a sliver of the CPUs on a CPU-only cluster (torch runs one thread per CPU Ray
-    gives a worker); 8 per GPU worker otherwise."""
-    cpus = resources.get("CPU", 1.0)
+    gives a worker), of its largest node where ``node_cpus`` is given (a worker cannot span nodes: the
+    cluster's sum would never be scheduled); 8 per GPU worker otherwise."""
+    cpus = min(resources.get("CPU", 1.0), node_cpus or math.inf)
     if gpus:
         return min(8.0, cpus)
     return max(1.0, cpus - 0.05)

@@ -132,18 +132,11 @@ def tag_with_ray_data(model_name: str, rows_by_dataset: dict[str, list[dict]], *
     return collect_tagged(outcomes, domains)
 
 
-def largest_node_cpus() -> float:
-    """CPUs of the largest live node: a replica cannot span nodes."""
-    import ray
-
-    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from conftok.inputs import InputError
     from conftok.tagging import check_tag_inputs, write_tagged
-    from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, init_ray
+    from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, init_ray, largest_node_cpus
 
     try:  # the single-process tagging's checks: every row, --out, the tokens, before Ray starts
         domains, rows, tokenizer = check_tag_inputs(args.model_name, args.data, args.out, split=args.split, limit=args.limit,
@@ -158,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     num_gpus = int(resources.get("GPU", 0.0) or extra_gpus) if args.num_gpus is None else args.num_gpus
     # A GPU replica needs a CPU for tokenizing and decoding; a CPU replica gets all but a sliver
     # of the largest node (torch runs one thread per CPU Ray gives it).
-    cpus = 1.0 if num_gpus else max(1.0, largest_node_cpus() - 0.05)
+    cpus = 1.0 if num_gpus else max(1.0, (largest_node_cpus() or 1.0) - 0.05)
     try:
         check_resources(num_gpus, cpus * max(1, num_gpus), resources, autoscaling_gpus=extra_gpus,
                         cpu_hint="use --num_gpus 0 to tag on CPUs", fewer_cpus_hint="use --num_gpus 0 or fewer GPUs")

@@ -261,7 +261,7 @@ def check_stored_run(cfg: TrainConfig, storage: str, name: str, remote: tuple[An
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ray_jobs.common import (ResourceError, autoscaling_gpus, check_resources, config_from_args,
-                                 default_cpus_per_worker, init_ray)
+                                 default_cpus_per_worker, init_ray, largest_node_cpus)
 
     from conftok.inputs import InputError
     from conftok.preflight import check_train_inputs
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     resources = init_ray(args.address)
     per_node_gpus, _ = autoscaling_gpus()
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if resources.get("GPU") or per_node_gpus else 0.0)
-    cpus = args.cpus_per_worker or default_cpus_per_worker(resources, num_gpus)
+    cpus = args.cpus_per_worker or default_cpus_per_worker(resources, num_gpus, largest_node_cpus())
     try:
         check_resources(num_gpus, cpus, resources, autoscaling_gpus=per_node_gpus)
     except ResourceError as e:

@@ -282,7 +282,8 @@ def warn_if_asha_cuts_trials(space: SearchSpace, n_rows: int) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ray_jobs.common import ResourceError, autoscaling_gpus, check_resources, default_cpus_per_worker, init_ray
+    from ray_jobs.common import (ResourceError, autoscaling_gpus, check_resources, default_cpus_per_worker, init_ray,
+                                 largest_node_cpus)
 
     from conftok.inputs import InputError, InputFileMissing
 
@@ -327,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         gpus = 1.0 if has_gpus else 0.0
     if args.cpu or (gpus and not has_gpus and args.allow_cpu):
         gpus = 0.0
-    cpus = space.cpus_per_trial if (space.cpus_per_trial and gpus) else default_cpus_per_worker(resources, gpus)
+    if space.cpus_per_trial and gpus:
+        cpus = space.cpus_per_trial
+    else:
+        cpus = default_cpus_per_worker(resources, gpus, largest_node_cpus())
     try:
         check_resources(gpus, cpus + TRIAL_ACTOR_CPUS, resources, autoscaling_gpus=per_node_gpus,
                         cpu_hint="pass --cpu (or --allow_cpu) to run the trials on CPUs",

@@ -154,6 +154,17 @@ class TestSearchSpaces:
         cpus = space.cpus_per_trial or default_cpus_per_worker(node, gpus)  # as ray_jobs.tune picks them
         check_resources(gpus, cpus + TRIAL_ACTOR_CPUS, node)
 
+    def test_a_cpu_worker_asks_for_its_largest_nodes_cpus_not_the_clusters(self):
+        """On a cluster of several nodes a CPU-only worker asked for the CPUs of all of them (199.95 of 8 + 192)
+        and waited forever: no node has that many."""
+        from ray_jobs.common import default_cpus_per_worker, largest_node_cpus
+
+        cluster = {"CPU": 200.0, "GPU": 8.0}
+        assert default_cpus_per_worker(cluster, 0.0, node_cpus=192.0) == pytest.approx(191.95)
+        assert default_cpus_per_worker(cluster, 1.0, node_cpus=192.0) == 8.0
+        assert default_cpus_per_worker({"CPU": 2.0}, 0.0) == pytest.approx(1.95)  # a local Ray, one node
+        assert largest_node_cpus() is None  # no Ray running in this process
+
     def test_a_key_given_twice_is_an_error_at_its_line(self, tmp_path):
         """YAML keeps the last of two equal keys silently: lora_r written twice searched only [16]."""
         bad = tmp_path / "twice.yaml"
