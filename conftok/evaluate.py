@@ -611,7 +611,8 @@ def evaluate(model, tokenizer, rows_by_dataset: Mapping[str, Sequence[Mapping[st
     finally:
         model.train(was_training)
         for module, flag in checkpointing:
-            module.gradient_checkpointing = flag
+            if module.gradient_checkpointing != flag:  # set only where changed: a set marks a compiled layer mutated
+                module.gradient_checkpointing = flag
     for name in dict.fromkeys(domain.name for _, domain, *_ in plan):  # a domain's figures: all its data sets' rows
         recs = [r for r in records if r["domain"] == name]
         per_domain[name] = summarize_domain(recs, beta=beta, p=p)
