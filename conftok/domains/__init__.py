@@ -509,6 +509,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{d.name}: {' / '.join(d.tokens)} for {', '.join(d.datasets)} ({d.task})")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -207,6 +207,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wrote {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
