@@ -87,6 +87,41 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def local_paths_made_absolute(fields: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``fields`` (TrainConfig fields) that name local paths relative to this directory, made
+    absolute: ``model_name``, ``train_data``, each of ``val_sources``, and ``domains`` (a file, and any domain's
+    ``validation`` file). Ray's workers run in a directory of their own, where a relative path names nothing,
+    while the checks before Ray starts read these paths here. A name with no such path here (a Hub model or data
+    set) is left as it is. Only the changed entries are returned; a domains entry whose validation files move is
+    returned as the list it holds."""
+
+    def local(value: Any) -> str | None:
+        text = str(value)
+        return str(Path(text).resolve()) if text and not os.path.isabs(text) and Path(text).exists() else None
+
+    out: dict[str, Any] = {}
+    for key in ("model_name", "train_data"):
+        if fields.get(key) and (path := local(fields[key])):
+            out[key] = path
+    sources = fields.get("val_sources")
+    if isinstance(sources, dict) and any(local(v) for v in sources.values()):
+        out["val_sources"] = {name: local(v) or v for name, v in sources.items()}
+    domains = fields.get("domains")
+    if isinstance(domains, (str, os.PathLike)) and (path := local(domains)):
+        out["domains"] = domains = path
+    if domains is not None:
+        from conftok.domains import resolve_domains
+
+        try:
+            items = resolve_domains(domains).to_list()
+        except Exception:  # noqa: BLE001 - a bad domain file: the checks before Ray starts report it in full
+            return out
+        if any(d.get("validation") and local(d["validation"]) for d in items):
+            out["domains"] = [{**d, "validation": local(d["validation"]) or d["validation"]}
+                              if d.get("validation") else d for d in items]
+    return out
+
+
 def driver_env_vars() -> dict[str, str]:
     """The workers' environment variables this driver sets, less those its job's runtime_env sets already
     (``ray job submit --runtime-env-json``, KubeRay's ``runtimeEnvYAML``): Ray refuses to merge the two where a

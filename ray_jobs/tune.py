@@ -197,7 +197,8 @@ def _finished(metrics: dict[str, Any], trials_dir: Path, trial_id: str) -> bool:
 
 
 def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:
-    """Fields every trial shares that the driver decides: the embedded model and demo data."""
+    """Fields every trial shares that the driver decides: the embedded model and demo data, and local paths made
+    absolute (a trial runs in a directory of its own)."""
     fixed: dict[str, Any] = {}
     if space.demo is not None or space.train.get("model_name") == EMBEDDED_MODEL:
         from conftok.demo import prepare_demo, print_tagging_summary
@@ -206,10 +207,9 @@ def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:
         print(f"Demo data tagged by SmolLM2-135M-Instruct ({demo.summary['tagged']} rows) -> {demo.tagged}")
         print_tagging_summary(demo.summary)
         fixed = {"model_name": str(demo.model_dir), "train_data": str(demo.tagged), "val_sources": demo.val_sources}
-    for key in ("train_data",):  # relative paths are taken from where the job was started
-        value = fixed.get(key, space.train.get(key))
-        if value and not os.path.isabs(value) and Path(value).exists():
-            fixed[key] = str(Path(value).resolve())
+    from ray_jobs.common import local_paths_made_absolute
+
+    fixed.update(local_paths_made_absolute({**space.train, **fixed}))  # a trial runs in a directory of its own
     cache = fixed.get("reference_cache", space.train.get("reference_cache"))
     if cache and cache != "auto" and not os.path.isabs(cache):  # made by the first trial, wherever it runs
         fixed["reference_cache"] = str(Path(cache).resolve())

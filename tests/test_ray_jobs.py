@@ -291,6 +291,38 @@ def test_paths_are_taken_from_where_the_job_was_started(tmp_path, monkeypatch):
         assert with_absolute_paths(TrainConfig(reference_cache=kept)).reference_cache == kept
 
 
+def test_local_model_validation_and_domain_files_are_taken_from_where_the_job_was_started(tmp_path, monkeypatch):
+    """Checked on the driver, read in the worker: a relative local model, validation file or domains file named
+    nothing there (the model was taken for a Hub id). Hub names stay as they are."""
+    import yaml
+
+    from conftok.config import TrainConfig
+    from conftok.domains import DEFAULT_DOMAINS, resolve_domains
+    from ray_jobs.train import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "val").mkdir()
+    for name in ("boolq.jsonl", "medqa.jsonl"):
+        (tmp_path / "val" / name).write_text("")
+    domains = [d.to_dict() for d in DEFAULT_DOMAINS]
+    (tmp_path / "hub_domains.yaml").write_text(yaml.safe_dump({"domains": domains}))
+    domains[1]["validation"] = "val/medqa.jsonl"
+    (tmp_path / "local_domains.yaml").write_text(yaml.safe_dump({"domains": domains}))
+
+    cfg = with_absolute_paths(TrainConfig(model_name="base", val_sources={"boolq": "val/boolq.jsonl",
+                                                                          "medqa": "huyxdang/medqa-split"},
+                                          domains="hub_domains.yaml"))
+    assert cfg.model_name == str(tmp_path / "base")
+    assert cfg.val_sources == {"boolq": str(tmp_path / "val" / "boolq.jsonl"), "medqa": "huyxdang/medqa-split"}
+    assert cfg.domains == str(tmp_path / "hub_domains.yaml")
+    cfg = with_absolute_paths(TrainConfig(domains="local_domains.yaml"))
+    assert [d.validation for d in resolve_domains(cfg.domains)] == [
+        DEFAULT_DOMAINS[0].validation, str(tmp_path / "val" / "medqa.jsonl")]
+    hub = TrainConfig(model_name="Qwen/Qwen2.5-0.5B-Instruct", domains=None)
+    assert with_absolute_paths(hub).model_name == hub.model_name and with_absolute_paths(hub).domains is None
+
+
 def test_a_job_whose_runtime_env_sets_the_same_variables_still_starts(monkeypatch):
     """`ray job submit --runtime-env-json '{"env_vars": {"HF_HUB_OFFLINE": "1"}}'` (the usual way to run offline):
     Ray merges the job's runtime_env with the driver's ray.init one and refuses a key both set, even with the same

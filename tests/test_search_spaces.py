@@ -47,12 +47,18 @@ class TestSearchSpaces:
 
         text = (ROOT / "search_spaces" / "qwen7b.yaml").read_text()
         space = yaml.safe_load(text)
-        space["train"].update(train_data="t.jsonl", reference_cache="shared/cache")
+        space["train"].update(train_data="t.jsonl", reference_cache="shared/cache", model_name="models/base",
+                              val_sources={"boolq": "val/boolq.jsonl", "medqa": "huyxdang/medqa-split"})
         (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
         (tmp_path / "t.jsonl").write_text("")
+        (tmp_path / "models" / "base").mkdir(parents=True)
+        (tmp_path / "val").mkdir()
+        (tmp_path / "val" / "boolq.jsonl").write_text("")
         monkeypatch.chdir(tmp_path)
         fixed = prepare_fixed(load_space(tmp_path / "space.yaml"), tmp_path / "exp")
-        assert fixed == {"train_data": str(tmp_path / "t.jsonl"), "reference_cache": str(tmp_path / "shared" / "cache")}
+        assert fixed == {"train_data": str(tmp_path / "t.jsonl"), "reference_cache": str(tmp_path / "shared" / "cache"),
+                         "model_name": str(tmp_path / "models" / "base"),
+                         "val_sources": {"boolq": str(tmp_path / "val" / "boolq.jsonl"), "medqa": "huyxdang/medqa-split"}}
 
     def test_every_problem_reported_at_once(self, tmp_path):
         bad = tmp_path / "bad.yaml"
