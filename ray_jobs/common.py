@@ -122,6 +122,22 @@ def local_paths_made_absolute(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_padding_free_here(padding_free: Any, address: str | None) -> None:
+    """Raise :class:`~conftok.inputs.InputError` for ``padding_free=True`` without flash-attention, where the job's
+    worker runs on this machine (no cluster address: a local Ray is started, with this Python). Otherwise the
+    worker finds it out after Ray has started, and each of its restarts fails again on it. On a cluster the
+    workers' nodes may have what this one lacks: their own check stands."""
+    if padding_free is not True or address or os.environ.get("RAY_ADDRESS"):
+        return
+    from conftok.inputs import InputError
+    from conftok.packing import check_padding_free
+
+    try:
+        check_padding_free()
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
 def driver_env_vars() -> dict[str, str]:
     """The workers' environment variables this driver sets, less those its job's runtime_env sets already
     (``ray job submit --runtime-env-json``, KubeRay's ``runtimeEnvYAML``): Ray refuses to merge the two where a

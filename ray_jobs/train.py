@@ -264,8 +264,8 @@ def check_stored_run(cfg: TrainConfig, storage: str, name: str, remote: tuple[An
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ray_jobs.common import (ResourceError, autoscaling_gpus, check_resources, config_from_args,
-                                 default_cpus_per_worker, init_ray, largest_node_cpus)
+    from ray_jobs.common import (ResourceError, autoscaling_gpus, check_padding_free_here, check_resources,
+                                 config_from_args, default_cpus_per_worker, init_ray, largest_node_cpus)
 
     from conftok.inputs import InputError
     from conftok.preflight import check_train_inputs
@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every input checked before Ray starts or anything is written
         cfg = config_from_args(args)
         check_train_inputs(cfg)
+        check_padding_free_here(cfg.padding_free, args.address)
         if cfg.hf_repo:
             from ray_jobs.hub import push_problem
 

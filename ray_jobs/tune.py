@@ -282,13 +282,14 @@ def warn_if_asha_cuts_trials(space: SearchSpace, n_rows: int) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ray_jobs.common import (ResourceError, autoscaling_gpus, check_resources, default_cpus_per_worker, init_ray,
-                                 largest_node_cpus)
+    from ray_jobs.common import (ResourceError, autoscaling_gpus, check_padding_free_here, check_resources,
+                                 default_cpus_per_worker, init_ray, largest_node_cpus)
 
     from conftok.inputs import InputError, InputFileMissing
 
     try:  # the space and the inputs its trials share, checked before Ray starts or anything is written
         space = load_space(args.space)
+        check_padding_free_here(space.train.get("padding_free"), args.address)
         if space.demo is None and space.train.get("model_name") != EMBEDDED_MODEL:
             from conftok.preflight import check_train_inputs
 

@@ -5,7 +5,7 @@ and ``ray.init`` made to fail loudly (inputs must be refused before either); the
 ``subprocess`` run as ``python -m ...`` to prove the command-line wiring."""
 
 import contextlib
-import importlib
+import importlib.util
 import io
 import json
 import os
@@ -149,3 +149,23 @@ def test_good_inputs_pass_the_checks(assets, tmp_path, refuse_models_and_ray):
     code, _ = run_in_process("conftok.domains", [str(ROOT / "domains" / "read_med_math.yaml"), "--model_name",
                                                  assets["model"]])
     assert code == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attention is installed here")
+def test_padding_free_without_flash_attention_is_refused_before_ray_where_the_worker_runs_here(
+        assets, tmp_path, monkeypatch, refuse_models_and_ray):
+    """A local Ray's worker runs in this Python: without flash-attention it failed each of its restarts, after Ray
+    had started. On a cluster (an address given) the workers' nodes decide, and the job goes on to ray.init."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = case_argv({"entry": "ray_jobs.train", "args": ["--padding_free"]}, assets, tmp_path / "out")
+    code, message = run_in_process("ray_jobs.train", argv)
+    assert code == 2 and "padding_free=True needs flash-attention 2" in message, message
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "pf", "train": {"model_name": assets["model"], "train_data": assets["train"],
+                                                            "padding_free": True},
+                                     "search": {"lora_r": {"choice": [2]}}, "num_trials": 1}))
+    code, message = run_in_process("ray_jobs.tune", ["--space", str(space), "--storage_path", str(tmp_path / "out")])
+    assert code == 2 and "padding_free=True needs flash-attention 2" in message, message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="ray.init before"):
+        run_in_process("ray_jobs.train", argv + ["--address", "ray://head:10001"])
