@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed
 # The core's tests: every test file but the Ray layer's (those need ray, optuna, matplotlib).
 RAY_LAYER_TESTS := tests/test_ray_jobs.py tests/test_job_submit.py tests/test_tune_resume.py \
                    tests/test_tag.py tests/test_report.py tests/test_search_spaces.py tests/test_mirror.py \
-                   tests/test_remote_storage.py
+                   tests/test_remote_storage.py tests/test_tune_failures.py
 CORE_TESTS := $(filter-out $(RAY_LAYER_TESTS),$(sort $(wildcard tests/test_*.py)))
 CONFTOK_TEST_DEVICE ?= cuda
 # pytest-xdist processes for `make test`: 2 fits a 2-core box (each Ray test module starts a 2-CPU local Ray of its
