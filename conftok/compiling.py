@@ -93,13 +93,15 @@ def uncompiled_layers(model: nn.Module):
             layer._compiled_call_impl = compiled
 
 
-def compiler_available() -> tuple[bool, str]:
-    """(whether ``torch.compile``'s default backend can build code here, the reason if not).
+def compiler_available(device: "str | torch.device | None" = None) -> tuple[bool, str]:
+    """(whether ``torch.compile``'s default backend can build code for ``device`` here, the reason if not).
 
-    Inductor needs Triton for CUDA tensors and a C++ compiler for CPU ones."""
+    Inductor needs Triton for CUDA tensors and a C++ compiler for CPU ones. ``device`` None: CUDA where there
+    is one (where ``train`` puts a model), else the CPU."""
     import shutil
 
-    if torch.cuda.is_available():
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
         try:
             import triton  # noqa: F401
         except ImportError:

@@ -539,7 +539,7 @@ def decide_torch_compile(cfg: TrainConfig, device: torch.device, hf_backend: boo
         return False, f"off (auto): {cfg.quantization} quantization"
     if cfg.padding_free:
         return False, "off (auto): padding_free batches"
-    ok, why = compiler_available()
+    ok, why = compiler_available(device)
     if not ok:
         return False, f"off (auto): {why}"
     return True, "on (auto): the decoder layers compile at the first step of each new length"

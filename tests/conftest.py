@@ -90,6 +90,28 @@ def cuda_device(device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+@pytest.fixture(autouse=True)
+def _eager_training_unless_asked(request, monkeypatch):
+    """``TrainConfig.torch_compile`` defaults to ``'auto'``, which compiles the decoder layers on CUDA: under
+    ``make test-gpu`` every ``train()`` test (some thirty, about other things) would spend its time in inductor,
+    and the exact-resume test would compare two runs compiled for different first lengths. So ``'auto'`` runs
+    eager here. Compiled training has tests of its own (``torch_compile=True``, tests/test_compiling.py); a test
+    marked ``auto_compile`` gets the real decision."""
+    if request.node.get_closest_marker("auto_compile"):
+        return
+    import importlib
+
+    train_module = importlib.import_module("conftok.train")  # conftok.train is also the function
+    decide = train_module.decide_torch_compile
+
+    def eager_auto(cfg, device, hf_backend):
+        if cfg.torch_compile == "auto":
+            return False, "off (auto): tests run eager unless they ask (tests/conftest.py)"
+        return decide(cfg, device, hf_backend)
+
+    monkeypatch.setattr(train_module, "decide_torch_compile", eager_auto)
+
+
 # Two computations of one number (a loss two ways, a probability before and after a reload on a
 # new model) agree this closely; loose enough for the kernels CUDA picks for different shapes.
 TOLERANCES = {

@@ -14,6 +14,8 @@ from conftest import (feature_rows, make_model, make_tokenizer, pair_probabiliti
 from conftok.compiling import compile_layers, compiler_available, decoder_layers, layers_compiled, uncompiled_layers
 
 needs_compiler = pytest.mark.skipif(not compiler_available()[0], reason=compiler_available()[1] or "no compiler")
+# A test whose model stays on the CPU whatever the suite's device: inductor's C++ backend, not triton.
+needs_cpu_compiler = pytest.mark.skipif(not compiler_available("cpu")[0], reason=compiler_available("cpu")[1] or "no compiler")
 
 
 def _lora_model(tok, device, seed=3, layers_dropout=0.0):
@@ -194,6 +196,22 @@ def test_torch_compile_must_be_true_false_or_auto():
     TrainConfig(torch_compile="auto", backend="unsloth", quantization="4bit")  # auto just stays off there
 
 
+def test_compiler_available_answers_for_the_device_asked(monkeypatch):
+    """Triton for CUDA, a C++ compiler for the CPU, whatever the machine has besides: a CPU model's compile on a
+    GPU box needs the C++ compiler, which the answer for CUDA said nothing about."""
+    import shutil
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton fails
+    assert compiler_available("cuda") == (False, "torch.compile on CUDA needs triton (pip install triton)")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert compiler_available(torch.device("cpu"))[1].startswith("torch.compile on the CPU needs a C++ compiler")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert compiler_available("cpu") == (True, "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compiler_available()[0] is False and compiler_available("cpu") == (True, "")
+
+
 @pytest.mark.parametrize("overrides, device, hf_backend, compiler, expected", [
     (dict(), "cuda", True, (True, ""), (True, "on (auto)")),
     (dict(), "cpu", True, (True, ""), (False, "the model is on cpu")),
@@ -204,6 +222,7 @@ def test_torch_compile_must_be_true_false_or_auto():
     (dict(torch_compile=False), "cuda", True, (True, ""), (False, "off (torch_compile=false)")),
     (dict(torch_compile=True), "cpu", True, (True, ""), (True, "on (torch_compile=true)")),
 ])
+@pytest.mark.auto_compile
 def test_decide_torch_compile(monkeypatch, overrides, device, hf_backend, compiler, expected):
     """'auto' compiles where it was measured to pay (a model on CUDA, hf, unquantized, padded batches,
     triton there) and says why not elsewhere; true and false are kept."""
@@ -212,7 +231,7 @@ def test_decide_torch_compile(monkeypatch, overrides, device, hf_backend, compil
     from conftok.config import TrainConfig
 
     train_module = importlib.import_module("conftok.train")  # conftok.train is also the function
-    monkeypatch.setattr(train_module, "compiler_available", lambda: compiler)
+    monkeypatch.setattr(train_module, "compiler_available", lambda device=None: compiler)
     compiled, why = train_module.decide_torch_compile(TrainConfig(**overrides), torch.device(device), hf_backend)
     assert compiled is expected[0] and expected[1] in why
 
@@ -265,7 +284,7 @@ def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
     assert len(set(lengths.values())) == 2, lengths  # alone, the domains would take caches of two lengths
 
 
-@needs_compiler
+@needs_cpu_compiler
 def test_a_compiled_decode_step_reads_p_confident_in_float32():
     """A bf16 model whose C and U logits are large and close (bf16 rounds them in steps of 0.125): with a static
     KV cache and transformers' compiled decode step (forced on the CPU), p_confident is still the float32
