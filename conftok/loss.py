@@ -479,10 +479,10 @@ def rows_base_topk(dataset, model, k: int, rows, *, batch_size: int = 16, progre
                 batch = {key: v.to(device) for key, v in collate([dataset[i] for i in idx]).items()}
                 with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
                     ids, logp = base_topk(model, batch, k, dataset.confidence_ids)  # (B, L, k), left-padded
+                ids, logp = ids.to("cpu", torch.int32), logp.to("cpu", torch.float16)  # one copy a batch, not a row
                 for row, i in enumerate(idx):
                     n = dataset.examples[i][2]  # this row's answer length
-                    found[i] = (ids[row, ids.shape[1] - n:].to("cpu", torch.int32),
-                                logp[row, logp.shape[1] - n:].to("cpu", torch.float16))
+                    found[i] = (ids[row, ids.shape[1] - n:].clone(), logp[row, logp.shape[1] - n:].clone())
     finally:
         model.train(was_training)
     return [found[i] for i in rows]
