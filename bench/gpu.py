@@ -255,7 +255,15 @@ def prepare_guards(dataset, model, cfg, log) -> None:
 
         start = time.perf_counter()
         if hasattr(loss, "attach_base_topk"):
-            loss.attach_base_topk(dataset, model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=False)
+            import inspect
+
+            import torch
+
+            # Under the training's bf16 autocast, as conftok.train computes it (where this conftok takes it).
+            amp = ({"autocast_dtype": torch.bfloat16}
+                   if "autocast_dtype" in inspect.signature(loss.attach_base_topk).parameters else {})
+            loss.attach_base_topk(dataset, model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=False,
+                                  **amp)
         else:  # where it lived first
             dataset.attach_base_topk(model, cfg.stored_kl_top_k, batch_size=cfg.eval_batch_size, progress=False)
         log(f"stored KL: base top-{cfg.stored_kl_top_k} of {len(dataset)} rows in {time.perf_counter() - start:.1f} s")
@@ -598,15 +606,45 @@ def cfg_domains():
     return resolve_domains(TrainConfig().domains)
 
 
-def run_validate(model, tokenizer, args, device, amp, log) -> dict:
+def compile_counts() -> dict:
+    """Dynamo's and inductor's running counts: graphs compiled, graph breaks, CUDA graphs inductor skipped. The
+    difference across a static-cache run says whether its decode step was one graph replayed as a CUDA graph, or
+    silently split, or run without one (transformers compiles with ``fullgraph=False``; inductor reports a skip
+    to a logger that is off by default)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+def counts_since(before: dict) -> dict:
+    return {key: value - before[key] for key, value in compile_counts().items()}
+
+
+def longest_rows(raw: dict, tokenizer, domains, n: int) -> dict:
+    """Each data set's ``n`` rows with the longest prompts: evaluate sizes its static cache for the longest prompt
+    (rounded up), so these rows compile the decode step the whole set runs."""
+    from conftok.prompts import encode_prompt
+
+    return {name: sorted(rows, key=lambda r, d=domains.for_dataset(name): len(encode_prompt(tokenizer, d.build_question(r))))[-n:]
+            for name, rows in raw.items()}
+
+
+def run_validate(model, tokenizer, args, device, amp, log, out: dict | None = None, on_update=None) -> dict:
+    """Batched validation (each batching, each batch size) against the per-row loop, then the static KV cache.
+    ``out`` is filled as figures come and ``on_update(out)`` called after each, so a run that fails or is cut
+    keeps what it measured; the static cache's first compile on CUDA comes last, each batch size on its own."""
     from conftok.evaluate import evaluate
 
+    out = {} if out is None else out
+    save = on_update or (lambda _: None)
     domains = cfg_domains()
     half, sub = max(1, args.val_rows // 2), max(1, args.per_row_rows // 2)
     raw = read_raw_rows(args.data, half)
     subset = {name: rows[:sub] for name, rows in raw.items()}
-    out = {"rows": sum(map(len, raw.values())), "per_row_rows": sum(map(len, subset.values())),
-           "max_new_tokens": args.max_new_tokens, "batched": []}
+    out.update({"rows": sum(map(len, raw.values())), "per_row_rows": sum(map(len, subset.values())),
+                "max_new_tokens": args.max_new_tokens, "batched": []})
+    dynamic = {}  # batch size -> the records of its first batched run, for the static cache's agreement
     with amp():
         log("validate: warm-up ...")
         evaluate(model, tokenizer, {n: r[:2] for n, r in raw.items()}, domains=domains, batch_size=max(args.val_batch_sizes),
@@ -623,6 +661,7 @@ def run_validate(model, tokenizer, args, device, amp, log) -> dict:
                     model, tokenizer, raw, domains=domains, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
                     progress=False, batching=b))
                 runs[batching].append(seconds)
+                dynamic.setdefault(batch_size, result["records"])
                 if first_records is None:  # records come per data set, rows in the order given
                     first_records = [r for name in raw
                                      for r in [x for x in result["records"] if x["dataset"] == name][:sub]]
@@ -632,19 +671,7 @@ def run_validate(model, tokenizer, args, device, amp, log) -> dict:
                                        "runs_s": times, "samples_per_s": out["rows"] / seconds})
                 log(f"  batch {batch_size}, {batching} batching: {out['rows'] / seconds:.1f} samples/s (mean of "
                     f"{len(times)} runs: {', '.join(f'{t:.2f}' for t in times)} s)")
-            if args.static_cache:  # evaluate(static_cache=True): after an untimed run that compiles the decode step
-                first_s, _ = timed(device, lambda b=batch_size: evaluate(
-                    model, tokenizer, raw, domains=domains, batch_size=b, max_new_tokens=args.max_new_tokens,
-                    progress=False, static_cache=True))
-                seconds, static = timed(device, lambda b=batch_size: evaluate(
-                    model, tokenizer, raw, domains=domains, batch_size=b, max_new_tokens=args.max_new_tokens,
-                    progress=False, static_cache=True))
-                same = compare_records(result["records"], static["records"], P_TOLERANCE_BF16)
-                out["batched"].append({"batch_size": batch_size, "static_cache": True, "seconds": seconds,
-                                       "samples_per_s": out["rows"] / seconds, "first_run_s": first_s,
-                                       "agreement_with_dynamic_cache": same})
-                log(f"  batch {batch_size}, static KV cache: {out['rows'] / seconds:.1f} samples/s (first run "
-                    f"{first_s:.1f} s); {same['same_response']}/{same['rows']} responses as the dynamic cache's")
+            save(out)
         sync(device)
         start = time.perf_counter()
         per_row = evaluate_per_row(model, tokenizer, subset, domains=domains, max_new_tokens=args.max_new_tokens)
@@ -656,17 +683,55 @@ def run_validate(model, tokenizer, args, device, amp, log) -> dict:
         unmerged = evaluate(model, tokenizer, subset, domains=domains, batch_size=args.val_batch_sizes[0],
                             max_new_tokens=args.max_new_tokens, progress=False, merge=False)["records"]
         unmerged = [r for name in subset for r in unmerged if r["dataset"] == name]
-    out["per_row"] = {"seconds": seconds, "samples_per_s": out["per_row_rows"] / seconds}
-    log(f"  one row at a time: {out['per_row']['samples_per_s']:.2f} samples/s")
-    out["agreement"] = compare_records(unmerged, per_row, P_TOLERANCE_BF16)
-    out["agreement"]["batched_batch_size"] = args.val_batch_sizes[0]
-    out["agreement_merged"] = compare_records(first_records, per_row, P_TOLERANCE_BF16)
-    log(f"  agreement with the per-row loop: unmerged {out['agreement']['same_response']}/{out['agreement']['rows']} "
-        f"responses, merged {out['agreement_merged']['same_response']}/{out['agreement_merged']['rows']}")
-    best = max(out["batched"], key=lambda r: r["samples_per_s"])
-    out["best_batched"] = best
-    out["batched_over_per_row"] = best["samples_per_s"] / out["per_row"]["samples_per_s"]
+        out["per_row"] = {"seconds": seconds, "samples_per_s": out["per_row_rows"] / seconds}
+        log(f"  one row at a time: {out['per_row']['samples_per_s']:.2f} samples/s")
+        out["agreement"] = compare_records(unmerged, per_row, P_TOLERANCE_BF16)
+        out["agreement"]["batched_batch_size"] = args.val_batch_sizes[0]
+        out["agreement_merged"] = compare_records(first_records, per_row, P_TOLERANCE_BF16)
+        log(f"  agreement with the per-row loop: unmerged {out['agreement']['same_response']}/"
+            f"{out['agreement']['rows']} responses, merged {out['agreement_merged']['same_response']}/"
+            f"{out['agreement_merged']['rows']}")
+        best_of(out)
+        save(out)
+        for batch_size in args.val_batch_sizes if args.static_cache else ():
+            # evaluate(static_cache=True): a compile run on each data set's longest rows (the cache's shape is the
+            # whole set's), then the timed run, which should compile nothing more.
+            row = {"batch_size": batch_size, "static_cache": True}
+            try:
+                before = compile_counts()
+                row["compile_run_s"], _ = timed(device, lambda b=batch_size: evaluate(
+                    model, tokenizer, longest_rows(raw, tokenizer, domains, b), domains=domains, batch_size=b,
+                    max_new_tokens=args.max_new_tokens, progress=False, static_cache=True))
+                row["compile_run_counts"] = counts_since(before)
+                before = compile_counts()
+                seconds, static = timed(device, lambda b=batch_size: evaluate(
+                    model, tokenizer, raw, domains=domains, batch_size=b, max_new_tokens=args.max_new_tokens,
+                    progress=False, static_cache=True))
+                row.update(seconds=seconds, samples_per_s=out["rows"] / seconds, timed_run_counts=counts_since(before),
+                           agreement_with_dynamic_cache=compare_records(dynamic[batch_size], static["records"],
+                                                                        P_TOLERANCE_BF16))
+                same, counts = row["agreement_with_dynamic_cache"], row["compile_run_counts"]
+                log(f"  batch {batch_size}, static KV cache: {row['samples_per_s']:.1f} samples/s (compile run "
+                    f"{row['compile_run_s']:.1f} s: {counts['graphs']} graph(s), {counts['graph_breaks']} graph "
+                    f"break(s), {counts['cudagraph_skips']} CUDA graph skip(s); timed run: "
+                    f"{row['timed_run_counts']['graphs']} new graph(s)); {same['same_response']}/{same['rows']} "
+                    "responses as the dynamic cache's")
+            except Exception as e:  # keep the other figures; the error is the finding
+                traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {e}"
+                log(f"  batch {batch_size}, static KV cache: failed: {row['error']}")
+            out["batched"].append(row)
+            best_of(out)
+            save(out)
     return out
+
+
+def best_of(out: dict) -> None:
+    """The fastest batched validation that ran, and its ratio to the per-row loop."""
+    done = [r for r in out["batched"] if "samples_per_s" in r]
+    if done and "per_row" in out:
+        out["best_batched"] = max(done, key=lambda r: r["samples_per_s"])
+        out["batched_over_per_row"] = out["best_batched"]["samples_per_s"] / out["per_row"]["samples_per_s"]
 
 
 def val_path(row: dict) -> str:
@@ -740,9 +805,10 @@ def manual_decode(model, tokenizer, prompts, new_tokens: int, device) -> dict:
 
 
 def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, stored_kl_ready=False,
-                on_update=None) -> dict:
+                on_update=None, static_measured=False) -> dict:
     """Where validation and a training step spend their time (module docstring, ``profile``). ``on_update(out)``
-    after each part: a run cut by its time limit keeps the parts it finished."""
+    after each part: a run cut by its time limit keeps the parts it finished. ``static_measured``: validate timed
+    the static KV cache at the default batch already, so it is not timed again here."""
     save = on_update or (lambda _: None)
 
     import torch
@@ -752,6 +818,7 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
     from conftok.evaluate import evaluate, generate
     from conftok.merged import merged_lora
     from conftok.prompts import encode_prompt
+    from conftok.token_rows import TokenRowsOnly
     from conftok.tokens import token_ids
 
     domains = cfg_domains()
@@ -775,7 +842,7 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
         variants = [("as conftok.train runs it (bf16 autocast, LoRA merged for generation)", lambda: validate(batch)),
                     ("adapter disabled (the base model)", lambda: validate(batch, adapter=False)),
                     (f"batch {2 * batch}", lambda: validate(2 * batch))]
-        if args.static_cache:  # evaluate(static_cache=True): on CUDA the decode step compiled once, replayed as a CUDA graph
+        if args.static_cache and not static_measured:  # on CUDA the decode step compiled once, replayed as a CUDA graph
             # At the default batch only: each batch size is a compile of its own (a minute or more for the 7B).
             variants += [(f"static KV cache, batch {batch} (timed after an untimed run that compiles)",
                           lambda: validate(batch, static_cache=True))]
@@ -798,7 +865,8 @@ def run_profile(model, tokenizer, args, device, amp, log, train_batches=None, st
             prompts += [encode_prompt(tokenizer, domain.build_question(r)) for r in rows_]
         prompts = sorted(prompts, key=len)[:batch]
         with amp():
-            out["decode"] = {"adapter": manual_decode(model, tokenizer, prompts, args.max_new_tokens + 1, device)}
+            with TokenRowsOnly(model):  # as evaluate(merge=False) runs it: no whole embedding and head a step
+                out["decode"] = {"adapter": manual_decode(model, tokenizer, prompts, args.max_new_tokens + 1, device)}
             with merged_lora(model, True):
                 out["decode"]["adapter merged"] = manual_decode(model, tokenizer, prompts, args.max_new_tokens + 1, device)
             with model.disable_adapter():
@@ -941,7 +1009,7 @@ def check_targets(result: dict) -> list[dict]:
                      "value": padding["grouped_epoch"], "where": f"batch {padding['batch_size']}",
                      "met": padding["grouped_epoch"] <= TARGETS["grouped_padding_share"]})
     val = result.get("validate")
-    if val and "error" not in val:
+    if val and "best_batched" in val:  # the per-row loop ran (a later failure keeps these)
         best = val["best_batched"]
         rows.append({"target": f"validation >= {TARGETS['validation_samples_per_s']:g} samples/s",
                      "value": best["samples_per_s"],
@@ -1001,14 +1069,17 @@ def print_report(result: dict) -> None:
         print(f"\nPadding share over an epoch at batch {pad['batch_size']} ({pad['rows']} rows, mean "
               f"{pad['mean_tokens']:.0f} tokens): random {pad['random_epoch']:.1%}, length-grouped {pad['grouped_epoch']:.1%}")
     val = result.get("validate")
-    if val and "error" in val:
-        print(f"\nValidation failed: {val['error']}")
-    elif val:
+    if val and "rows" in val:  # what was measured, a failed or cut run's too
         print(f"\nValidation ({val['rows']} rows batched, {val['per_row_rows']} one at a time, "
               f"{val['max_new_tokens']} new tokens)\n")
-        rows = [[f"evaluate, {val_path(b)}", b["samples_per_s"], b["seconds"]] for b in val["batched"]]
-        rows.append(["per row (generate, then a forward)", val["per_row"]["samples_per_s"], val["per_row"]["seconds"]])
-        print(markdown_table(["path", "samples/s", "seconds"], rows))
+        rows = [[f"evaluate, {val_path(b)}", b.get("samples_per_s"), b.get("seconds"), b.get("error")]
+                for b in val["batched"]]
+        if "per_row" in val:
+            rows.append(["per row (generate, then a forward)", val["per_row"]["samples_per_s"],
+                         val["per_row"]["seconds"], None])
+        print(markdown_table(["path", "samples/s", "seconds", "error"], rows))
+    if val and "error" in val:
+        print(f"\nValidation failed: {val['error']}")
     prof = result.get("profile")
     if prof and "error" in prof:
         print(f"\nProfile failed: {prof['error']}")
@@ -1064,6 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from conftok.compiling import uncompiled_layers
+    from conftok.config import TrainConfig
     from conftok.modeling import build_model, load_tokenizer
     from conftok.sampler import padding_share
 
@@ -1117,12 +1189,14 @@ def main(argv: list[str] | None = None) -> int:
                                         log, on_row=lambda rows: write_json(args.out, {**result, "train": rows}))
             write_json(args.out, result)
         if "validate" in args.phases:
+            result["validate"] = {}  # filled as it runs: a failure or a cut keeps what was measured
             try:
                 with uncompiled_layers(model):  # as conftok.train validates
-                    result["validate"] = run_validate(model, tokenizer, args, device, amp, log)
+                    run_validate(model, tokenizer, args, device, amp, log, out=result["validate"],
+                                 on_update=lambda _: write_json(args.out, result))
             except Exception as e:  # keep the training figures and the report
                 traceback.print_exc()
-                result["validate"] = {"error": f"{type(e).__name__}: {e}"}
+                result["validate"]["error"] = f"{type(e).__name__}: {e}"
             write_json(args.out, result)
         if "profile" in args.phases:
             train_batches = None
@@ -1132,13 +1206,22 @@ def main(argv: list[str] | None = None) -> int:
                 collate = ConfidenceCollator(tokenizer.pad_token_id)
                 train_batches = [collate([measured[i] for i in b]) for b in chosen["grouped"][:2]]
                 set_checkpointing(model, False)
+            partial: dict = {}
+
+            def keep(part: dict) -> None:
+                partial.update(part)
+                write_json(args.out, {**result, "profile": part})
+
+            # A static cache that validate measured at the default batch is not timed again here.
+            static_measured = ("validate" in args.phases and args.static_cache
+                               and TrainConfig().eval_batch_size in args.val_batch_sizes)
             try:
                 result["profile"] = run_profile(model, tokenizer, args, device, amp, log, train_batches,
                                                 stored_kl_ready=any(x.startswith("defaults") for x in args.losses),
-                                                on_update=lambda part: write_json(args.out, {**result, "profile": part}))
-            except Exception as e:
+                                                on_update=keep, static_measured=static_measured)
+            except Exception as e:  # the parts it finished, with the error
                 traceback.print_exc()
-                result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+                result["profile"] = {**partial, "error": f"{type(e).__name__}: {e}"}
             write_json(args.out, result)
         del model, base
         gc.collect()

@@ -84,13 +84,16 @@ def test_gpu_bench_smoke_runs_every_phase_and_writes_json(tmp_path, smollm2_dir)
     assert 0 <= result["padding"]["grouped_epoch"] <= result["padding"]["random_epoch"] < 1
 
     val = result["validate"]
-    # Each batch size with the dynamic cache, by rows and by tokens, then the static one (its first run untimed: it
-    # compiles on CUDA).
+    # Each batch size with the dynamic cache, by rows and by tokens, then (after the per-row loop) the static one,
+    # each after a compile run on the longest rows, with what dynamo and inductor compiled in each.
     assert [(b["batch_size"], b.get("batching"), b.get("static_cache", False)) for b in val["batched"]] == [
-        (4, "rows", False), (4, "tokens", False), (4, None, True),
-        (8, "rows", False), (8, "tokens", False), (8, None, True)] and val["rows"] == 4
+        (4, "rows", False), (4, "tokens", False), (8, "rows", False), (8, "tokens", False),
+        (4, None, True), (8, None, True)] and val["rows"] == 4
     assert "evaluate, batch 4, tokens batching" in proc.stdout
-    assert all(b["agreement_with_dynamic_cache"]["rows"] == 4 for b in val["batched"] if b.get("static_cache"))
+    for static in (b for b in val["batched"] if b.get("static_cache")):
+        assert static["agreement_with_dynamic_cache"]["rows"] == 4 and static["compile_run_s"] > 0
+        assert set(static["compile_run_counts"]) == set(static["timed_run_counts"]) == {
+            "graphs", "graph_breaks", "cudagraph_skips"}
     assert val["per_row"]["samples_per_s"] > 0 and val["agreement"]["rows"] == 2
     assert all(len(b["runs_s"]) == 2 for b in val["batched"] if not b.get("static_cache"))  # timed twice, alternating
     prof = result["profile"]
@@ -247,3 +250,43 @@ def test_validation_batches_bench_times_each_batching_and_compares_records(tmp_p
         assert r["agreement_with_rows"]["equal"], (name, r["agreement_with_rows"])
     assert result["batchings"]["padding"]["positions"] <= result["batchings"]["rows"]["positions"]
     assert "| padding |" in proc.stdout
+
+
+def test_gpu_bench_validate_keeps_its_figures_when_the_static_cache_fails(tmp_path, monkeypatch):
+    """The static cache's first compile on CUDA comes last in validate and fails on its own: the batched and
+    per-row figures measured before it stay in the phase (before, the phase was only its error)."""
+    import argparse
+    import contextlib
+
+    import importlib
+
+    import torch
+    from conftest import make_tokenizer
+
+    gpu = load_gpu_bench()
+    data = tmp_path / "data"
+    for name, rows in {"boolq": make_boolq_rows(4, seed=1), "medqa": make_medqa_rows(4, seed=1)}.items():
+        (data / name).mkdir(parents=True)
+        (data / name / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def records(rows):
+        return [{"dataset": name, "response": "yes", "token": None, "p_confident": 0.5} for name, rs in rows.items()
+                for _ in rs]
+
+    def fake_evaluate(model, tokenizer, rows, *, static_cache=False, **kwargs):
+        if static_cache:
+            raise RuntimeError("simulated failure in the compiled decode step")
+        return {"records": records(rows)}
+
+    monkeypatch.setattr(importlib.import_module("conftok.evaluate"), "evaluate", fake_evaluate)  # also the function
+    monkeypatch.setattr(gpu, "evaluate_per_row", lambda model, tokenizer, rows, **kwargs: records(rows))
+    args = argparse.Namespace(data=str(data), val_rows=4, per_row_rows=2, max_new_tokens=4, val_batch_sizes=[4],
+                              val_batching=["rows"], static_cache=True)
+    saved = []
+    out = gpu.run_validate(None, make_tokenizer(), args, torch.device("cpu"), contextlib.nullcontext, lambda _: None,
+                           on_update=lambda o: saved.append(json.loads(json.dumps(o))))
+    assert [b.get("static_cache", False) for b in out["batched"]] == [False, True]
+    assert out["batched"][0]["samples_per_s"] > 0 and out["per_row"]["samples_per_s"] > 0
+    assert out["batched"][1]["error"] == "RuntimeError: simulated failure in the compiled decode step"
+    assert out["best_batched"] == out["batched"][0] and out["agreement"]["equal"]
+    assert saved[-1] == json.loads(json.dumps(out)) and "per_row" in saved[-2]  # written as it went
