@@ -239,11 +239,11 @@ def test_decide_torch_compile(monkeypatch, overrides, device, hf_backend, compil
 @needs_compiler
 @pytest.mark.parametrize("merge", [True, False])
 def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
-    """evaluate(static_cache=True) as it runs on CUDA, where transformers compiles the decode step (fullgraph,
-    CUDA graphs there), forced here on the CPU (CompileConfig._compile_all_devices): the LoRA merged into the
+    """evaluate(static_cache=True) as it runs on CUDA, where transformers compiles the decode step (CUDA graphs
+    there), forced here on the CPU (CompileConfig._compile_all_devices): the LoRA merged into the
     weights or not (where the merged copies do not fit), two domains of different prompt lengths, validated
-    twice. One compiled graph serves all of it (one cache length for every domain; fullgraph raises on a graph
-    break; unmerged, every generate call's token-rows block sets the same forward objects, which the graph
+    twice. One compiled graph serves all of it, with no graph break (transformers compiles with fullgraph=False,
+    which splits the step silently; one cache length for every domain; unmerged, every generate call's token-rows block sets the same forward objects, which the graph
     guards on: new ones made 4 graphs here), and the records are the eager dynamic cache's with the adapter
     unmerged (fp32)."""
     from torch._dynamo.utils import counters
@@ -267,7 +267,7 @@ def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
     config = CompileConfig()
     config._compile_all_devices = True  # transformers' own switch for compiling generate off CUDA (its tests use it)
     model.get_base_model().generation_config.compile_config = config
-    before = counters["stats"]["unique_graphs"]
+    before, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     for _ in range(2):
         records = evaluate(model, tok, rows, merge=merge, static_cache=True, **kwargs)["records"]
         assert [r["response"] for r in records] == [r["response"] for r in reference]
@@ -275,6 +275,7 @@ def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
         torch.testing.assert_close([r["p_confident"] for r in records], [r["p_confident"] for r in reference],
                                    rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] - before == 1
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
     from conftok.prompts import encode_prompt
     from conftok.domains import resolve_domains
 
