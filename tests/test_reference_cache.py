@@ -170,7 +170,7 @@ def test_train_computes_the_reference_in_the_precision_its_steps_run(tmp_path, m
     def recording(dataset, model, k, **kwargs):
         status = real(dataset, model, k, **kwargs)
         batch = ConfidenceCollator(0)([dataset[i] for i in range(len(dataset))])
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # the adapter as built (B = 0): the base model
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the adapter as built (B = 0): the base model
             seen.append(float(training_loss(model, batch, confidence_ids=dataset.confidence_ids,
                                             stored_kl_weight=1.0).kl))
         return status
