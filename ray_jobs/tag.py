@@ -180,22 +180,11 @@ def _gpu_count(text: str) -> int | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from conftok.inputs import positive_int
+    from conftok.tagging import add_tagging_flags
 
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.tag", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", required=True, help="Hub id or a directory every node can read")
-    parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE",
-                        help="raw rows per data set: local .jsonl/.parquet or a Hub name (split --split)")
-    parser.add_argument("--out", required=True, help="tagged JSONL to write (a .summary.json goes beside it)")
-    parser.add_argument("--split", default="train", help="split for Hub sources")
-    parser.add_argument("--limit", type=positive_int, default=None, help="rows per data set")
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="rows per generate() call")
-    parser.add_argument("--max_new_tokens", type=positive_int, default=16)
-    parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="run code shipped with the model's repo (off: transformers' own classes only)")
+    add_tagging_flags(parser, model_help="Hub id or a directory every node can read")
     ray_group = parser.add_argument_group("Ray")
     ray_group.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     ray_group.add_argument("--num_gpus", type=_gpu_count, default=None,

@@ -163,29 +163,36 @@ def check_tag_inputs(model_name: str, data: Sequence[str], out: str | os.PathLik
     return domains, {name: rows[name] for name in parsed}, tokenizer
 
 
+def add_tagging_flags(parser, model_help: str = "Hub id or local directory") -> None:
+    """The flags ``python -m conftok.tagging`` and ``ray_jobs.tag`` share (the same rows, model and output)."""
+    from conftok.inputs import positive_int
+
+    parser.add_argument("--model_name", required=True, help=model_help)
+    parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE",
+                        help="raw rows per data set: local .jsonl/.parquet or a Hub name (split --split)")
+    parser.add_argument("--out", required=True, help="tagged JSONL to write (a .summary.json goes beside it)")
+    parser.add_argument("--split", default="train", help="split for Hub sources")
+    parser.add_argument("--limit", type=positive_int, default=None, help="rows per data set")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="rows per generate() call")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=16)
+    parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run code shipped with the model's repo (off: transformers' own classes only)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m conftok.tagging --model_name M --data boolq=train.jsonl medqa=train.jsonl --out tagged/m/m_all_tagged.jsonl``"""
     import argparse
 
     import torch
 
-    from conftok.inputs import InputError, positive_int
+    from conftok.inputs import InputError
 
     parser = argparse.ArgumentParser(
         prog="python -m conftok.tagging",
         description="Tag raw rows with a base model's own answers (<C_X> right, <U_X> wrong).")
-    parser.add_argument("--model_name", required=True, help="Hub id or local directory")
-    parser.add_argument("--data", nargs="+", required=True, metavar="DATASET=SOURCE",
-                        help="raw rows per data set: local .jsonl/.parquet or a Hub name (split --split)")
-    parser.add_argument("--out", required=True, help="tagged JSONL to write (a .summary.json goes beside it)")
-    parser.add_argument("--split", default="train", help="split for Hub sources")
-    parser.add_argument("--limit", type=positive_int, default=None, help="rows per data set")
-    parser.add_argument("--batch_size", type=positive_int, default=16)
-    parser.add_argument("--max_new_tokens", type=positive_int, default=16)
-    parser.add_argument("--domains", default=None, help="domains JSON/YAML file (default: read/med)")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 weights")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="run code shipped with the model's repo (off: transformers' own classes only)")
+    add_tagging_flags(parser)
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
