@@ -29,7 +29,7 @@ venv: $(STAMP)
 # torch first and pinned: an unpinned torch (or a package that wants a newer one) pulls a
 # multi-GB CUDA build. unsloth goes in with --no-deps plus its light deps: its own
 # requirements (xformers, triton, CUDA torch) do not install on a CPU box; on a GPU
-# machine use `pip install -e .[gpu]` instead.
+# machine use `pip install torch==2.13.0 -e .[gpu]` instead (one command: README.md says why).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
