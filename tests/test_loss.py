@@ -102,6 +102,11 @@ class TestProbabilityExtraction:
         from conftok.loss import confidence_logits
 
         ids = add_confidence_tokens(tokenizer, tiny_model, resolve_domains().tokens)
+        # The new rows start as copies of one row (p = 0.5 whatever the input): make C's its own, so p is read
+        # from the hidden state that padding or wrong positions would change.
+        head = tiny_model.get_output_embeddings().weight
+        with torch.no_grad():
+            head[ids["<C_READ>"]] += torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0)).to(head)
         seq = tokenizer("Is the sky blue? Yes", add_special_tokens=False)["input_ids"]
         device = tiny_model.device
         alone = confidence_logits(tiny_model, torch.tensor([seq], device=device),
@@ -112,7 +117,9 @@ class TestProbabilityExtraction:
         with_pad = confidence_logits(tiny_model, padded, mask)
         a = p_confident(alone, ids["<C_READ>"], ids["<U_READ>"])
         b = p_confident(with_pad, ids["<C_READ>"], ids["<U_READ>"])
+        assert abs(a.item() - 0.5) > 0.05
         assert a.item() == approx(b.item(), tiny_model.dtype)
+        torch.testing.assert_close(with_pad.float(), alone.float(), **tolerance(tiny_model.dtype))
 
 
 def _long_answer_rows(seed=3):
