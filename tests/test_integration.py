@@ -138,6 +138,11 @@ class TestIntegration:
         assert len(_scalars(run / "logs", "train/learning_rate")) == 30
         best = json.loads((run / "best_calibration" / "validation.json").read_text())["metrics"]
         assert best["val/calibration_error"] == min(m["val/calibration_error"] for m, _ in trained["seen"])
+        # Each best_* directory holds the first validation that reached its best (a tie keeps the earlier one).
+        for name, key, pick in (("best_accuracy", "val/accuracy", max), ("best_calibration", "val/calibration_error", min)):
+            values = [m[key] for m, _ in trained["seen"]]
+            first = steps[values.index(pick(values))]
+            assert json.loads((run / name / "conftok.json").read_text())["global_step"] == first, name
 
     def test_reload_in_fresh_process_gives_same_p_confident(self, trained):
         from conftok.modeling import load_adapter
