@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import make_model, make_tokenizer, write_jsonl
 
 from conftok.routing import area_under_risk_coverage, risk_coverage_curve, routing_curve
@@ -50,6 +51,12 @@ def adapter(tmp_path_factory, device):
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     model, tok = build_model(str(root / "base"), backend="hf", bf16=False, gradient_checkpointing=False, device=device)
+    # As if trained: LoRA and the token rows moved, so C and U differ and p_confident is not 0.5 by construction.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_((torch.randn(p.shape, generator=gen) * 0.3).to(p))
     save_adapter(model, tok, root / "final")
     return root
 
@@ -63,6 +70,14 @@ class TestPredict:
         p = predict(model, tok, row, "medqa", domains=domains, threshold=0.4, max_new_tokens=4)
         assert 0.0 <= p.p_confident <= 1.0 and p.domain == "med"
         assert p.decision == ("answer" if p.p_confident >= 0.4 else "route")
+        # The same row through validation (tested against brute force): the med pair, read at the same step.
+        from conftok.evaluate import evaluate
+
+        record = evaluate(model, tok, {"medqa": [{**row, "answer": "B"}]}, domains=domains, max_new_tokens=4,
+                          progress=False)["records"][0]
+        assert abs(p.p_confident - 0.5) > 1e-3
+        assert p.p_confident == pytest.approx(record["p_confident"], abs=1e-5)
+        assert (p.response, p.token) == (record["response"], record["token"])
         assert p.token in (None, "<C_MED>", "<U_MED>", "<C_READ>", "<U_READ>")
         strict = predict(model, tok, "Is the sky blue?", "boolq", domains=domains, threshold=1.0, max_new_tokens=4)
         assert strict.decision == "route" or strict.p_confident == 1.0
@@ -88,8 +103,19 @@ class TestEvaluateCommand:
             for domain in ("read", "med"):
                 f = result["methods"][method][domain]
                 assert f["n"] == 6 and 0 <= f["calibration_error"] <= 1 and 0 <= f["brier"] <= 1
-        # an untrained token starts at p = 0.5 exactly (C and U rows equal the end-of-turn row)
-        assert all(r["p_confident"] == pytest.approx(0.5) for r in result["records"]["read"]["untrained"])
+        # an untrained token starts at p = 0.5 exactly (C and U rows equal the end-of-turn row); the trained one not
+        from conftok.calibration import brier_score
+
+        for domain in ("read", "med"):
+            records = result["records"][domain]
+            assert all(r["p_confident"] == pytest.approx(0.5) for r in records["untrained"])
+            assert any(abs(r["p_confident"] - 0.5) > 1e-3 for r in records["trained"])
+            correct = [r["correct"] for r in records["trained"]]
+            methods = {m: result["methods"][m][domain] for m in METHODS}
+            assert methods["untrained_token"]["brier"] == pytest.approx(0.25)
+            for method, key in (("trained_token", "p_confident"), ("answer_probability", "p_answer")):
+                assert methods[method]["brier"] == pytest.approx(
+                    brier_score([r[key] for r in records["trained"]], correct)), method
         for domain in ("read", "med"):
             png = tmp_path / "eval" / f"curves_{domain}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
