@@ -388,10 +388,27 @@ class TestValidationLogic:
         model = answering(("Yes", None))
         result = evaluate(model, tok, {"boolq": BOOLQ}, beta=3, progress=False)
         recs = result["records"]
-        assert all(r["token"] is None and not r["token_correct"] for r in recs)
-        assert all(0.0 < r["p_confident"] < 1.0 for r in recs)
+        assert len(recs) == len(BOOLQ) and all(r["token"] is None and not r["token_correct"] for r in recs)
+        # read where the token would go: right after the answer, where the turn closed instead
+        c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
+        answer = tok("Yes", add_special_tokens=False)["input_ids"]
+        for row, record in zip(BOOLQ, recs, strict=True):
+            context = encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) + answer
+            with torch.no_grad():
+                logits = confidence_logits(model, torch.tensor([context], device=model.device),
+                                           torch.ones(1, len(context), dtype=torch.long, device=model.device))
+            assert record["p_confident"] == approx(p_confident(logits, c, u).item(), model.dtype)
+            assert abs(record["p_confident"] - 0.5) > 1e-3
         assert result["domains"]["read"]["token_rate"] == 0.0
         assert result["domains"]["read"]["token_accuracy"] == 0.0
+
+    def test_another_domains_token_is_counted_as_wrong_domain(self, tok, answering):
+        result = evaluate(answering(("Yes", "<C_MED>")), tok, {"boolq": BOOLQ}, beta=3, progress=False)
+        assert [r["token"] for r in result["records"]] == ["<C_MED>"] * len(BOOLQ)
+        figures = result["domains"]["read"]
+        assert figures["wrong_domain_token_rate"] == 1.0 and figures["token_accuracy"] == 0.0
+        right = evaluate(answering(("Yes", "<C_READ>")), tok, {"boolq": BOOLQ}, beta=3, progress=False)
+        assert right["domains"]["read"]["wrong_domain_token_rate"] == 0.0
 
     def test_unparseable_answer_is_incorrect_and_counted(self, tok, answering):
         model = answering(("river", "<U_READ>"))
