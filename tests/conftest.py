@@ -271,6 +271,15 @@ def save_tiny_base(path) -> str:
     return str(path)
 
 
+def logged_scalars(logdir, tag) -> list[tuple[int, float]]:
+    """``(step, value)`` of each TensorBoard scalar ``tag`` a run wrote under ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def write_jsonl(path, rows) -> str:
     with open(path, "w") as f:
         for r in rows:

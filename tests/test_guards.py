@@ -2,11 +2,13 @@
 stored top-k KL, and the class-weighted token loss; each against a brute-force computation."""
 
 import contextlib
+import math
 import types
 
 import pytest
 import torch
-from conftest import feature_rows, long_answer_rows, make_model, make_tokenizer, to_device, write_jsonl
+from conftest import (feature_rows, logged_scalars, long_answer_rows, make_model, make_tokenizer, to_device,
+                      write_jsonl)
 
 from conftok.data import IGNORE_INDEX, ConfidenceCollator, ConfidenceDataset
 from conftok.domains import resolve_domains
@@ -296,9 +298,16 @@ def test_train_runs_with_each_guard(tmp_path):
                                            balance_token_classes=True)}.items():
         cfg = TrainConfig(model_name="tiny", train_data=data, output_dir=str(tmp_path / name), backend="hf",
                           max_steps=3, batch_size=8, eval_steps=None, val_sources={"boolq": val}, bf16=False,
-                          gradient_checkpointing=False, progress=False, lora_r=4, lora_alpha=8, **kwargs)
+                          gradient_checkpointing=False, progress=False, lora_r=4, lora_alpha=8, logging_steps=1,
+                          **kwargs)
         result = train(cfg, model=make_model(len(tok)), tokenizer=make_tokenizer())
         assert result.global_step == 3 and (result.final_dir / "adapter_model.safetensors").is_file()
+        # the guard took part: its term was logged, non-zero, and in the loss beside the token's
+        logs = tmp_path / name / "logs"
+        term = logged_scalars(logs, {"stored": "train/kl", "answer_ce": "train/answer_ce"}[name])
+        assert [step for step, _ in term] == [1, 2, 3] and term[-1][1] > 0, term
+        loss, token = logged_scalars(logs, "train/loss")[-1][1], logged_scalars(logs, "train/token_loss")[-1][1]
+        assert loss > token, (loss, token)
 
 
 def test_train_in_bf16_with_checkpointing_and_the_defaults(tmp_path):
@@ -311,9 +320,13 @@ def test_train_in_bf16_with_checkpointing_and_the_defaults(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [{"question": "code alpha alpha", "answer": True}] * 4)
     cfg = TrainConfig(model_name="tiny", train_data=data, output_dir=str(tmp_path / "out"), backend="hf", max_steps=3,
                       batch_size=8, eval_steps=2, val_sources={"boolq": val}, bf16=True, gradient_checkpointing=True,
-                      group_by_length=False, progress=False, lora_r=4, lora_alpha=8, stored_kl_top_k=8)
+                      group_by_length=False, progress=False, lora_r=4, lora_alpha=8, stored_kl_top_k=8, logging_steps=1)
     result = train(cfg, model=make_model(len(tok)), tokenizer=make_tokenizer())
     assert result.global_step == 3 and (result.final_dir / "adapter_model.safetensors").is_file()
+    logs = tmp_path / "out" / "logs"  # the default guards took part: placement and the stored KL
+    for tag in ("train/placement_loss", "train/kl", "train/loss"):
+        assert all(math.isfinite(v) for _, v in logged_scalars(logs, tag)), tag
+    assert logged_scalars(logs, "train/placement_loss")[-1][1] > 0 and logged_scalars(logs, "train/kl")[-1][1] > 0
 
 
 def test_padded_attention_guard_only_acts_on_padded_cuda_batches():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import feature_rows, make_model, make_tokenizer, to_device, write_jsonl
+from conftest import feature_rows, logged_scalars, make_model, make_tokenizer, to_device, write_jsonl
 
 from conftok import TrainConfig, train
 from conftok.config import ConfigError
@@ -81,19 +81,7 @@ def trained(tmp_path_factory, train_on_device):
 
 
 def _scalars(logdir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
-
-
-def _steps_and_scalars(logdir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    return [value for _, value in logged_scalars(logdir, tag)]
 
 
 class TestIntegration:
@@ -270,7 +258,7 @@ class TestIntegration:
         # resumed process purges what came after step 4, not step 4's validation; the training loss's logging
         # window, steps 1-6 here, straddles the checkpoint and comes back with it).
         for tag in ("val/accuracy", "val/calibration_error", "train/loss", "train/placement_loss"):
-            there, here = _steps_and_scalars(run / "logs", tag), _steps_and_scalars(tmp_path / "stopped" / "logs", tag)
+            there, here = logged_scalars(run / "logs", tag), logged_scalars(tmp_path / "stopped" / "logs", tag)
             assert [s for s, _ in here] == [s for s, _ in there] and len(there) >= 1, tag
             assert [v for _, v in here] == pytest.approx([v for _, v in there], rel=1e-5), tag
         a = load_file(str(full.final_dir / "adapter_model.safetensors"))
