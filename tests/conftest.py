@@ -271,6 +271,25 @@ def save_tiny_base(path) -> str:
     return str(path)
 
 
+def record_merges(monkeypatch) -> list[bool]:
+    """Whether each ``evaluate``/``generate`` call from now on merged the LoRA for generation (what its
+    ``merged_lora`` block yielded), in call order."""
+    import contextlib
+    import importlib
+
+    evaluate_module = importlib.import_module("conftok.evaluate")  # conftok.evaluate is also the function
+    real, seen = evaluate_module.merged_lora, []
+
+    @contextlib.contextmanager
+    def recording(model, enabled="auto"):
+        with real(model, enabled) as merged:
+            seen.append(merged)
+            yield merged
+
+    monkeypatch.setattr(evaluate_module, "merged_lora", recording)
+    return seen
+
+
 def logged_scalars(logdir, tag) -> list[tuple[int, float]]:
     """``(step, value)`` of each TensorBoard scalar ``tag`` a run wrote under ``logdir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

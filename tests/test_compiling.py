@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (feature_rows, make_model, make_tokenizer, pair_probabilities, set_close_pair, to_device,
-                      write_jsonl)
+from conftest import (feature_rows, make_model, make_tokenizer, pair_probabilities, record_merges, set_close_pair,
+                      to_device, write_jsonl)
 from conftok.compiling import compile_layers, compiler_available, decoder_layers, layers_compiled, uncompiled_layers
 
 needs_compiler = pytest.mark.skipif(not compiler_available()[0], reason=compiler_available()[1] or "no compiler")
@@ -238,7 +238,7 @@ def test_decide_torch_compile(monkeypatch, overrides, device, hf_backend, compil
 
 @needs_compiler
 @pytest.mark.parametrize("merge", [True, False])
-def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
+def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge, monkeypatch):
     """evaluate(static_cache=True) as it runs on CUDA, where transformers compiles the decode step (CUDA graphs
     there), forced here on the CPU (CompileConfig._compile_all_devices): the LoRA merged into the
     weights or not (where the merged copies do not fit), two domains of different prompt lengths, validated
@@ -268,6 +268,7 @@ def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
     config._compile_all_devices = True  # transformers' own switch for compiling generate off CUDA (its tests use it)
     model.get_base_model().generation_config.compile_config = config
     before, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    merges = record_merges(monkeypatch)
     for _ in range(2):
         records = evaluate(model, tok, rows, merge=merge, static_cache=True, **kwargs)["records"]
         assert [r["response"] for r in records] == [r["response"] for r in reference]
@@ -276,6 +277,7 @@ def test_validation_with_a_static_cache_compiles_one_decode_step(device, merge):
                                    rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] - before == 1
     assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+    assert merges == [merge, merge]  # merged where asked: the compiled step ran on the merged copies
     from conftok.prompts import encode_prompt
     from conftok.domains import resolve_domains
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from conftest import OpCounter, make_model, make_tokenizer, tolerance
+from conftest import OpCounter, make_model, make_tokenizer, record_merges, tolerance
 
 from conftok import merged as merged_module
 from conftok.evaluate import evaluate
@@ -88,16 +88,19 @@ def test_an_error_inside_the_block_still_restores_the_weights(device):
     assert not any(m.merged for m in merged_module._lora_layers(model))
 
 
-def test_evaluate_merged_gives_the_unmerged_records(device, tmp_path):
+def test_evaluate_merged_gives_the_unmerged_records(device, tmp_path, monkeypatch):
     """Validation's default (merge='auto') against merge=False: the same answers, tokens and p_confident."""
     model, tok = lora_model(device)
     rows = {"boolq": [{"question": f"is {w} a word", "passage": f"{w} is a word.", "answer": k % 2 == 0}
                       for k, w in enumerate(["apple", "stone", "river", "cloud", "tree", "sand"])]}
     before = snapshot(model)
+    merges = record_merges(monkeypatch)
     plain = evaluate(model, tok, rows, merge=False, batch_size=4, max_new_tokens=6, progress=False)
     merged = evaluate(model, tok, rows, batch_size=4, max_new_tokens=6, progress=False)
+    assert merges == [False, True]  # the default did merge: else this compares unmerged with unmerged
     assert_untouched(model, before)
-    for a, b in zip(plain["records"], merged["records"]):
+    assert len(plain["records"]) == len(rows["boolq"])
+    for a, b in zip(plain["records"], merged["records"], strict=True):
         assert (a["response"], a["token"]) == (b["response"], b["token"])
         assert b["p_confident"] == pytest.approx(a["p_confident"], abs=1e-5)
 
