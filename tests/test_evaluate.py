@@ -143,7 +143,7 @@ class TestValidationLogic:
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
         gens = generate(model, tok, prompts, stop_tokens=DOMAINS.tokens, max_new_tokens=3, batch_size=3,
                         progress=False, score_ids=(c, u))
-        for prompt, gen in zip(prompts, gens):
+        for prompt, gen in zip(prompts, gens, strict=True):
             assert gen.answer_ids and gen.answer_ids[0] != c  # barred at the first step
             assert gen.p_answer == approx(first_token_probability(model, tok, prompt, gen.answer_ids[0]), model.dtype)
             assert gen.p_answer > 1e-3  # among all tokens, <C_READ>'s +1000 leaves it ~0
@@ -162,7 +162,7 @@ class TestValidationLogic:
         dynamic = generate(model, tok, prompts, **kwargs)
         static = generate(model, tok, prompts, static_cache=True, **kwargs)
         assert len(static) == len(prompts)
-        for a, b in zip(static, dynamic):
+        for a, b in zip(static, dynamic, strict=True):
             assert (a.text, a.answer_ids, a.stop_token, a.finished) == (b.text, b.answer_ids, b.stop_token, b.finished)
             assert a.p_confident == approx(b.p_confident, model.dtype) and a.p_answer == approx(b.p_answer, model.dtype)
         assert static_cache_length(prompts, 4) % 256 == 0 and static_cache_length(prompts, 4) >= max(map(len, prompts)) + 4
@@ -241,7 +241,7 @@ class TestValidationLogic:
         monkeypatch.setattr(sys.modules["conftok.evaluate"], "score_confidence", no_second_forward)
         result = evaluate(model, tok, {"boolq": BOOLQ[:2]}, beta=1, max_new_tokens=3, progress=False)
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
-        for row, record in zip(BOOLQ[:2], result["records"]):
+        for row, record in zip(BOOLQ[:2], result["records"], strict=True):
             assert record["token"] is None
             answer = [yes] * 3  # the answer's budget
             assert tok(record["response"], add_special_tokens=False)["input_ids"] == answer
@@ -262,7 +262,7 @@ class TestValidationLogic:
         model.generate = lambda **kw: full_generate(**{**kw, "max_new_tokens": kw["max_new_tokens"] - 1})
         result = evaluate(model, tok, {"boolq": BOOLQ[:2]}, beta=1, max_new_tokens=3, progress=False)
         c, u = tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"])
-        for row, record in zip(BOOLQ[:2], result["records"]):
+        for row, record in zip(BOOLQ[:2], result["records"], strict=True):
             context = encode_prompt(tok, DOMAINS.by_name("read").build_question(row)) + [yes] * 3
             with torch.no_grad():
                 logits = confidence_logits(model, torch.tensor([context], device=model.device),

@@ -346,10 +346,13 @@ class TestCommand:
         (tmp_path / "m" / "x").write_text("")
         assert main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "m")]) == 2
         assert "already exists and is not empty" in capsys.readouterr().err
-        with pytest.raises(SystemExit):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
             main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "n"), "--dtype", "int8"])
-        with pytest.raises(SystemExit):  # torch's own device-string error, a traceback, before
+        assert e.value.code == 2 and "--dtype: invalid choice: 'int8'" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as e:  # torch's own device-string error, a traceback, before
             main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "n"), "--device", "gpu"])
+        assert e.value.code == 2 and "--device: invalid choice: 'gpu'" in capsys.readouterr().err
         if not torch.cuda.is_available():  # an AssertionError from torch, a traceback, before
             capsys.readouterr()
             assert main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "n"), "--device", "cuda"]) == 2

@@ -64,7 +64,7 @@ def test_answer_end_states_reads_each_rows_own_last_position(tokenizer, device):
     states = answer_end_states(model, seqs, pad_id=tokenizer.pad_token_id, batch_size=2)
     import torch
 
-    for seq, state in zip(seqs, states):
+    for seq, state in zip(seqs, states, strict=True):
         with torch.no_grad():
             alone = model(input_ids=torch.tensor([seq], device=device), output_hidden_states=True).hidden_states[-1][0, -1]
         assert np.allclose(state, alone.float().cpu().numpy(), atol=1e-4)
