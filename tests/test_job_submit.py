@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -94,7 +95,15 @@ class TestJobSubmit:
         assert len(results["trials"]) == 2
 
     def test_without_the_token_the_head_refuses(self, head):
+        # The head itself: its job API answers 401 to a request without the token.
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{head['address']}/api/jobs/", timeout=10)
+        assert e.value.code == 401
+        # The CLI: with the token it lists the jobs; without one (another HOME) it stops and says why.
+        listed = subprocess.run([RAY, "job", "list", "--address", head["address"]], env=head["env"],
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
         env = {**head["env"], "HOME": tempfile.mkdtemp()}  # no ~/.ray/auth_token here
         res = subprocess.run([RAY, "job", "list", "--address", head["address"]], env=env, capture_output=True,
                              text=True, timeout=60)
-        assert res.returncode != 0
+        assert res.returncode != 0 and "token" in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
