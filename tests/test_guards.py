@@ -228,7 +228,7 @@ class TestKLLeavesTheConfidenceTokensOut:
         assert model.logits[0, 0].softmax(-1)[self.CONF].sum().item() < 0.01
         others = [v for v in range(12) if v not in self.CONF]  # the answer's distribution is still the base's
         assert model.logits[0, 0, others].softmax(-1).tolist() == pytest.approx(base[0, 0, others].softmax(-1).tolist(),
-                                                                                abs=0.02)
+                                                                                rel=0.05)  # each, the small ones too
 
     def test_the_kl_is_that_of_the_other_tokens_renormalised(self):
         batch, base = self._batch_and_base()
