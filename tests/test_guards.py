@@ -123,9 +123,10 @@ class TestStoredKL:
         # k = 4 against its definition, over the whole vocabulary here: each model's distribution at every position
         # that predicts an answer token, the confidence tokens left out and the rest renormalised; coarsened to the
         # base's stored top 4 and "anything else"; KL(base || tuned) there, the mean over those positions.
-        with model.disable_adapter():
-            base_lp = _full_log_probs(model, batch)
-        tuned_lp = _full_log_probs(model, batch)
+        with torch.no_grad():
+            with model.disable_adapter():
+                base_lp = _full_log_probs(model, batch)
+            tuned_lp = _full_log_probs(model, batch)
         confidence = torch.tensor(conf, device=device)
 
         def without_confidence(lp):
