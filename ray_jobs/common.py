@@ -89,11 +89,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def local_paths_made_absolute(fields: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``fields`` (TrainConfig fields) that name local paths relative to this directory, made
-    absolute: ``model_name``, ``train_data``, each of ``val_sources``, and ``domains`` (a file, and any domain's
-    ``validation`` file). Ray's workers run in a directory of their own, where a relative path names nothing,
-    while the checks before Ray starts read these paths here. A name with no such path here (a Hub model or data
-    set) is left as it is. Only the changed entries are returned; a domains entry whose validation files move is
-    returned as the list it holds."""
+    absolute: ``model_name``, ``train_data``, each of ``val_sources``, ``domains`` (a file, and any domain's
+    ``validation`` file), and a ``reference_cache`` directory (not ``auto`` or off; made by the first run that
+    needs it, so it need not exist yet). Ray's workers run in a directory of their own, where a relative path
+    names nothing, while the checks before Ray starts read these paths here. A name with no such path here (a Hub
+    model or data set) is left as it is. Only the changed entries are returned; a domains entry whose validation
+    files move is returned as the list it holds."""
 
     def local(value: Any) -> str | None:
         text = str(value)
@@ -103,6 +104,9 @@ def local_paths_made_absolute(fields: dict[str, Any]) -> dict[str, Any]:
     for key in ("model_name", "train_data"):
         if fields.get(key) and (path := local(fields[key])):
             out[key] = path
+    cache = fields.get("reference_cache")
+    if cache and cache != "auto" and not os.path.isabs(cache):
+        out["reference_cache"] = str(Path(cache).resolve())
     sources = fields.get("val_sources")
     if isinstance(sources, dict) and any(local(v) for v in sources.values()):
         out["val_sources"] = {name: local(v) or v for name, v in sources.items()}

@@ -213,14 +213,12 @@ def _claim(marker: str, name: str) -> bool:
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its paths taken from where the job was started (the Ray worker runs elsewhere):
-    ``train_data``, ``output_dir``, a ``reference_cache`` directory (not ``auto`` or off), and a local model,
-    validation source or domains file (:func:`~ray_jobs.common.local_paths_made_absolute`)."""
+    ``train_data`` and ``output_dir``, and a local model, validation source, domains file or reference cache
+    (:func:`~ray_jobs.common.local_paths_made_absolute`)."""
     from ray_jobs.common import local_paths_made_absolute
 
     paths = local_paths_made_absolute(cfg.to_dict())
     paths.update({key: str(Path(getattr(cfg, key)).resolve()) for key in ("train_data", "output_dir")})
-    if cfg.reference_cache not in ("", "auto"):
-        paths["reference_cache"] = str(Path(cfg.reference_cache).resolve())
     return TrainConfig(**{**cfg.to_dict(), **paths})
 
 

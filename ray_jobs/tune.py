@@ -210,9 +210,6 @@ def prepare_fixed(space: SearchSpace, experiment_dir: Path) -> dict[str, Any]:
     from ray_jobs.common import local_paths_made_absolute
 
     fixed.update(local_paths_made_absolute({**space.train, **fixed}))  # a trial runs in a directory of its own
-    cache = fixed.get("reference_cache", space.train.get("reference_cache"))
-    if cache and cache != "auto" and not os.path.isabs(cache):  # made by the first trial, wherever it runs
-        fixed["reference_cache"] = str(Path(cache).resolve())
     return fixed
 
 
